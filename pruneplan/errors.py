@@ -1,0 +1,54 @@
+"""The exception hierarchy: every error the library raises on bad input is a `PlanError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CoupledGroupError",
+    "OptimizerStateError",
+    "OutputFileError",
+    "PlanError",
+    "PlanMismatchError",
+    "PlanValidationError",
+    "PlanningError",
+    "UnsupportedOperationError",
+    "WeightsFileError",
+]
+
+
+class PlanError(Exception):
+    """Base class of every error raised by pruneplan on bad input.
+
+    The message says what is wrong and where (group, tensor, module, index, file).
+    """
+
+
+class PlanValidationError(PlanError, ValueError):
+    """A plan document is malformed or breaks a rule of the plan format."""
+
+
+class PlanMismatchError(PlanError):
+    """A valid plan does not fit the model or weights it is applied to."""
+
+
+class WeightsFileError(PlanError):
+    """A weights file cannot be read: missing, not safetensors, truncated, inconsistent."""
+
+
+class OutputFileError(PlanError):
+    """An output path is refused: it exists (without overwrite) or it is the input."""
+
+
+class OptimizerStateError(PlanError):
+    """An optimizer holds state for a pruned parameter that cannot be mapped."""
+
+
+class PlanningError(PlanError):
+    """A pruning request cannot be turned into a plan (unknown module, unsupported layer)."""
+
+
+class UnsupportedOperationError(PlanningError):
+    """An operation touches pruned channels in a way the library does not understand."""
+
+
+class CoupledGroupError(PlanningError):
+    """Indices were given for one member of a coupled group instead of the group."""
