@@ -1,0 +1,61 @@
+"""pruneplan: structured pruning for PyTorch with reviewable, replayable plans."""
+
+from pruneplan.apply import apply_plan, apply_to_safetensors, apply_to_state_dict, load_pruned
+from pruneplan.errors import (
+    CoupledGroupError,
+    OptimizerStateError,
+    OutputFileError,
+    PlanError,
+    PlanMismatchError,
+    PlanningError,
+    PlanValidationError,
+    UnsupportedOperationError,
+    WeightsFileError,
+)
+from pruneplan.plan import (
+    FORMAT,
+    VERSION,
+    DropoutChange,
+    Group,
+    IndexMap,
+    ModelFingerprint,
+    ModuleEdit,
+    PlanDiff,
+    Provenance,
+    PrunePlan,
+    TensorSlice,
+    diff_plans,
+)
+from pruneplan.planner import plan_pruning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "CoupledGroupError",
+    "DropoutChange",
+    "Group",
+    "IndexMap",
+    "ModelFingerprint",
+    "ModuleEdit",
+    "OptimizerStateError",
+    "OutputFileError",
+    "PlanDiff",
+    "PlanError",
+    "PlanMismatchError",
+    "PlanValidationError",
+    "PlanningError",
+    "Provenance",
+    "PrunePlan",
+    "TensorSlice",
+    "UnsupportedOperationError",
+    "WeightsFileError",
+    "__version__",
+    "apply_plan",
+    "apply_to_safetensors",
+    "apply_to_state_dict",
+    "diff_plans",
+    "load_pruned",
+    "plan_pruning",
+]

@@ -50,8 +50,8 @@ __all__ = [
     "ModelFingerprint",
     "ModuleEdit",
     "PlanDiff",
-    "PrunePlan",
     "Provenance",
+    "PrunePlan",
     "TensorSlice",
     "canonical_json",
     "diff_plans",
@@ -492,11 +492,25 @@ def _scalar(v: Any) -> str:
     return json.dumps(v, ensure_ascii=False, allow_nan=False)
 
 
+def _flat(v: list) -> bool:
+    return all(not isinstance(x, dict | list) for x in v)
+
+
+def _inline(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    return _scalar(v)
+
+
 def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
     pad = "  " * depth
     if isinstance(v, dict):
-        if not v:
-            out.append(pad + prefix + "{}")
+        flat = all(
+            not isinstance(x, dict | list) or (isinstance(x, list) and _flat(x)) for x in v.values()
+        )
+        inline = "{" + ", ".join(f"{_scalar(k)}: {_inline(x)}" for k, x in sorted(v.items())) + "}"
+        if flat and len(pad + prefix + inline) <= 100:
+            out.append(pad + prefix + inline)
             return
         out.append(pad + prefix + "{\n")
         items = sorted(v.items())
@@ -505,8 +519,8 @@ def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
             out.append(",\n" if i < len(items) - 1 else "\n")
         out.append(pad + "}")
     elif isinstance(v, list):
-        if all(not isinstance(x, dict | list) for x in v):
-            out.append(pad + prefix + "[" + ", ".join(_scalar(x) for x in v) + "]")
+        if _flat(v):
+            out.append(pad + prefix + _inline(v))
             return
         out.append(pad + prefix + "[\n")
         for i, item in enumerate(v):

@@ -1,0 +1,68 @@
+"""Shared slicing logic: which positions of each tensor axis survive a plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from pruneplan.errors import PlanMismatchError
+from pruneplan.plan import PrunePlan, state_dict_digest
+
+__all__ = ["KeepMap", "check_fingerprint", "keep_indices", "slice_tensor"]
+
+# tensor key -> [(axis, kept positions)], axes in increasing order
+KeepMap = dict[str, list[tuple[int, list[int]]]]
+
+
+def check_fingerprint(
+    plan: PrunePlan,
+    shapes: Mapping[str, Sequence[int]],
+    where: str,
+    check_digest: bool = True,
+) -> None:
+    """Refuse weights whose tensors differ from the ones the plan was made for.
+
+    Args:
+        shapes: every tensor of the weights, name -> shape.
+        where: how to name the weights in messages (a path, "model", "state dict").
+        check_digest: also compare the digest of all names and shapes.
+    """
+    for key, expected in plan.model.tensors.items():
+        if key not in shapes:
+            raise PlanMismatchError(f"{where}: tensor {key!r} named by the plan is missing")
+        actual = [int(d) for d in shapes[key]]
+        if actual != list(expected):
+            raise PlanMismatchError(
+                f"{where}: tensor {key!r} has shape {actual}, the plan expects {list(expected)}"
+            )
+    if check_digest:
+        digest = state_dict_digest(shapes)
+        if digest != plan.model.digest:
+            raise PlanMismatchError(
+                f"{where}: the names and shapes of the weights differ from the model the plan "
+                f"was made for (digest {digest[:12]} vs {plan.model.digest[:12]})"
+            )
+
+
+def keep_indices(plan: PrunePlan) -> KeepMap:
+    """For every sliced tensor, the positions to keep on each sliced axis."""
+    out: KeepMap = {}
+    for (tensor, axis), gone in plan.removed_by_axis().items():
+        length = plan.model.tensors[tensor][axis]
+        drop = set(gone)
+        out.setdefault(tensor, []).append((axis, [i for i in range(length) if i not in drop]))
+    for v in out.values():
+        v.sort()
+    return out
+
+
+def slice_tensor(t: torch.Tensor, keeps: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+    """A new contiguous tensor holding only the kept positions along each axis."""
+    out = t
+    for axis, keep in keeps:
+        if len(keep) == out.shape[axis]:
+            continue
+        idx = torch.as_tensor(keep, dtype=torch.long, device=t.device)
+        out = out.index_select(axis, idx)
+    return out.contiguous() if out is not t else out.clone()

@@ -1,0 +1,230 @@
+"""Apply a plan to a safetensors file, one tensor at a time, and load pruned weights.
+
+The output is written by a small streaming writer that follows the safetensors format exactly
+(8-byte little-endian header length, JSON header padded with spaces to a multiple of 8, then the
+raw little-endian data, tensors ordered by dtype then name, as `safetensors.torch.save_file`
+orders them). Each tensor is read with a plain positioned read (no memory map, so pages of the
+source do not stay resident), sliced, written and dropped: peak memory is about one source
+tensor plus its pruned copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from pruneplan._io import atomic_writer
+from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
+from pruneplan.apply.model import apply_plan
+from pruneplan.errors import OutputFileError, PlanMismatchError, WeightsFileError
+from pruneplan.plan import PrunePlan
+
+__all__ = ["DIGEST_KEY", "apply_to_safetensors", "load_pruned", "read_header", "write_safetensors"]
+
+log = logging.getLogger(__name__)
+
+DIGEST_KEY = "pruneplan.plan_digest"
+
+# safetensors dtype names, in the order of the format's Dtype enum (the writer sorts by it)
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+}
+_RANK = {name: i for i, name in enumerate(_DTYPES)}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Validate a safetensors file and return (tensor entries, metadata, data start offset).
+
+    Raises:
+        WeightsFileError: the file is missing, not safetensors, or truncated.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:  # validates header and file size
+            metadata = dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise WeightsFileError(f"{path}: no such file") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsFileError(f"{path}: not a valid safetensors file ({exc})") from None
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    for key, entry in header.items():
+        if entry["dtype"] not in _DTYPES:
+            raise WeightsFileError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+    return header, metadata, 8 + n
+
+
+def write_safetensors(
+    path: str | Path,
+    entries: Mapping[str, tuple[str, list[int]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Stream tensors into a safetensors file atomically (temporary name, then rename).
+
+    Args:
+        entries: name -> (dtype name, shape) of every output tensor, known up front.
+        produce: called once per name, in file order, returning that tensor (CPU).
+        metadata: string metadata stored under ``__metadata__``.
+    """
+    order = sorted(entries, key=lambda k: (-_RANK[entries[k][0]], k))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name in order:
+        dtype, shape = entries[name]
+        nbytes = _DTYPES[dtype].itemsize * _numel(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with atomic_writer(Path(path)) as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for name in order:
+            t = produce(name)
+            dtype, shape = entries[name]
+            if list(t.shape) != list(shape) or _NAMES[t.dtype] != dtype:
+                raise WeightsFileError(f"internal: tensor {name!r} does not match its header")
+            if t.numel():
+                out.write(memoryview(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()))
+
+
+def apply_to_safetensors(
+    plan: PrunePlan,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    check_digest: bool = True,
+) -> Path:
+    """Write the pruned copy of the safetensors file ``src`` to ``dst``.
+
+    Reads one tensor at a time; keeps the source metadata and adds the plan digest under
+    ``"pruneplan.plan_digest"``; writes to a temporary name and renames, so ``dst`` is either
+    complete or untouched.
+
+    Raises:
+        WeightsFileError: ``src`` is missing, not safetensors, or truncated.
+        OutputFileError: ``dst`` is ``src``, or exists and ``overwrite`` is false.
+        PlanMismatchError: the weights do not fit the plan.
+    """
+    src, dst = Path(src), Path(dst)
+    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or src.resolve() == dst.resolve():
+        raise OutputFileError(f"{dst}: the output is the input file; choose another output")
+    if dst.exists() and not overwrite:
+        raise OutputFileError(f"{dst}: output exists (use overwrite / --force to replace it)")
+    if not dst.parent.is_dir():
+        raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
+    header, metadata, start = read_header(src)
+    check_fingerprint(plan, {k: e["shape"] for k, e in header.items()}, str(src), check_digest)
+    keeps = keep_indices(plan)
+    shapes = plan.pruned_shapes()
+    entries = {k: (e["dtype"], shapes.get(k, e["shape"])) for k, e in header.items()}
+    metadata[DIGEST_KEY] = plan.digest()
+
+    with open(src, "rb") as fh:
+        fd = fh.fileno()
+
+        def produce(name: str) -> torch.Tensor:
+            e = header[name]
+            begin, end = e["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < end - begin:
+                n = os.preadv(fd, [view[got:]], start + begin + got)
+                if n <= 0:
+                    raise WeightsFileError(f"{src}: truncated while reading tensor {name!r}")
+                got += n
+            t = buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+            return slice_tensor(t, keeps[name]) if name in keeps else t
+
+        write_safetensors(dst, entries, produce, metadata)
+    log.info("wrote %s (%d tensors, plan %s)", dst, len(entries), plan.digest()[:12])
+    return dst
+
+
+def load_pruned(
+    model: nn.Module,
+    plan: PrunePlan,
+    weights: str | Path | Mapping[str, torch.Tensor],
+    *,
+    check_digest: bool = True,
+) -> nn.Module:
+    """Give a freshly built ``model`` the pruned architecture, then load ``weights`` strictly.
+
+    Args:
+        weights: a pruned safetensors file or a pruned state dict.
+
+    Raises:
+        PlanMismatchError: the file was pruned by another plan, or the weights do not fit.
+    """
+    if isinstance(weights, str | Path):
+        path = Path(weights)
+        _, metadata, _ = read_header(path)
+        recorded = metadata.get(DIGEST_KEY)
+        if recorded is not None and recorded != plan.digest():
+            raise PlanMismatchError(
+                f"{path}: pruned by plan {recorded[:12]}, not by this plan ({plan.digest()[:12]})"
+            )
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = dict(weights)
+    expected = plan.pruned_shapes()
+    for key, shape in expected.items():
+        if key not in state:
+            raise PlanMismatchError(f"weights: tensor {key!r} is missing")
+        if list(state[key].shape) != shape:
+            raise PlanMismatchError(
+                f"weights: tensor {key!r} has shape {list(state[key].shape)}, the pruned model "
+                f"needs {shape}"
+            )
+    have = set(model.state_dict())
+    if set(state) != have:
+        missing, extra = sorted(have - set(state)), sorted(set(state) - have)
+        raise PlanMismatchError(
+            f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    apply_plan(model, plan, check_digest=check_digest)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PlanMismatchError(f"weights do not fit the pruned model: {exc}") from None
+    return model
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

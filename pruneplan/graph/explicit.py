@@ -1,0 +1,142 @@
+"""Groups from user-given cascades (the original TorchPruner way): root, then downstream modules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from pruneplan.errors import PlanningError
+from pruneplan.graph.probe import probe_shapes
+from pruneplan.graph.rules import (
+    CONV_TRANSPOSE_TYPES,
+    CONV_TYPES,
+    DROPOUT_TYPES,
+    NORM_TYPES,
+    Stream,
+    consumer_slices,
+    is_depthwise,
+    norm_slices,
+    root_slices,
+)
+from pruneplan.graph.spec import DropoutSpec, EditSpec, Group, SliceSpec
+
+__all__ = ["explicit_groups"]
+
+_PASS_THROUGH = (nn.Flatten, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
+                 nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardswish, nn.MaxPool1d, nn.MaxPool2d,
+                 nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
+
+
+def explicit_groups(
+    model: nn.Module,
+    roots: Sequence[str],
+    cascades: dict[str, Sequence[str]],
+    example_inputs: Any = None,
+) -> list[Group]:
+    """One group per root, following the listed downstream modules in order.
+
+    Norm layers and dropout carry the root's channels on; depthwise convs carry them on with
+    their channel multiplier; Linear/Conv/ConvTranspose read them on their input axis. A Linear
+    that receives ``k`` times as many features as there are channels (Conv -> pool -> Flatten ->
+    Linear) owns a block of ``k`` features per channel; ``k`` comes from a probe pass.
+    """
+    modules = dict(model.named_modules())
+    for name in [*roots, *(c for cs in cascades.values() for c in cs)]:
+        if name not in modules:
+            raise PlanningError(f"no module named {name!r} in the model")
+    need_probe = [
+        (r, c) for r in roots for c in cascades.get(r, ()) if isinstance(modules[c], nn.Linear)
+        and not isinstance(modules[r], nn.Linear)
+    ]
+    shapes: dict = {}
+    if need_probe:
+        if example_inputs is None:
+            raise PlanningError(
+                f"module {need_probe[0][1]!r} is a Linear after {need_probe[0][0]!r}: pass "
+                "example_inputs so that the probe pass can map channels to features"
+            )
+        wanted = {n for pair in need_probe for n in pair}
+        shapes = probe_shapes(model, example_inputs, sorted(wanted))
+    return [_one(model, modules, r, list(cascades.get(r, ())), shapes) for r in roots]
+
+
+def _one(model: nn.Module, modules: dict, root: str, chain: list[str], shapes: dict) -> Group:
+    size, slices, edits = root_slices(root, modules[root])
+    slices, edits = list(slices), list(edits)
+    dropouts: list[DropoutSpec] = []
+    stream = Stream()
+    width = size  # channels in the stream at this point
+    for name in chain:
+        m = modules[name]
+        if isinstance(m, NORM_TYPES):
+            s, e = norm_slices(name, m, stream, width)
+            slices += s
+            edits += e
+        elif isinstance(m, DROPOUT_TYPES):
+            dropouts.append(DropoutSpec(name, float(m.p)))
+        elif isinstance(m, nn.Linear) and not isinstance(modules[root], nn.Linear):
+            stream_in = _flatten_stream(root, name, shapes, stream, width)
+            s, e, _ = consumer_slices(name, m, stream_in)
+            slices += s
+            edits += e
+        elif is_depthwise(m) or isinstance(m, nn.Linear | CONV_TYPES | CONV_TRANSPOSE_TYPES):
+            s, e, out = consumer_slices(name, m, stream)
+            slices += s
+            edits += e
+            if out is not None:
+                width = width * m.out_channels // m.in_channels
+                stream = out
+        elif isinstance(m, _PASS_THROUGH):
+            continue
+        else:
+            raise PlanningError(
+                f"cascade module {name!r} of {root!r} ({type(m).__name__}) is not supported"
+            )
+    _check_unique(root, slices)
+    return Group(
+        name=root,
+        size=size,
+        roots=(root,),
+        slices=tuple(slices),
+        edits=tuple(_merge(edits)),
+        dropouts=tuple(dropouts),
+    )
+
+
+def _flatten_stream(root: str, name: str, shapes: dict, stream: Stream, width: int) -> Stream:
+    if root not in shapes or name not in shapes:
+        raise PlanningError(f"the probe pass did not reach {root!r} and {name!r}")
+    root_out = shapes[root][1]
+    features = shapes[name][0][-1]
+    spatial = math.prod(root_out[2:]) if len(root_out) > 2 else 1
+    if features % width != 0:
+        raise PlanningError(
+            f"module {name!r} reads {features} features, not a multiple of the {width} channels "
+            f"of {root!r}; is there a layer between them that is not in the cascade?"
+        )
+    block = features // width
+    if block not in (1, spatial) and spatial % block != 0 and block % spatial != 0:
+        raise PlanningError(f"cannot map the channels of {root!r} onto the features of {name!r}")
+    return stream.expand(block)
+
+
+def _check_unique(root: str, slices: list[SliceSpec]) -> None:
+    seen = set()
+    for s in slices:
+        if (s.tensor, s.axis) in seen:
+            raise PlanningError(f"group {root!r}: tensor {s.tensor!r} axis {s.axis} listed twice")
+        seen.add((s.tensor, s.axis))
+
+
+def _merge(edits: list[EditSpec]) -> list[EditSpec]:
+    out: dict[tuple[str, str], EditSpec] = {}
+    for e in edits:
+        key = (e.module, e.attribute)
+        if key in out:
+            raise PlanningError(f"module {e.module!r} appears twice in one cascade")
+        out[key] = e
+    return list(out.values())

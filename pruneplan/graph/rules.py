@@ -1,0 +1,204 @@
+"""Per-layer rules: which tensors and attributes of a module follow a channel it produces or reads.
+
+A *stream* describes where the units of a group sit among the channels (or features) flowing
+between layers: unit ``u`` occupies the positions ``Stream.unit(u)``. Roots start a stream,
+pass-through layers (BatchNorm, LayerNorm, depthwise convs) carry it on, and consumers (Linear,
+Conv) read it on their input axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from pruneplan.errors import PlanningError
+from pruneplan.graph.spec import EditSpec, SliceSpec
+
+__all__ = [
+    "CONV_TRANSPOSE_TYPES",
+    "CONV_TYPES",
+    "DROPOUT_TYPES",
+    "NORM_TYPES",
+    "Stream",
+    "consumer_slices",
+    "is_depthwise",
+    "norm_slices",
+    "root_slices",
+]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where the units of a group sit on a channel/feature axis (affine or explicit)."""
+
+    offset: int = 0
+    repeat: int = 1
+    tiles: int = 1
+    tile_stride: int = 0
+    positions: tuple[tuple[int, ...], ...] | None = None
+
+    def slice(self, tensor: str, axis: int, modulo: int | None = None) -> SliceSpec:
+        """The `SliceSpec` of ``tensor`` along ``axis`` that this stream implies."""
+        return SliceSpec(
+            tensor=tensor,
+            axis=axis,
+            offset=self.offset,
+            repeat=self.repeat,
+            tiles=self.tiles,
+            tile_stride=self.tile_stride,
+            positions=self.positions,
+            modulo=modulo,
+        )
+
+    @property
+    def per_unit(self) -> int:
+        """Positions each unit occupies."""
+        if self.positions is not None:
+            return len(self.positions[0])
+        return self.repeat * self.tiles
+
+    def unit(self, u: int) -> list[int]:
+        """Positions of unit ``u``."""
+        if self.positions is not None:
+            return list(self.positions[u])
+        base = self.offset + u * self.repeat
+        return [base + r + t * self.tile_stride for t in range(self.tiles) for r in range(self.repeat)]
+
+    def expand(self, factor: int) -> Stream:
+        """Each position becomes ``factor`` consecutive ones (channels-first flatten, multiplier)."""
+        if factor == 1:
+            return self
+        if self.positions is None and self.tiles == 1:
+            return replace(self, offset=self.offset * factor, repeat=self.repeat * factor)
+        # general case: spell the positions out
+        return Stream(positions=tuple(tuple(p * factor + r for p in pos for r in range(factor))
+                                      for pos in self._all_units()))
+
+    def _all_units(self) -> list[list[int]]:
+        if self.positions is None:
+            raise PlanningError("internal: cannot enumerate an affine stream without its size")
+        return [list(p) for p in self.positions]
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv whose every group reads exactly one input channel."""
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels
+
+
+def root_slices(name: str, m: nn.Module) -> tuple[int, list[SliceSpec], list[EditSpec]]:
+    """Units of a root module: (size, tensors on the output axis, attribute edits)."""
+    p = f"{name}." if name else ""
+    if isinstance(m, nn.Linear):
+        size, attr, axis = m.out_features, "out_features", 0
+    elif isinstance(m, CONV_TYPES):
+        if m.groups != 1:
+            raise PlanningError(
+                f"module {name!r}: a grouped convolution (groups={m.groups}) cannot be a root on "
+                "its own; its output channels are tied to its input channels"
+            )
+        size, attr, axis = m.out_channels, "out_channels", 0
+    elif isinstance(m, CONV_TRANSPOSE_TYPES):
+        if m.groups != 1:
+            raise PlanningError(f"module {name!r}: grouped ConvTranspose roots are not supported")
+        size, attr, axis = m.out_channels, "out_channels", 1
+    elif isinstance(m, nn.Embedding):
+        size, attr, axis = m.embedding_dim, "embedding_dim", 1
+    else:
+        raise PlanningError(
+            f"module {name!r} ({type(m).__name__}) is not prunable: roots are Linear, Conv, "
+            "ConvTranspose and Embedding"
+        )
+    slices = [SliceSpec(p + "weight", axis)]
+    if getattr(m, "bias", None) is not None:
+        slices.append(SliceSpec(p + "bias", 0))
+    return size, slices, [EditSpec(name, attr, size)]
+
+
+def norm_slices(name: str, m: nn.Module, stream: Stream, width: int) -> tuple[list[SliceSpec], list[EditSpec]]:
+    """A normalisation layer over the stream's channels: parameters and running statistics.
+
+    Args:
+        width: number of channels the layer normalises (for the error message).
+    """
+    p = f"{name}." if name else ""
+    slices = []
+    for key in ("weight", "bias"):
+        if getattr(m, key, None) is not None:
+            slices.append(stream.slice(p + key, 0))
+    for key in ("running_mean", "running_var"):
+        if getattr(m, key, None) is not None:
+            slices.append(stream.slice(p + key, 0))
+    per = stream.per_unit
+    if isinstance(m, nn.LayerNorm):
+        if len(m.normalized_shape) != 1:
+            raise PlanningError(
+                f"module {name!r}: LayerNorm over {tuple(m.normalized_shape)} spans more than the "
+                "channel axis"
+            )
+        return slices, [EditSpec(name, "normalized_shape", m.normalized_shape[0], per)]
+    if isinstance(m, nn.GroupNorm):
+        if m.num_groups != 1 and m.num_groups != m.num_channels:
+            raise PlanningError(
+                f"module {name!r}: GroupNorm with {m.num_groups} groups of "
+                f"{m.num_channels // m.num_groups} channels cannot lose single channels"
+            )
+        edits = [EditSpec(name, "num_channels", m.num_channels, per)]
+        if m.num_groups == m.num_channels and m.num_groups > 1:
+            edits.append(EditSpec(name, "num_groups", m.num_groups, per))
+        return slices, edits
+    return slices, [EditSpec(name, "num_features", m.num_features, per)]
+
+
+def consumer_slices(
+    name: str, m: nn.Module, stream: Stream
+) -> tuple[list[SliceSpec], list[EditSpec], Stream | None]:
+    """A layer that reads the stream: its input-axis slices, edits and the stream it emits.
+
+    Returns a new stream for depthwise convolutions, whose outputs follow their inputs, and
+    ``None`` for layers that end the stream (Linear, ordinary Conv).
+    """
+    p = f"{name}." if name else ""
+    per = stream.per_unit
+    if isinstance(m, nn.Linear):
+        return [stream.slice(p + "weight", 1)], [EditSpec(name, "in_features", m.in_features, per)], None
+    if is_depthwise(m):
+        mult = m.out_channels // m.in_channels
+        out = stream.expand(mult)
+        slices = [out.slice(p + "weight", 0)]
+        if m.bias is not None:
+            slices.append(out.slice(p + "bias", 0))
+        edits = [
+            EditSpec(name, "in_channels", m.in_channels, per),
+            EditSpec(name, "out_channels", m.out_channels, per * mult),
+            EditSpec(name, "groups", m.groups, per),
+        ]
+        return slices, edits, out
+    if isinstance(m, CONV_TYPES):
+        edits = [EditSpec(name, "in_channels", m.in_channels, per)]
+        if m.groups == 1:
+            return [stream.slice(p + "weight", 1)], edits, None
+        local = m.in_channels // m.groups
+        return [stream.slice(p + "weight", 1, modulo=local)], edits, None
+    if isinstance(m, CONV_TRANSPOSE_TYPES):
+        if m.groups != 1:
+            raise PlanningError(f"module {name!r}: grouped ConvTranspose inputs are not supported")
+        return [stream.slice(p + "weight", 0)], [EditSpec(name, "in_channels", m.in_channels, per)], None
+    raise PlanningError(
+        f"module {name!r} ({type(m).__name__}) does not know how to lose input channels"
+    )

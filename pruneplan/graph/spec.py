@@ -1,0 +1,83 @@
+"""Plain descriptions of prunable groups, produced by the graph code and read by the planner.
+
+A `Group` says, for every unit of its root(s), which tensor positions and which module
+attributes it owns. It knows nothing of which units will be removed: the planner combines a
+`Group` with removed indices into a plan group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["DropoutSpec", "EditSpec", "Group", "SliceSpec"]
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """Positions of ``tensor`` along ``axis`` owned by each unit (see `pruneplan.IndexMap`)."""
+
+    tensor: str
+    axis: int
+    offset: int = 0
+    repeat: int = 1
+    tiles: int = 1
+    tile_stride: int = 0
+    positions: tuple[tuple[int, ...], ...] | None = None
+    modulo: int | None = None
+
+    def map_fields(self) -> dict:
+        """The non-default `IndexMap` fields of this slice."""
+        out: dict = {}
+        for name, default in (("offset", 0), ("repeat", 1), ("tiles", 1), ("tile_stride", 0)):
+            if getattr(self, name) != default:
+                out[name] = getattr(self, name)
+        if self.positions is not None:
+            out["positions"] = [list(p) for p in self.positions]
+        if self.modulo is not None:
+            out["modulo"] = self.modulo
+        return out
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """Integer attribute ``module.attribute`` that drops by ``per_unit`` for each removed unit."""
+
+    module: str
+    attribute: str
+    before: int
+    per_unit: int = 1
+
+
+@dataclass(frozen=True)
+class DropoutSpec:
+    """Dropout module whose rate becomes ``p * (1 - k / size)`` when k of the units go."""
+
+    module: str
+    p: float
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of coupled units that must be removed together.
+
+    Attributes:
+        name: the key to use in `plan_pruning`'s ``removed`` mapping (the first root's name).
+        size: number of units.
+        roots: modules whose outputs are the units (several when coupled by a residual sum).
+        slices: every tensor axis the units own.
+        edits: module attributes that shrink with the units.
+        dropouts: dropout modules whose rate follows the unit count.
+    """
+
+    name: str
+    size: int
+    roots: tuple[str, ...]
+    slices: tuple[SliceSpec, ...]
+    edits: tuple[EditSpec, ...] = ()
+    dropouts: tuple[DropoutSpec, ...] = ()
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def tensors(self) -> list[str]:
+        """The state-dict keys of every member tensor, sorted."""
+        return sorted({s.tensor for s in self.slices})

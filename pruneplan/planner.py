@@ -1,0 +1,172 @@
+"""Turn removed indices and coupled groups into a `PrunePlan`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruneplan.errors import PlanningError
+from pruneplan.graph.explicit import explicit_groups
+from pruneplan.graph.spec import Group as GroupSpec
+from pruneplan.plan import (
+    FORMAT,
+    VERSION,
+    DropoutChange,
+    Group,
+    IndexMap,
+    ModelFingerprint,
+    ModuleEdit,
+    Provenance,
+    PrunePlan,
+    TensorSlice,
+    state_dict_digest,
+)
+
+__all__ = ["build_plan", "normalize_indices", "plan_pruning"]
+
+log = logging.getLogger(__name__)
+
+IndexLike = Sequence[int] | np.ndarray | torch.Tensor
+
+
+def normalize_indices(indices: IndexLike, size: int, where: str) -> list[int]:
+    """Sorted unique ints in ``[0, size)``; raise `PlanningError` naming ``where`` otherwise."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().reshape(-1).tolist()
+    elif isinstance(indices, np.ndarray):
+        indices = indices.reshape(-1).tolist()
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer):
+            if isinstance(i, float) and i.is_integer():
+                i = int(i)
+            else:
+                raise PlanningError(f"{where}: index {i!r} is not an integer")
+        i = int(i)
+        if i < 0 or i >= size:
+            raise PlanningError(f"{where}: index {i} is out of range for {size} units")
+        out.append(i)
+    if len(set(out)) != len(out):
+        dup = sorted({i for i in out if out.count(i) > 1})
+        raise PlanningError(f"{where}: index {dup[0]} is given more than once")
+    if len(out) >= size:
+        raise PlanningError(f"{where}: removing all {size} units; at least one must stay")
+    return sorted(out)
+
+
+def plan_pruning(
+    model: nn.Module,
+    removed: Mapping[str, IndexLike],
+    example_inputs: Any = None,
+    cascades: Mapping[str, Sequence[str]] | None = None,
+    *,
+    couple: str = "error",
+    provenance: Provenance | Mapping[str, Any] | None = None,
+) -> PrunePlan:
+    """Plan the removal of units from the named root modules, with everything it implies.
+
+    Args:
+        model: the model to prune (not modified; a probe pass runs in eval mode, no grad).
+        removed: root module name -> indices of its output units to remove.
+        example_inputs: a batch (tensor or tuple) for the probe pass / graph discovery.
+        cascades: root name -> downstream modules to adjust, in order (original TorchPruner
+            style). ``None`` discovers them automatically from the executed graph.
+        couple: for discovered coupled groups, ``"error"`` refuses indices given for one
+            member only; ``"expand"`` applies them to every member.
+        provenance: informative metadata stored in the plan.
+
+    Returns:
+        The validated plan; nothing in ``model`` changes.
+    """
+    if cascades is not None:
+        groups = explicit_groups(model, list(removed), dict(cascades), example_inputs)
+        chosen = [(g, removed[g.name]) for g in groups]
+    else:
+        chosen = _discovered(model, removed, example_inputs, couple)
+    return build_plan(model, chosen, provenance)
+
+
+def _discovered(model, removed, example_inputs, couple):
+    try:
+        from pruneplan.graph.discover import prunable_groups
+    except ImportError:  # pragma: no cover - until discovery lands
+        raise PlanningError(
+            "automatic cascade discovery is not available in this version: pass cascades="
+        ) from None
+    if example_inputs is None:
+        raise PlanningError("automatic discovery needs example_inputs")
+    groups = prunable_groups(model, example_inputs)
+    by_name = {g.name: g for g in groups}
+    by_root = {r: g for g in groups for r in g.roots}
+    chosen: dict[str, tuple[GroupSpec, IndexLike]] = {}
+    for key, idx in removed.items():
+        g = by_name.get(key) or by_root.get(key)
+        if g is None:
+            raise PlanningError(f"{key!r} is not a prunable group of this model")
+        if key != g.name and couple != "expand":
+            from pruneplan.errors import CoupledGroupError
+
+            raise CoupledGroupError(
+                f"module {key!r} is coupled with {list(g.roots)} in group {g.name!r}: give the "
+                f"indices for {g.name!r}, or pass couple='expand'"
+            )
+        if g.name in chosen:
+            raise PlanningError(f"group {g.name!r} is given twice (as {key!r})")
+        chosen[g.name] = (g, idx)
+    return list(chosen.values())
+
+
+def build_plan(
+    model: nn.Module,
+    chosen: Sequence[tuple[GroupSpec, IndexLike]],
+    provenance: Provenance | Mapping[str, Any] | None = None,
+) -> PrunePlan:
+    """Combine group descriptions with removed indices into a validated `PrunePlan`."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    touched: dict[str, list[int]] = {}
+    groups = []
+    for spec, idx in chosen:
+        rem = normalize_indices(idx, spec.size, f"group {spec.name!r}")
+        if not rem:
+            continue
+        k = len(rem)
+        slices = []
+        for s in spec.slices:
+            if s.tensor not in shapes:
+                raise PlanningError(f"group {spec.name!r}: tensor {s.tensor!r} is not in the state dict")
+            touched[s.tensor] = shapes[s.tensor]
+            slices.append(TensorSlice(tensor=s.tensor, axis=s.axis, map=IndexMap(**s.map_fields())))
+        edits = [
+            ModuleEdit(module=e.module, attribute=e.attribute, before=e.before,
+                       after=e.before - k * e.per_unit)
+            for e in spec.edits
+        ]
+        dropout = [
+            DropoutChange(module=d.module, p_before=d.p, p_after=d.p * (1 - k / spec.size))
+            for d in spec.dropouts
+        ]
+        groups.append(Group(name=spec.name, size=spec.size, removed=rem, slices=slices,
+                            edits=edits, dropout=dropout))
+    if provenance is None:
+        provenance = Provenance()
+    elif not isinstance(provenance, Provenance):
+        provenance = Provenance(**dict(provenance))
+    if provenance.library is None:
+        from pruneplan import __version__
+
+        provenance = provenance.model_copy(update={"library": f"pruneplan {__version__}",
+                                                   "torch": torch.__version__})
+    plan = PrunePlan.from_dict({
+        "format": FORMAT,
+        "version": VERSION,
+        "model": ModelFingerprint(tensors=touched, digest=state_dict_digest(shapes)).model_dump(),
+        "groups": [g.model_dump() for g in groups],
+        "provenance": provenance.model_dump(),
+    })
+    log.info("planned %d groups touching %d tensors", len(plan.groups), len(touched))
+    return plan
