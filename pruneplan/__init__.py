@@ -1,6 +1,12 @@
 """pruneplan: structured pruning for PyTorch with reviewable, replayable plans."""
 
-from pruneplan.apply import apply_plan, apply_to_safetensors, apply_to_state_dict, load_pruned
+from pruneplan.apply import (
+    apply_plan,
+    apply_to_safetensors,
+    apply_to_state_dict,
+    check_weights,
+    load_pruned,
+)
 from pruneplan.errors import (
     CoupledGroupError,
     OptimizerStateError,
@@ -55,6 +61,7 @@ __all__ = [
     "apply_plan",
     "apply_to_safetensors",
     "apply_to_state_dict",
+    "check_weights",
     "diff_plans",
     "load_pruned",
     "plan_pruning",

@@ -55,6 +55,7 @@ __all__ = [
     "TensorSlice",
     "canonical_json",
     "diff_plans",
+    "json_schema",
     "removed_positions",
     "state_dict_digest",
 ]
@@ -427,6 +428,29 @@ class PrunePlan(_Strict):
                 out[d.module] = (before, after + d.p_after - d.p_before)
         return dict(sorted(out.items()))
 
+    def group_parameters_removed(self, name: str) -> int:
+        """Scalars the named group would delete if it were the only group of the plan."""
+        g = self._group(name)
+        shapes = {s.tensor: list(self.model.tensors[s.tensor]) for s in g.slices}
+        before = sum(math.prod(s) for s in shapes.values())
+        for s in g.slices:
+            shapes[s.tensor][s.axis] -= len(removed_positions(s, g.removed))
+        return before - sum(math.prod(s) for s in shapes.values())
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per group: name, size, kept, removed, fraction removed, parameters removed."""
+        return [
+            {
+                "group": g.name,
+                "size": g.size,
+                "kept": g.size - len(g.removed),
+                "removed": len(g.removed),
+                "fraction": len(g.removed) / g.size,
+                "parameters": self.group_parameters_removed(g.name),
+            }
+            for g in self.groups
+        ]
+
     def parameters_removed(self) -> int:
         """Number of scalars the plan deletes from the touched tensors."""
         before = sum(math.prod(s) for s in self.model.tensors.values())
@@ -529,6 +553,14 @@ def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
         out.append(pad + "]")
     else:
         out.append(pad + prefix + _scalar(v))
+
+
+def json_schema() -> str:
+    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v1.schema.json``."""
+    schema = PrunePlan.model_json_schema()
+    schema["$id"] = f"https://pruneplan.dev/schemas/pruneplan.v{VERSION}.schema.json"
+    schema["title"] = f"PrunePlan v{VERSION}"
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def state_dict_digest(shapes: Mapping[str, Sequence[int]]) -> str:

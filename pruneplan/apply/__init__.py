@@ -1,7 +1,13 @@
 """Appliers: execute a plan on a live model and optimizer, a state dict, or safetensors files."""
 
 from pruneplan.apply.model import apply_plan
-from pruneplan.apply.safetensors_io import apply_to_safetensors, load_pruned
+from pruneplan.apply.safetensors_io import apply_to_safetensors, check_weights, load_pruned
 from pruneplan.apply.state_dict import apply_to_state_dict
 
-__all__ = ["apply_plan", "apply_to_safetensors", "apply_to_state_dict", "load_pruned"]
+__all__ = [
+    "apply_plan",
+    "apply_to_safetensors",
+    "apply_to_state_dict",
+    "check_weights",
+    "load_pruned",
+]

@@ -28,7 +28,14 @@ from pruneplan.apply.model import apply_plan
 from pruneplan.errors import OutputFileError, PlanMismatchError, WeightsFileError
 from pruneplan.plan import PrunePlan
 
-__all__ = ["DIGEST_KEY", "apply_to_safetensors", "load_pruned", "read_header", "write_safetensors"]
+__all__ = [
+    "DIGEST_KEY",
+    "apply_to_safetensors",
+    "check_weights",
+    "load_pruned",
+    "read_header",
+    "write_safetensors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,16 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]
         if entry["dtype"] not in _DTYPES:
             raise WeightsFileError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
     return header, metadata, 8 + n
+
+
+def check_weights(plan: PrunePlan, path: str | Path, *, check_digest: bool = True) -> None:
+    """Check that the safetensors file ``path`` holds the weights ``plan`` was made for.
+
+    Raises:
+        WeightsFileError: the file is unreadable. PlanMismatchError: it does not fit.
+    """
+    header, _, _ = read_header(path)
+    check_fingerprint(plan, {k: e["shape"] for k, e in header.items()}, str(path), check_digest)
 
 
 def write_safetensors(

@@ -130,7 +130,9 @@ def root_slices(name: str, m: nn.Module) -> tuple[int, list[SliceSpec], list[Edi
     return size, slices, [EditSpec(name, attr, size)]
 
 
-def norm_slices(name: str, m: nn.Module, stream: Stream, width: int) -> tuple[list[SliceSpec], list[EditSpec]]:
+def norm_slices(
+    name: str, m: nn.Module, stream: Stream, width: int
+) -> tuple[list[SliceSpec], list[EditSpec]]:
     """A normalisation layer over the stream's channels: parameters and running statistics.
 
     Args:
