@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,7 +82,7 @@ def _one(model: nn.Module, modules: dict, root: str, chain: list[str], shapes: d
             s, e, _ = consumer_slices(name, m, stream_in)
             slices += s
             edits += e
-        elif is_depthwise(m) or isinstance(m, nn.Linear | CONV_TYPES | CONV_TRANSPOSE_TYPES):
+        elif is_depthwise(m) or isinstance(m, (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)):
             s, e, out = consumer_slices(name, m, stream)
             slices += s
             edits += e
@@ -110,18 +109,14 @@ def _one(model: nn.Module, modules: dict, root: str, chain: list[str], shapes: d
 def _flatten_stream(root: str, name: str, shapes: dict, stream: Stream, width: int) -> Stream:
     if root not in shapes or name not in shapes:
         raise PlanningError(f"the probe pass did not reach {root!r} and {name!r}")
-    root_out = shapes[root][1]
     features = shapes[name][0][-1]
-    spatial = math.prod(root_out[2:]) if len(root_out) > 2 else 1
     if features % width != 0:
         raise PlanningError(
             f"module {name!r} reads {features} features, not a multiple of the {width} channels "
             f"of {root!r}; is there a layer between them that is not in the cascade?"
         )
-    block = features // width
-    if block not in (1, spatial) and spatial % block != 0 and block % spatial != 0:
-        raise PlanningError(f"cannot map the channels of {root!r} onto the features of {name!r}")
-    return stream.expand(block)
+    # channels-first flatten (N, C, *spatial) -> (N, C * prod(spatial)): channel c owns a block
+    return stream.expand(features // width)
 
 
 def _check_unique(root: str, slices: list[SliceSpec]) -> None:
