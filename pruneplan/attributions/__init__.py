@@ -1,0 +1,30 @@
+"""Attribution metrics: score the units of a module to decide what to prune.
+
+Every metric has the call signature of the original TorchPruner::
+
+    metric = TaylorAttributionMetric(model, data_generator, criterion, device, reduction="mean")
+    scores = metric.run(module, find_best_evaluation_module=False)   # np.ndarray, len z.shape[1]
+    by_name = metric.run_all(["features.0", "features.3"])           # one data pass for all
+
+This package imports only torch, numpy, tqdm and the standard library.
+"""
+
+from .apoz import APoZAttributionMetric
+from .base import AttributionMetric, Reduction
+from .rand import RandomAttributionMetric
+from .sensitivity import SensitivityAttributionMetric
+from .shapley import ShapleyAttributionMetric, permutation_samples
+from .taylor import TaylorAttributionMetric
+from .weight_norm import WeightNormAttributionMetric
+
+__all__ = [
+    "APoZAttributionMetric",
+    "AttributionMetric",
+    "RandomAttributionMetric",
+    "Reduction",
+    "SensitivityAttributionMetric",
+    "ShapleyAttributionMetric",
+    "TaylorAttributionMetric",
+    "WeightNormAttributionMetric",
+    "permutation_samples",
+]

@@ -1,0 +1,582 @@
+"""The base class of every attribution metric: shared machinery and shared documentation.
+
+An attribution metric scores the *units* of a module: the output features of a ``Linear``, the
+output channels of a ``Conv``; in general the entries of axis 1 of the module's output ``z``.
+Data-driven metrics compute one score per example and per unit (convolutional scores are summed
+over spatial positions) and then reduce the ``(N, units)`` matrix over the examples.
+
+This module imports only torch, numpy, tqdm and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["AttributionMetric", "Reduction"]
+
+logger = logging.getLogger(__name__)
+
+Reduction = str | Callable[[np.ndarray], np.ndarray]
+ModuleRef = nn.Module | str
+
+#: Modules the evaluation point moves past with ``find_best_evaluation_module=True``: they
+#: directly consume the module's output and act on each unit separately.
+PASS_THROUGH_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Threshold,
+)
+
+_SHARED_DOC = """
+    Args:
+        model: the network; it must already live on ``device``. It is left exactly as found:
+            training flags, parameters, buffers, ``.grad`` fields and hooks are restored when
+            ``run`` returns or raises. Attribution runs in eval mode.
+        data_generator: any iterable of ``(x, y)`` batches (a ``DataLoader`` with any sampler or
+            ``drop_last``, a list, an object whose ``__iter__`` is a generator). Its length is
+            never assumed. Tensors (also inside tuples, lists and dicts) are moved to ``device``.
+        criterion: loss function called as ``criterion(output, target, reduction="none")``; it
+            must return per-example losses (extra axes are averaged per example). Each example's
+            gradient is that of its own loss, so scores do not depend on the batch size.
+        device: where batches are sent.
+        reduction: how the ``(N, units)`` per-example score matrix is reduced over examples:
+            ``"mean"`` (default), ``"sum"``, ``"none"`` (return the matrix itself) or a callable
+            taking the matrix and returning one score per unit (e.g. mean + 2 * std).
+        progress: show a tqdm progress bar (default ``True``).
+"""
+
+
+def _with_shared_doc(cls: type) -> type:
+    """Append the constructor arguments shared by every metric to the class docstring."""
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + _SHARED_DOC
+    return cls
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor in ``obj`` (tensors, tuples, lists, dicts) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: to_device(v, device) for k, v in obj.items()})  # type: ignore[call-arg]
+    if isinstance(obj, (list, tuple)):
+        moved = [to_device(v, device) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    return obj
+
+
+def repeat_batch(obj: Any, times: int) -> Any:
+    """Stack ``times`` copies of a batch along axis 0 (copy-major: copy k is rows k*B:(k+1)*B).
+
+    Tensors are always copied, also for ``times=1``, so in-place operations cannot leak back.
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0:
+            return obj
+        return obj.repeat(times, *([1] * (obj.dim() - 1)))
+    if isinstance(obj, Mapping):
+        return type(obj)({k: repeat_batch(v, times) for k, v in obj.items()})  # type: ignore[call-arg]
+    if isinstance(obj, (list, tuple)):
+        moved = [repeat_batch(v, times) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    return obj
+
+
+def slice_batch(obj: Any, start: int, stop: int, batch_size: int) -> Any:
+    """Rows ``start:stop`` of every tensor of a batch whose axis 0 has ``batch_size`` entries."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.dim() > 0 and obj.shape[0] == batch_size else obj
+    if isinstance(obj, Mapping):
+        return type(obj)(  # type: ignore[call-arg]
+            {k: slice_batch(v, start, stop, batch_size) for k, v in obj.items()}
+        )
+    if isinstance(obj, (list, tuple)):
+        moved = [slice_batch(v, start, stop, batch_size) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+    return obj
+
+
+def batch_size_of(obj: Any) -> int:
+    """Number of examples in a batch: axis 0 of its first tensor."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0])
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            with contextlib.suppress(ValueError):
+                return batch_size_of(v)
+    raise ValueError(f"cannot find the batch size of an input of type {type(obj).__name__}")
+
+
+def per_example_loss(criterion: Callable[..., torch.Tensor], output: Any, target: Any) -> torch.Tensor:
+    """Per-example losses, shape ``(N,)``: ``criterion(..., reduction="none")``, extra axes averaged.
+
+    Averaging the extra axes makes an example's loss equal to ``criterion(..., reduction="mean")``
+    on a batch holding that example alone.
+    """
+    loss = criterion(output, target, reduction="none")
+    if not isinstance(loss, torch.Tensor) or loss.dim() == 0:
+        raise ValueError(
+            "criterion(output, target, reduction='none') must return one loss per example; "
+            f"got {type(loss).__name__} of shape {getattr(loss, 'shape', None)}"
+        )
+    if loss.dim() > 1:
+        loss = loss.reshape(loss.shape[0], -1).mean(1)
+    return loss
+
+
+def unit_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a ``(N, units, *spatial)`` tensor over its spatial axes -> ``(N, units)``."""
+    if t.dim() < 2:
+        raise ValueError(f"an activation needs a batch and a unit axis, got shape {tuple(t.shape)}")
+    return t.flatten(2).sum(-1) if t.dim() > 2 else t
+
+
+def reduce_scores(matrix: np.ndarray, reduction: Reduction) -> np.ndarray:
+    """Reduce an ``(N, units)`` score matrix over examples."""
+    if callable(reduction):
+        out = np.asarray(reduction(matrix))
+        if out.shape != matrix.shape[1:]:
+            raise ValueError(
+                f"a callable reduction must return one score per unit, shape {matrix.shape[1:]}, "
+                f"got {out.shape}"
+            )
+        return out
+    if reduction == "mean":
+        return matrix.mean(0)
+    if reduction == "sum":
+        return matrix.sum(0)
+    if reduction == "none":
+        return matrix
+    raise ValueError(f"reduction must be 'mean', 'sum', 'none' or a callable, got {reduction!r}")
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore it exactly on exit (also on an exception).
+
+    Restores every module's ``training`` flag, the binding and value of every buffer, the binding
+    of every parameter and its ``.grad`` and ``requires_grad``, and the hook dictionaries (any hook
+    left behind by an interrupted run is removed).
+    """
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    params = [(m, dict(m._parameters)) for m in modules]
+    grads = {id(p): (p, p.grad, p.requires_grad) for p in model.parameters()}
+    versions = {id(p): (p, p._version) for p in model.parameters()}
+    buffers = [
+        (
+            m,
+            {k: (b, None if b is None else (b.detach().clone(), b._version)) for k, b in m._buffers.items()},
+        )
+        for m in modules
+    ]
+    hook_dicts = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks_with_kwargs",
+    )
+    hooks = [(m, {h: dict(getattr(m, h)) for h in hook_dicts if hasattr(m, h)}) for m in modules]
+    attrs = [(m, set(m.__dict__)) for m in modules]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, f in zip(modules, flags):
+            m.training = f
+        for m, saved in params:
+            m._parameters.clear()
+            m._parameters.update(saved)
+        for p, g, rg in grads.values():
+            p.grad = g
+            if p.requires_grad != rg:
+                p.requires_grad_(rg)
+        for m, saved in buffers:
+            m._buffers.clear()
+            for k, (b, snapshot) in saved.items():
+                m._buffers[k] = b
+                if b is not None and snapshot is not None and b._version != snapshot[1]:
+                    with torch.no_grad():
+                        b.copy_(snapshot[0])
+        for m, saved in hooks:
+            for name, d in saved.items():
+                current = getattr(m, name)
+                for key in list(current):
+                    if key not in d:
+                        del current[key]
+        for m, names in attrs:
+            for extra in set(m.__dict__) - names:
+                delattr(m, extra)
+        for p, v in versions.values():
+            if p._version != v:
+                logger.warning("a parameter was modified in place during attribution")
+
+
+class _CallRecorder:
+    """Forward hooks on every leaf module recording, in execution order, inputs and output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.records: list[tuple[nn.Module, tuple[Any, ...], Any]] = []
+        self.handles = [
+            m.register_forward_hook(self._hook) for m in model.modules() if not list(m.children())
+        ]
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.records.append((module, inputs, output))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class AttributionMetric:
+    """Base class of the attribution metrics: scores the units of a module.
+
+    Subclasses implement :meth:`_attribute`, which computes the ``(N, units)`` per-example score
+    matrices of several evaluation modules in one pass over the data, or override :meth:`run`
+    for metrics that need no data.
+    """
+
+    #: whether the metric reads data; data-free metrics implement :meth:`_static_scores` and
+    #: ignore ``find_best_evaluation_module``
+    uses_data = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_generator: Iterable[Any],
+        criterion: Callable[..., torch.Tensor],
+        device: torch.device | str,
+        reduction: Reduction = "mean",
+        progress: bool = True,
+        **method_kwargs: Any,
+    ) -> None:
+        if method_kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments: {sorted(method_kwargs)}")
+        if not (callable(reduction) or reduction in ("mean", "sum", "none")):
+            raise ValueError(f"reduction must be 'mean', 'sum', 'none' or a callable, got {reduction!r}")
+        self.model = model
+        self.data_generator = data_generator
+        self.criterion = criterion
+        self.device = torch.device(device)
+        self.reduction = reduction
+        self.progress = progress
+
+    # ------------------------------------------------------------------ public API
+
+    def run(self, module: ModuleRef, find_best_evaluation_module: bool = False, **kwargs: Any) -> np.ndarray:
+        """Score the units of ``module`` (an ``nn.Module`` of the model or its dotted name).
+
+        Returns an array of length ``z.shape[1]``, z being the output of ``module`` (or of the
+        evaluation module), or the ``(N, units)`` matrix when ``reduction="none"``.
+        """
+        name, _ = self._resolve(module)
+        return self.run_all([module], find_best_evaluation_module, **kwargs)[name]
+
+    def run_all(
+        self,
+        modules: Sequence[ModuleRef],
+        find_best_evaluation_module: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]:
+        """Score many modules; data-driven metrics do it in one pass over the data.
+
+        Returns ``{dotted module name: scores}`` with the names of ``model.named_modules()``.
+        """
+        resolved = [self._resolve(m) for m in modules]
+        if not resolved:
+            return {}
+        if not self.uses_data:
+            if kwargs:
+                raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
+            with preserved_state(self.model):
+                return {
+                    name: reduce_scores(self._static_scores(name, m)[None, :], self.reduction)
+                    for name, m in resolved
+                }
+        with preserved_state(self.model):
+            batches = self._batches()
+            if find_best_evaluation_module:
+                first = next(batches)
+                batches = itertools.chain([first], batches)
+                targets = self._find_evaluation_modules([m for _, m in resolved], first[0])
+            else:
+                targets = [m for _, m in resolved]
+            matrices = self._attribute(targets, batches, **kwargs)
+        return {name: reduce_scores(matrix, self.reduction) for (name, _), matrix in zip(resolved, matrices)}
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _attribute(
+        self, modules: list[nn.Module], batches: Iterator[tuple[Any, Any]], **kwargs: Any
+    ) -> list[np.ndarray]:
+        """Return one ``(N, units)`` score matrix per evaluation module."""
+        raise NotImplementedError
+
+    def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
+        """Scores of a data-free metric, shape ``(units,)``."""
+        raise NotImplementedError
+
+    def _resolve(self, module: ModuleRef) -> tuple[str, nn.Module]:
+        """Dotted name and module object of a module reference."""
+        if isinstance(module, str):
+            try:
+                return module, self.model.get_submodule(module)
+            except AttributeError as exc:
+                raise ValueError(f"the model has no module named {module!r}") from exc
+        for name, m in self.model.named_modules():
+            if m is module:
+                return name, m
+        raise ValueError(f"{type(module).__name__} module is not part of the model")
+
+    def _n_batches(self) -> int | None:
+        try:
+            return len(self.data_generator)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def _batches(self) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(x, y)`` batches moved to the device; raise if there are none."""
+        empty = True
+        for batch in self.data_generator:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError("data_generator must yield (x, y) pairs")
+            empty = False
+            yield to_device(batch[0], self.device), to_device(batch[1], self.device)
+        if empty:
+            raise ValueError(
+                "data_generator yielded no batches (a generator object can be iterated only "
+                "once: pass a list, a DataLoader or an object whose __iter__ starts over)"
+            )
+
+    def _progress(self, total: int | None, unit: str = "batch") -> tqdm:
+        return tqdm(
+            total=total,
+            desc=type(self).__name__,
+            unit=unit,
+            disable=not self.progress,
+            leave=False,
+        )
+
+    def _find_evaluation_modules(self, modules: list[nn.Module], x: Any) -> list[nn.Module]:
+        """Follow the executed graph from each module past BatchNorm and element-wise activations.
+
+        One forward pass on ``x`` records every leaf module call in execution order; from the
+        module's output tensor we move to the single leaf module that consumes it if that is a
+        BatchNorm or an element-wise activation, and repeat.
+        """
+        recorder = _CallRecorder(self.model)
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            recorder.remove()
+        records = recorder.records
+        found = []
+        for module in modules:
+            idx = [i for i, (m, _, _) in enumerate(records) if m is module]
+            if len(idx) != 1:
+                logger.info("module called %d times; evaluation point not moved", len(idx))
+                found.append(module)
+                continue
+            i = idx[0]
+            current = module
+            while True:
+                out = records[i][2]
+                consumers = [j for j in range(i + 1, len(records)) if any(a is out for a in records[j][1])]
+                if len(consumers) != 1 or not isinstance(records[consumers[0]][0], PASS_THROUGH_TYPES):
+                    break
+                i = consumers[0]
+                current = records[i][0]
+            found.append(current)
+        return found
+
+
+class ActivationCapture:
+    """Forward hooks capturing the output of each evaluation module, once per forward pass.
+
+    With ``grad=True`` the captured output is made differentiable when nothing upstream is, and,
+    if ``clone`` is set, the module passes a copy downstream so that in-place operations after it
+    cannot alter the captured tensor.
+    """
+
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        on_output: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+        grad: bool = False,
+        clone: bool = False,
+    ) -> None:
+        self.outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+        self.versions: list[list[int]] = [[] for _ in modules]
+        self.grad = grad
+        self.clone = clone
+        self.on_output = on_output
+        self.handles = []
+        for i, m in enumerate(modules):
+            self.handles.append(m.register_forward_hook(self._make_hook(i)))
+
+    def _make_hook(self, i: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"attribution needs a module whose output is a tensor, "
+                    f"{type(module).__name__} returned {type(output).__name__}"
+                )
+            replaced = None
+            if self.grad and not output.requires_grad:
+                output = output.detach().requires_grad_()
+                replaced = output
+            self.outputs[i].append(output)
+            self.versions[i].append(output._version)
+            if self.on_output is not None:
+                self.on_output(i, output)
+            if self.clone:
+                return output.clone()
+            return replaced
+
+        return hook
+
+    def reset(self) -> None:
+        for o, v in zip(self.outputs, self.versions):
+            o.clear()
+            v.clear()
+
+    def single_outputs(self, modules: list[nn.Module]) -> list[torch.Tensor]:
+        """The one output of each module in the last pass; raise if a module ran != 1 times."""
+        result = []
+        for m, outs in zip(modules, self.outputs):
+            if len(outs) != 1:
+                raise ValueError(
+                    f"{type(m).__name__} module ran {len(outs)} times in one forward pass; "
+                    "attribution needs a module that runs exactly once"
+                )
+            result.append(outs[0])
+        return result
+
+    def modified_in_place(self) -> bool:
+        return any(o._version != v for outs, vs in zip(self.outputs, self.versions) for o, v in zip(outs, vs))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class ForwardAttributionMetric(AttributionMetric):
+    """A metric computed from the activations alone: one forward pass per batch, no gradient."""
+
+    def _unit_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-example scores ``(N, units)`` from the activation ``z``."""
+        raise NotImplementedError
+
+    def _attribute(
+        self, modules: list[nn.Module], batches: Iterator[tuple[Any, Any]], **kwargs: Any
+    ) -> list[np.ndarray]:
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
+        scores: list[list[torch.Tensor]] = [[] for _ in modules]
+        counts = [0] * len(modules)
+
+        # scores are computed inside the hook, before any in-place operation downstream
+        def on_output(i: int, z: torch.Tensor) -> None:
+            counts[i] += 1
+            scores[i].append(self._unit_scores(z.detach()).to("cpu", torch.float64))
+
+        capture = ActivationCapture(modules, on_output=on_output)
+        bar = self._progress(self._n_batches())
+        try:
+            with torch.no_grad(), bar:
+                for x, _ in batches:
+                    counts[:] = [0] * len(modules)
+                    self.model(x)
+                    for m, c in zip(modules, counts):
+                        if c != 1:
+                            raise ValueError(
+                                f"{type(m).__name__} module ran {c} times in one forward pass; "
+                                "attribution needs a module that runs exactly once"
+                            )
+                    capture.reset()
+                    bar.update(1)
+        finally:
+            capture.remove()
+        return [torch.cat(s).numpy() for s in scores]
+
+
+class GradientAttributionMetric(AttributionMetric):
+    """A metric computed from activations and per-example gradients of the loss.
+
+    Each batch takes one forward pass and one backward pass restricted to the activations
+    (``torch.autograd.grad`` of the sum of the per-example losses, so that every example gets the
+    gradient of its own loss and no parameter ``.grad`` is touched), for all modules at once.
+    """
+
+    def _unit_scores(self, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Per-example scores ``(N, units)`` from the activation and ``dL/dz``."""
+        raise NotImplementedError
+
+    def _attribute(
+        self, modules: list[nn.Module], batches: Iterator[tuple[Any, Any]], **kwargs: Any
+    ) -> list[np.ndarray]:
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
+        scores: list[list[torch.Tensor]] = [[] for _ in modules]
+        clone = False
+        capture = ActivationCapture(modules, grad=True)
+        bar = self._progress(self._n_batches())
+        try:
+            with torch.enable_grad(), bar:
+                for x, y in batches:
+                    while True:
+                        capture.reset()
+                        loss = per_example_loss(self.criterion, self.model(x), y)
+                        zs = capture.single_outputs(modules)
+                        if clone or not capture.modified_in_place():
+                            break
+                        # an in-place operation after a module altered its captured output:
+                        # from now on the module passes a copy downstream
+                        clone = capture.clone = True
+                    if loss.requires_grad:
+                        grads = torch.autograd.grad(loss.sum(), zs, allow_unused=True, materialize_grads=True)
+                    else:
+                        grads = tuple(torch.zeros_like(z) for z in zs)
+                    with torch.no_grad():
+                        for i, (z, g) in enumerate(zip(zs, grads)):
+                            scores[i].append(self._unit_scores(z, g).to("cpu", torch.float64))
+                    del loss, zs, grads
+                    capture.reset()
+                    bar.update(1)
+        finally:
+            capture.remove()
+        return [torch.cat(s).numpy() for s in scores]

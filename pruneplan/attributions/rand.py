@@ -1,0 +1,71 @@
+"""Random: uniform random scores, the baseline every criterion should beat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import ActivationCapture, AttributionMetric, Reduction, _with_shared_doc
+
+__all__ = ["RandomAttributionMetric"]
+
+
+@_with_shared_doc
+class RandomAttributionMetric(AttributionMetric):
+    """Scores drawn uniformly from [0, 1), reproducible with ``seed``.
+
+    The number of units comes from ``out_features`` / ``out_channels`` / ``num_features`` or
+    the weight; for other modules one forward pass on the first batch measures ``z.shape[1]``.
+    The result is a single row, so ``reduction="none"`` returns a ``(1, units)`` matrix.
+    ``find_best_evaluation_module`` is ignored.
+
+    Extra argument:
+        seed: seed of the numpy generator (``None``: fresh entropy). With a seed, every ``run``
+            call starts from the same generator state.
+    """
+
+    uses_data = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_generator: Iterable[Any],
+        criterion: Callable[..., torch.Tensor],
+        device: torch.device | str,
+        reduction: Reduction = "mean",
+        progress: bool = True,
+        seed: int | None = None,
+        **method_kwargs: Any,
+    ) -> None:
+        super().__init__(model, data_generator, criterion, device, reduction, progress, **method_kwargs)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def run_all(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """See :meth:`AttributionMetric.run_all`; a seeded metric restarts its generator."""
+        if self.seed is not None:
+            self._rng = np.random.default_rng(self.seed)
+        return super().run_all(*args, **kwargs)
+
+    def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
+        return self._rng.random(self._unit_count(module))
+
+    def _unit_count(self, module: nn.Module) -> int:
+        for attr in ("out_features", "out_channels", "num_features"):
+            n = getattr(module, attr, None)
+            if isinstance(n, int):
+                return n
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() > 0:
+            return int(weight.shape[0])
+        capture = ActivationCapture([module])
+        try:
+            with torch.no_grad():
+                self.model(next(self._batches())[0])
+            return int(capture.single_outputs([module])[0].shape[1])
+        finally:
+            capture.remove()
