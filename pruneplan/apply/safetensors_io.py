@@ -131,7 +131,7 @@ def write_safetensors(
             if list(t.shape) != list(shape) or _NAMES[t.dtype] != dtype:
                 raise WeightsFileError(f"internal: tensor {name!r} does not match its header")
             if t.numel():
-                out.write(memoryview(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()))
+                out.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def apply_to_safetensors(
