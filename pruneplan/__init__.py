@@ -31,6 +31,7 @@ from pruneplan.plan import (
     PrunePlan,
     TensorSlice,
     diff_plans,
+    json_schema,
 )
 from pruneplan.planner import plan_pruning
 
@@ -63,6 +64,7 @@ __all__ = [
     "apply_to_state_dict",
     "check_weights",
     "diff_plans",
+    "json_schema",
     "load_pruned",
     "plan_pruning",
 ]

@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 import pruneplan
-from pruneplan.errors import PlanError
-from pruneplan.plan import PrunePlan, json_schema
+from pruneplan import PlanError, PrunePlan, json_schema
 
 __all__ = ["cli", "main"]
 
@@ -117,9 +116,8 @@ def schema(output: Path | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        from pruneplan._io import atomic_write_bytes
-
-        atomic_write_bytes(output, text.encode("utf-8"))
+        with click.open_file(str(output), "w", encoding="utf-8", atomic=True) as fh:
+            fh.write(text)
         click.echo(f"wrote {output}")
 
 

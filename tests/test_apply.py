@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -123,7 +124,7 @@ def test_output_header_is_valid_safetensors(setup, tmp_path: Path) -> None:
     assert n % 8 == 0
     ends = sorted(e["data_offsets"] for k, e in header.items() if k != "__metadata__")
     assert ends[0][0] == 0 and ends[-1][1] == len(raw) - 8 - n  # contiguous to the end
-    assert all(a[1] == b[0] for a, b in zip(ends, ends[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ends))
 
 
 @pytest.mark.parametrize(

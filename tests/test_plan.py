@@ -183,9 +183,9 @@ def test_invalid_plans_are_rejected_with_the_field_named(case, mutate, message) 
 
 
 def test_malformed_json_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(PlanValidationError, match="plan is not valid JSON: .*line 1 column 2"):
+    with pytest.raises(PlanValidationError, match=r"plan is not valid JSON: .*line 1 column 2"):
         PrunePlan.from_json("{oops")
-    with pytest.raises(PlanValidationError, match="cannot read plan file .*nope.json"):
+    with pytest.raises(PlanValidationError, match=r"cannot read plan file .*nope\.json"):
         PrunePlan.load(tmp_path / "nope.json")
 
 

@@ -1,0 +1,106 @@
+"""The CLI through click's runner, and once through the installed entry point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import pruneplan as pp
+from pruneplan.cli import cli
+from pruneplan.plan import json_schema
+
+
+@pytest.fixture
+def files(tmp_path: Path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    plan = pp.plan_pruning(model, {"0": [0, 1, 2, 5]}, cascades={"0": ["1", "3"]})
+    weights = tmp_path / "net.safetensors"
+    save_file(model.state_dict(), str(weights))
+    return model, plan, plan.save(tmp_path / "plan.json"), weights
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_apply_default_output_and_force(files) -> None:
+    model, plan, plan_path, weights = files
+    result = run("apply", str(plan_path), str(weights))
+    out = weights.with_name("net.pruned.safetensors")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {out}\n"
+    expected = pp.apply_to_state_dict(plan, model.state_dict())
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # a second run refuses to overwrite, --force replaces
+    assert run("apply", str(plan_path), str(weights)).exit_code == 1
+    assert run("apply", str(plan_path), str(weights), "--force").exit_code == 0
+
+
+def test_validate(files) -> None:
+    _, plan, plan_path, weights = files
+    result = run("validate", str(plan_path), str(weights))
+    assert result.exit_code == 0
+    assert result.output == f"ok: 1 groups, digest {plan.digest()}; fits {weights}\n"
+
+
+def test_show_table(files) -> None:
+    _, _, plan_path, _ = files
+    result = run("show", str(plan_path))
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["group", "kept/size", "removed", "parameters"]
+    # removing 4 of 8 filters: conv0 4*3*3*3 + 4 bias, BN 4*4 (weight, bias, mean, var),
+    # conv3 inputs 4*4*3*3 -> 108 + 4 + 16 + 144 = 272
+    assert lines[1].split() == ["0", "4/8", "50.0%", "272"]
+    # touched tensors hold 8*27 + 8 + 4*8 + 4*8*9 = 544 scalars
+    assert lines[2].startswith("1 groups; 272 of 544 parameters in touched tensors removed (50.0%)")
+
+
+def test_diff_exit_status(files, tmp_path: Path) -> None:
+    model, _, plan_path, _ = files
+    other = pp.plan_pruning(model, {"0": [0, 1, 3]}, cascades={"0": ["1", "3"]}).save(tmp_path / "b.json")
+    same = run("diff", str(plan_path), str(plan_path))
+    assert same.exit_code == 0 and same.output == "plans are identical in what they prune\n"
+    result = run("diff", str(plan_path), str(other))
+    assert result.exit_code == 1
+    assert result.output == "0: -[2, 5] +[3]\n"
+
+
+def test_schema_command(tmp_path: Path) -> None:
+    result = run("schema")
+    assert result.exit_code == 0 and result.output == json_schema()
+    out = tmp_path / "s.json"
+    assert run("schema", "-o", str(out)).exit_code == 0
+    assert out.read_text() == json_schema()
+
+
+def test_usage_error_exits_2() -> None:
+    result = run("apply")
+    assert result.exit_code == 2
+    assert "Missing argument 'PLAN'" in result.output
+
+
+def test_installed_entry_point(files) -> None:
+    _, _, plan_path, weights = files
+    exe = shutil.which("pruneplan", path=str(Path(sys.executable).parent)) or shutil.which("pruneplan")
+    assert exe is not None, "the `pruneplan` console script is not installed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([exe, "apply", str(plan_path), str(weights)], capture_output=True, text=True,
+                        env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert Path(weights.with_name("net.pruned.safetensors")).stat().st_size > 0
+    bad = subprocess.run([exe, "show", str(weights)], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in bad.stderr
