@@ -149,3 +149,18 @@ def test_dropout2d_after_conv() -> None:
     m = nn.Sequential(nn.Conv2d(1, 5, 3), nn.ReLU(), nn.Dropout2d(0.2), nn.Conv2d(5, 2, 1))
     check(m, torch.randn(2, 1, 5, 5), {"0": [2]}, {"0": ["2", "3"]}, {"3": [2]})
     assert m[2].p == pytest.approx(0.2 * (1 - 1 / 5))
+
+
+def test_probe_pass_leaves_batchnorm_statistics_and_flags_alone() -> None:
+    # planning a Conv->BN->Flatten->Linear chain needs a probe pass; in train mode a forward
+    # would update running_mean/var and num_batches_tracked; the probe must not
+    torch.manual_seed(11)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
+    m.train()
+    m[2].eval()  # a mixed set of flags must come back as it was
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pp.plan_pruning(m, {"0": [1]}, example_inputs=torch.randn(3, 2, 5, 5), cascades={"0": ["1", "4"]})
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert int(after["1.num_batches_tracked"]) == 0
+    assert [mod.training for mod in m.modules()] == [True, True, True, False, True, True]
