@@ -237,7 +237,7 @@ class Pruner:
         if direction == "out" and not is_depthwise(m):
             size, slices, edits = root_slices(name, m)
         else:
-            if not isinstance(m, nn.Linear | CONV_TYPES | CONV_TRANSPOSE_TYPES):
+            if not isinstance(m, (nn.Linear, *CONV_TYPES, *CONV_TRANSPOSE_TYPES)):
                 raise PlanningError(
                     f"module {name!r} ({type(m).__name__}) cannot lose {direction}put units: "
                     "supported are Linear, Conv, ConvTranspose, norm layers and dropout"

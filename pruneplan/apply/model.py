@@ -124,7 +124,28 @@ def _stage(
                 f"model: dropout {mod_name!r} has rate {p!r}, the plan expects {before}"
             )
         staged.attrs.append((module, "p", after))
+    _check_flat_state(optimizer, [p for p, _, _ in staged.params])
     return staged
+
+
+def _check_flat_state(optimizer: torch.optim.Optimizer | None, pruned: list[nn.Parameter]) -> None:
+    """Refuse optimizers whose state spans all parameters at once (LBFGS), not per parameter.
+
+    LBFGS keeps flat vectors over every parameter (``d``, ``prev_flat_grad``, its history) under
+    the first one and caches the total size; pruning any of its parameters would only fail at
+    the next ``step()``.
+    """
+    if not isinstance(optimizer, torch.optim.LBFGS) or not pruned:
+        return
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in ids for p in pruned):
+        return
+    if any(optimizer.state.values()) or getattr(optimizer, "_numel_cache", None) is not None:
+        raise OptimizerStateError(
+            "optimizer LBFGS keeps flat state over all its parameters ('d', 'prev_flat_grad', "
+            "history): cannot slice it for a pruned parameter; prune before its first step or "
+            "build a new LBFGS after pruning"
+        )
 
 
 def _replace_data(p: nn.Parameter, data: torch.Tensor) -> None:
