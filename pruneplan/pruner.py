@@ -69,20 +69,20 @@ class Pruner:
         device: where the probe batch is created.
         optimizer: optional optimizer whose per-parameter state is sliced with the parameters.
         example_inputs: a probe batch to use instead of the zero batch (models with several
-            or non-float inputs).
+            or non-float inputs); ``input_size`` may then be ``None``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        input_size: Sequence[int],
+        input_size: Sequence[int] | None,
         device: torch.device | str,
         optimizer: torch.optim.Optimizer | None = None,
         *,
         example_inputs: Any = None,
     ) -> None:
         self.model = model
-        self.input_size = tuple(int(d) for d in input_size)
+        self.input_size = None if input_size is None else tuple(int(d) for d in input_size)
         self.device = torch.device(device)
         self.optimizer = optimizer
         self.example_inputs = example_inputs
@@ -219,6 +219,8 @@ class Pruner:
     def _example_inputs(self) -> Any:
         if self.example_inputs is not None:
             return self.example_inputs
+        if self.input_size is None:
+            return None  # the planner says so if a probe pass is needed
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         return torch.zeros((2, *self.input_size), dtype=dtype or torch.float32, device=self.device)
 

@@ -550,3 +550,16 @@ def test_save_empty_history(tmp_path):
     plan = PrunePlan.load(p.save_history(tmp_path / "h.json"))
     assert plan.groups == []
     apply_plan(model, plan)  # fits the model
+
+
+def test_example_inputs_instead_of_input_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    p = Pruner(model, None, CPU, example_inputs=torch.randn(1, 2, 4, 4))
+    plan = p.prune_model("0", [3], ["3"])
+    assert plan.removed_by_axis()[("3.weight", 1)] == [12, 13, 14, 15]  # 4 features per channel
+    no_probe = Pruner(model, None, CPU)
+    with pytest.raises(PlanningError, match="pass example_inputs"):
+        no_probe.prune_model("0", [0], ["3"])
+    no_probe.prune_model("0", [0], [])  # a cascade without Linear needs no probe
+    assert model[0].out_channels == 2
