@@ -1,0 +1,98 @@
+"""Build the graph IR with torch.fx: symbolic trace, then one execution to record shapes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from pruneplan.graph._ir import Graph, Node, Ref, is_leaf, meta_of, op_name
+
+__all__ = ["trace_fx"]
+
+log = logging.getLogger(__name__)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf(m)
+
+
+def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
+    """Trace ``model`` symbolically and execute the graph once on ``inputs``.
+
+    The caller puts the model in eval mode under no_grad. Raises whatever fx raises when the
+    model cannot be traced (Python control flow on tensor values, unsupported constructs).
+    """
+    graph = _Tracer().trace(model)
+    modules = dict(model.named_modules())
+    states = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    nodes: list[Node] = []
+    env: dict[fx.Node, Any] = {}
+    ref: dict[fx.Node, int] = {}
+    last_use: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        for a in n.all_input_nodes:
+            last_use[a] = n
+
+    def load(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda x: env[x])
+
+    def refs(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda x: Ref(ref[x]))
+
+    placeholders = 0
+    for n in graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        scope = next(reversed(stack.values()))[0] if stack else ""
+        if n.op == "placeholder":
+            if placeholders < len(inputs):
+                value = inputs[placeholders]
+            elif n.args:
+                value = n.args[0]
+            else:
+                raise TypeError(f"no example input for argument {n.target!r}")
+            placeholders += 1
+            node = Node(len(nodes), "input", str(n.target), meta=meta_of(value))
+        elif n.op == "get_attr":
+            value = _fetch(model, str(n.target))
+            key = states.get(id(value))
+            kind = "param" if key is not None else "const"
+            node = Node(len(nodes), kind, key or str(n.target), meta=meta_of(value), scope=scope)
+        elif n.op == "call_module":
+            m = modules[str(n.target)]
+            value = m(*load(n.args), **load(n.kwargs))
+            scope = str(n.target)
+            node = Node(len(nodes), "module", str(n.target), refs(n.args), refs(n.kwargs),
+                        meta_of(value), scope, m)
+        elif n.op == "call_function":
+            value = n.target(*load(n.args), **load(n.kwargs))
+            node = Node(len(nodes), "op", op_name(n.target), refs(n.args), refs(n.kwargs),
+                        meta_of(value), scope)
+        elif n.op == "call_method":
+            self_obj, *rest = load(n.args)
+            value = getattr(self_obj, str(n.target))(*rest, **load(n.kwargs))
+            node = Node(len(nodes), "op", op_name(str(n.target)), refs(n.args), refs(n.kwargs),
+                        meta_of(value), scope)
+        elif n.op == "output":
+            node = Node(len(nodes), "output", "output", refs(n.args), meta=None)
+            value = None
+        else:  # pragma: no cover - fx has no other opcodes
+            raise TypeError(f"unknown fx opcode {n.op!r}")
+        env[n] = value
+        ref[n] = node.idx
+        nodes.append(node)
+        for a in n.all_input_nodes:
+            if last_use.get(a) is n:
+                env[a] = None
+    log.debug("fx graph: %d nodes", len(nodes))
+    return Graph(nodes, "fx")
+
+
+def _fetch(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

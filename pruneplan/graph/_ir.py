@@ -1,0 +1,122 @@
+"""A small graph IR shared by the fx tracer and the recording tracer.
+
+Both tracers produce the same thing: a list of `Node` in execution (topological) order, whose
+arguments refer to earlier nodes through `Ref`. Every node carries the shape of the value it
+produced in the example pass (``torch.Size`` for a tensor, a list for a tuple/list of values,
+``None`` for anything else), so the analysis never needs to run the model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Graph", "Node", "Ref", "is_leaf", "meta_of", "op_name"]
+
+_REVERSED_OR_INPLACE = {
+    "radd": "add",
+    "iadd": "add",
+    "rsub": "sub",
+    "isub": "sub",
+    "rmul": "mul",
+    "imul": "mul",
+    "rtruediv": "truediv",
+    "itruediv": "truediv",
+    "rdiv": "div",
+    "idiv": "div",
+    "rfloordiv": "floordiv",
+    "ifloordiv": "floordiv",
+    "rpow": "pow",
+    "ipow": "pow",
+    "rmatmul": "matmul",
+    "imatmul": "matmul",
+    "iand": "and",
+    "ior": "or",
+}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the value produced by node ``node``."""
+
+    node: int
+
+
+@dataclass
+class Node:
+    """One executed operation.
+
+    Attributes:
+        idx: position in `Graph.nodes`.
+        kind: ``input``, ``param`` (a parameter/buffer of the model, ``target`` is its
+            state-dict key), ``const`` (any other tensor not produced by the graph),
+            ``module`` (a call of a leaf module, ``target`` is its path), ``op`` (a function or
+            method, ``target`` is its canonical name, see `op_name`) or ``output``.
+        args, kwargs: the call's arguments, with `Ref` in place of graph values.
+        meta: shape of the produced value (``torch.Size``), a list of metas, or ``None``.
+        scope: path of the innermost module whose ``forward`` executed the operation.
+        module: the called module for ``module`` nodes.
+    """
+
+    idx: int
+    kind: str
+    target: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    meta: Any = None
+    scope: str = ""
+    module: nn.Module | None = None
+
+    def where(self) -> str:
+        """A human description for messages: the op and the module path it ran in."""
+        if self.kind == "module":
+            return f"module {self.target!r} ({type(self.module).__name__})"
+        return f"operation {self.target!r} in module {self.scope or '<top level>'!r}"
+
+
+@dataclass
+class Graph:
+    """The executed graph: nodes in order, and which tracer produced it."""
+
+    nodes: list[Node]
+    source: str
+
+
+def op_name(target: Any) -> str:
+    """Canonical name of a function/method target shared by both tracers.
+
+    ``operator.add``, ``torch.add``, ``Tensor.add``, ``Tensor.__radd__``, ``Tensor.add_`` and the
+    fx method name ``"add"`` all become ``"add"``.
+    """
+    if isinstance(target, str):
+        name = target
+    else:
+        name = getattr(target, "__name__", None) or str(target)
+        if name == "__get__":  # a property getter such as Tensor.T
+            name = getattr(getattr(target, "__self__", None), "__name__", name)
+    if name.startswith("__") and name.endswith("__") and len(name) > 4:
+        name = name[2:-2]
+    name = _REVERSED_OR_INPLACE.get(name, name)
+    if name.endswith("_") and not name.startswith("_") and len(name) > 1:
+        name = name[:-1]
+    return name
+
+
+def meta_of(value: Any) -> Any:
+    """The shape meta of a runtime value (see `Node.meta`)."""
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if isinstance(value, tuple | list):
+        return [meta_of(v) for v in value]
+    return None
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """A module recorded as one node: a built-in ``torch.nn`` module that is not a container."""
+    mod = type(m).__module__
+    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
+        m, nn.Sequential | nn.ModuleList | nn.ModuleDict
+    )
