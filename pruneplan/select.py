@@ -1,0 +1,210 @@
+"""From scores to indices: which units of each group to remove, per layer or globally.
+
+Scores are "higher is more important": the lowest-scored units go. Ties are broken by unit
+index (then group name), so the same scores always give the same indices. This module knows
+nothing of torch: it works on numpy arrays and plain names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pruneplan.errors import PlanningError
+
+__all__ = ["aggregate_scores", "keep_count", "select_indices"]
+
+log = logging.getLogger(__name__)
+
+_NORMS = ("l2", "l1", "max", "none")
+_AGGREGATES = ("mean", "sum", "max")
+
+
+def select_indices(
+    scores: Mapping[str, Any],
+    ratio: float | Mapping[str, float],
+    scope: str = "layer",
+    round_to: int = 1,
+    min_keep: int = 1,
+    normalize: str | None = "l2",
+    groups: Mapping[str, Sequence[str]] | Iterable[Any] | None = None,
+    aggregate: str = "mean",
+) -> dict[str, list[int]]:
+    """Indices to remove per group, lowest scores first.
+
+    Args:
+        scores: group name -> one score per unit (array-like, higher = more important). With
+            ``groups``, keys may instead be member module names: the members' scores are
+            combined with ``aggregate``.
+        ratio: fraction of units to remove, in ``[0, 1)``: of every group (``scope="layer"``;
+            a mapping gives one ratio per group, missing groups keep everything) or of all units
+            together (``scope="global"``).
+        scope: ``"layer"`` or ``"global"``. Global ranking compares units across groups after
+            per-group normalisation, so a layer whose scores are large overall is not spared.
+        round_to: kept counts are rounded up to a multiple of this (8 for hardware-friendly
+            channel counts); a group too small for the next multiple keeps all its units.
+        min_keep: every group keeps at least this many units (and never loses all).
+        normalize: per-group scaling before the global ranking: divide by the ``"l2"`` norm,
+            the ``"l1"`` norm or the ``"max"`` absolute value; ``"none"``/``None`` keeps raw
+            scores. It does not change a per-layer selection.
+        groups: the coupled groups, as group name -> member names, or objects with ``name`` and
+            ``roots`` (what `prunable_groups` returns). Needed only when scores are per member.
+        aggregate: ``"mean"``, ``"sum"`` or ``"max"`` over a group's members.
+
+    Returns:
+        group name -> sorted indices to remove (groups that lose nothing are left out), ready
+        for `plan_pruning`.
+
+    Raises:
+        PlanningError: bad ratio/scope/options, non-finite scores, members of one group with
+            different unit counts.
+    """
+    if scope not in ("layer", "global"):
+        raise PlanningError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PlanningError(f"round_to must be a positive integer, got {round_to!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
+        raise PlanningError(f"min_keep must be a positive integer, got {min_keep!r}")
+    norm = "none" if normalize is None else normalize
+    if norm not in _NORMS:
+        raise PlanningError(f"normalize must be one of {_NORMS} or None, got {normalize!r}")
+    table = aggregate_scores(scores, groups, aggregate)
+    if scope == "global":
+        if isinstance(ratio, Mapping):
+            raise PlanningError("scope='global' takes one ratio for all groups, not a mapping")
+        _check_ratio(ratio, "ratio")
+        normed = {name: _normalize(s, norm) for name, s in table.items()}
+        counts = _global_counts(normed, ratio, min_keep, round_to)
+    else:
+        counts = {}
+        for name, s in table.items():
+            r = ratio.get(name, 0.0) if isinstance(ratio, Mapping) else ratio
+            _check_ratio(r, f"ratio for group {name!r}")
+            counts[name] = s.size - keep_count(s.size, s.size - math.floor(r * s.size + 1e-9),
+                                               round_to, min_keep)
+        if isinstance(ratio, Mapping):
+            unknown = sorted(set(ratio) - set(table))
+            if unknown:
+                raise PlanningError(f"ratio given for {unknown[0]!r}, which has no scores")
+        normed = table
+    out = {}
+    for name in sorted(table):
+        k = counts.get(name, 0)
+        if k > 0:
+            out[name] = sorted(_lowest(normed[name], k).tolist())
+    log.info("selected %d units in %d groups (%s scope)", sum(map(len, out.values())), len(out), scope)
+    return out
+
+
+def keep_count(size: int, wanted: int, round_to: int = 1, min_keep: int = 1) -> int:
+    """Units a group of ``size`` keeps when ``wanted`` should stay, after rounding and floors.
+
+    ``wanted`` is rounded up to a multiple of ``round_to`` and raised to ``min_keep``; the result
+    never exceeds ``size`` and is never 0.
+    """
+    kept = max(wanted, min_keep, 1)
+    kept = -(-kept // round_to) * round_to
+    return min(kept, size)
+
+
+def aggregate_scores(
+    scores: Mapping[str, Any],
+    groups: Mapping[str, Sequence[str]] | Iterable[Any] | None = None,
+    aggregate: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Group name -> one float score per unit, combining the members of coupled groups."""
+    if aggregate not in _AGGREGATES:
+        raise PlanningError(f"aggregate must be one of {_AGGREGATES}, got {aggregate!r}")
+    arrays = {str(k): _as_scores(k, v) for k, v in scores.items()}
+    if groups is None:
+        return arrays
+    members = _members(groups)
+    owner = {m: g for g, ms in members.items() for m in (g, *ms)}
+    unknown = sorted(k for k in arrays if k not in owner)
+    if unknown:
+        log.info("ignoring scores of %s: not in any prunable group", unknown)
+    out: dict[str, np.ndarray] = {}
+    for g, ms in members.items():
+        present = [m for m in dict.fromkeys((g, *ms)) if m in arrays]
+        if not present:
+            continue
+        sizes = {arrays[m].size for m in present}
+        if len(sizes) > 1:
+            detail = ", ".join(f"{m!r}: {arrays[m].size}" for m in present)
+            raise PlanningError(f"group {g!r}: members have different unit counts ({detail})")
+        stack = np.stack([arrays[m] for m in present])
+        out[g] = getattr(stack, aggregate)(axis=0)
+    return out
+
+
+def _members(groups: Mapping[str, Sequence[str]] | Iterable[Any]) -> dict[str, tuple[str, ...]]:
+    if isinstance(groups, Mapping):
+        return {str(g): tuple(ms) for g, ms in groups.items()}
+    out = {}
+    for g in groups:
+        name = getattr(g, "name", None)
+        if name is None:
+            raise PlanningError(f"groups must map names to members or have .name/.roots, got {g!r}")
+        out[name] = tuple(getattr(g, "roots", (name,)))
+    return out
+
+
+def _as_scores(name: Any, v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor, without importing torch
+        v = v.detach().cpu().numpy()
+    arr = np.asarray(v, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise PlanningError(f"scores for {name!r} must be a non-empty 1-D array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise PlanningError(f"scores for {name!r}: unit {bad} has a non-finite score {arr[bad]}")
+    return arr
+
+
+def _check_ratio(r: Any, what: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r < 1.0:
+        raise PlanningError(f"{what} must be a number in [0, 1), got {r!r}")
+
+
+def _normalize(s: np.ndarray, how: str) -> np.ndarray:
+    if how == "none":
+        return s
+    scale = {"l2": lambda: np.linalg.norm(s), "l1": lambda: np.abs(s).sum(),
+             "max": lambda: np.abs(s).max()}[how]()
+    return s / scale if scale > 0 else s
+
+
+def _lowest(s: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` lowest scores; ties go to the lower index."""
+    order = np.lexsort((np.arange(s.size), s))
+    return order[:k]
+
+
+def _global_counts(normed: Mapping[str, np.ndarray], ratio: float, min_keep: int,
+                   round_to: int) -> dict[str, int]:
+    """How many units each group loses under one global ranking."""
+    names = sorted(normed)
+    total = sum(normed[n].size for n in names)
+    target = math.floor(ratio * total + 1e-9)
+    if target == 0:
+        return {}
+    score = np.concatenate([normed[n] for n in names])
+    gidx = np.concatenate([np.full(normed[n].size, i) for i, n in enumerate(names)])
+    unit = np.concatenate([np.arange(normed[n].size) for n in names])
+    order = np.lexsort((unit, gidx, score))
+    limit = [normed[n].size - min(max(min_keep, 1), normed[n].size) for n in names]
+    taken = [0] * len(names)
+    left = target
+    for i in order:
+        if left == 0:
+            break
+        g = int(gidx[i])
+        if taken[g] < limit[g]:
+            taken[g] += 1
+            left -= 1
+    return {n: normed[n].size - keep_count(normed[n].size, normed[n].size - taken[i], round_to, min_keep)
+            for i, n in enumerate(names)}
