@@ -455,17 +455,18 @@ class ActivationCapture:
                     f"attribution needs a module whose output is a tensor, "
                     f"{type(module).__name__} returned {type(output).__name__}"
                 )
-            replaced = None
-            if self.grad and not output.requires_grad:
+            leaf = self.grad and not output.requires_grad
+            if leaf:
+                # nothing upstream is differentiable: differentiate with respect to a leaf
                 output = output.detach().requires_grad_()
-                replaced = output
             self.outputs[i].append(output)
             self.versions[i].append(output._version)
             if self.on_output is not None:
                 self.on_output(i, output)
-            if self.clone:
+            if self.clone or leaf:
+                # a copy downstream: in-place operations cannot touch the captured tensor
                 return output.clone()
-            return replaced
+            return None
 
         return hook
 

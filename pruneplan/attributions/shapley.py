@@ -367,7 +367,7 @@ class _FxEngine(_Engine):
                     torch.cumsum(cum, 0, out=cum)
                     if carry is not None:
                         cum += carry
-                    carry = cum[-1]
+                    carry = cum[-1].clone()  # cum is overwritten below
                     coal = torch.sub(base.unsqueeze(0), cum, out=cum)
                     out = sc.tail(
                         coal.reshape((u1 - u0) * b, *base.shape[1:]),
