@@ -563,3 +563,23 @@ def test_example_inputs_instead_of_input_size():
         no_probe.prune_model("0", [0], ["3"])
     no_probe.prune_model("0", [0], [])  # a cascade without Linear needs no probe
     assert model[0].out_channels == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pruneplan.graph.discover") is None,
+                    reason="automatic discovery not available")
+def test_discovered_cascades_match_explicit_ones():
+    def net() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(6 * 3 * 3, 8), nn.ReLU(), nn.Dropout(0.5),
+                             nn.Linear(8, 2))
+
+    explicit, found = net(), net()
+    pe, pf = Pruner(explicit, (1, 8, 8), CPU), Pruner(found, (1, 8, 8), CPU)
+    for root, idx, cascade in (("0", [1, 4], ["1", "5"]), ("5", [0, 7], ["7", "8"]), ("0", [0], ["1", "5"])):
+        a = pe.prune_model(root, idx, cascade)
+        b = pf.prune_model(root, idx, None)
+        assert a.groups == b.groups
+    for (k, v), w in zip(explicit.state_dict().items(), found.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert compose(pe.history).groups == compose(pf.history).groups
