@@ -706,16 +706,17 @@ class _Analyzer:
         return Lab(tuple(where[a] for a in x.axes), x.arr)
 
     def reduce(self, node: Node, x: Lab, nd: int) -> Any:
-        name = node.target
         dim = _arg(node, 1, "dim")
         keep = bool(_arg(node, 2, "keepdim", False))
         dims = set(range(nd)) if dim is None else {d % nd for d in ((dim,) if isinstance(dim, int)
                                                                      else dim)}
         tuple_out = isinstance(node.meta, list)
         if dims & set(x.axes):
-            if name in ("sum", "nansum") and set(x.axes) <= dims:
+            # a reduction over the channels ends them: its value is taken over the channels
+            # that remain (like a LayerNorm's statistics), whatever their number
+            if set(x.axes) <= dims:
                 return None
-            self.block(roots_of(x.arr), f"{node.where()} reduces over them")
+            self.block(roots_of(x.arr), f"{node.where()} reduces over part of their axes")
             return None
         lab = x if keep else Lab(tuple(a - sum(d < a for d in dims) for a in x.axes), x.arr)
         return [lab, lab] if tuple_out else lab

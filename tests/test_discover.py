@@ -1,0 +1,303 @@
+"""Discovery beyond the zoo: the fallback tracer, refusals, coupling errors and index mappings."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from zoo import ZOO
+
+from pruneplan.apply import apply_plan
+from pruneplan.errors import (
+    CoupledGroupError,
+    PlanningError,
+    PlanValidationError,
+    UnsupportedOperationError,
+)
+from pruneplan.graph.discover import build_graph, describe_groups, prunable_groups
+from pruneplan.planner import plan_pruning
+from pruneplan.select import select_indices
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _prune_and_run(model: nn.Module, removed: dict, x: torch.Tensor) -> tuple[nn.Module, object]:
+    plan = plan_pruning(model, removed, example_inputs=x)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    return pruned, plan
+
+
+# ---- fallback tracer -----------------------------------------------------------------------
+
+
+class ControlFlow(nn.Module):
+    """A branch on a tensor value: torch.fx cannot trace this, the recording tracer can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        if x.mean() > 0:  # data-dependent control flow
+            x = x + self.conv2(x)
+        for _ in range(int(x.shape[-1]) // 8):  # one 2x2 pool for an 8x8 input
+            x = F.max_pool2d(x, 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_fallback_tracer_handles_python_control_flow() -> None:
+    torch.manual_seed(0)
+    model, x = ControlFlow().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        build_graph(model, x, tracer="fx")
+    assert build_graph(model, x).source == "record"
+    groups = prunable_groups(model, x)
+    # conv1 and conv2 are summed (the branch ran: the mean after ReLU is positive); conv1's
+    # channels reach fc as 4x4 = 16 features each (channels-first flatten: repeat 16)
+    assert [(g.name, g.roots) for g in groups] == [("conv1", ("conv1", "conv2"))]
+    fc = next(s for s in groups[0].slices if s.tensor == "fc.weight")
+    assert (fc.axis, fc.repeat) == (1, 16)
+    pruned, _ = _prune_and_run(model, {"conv1": [1, 5]}, x)
+    assert pruned.fc.in_features == 6 * 16 and pruned.conv2.out_channels == 6
+    # residual-coupled, but only per-channel ops in between: zeroing channels 1 and 5 of the
+    # inputs of conv2 and of fc is equivalent
+    def zero(m, args):
+        y = args[0].clone()
+        if y.dim() == 4:
+            y[:, [1, 5]] = 0
+        else:
+            y.view(y.size(0), 8, 16)[:, [1, 5]] = 0
+        return (y,)
+
+    hs = [model.conv2.register_forward_pre_hook(zero), model.fc.register_forward_pre_hook(zero)]
+    with torch.no_grad():
+        masked = model(x)
+    for h in hs:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_discovery_leaves_the_model_as_it_was() -> None:
+    model = ZOO["resnet"].build().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prunable_groups(model, ZOO["resnet"].example(), tracer="record")
+    prunable_groups(model, ZOO["resnet"].example(), tracer="fx")
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+class UnknownOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.mix = CumMix()
+        self.head = nn.Conv2d(8, 4, 1)
+        self.side = nn.Conv2d(3, 6, 1)
+        self.side2 = nn.Conv2d(6, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.body(x))) + self.side2(self.side(x))
+
+
+class CumMix(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(x, dim=1)  # mixes channels: no rule for it
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_unknown_op_on_a_pruned_path_is_an_error_naming_op_and_module(tracer: str) -> None:
+    model, x = UnknownOp().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(UnsupportedOperationError) as err:
+        prunable_groups(model, x, tracer=tracer)
+    msg = str(err.value)
+    assert "operation 'cumsum' in module 'mix'" in msg and "'body.0'" in msg
+    with pytest.raises(UnsupportedOperationError, match="cumsum"):
+        plan_pruning(model, {"side": [0]}, example_inputs=x)
+    # on_unsupported="skip" lists the other groups and leaves body.0 out
+    groups = prunable_groups(model, x, tracer=tracer, on_unsupported="skip")
+    assert [g.name for g in groups] == ["side"]
+
+
+def test_coupled_roots_of_different_sizes_are_an_error() -> None:
+    class Unequal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+            self.c = nn.Conv2d(3, 8, 1)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # positions 0..3 hold unit u of both a (4 units) and c (8 units)
+            return self.head(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
+
+    with pytest.raises(UnsupportedOperationError) as err:
+        prunable_groups(Unequal(), torch.randn(1, 3, 4, 4))
+    assert "couples 'a' (4 units) with 'c' (8 units)" in str(err.value)
+    assert "operation 'add' in module '<top level>'" in str(err.value)
+
+
+def test_member_of_coupled_group_needs_the_group_name_or_expand() -> None:
+    entry = ZOO["resnet"]
+    model, x = entry.build(), entry.example()
+    with pytest.raises(CoupledGroupError) as err:
+        plan_pruning(model, {"layer1.0.conv2": [0, 3]}, example_inputs=x)
+    assert "'layer1.0.conv2' is coupled with ['conv1', 'layer1.0.conv2'] in group 'conv1'" in str(err.value)
+    plan = plan_pruning(model, {"layer1.0.conv2": [0, 3]}, example_inputs=x, couple="expand")
+    (g,) = plan.groups
+    assert g.name == "conv1" and g.removed == [0, 3]
+    # both roots lose the same output channels
+    assert plan.pruned_shapes()["conv1.weight"][0] == plan.pruned_shapes()["layer1.0.conv2.weight"][0] == 6
+
+
+def test_output_roots_only_with_include_output() -> None:
+    entry = ZOO["vgg_bn"]
+    model, x = entry.build(), entry.example()
+    names = [g.name for g in prunable_groups(model, x)]
+    assert "classifier.6" not in names
+    with_out = [g.name for g in prunable_groups(model, x, include_output=True)]
+    assert with_out == [*names, "classifier.6"]
+    with pytest.raises(PlanningError, match=r"'classifier\.6' is not a prunable group"):
+        plan_pruning(model, {"classifier.6": [0]}, example_inputs=x)
+
+
+def test_multihead_attention_blocks_the_width_it_reads() -> None:
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 16)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.proj(x)
+            h = self.mha(h, h, h, need_weights=False)[0]
+            return self.out(F.relu(self.fc(h)))
+
+    # MHA's packed in_proj needs embed_dim == query width: proj cannot shrink, fc can
+    groups = prunable_groups(WithMHA(), torch.randn(2, 5, 4))
+    assert [g.name for g in groups] == ["fc"]
+
+
+# ---- index mappings ------------------------------------------------------------------------
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x)).permute(0, 2, 3, 1)  # NHWC
+        return self.out(F.relu(self.fc(x.flatten(1))))
+
+
+def test_channels_last_flatten_maps_to_tiles() -> None:
+    model, x = ChannelsLast().eval(), torch.randn(2, 3, 3, 3)
+    g = prunable_groups(model, x)[0]
+    fc = next(s for s in g.slices if s.tensor == "fc.weight")
+    # channel c of a 3x3 NHWC map sits at features c, c + 4, ..., c + 8 * 4
+    assert (fc.axis, fc.offset, fc.repeat, fc.tiles, fc.tile_stride) == (1, 0, 1, 9, 4)
+    edit = next(e for e in g.edits if e.module == "fc")
+    assert (edit.attribute, edit.per_unit) == ("in_features", 9)
+    pruned, _ = _prune_and_run(model, {"conv": [2]}, x)
+    keep = [f for f in range(36) if f % 4 != 2]
+    torch.testing.assert_close(pruned.fc.weight, model.fc.weight[:, keep])
+
+
+def test_channel_shuffle_gives_interleaved_positions() -> None:
+    entry = ZOO["shufflenet_v2"]
+    groups = {g.name: g for g in prunable_groups(entry.build(), entry.example())}
+    g = groups["stage.2.branch1.1.0"]
+    conv5 = next(s for s in g.slices if s.tensor == "conv5.0.weight")
+    # cat(branch1, branch2) then shuffle(2): unit u of both branches lands at 2u and 2u + 1
+    assert (conv5.axis, conv5.repeat) == (1, 2)
+
+
+def test_grouped_conv_input_uses_modulo_and_refuses_uneven_removal() -> None:
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.g = nn.Conv2d(8, 6, 3, groups=2)
+            self.head = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.relu(self.g(F.relu(self.a(x)))))
+
+    model, x = Grouped().eval(), torch.randn(1, 3, 6, 6)
+    groups = {g.name: g for g in prunable_groups(model, x)}
+    assert list(groups) == ["a"]  # a grouped conv's outputs are tied to its inputs
+    s = next(s for s in groups["a"].slices if s.tensor == "g.weight")
+    assert (s.axis, s.modulo) == (1, 4)
+    # the same local position in both blocks of 4: valid, in_channels drops 8 -> 6
+    pruned, _ = _prune_and_run(model, {"a": [1, 5]}, x)
+    assert pruned.g.weight.shape[1] == 3 and pruned.g.in_channels == 6
+    with pytest.raises(PlanValidationError, match="every block must lose the same ones"):
+        plan_pruning(model, {"a": [1, 2]}, example_inputs=x)
+
+
+def test_layer_scale_and_position_parameters_are_sliced() -> None:
+    for name, key, axis in (("convnext", "blocks.0.gamma", 0), ("transformer", "pos", 2)):
+        entry = ZOO[name]
+        g = prunable_groups(entry.build(), entry.example())[0]
+        assert any(s.tensor == key and s.axis == axis for s in g.slices), name
+
+
+def test_scores_to_plan_end_to_end() -> None:
+    entry = ZOO["resnet"]
+    model, x = entry.build(), entry.example()
+    groups = prunable_groups(model, x)
+    modules = dict(model.named_modules())
+    # L1 norm of each root's output filters, per member module; coupled members are averaged
+    scores = {r: modules[r].weight.detach().abs().flatten(1).sum(1).numpy()
+              for g in groups for r in g.roots}
+    removed = select_indices(scores, 0.5, scope="global", round_to=2, groups=groups)
+    assert set(removed) <= {g.name for g in groups}
+    _, plan = _prune_and_run(model, removed, x)
+    sizes = {g.name: g.size for g in groups}
+    assert all((sizes[g.name] - len(g.removed)) % 2 == 0 for g in plan.groups)
+    assert sum(len(v) for v in removed.values()) > 0
+
+
+def test_describe_groups_lists_names_sizes_roots() -> None:
+    entry = ZOO["resnet"]
+    text = describe_groups(prunable_groups(entry.build(), entry.example()))
+    lines = text.splitlines()
+    assert lines[0].split() == ["group", "size", "tensors", "roots"]
+    assert lines[1].split()[:2] == ["conv1", "8"] and lines[1].endswith("conv1, layer1.0.conv2")
+    assert len(lines) == 1 + 9
+
+
+def test_groups_are_deterministic_across_tracers_and_runs() -> None:
+    for name in ("densenet", "efficientnet"):
+        entry = ZOO[name]
+        model, x = entry.build(), entry.example()
+        a = prunable_groups(model, x)
+        assert prunable_groups(model, x) == a == prunable_groups(model, x, tracer="record")
+        assert np.all([g.size > 0 for g in a])
