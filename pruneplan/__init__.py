@@ -7,6 +7,7 @@ from pruneplan.apply import (
     check_weights,
     load_pruned,
 )
+from pruneplan.compose import compose
 from pruneplan.errors import (
     CoupledGroupError,
     OptimizerStateError,
@@ -63,6 +64,7 @@ __all__ = [
     "apply_to_safetensors",
     "apply_to_state_dict",
     "check_weights",
+    "compose",
     "diff_plans",
     "json_schema",
     "load_pruned",

@@ -40,6 +40,8 @@ def forbidden(path: Path, prefixes: tuple[str, ...]) -> list[str]:
 
 RULES = [
     ("plan.py", ("torch", "numpy", "safetensors")),
+    ("compose.py", ("torch", "numpy", "safetensors", "pruneplan.graph", "pruneplan.apply",
+                    "pruneplan.planner")),
     ("errors.py", ("torch", "numpy", "pydantic", "pruneplan.")),
     ("attributions", ("pruneplan.plan", "pruneplan.planner", "pruneplan.apply", "pruneplan.graph",
                       "pruneplan.select", "pruneplan.pruner", "pruneplan.cli")),
