@@ -19,6 +19,7 @@ from pruneplan.errors import (
     UnsupportedOperationError,
     WeightsFileError,
 )
+from pruneplan.graph.discover import prunable_groups
 from pruneplan.plan import (
     FORMAT,
     VERSION,
@@ -35,6 +36,7 @@ from pruneplan.plan import (
     json_schema,
 )
 from pruneplan.planner import plan_pruning
+from pruneplan.select import select_indices
 
 __version__ = "0.1.0"
 
@@ -69,4 +71,6 @@ __all__ = [
     "json_schema",
     "load_pruned",
     "plan_pruning",
+    "prunable_groups",
+    "select_indices",
 ]

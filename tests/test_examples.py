@@ -1,4 +1,4 @@
-"""Every example runs end to end (fast settings) and prints what it promises."""
+"""Every example runs end to end (fast settings) and produces what it promises."""
 
 from __future__ import annotations
 
@@ -14,16 +14,29 @@ import pruneplan as pp
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_example(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
-def test_demo_runs_and_writes_its_outputs(tmp_path: Path) -> None:
+def test_demo_quick(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "pruned file loaded into a fresh model == live-pruned model: True" in result.stdout
-    plan = pp.PrunePlan.load(out / "plan.json")
-    # the demo removes half the units of each of its three roots
-    assert [(g.name, g.size, len(g.removed)) for g in plan.groups] == [("0", 32, 16), ("10", 128, 64), ("4", 64, 32)]
+    result = run_example("demo.py", "--out", str(out), "--quick")
+    assert "CLI-pruned file loaded into a fresh model == live-pruned model: True" in result.stdout
+    rows = (out / "results.txt").read_text().splitlines()[2:]
+    # the unpruned baseline + six metrics at the one quick ratio
+    assert [r.split()[0] for r in rows] == ["none", "random", "weight_norm", "apoz", "sensitivity",
+                                             "taylor", "shapley"]
+    params = {int(r.split()[4].replace(",", "")) for r in rows[1:]}
+    assert len(params) == 1 and params.pop() < int(rows[0].split()[4].replace(",", ""))
+    assert (out / "accuracy_vs_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = pp.PrunePlan.load(out / "plans" / "taylor_50.json")
+    assert plan.provenance.metric == "taylor"
+    # half of each group: conv 16 -> 8, conv 32 -> 16, linear 64 -> 32
+    assert [(g.name, g.size, len(g.removed)) for g in plan.groups] == [("0", 16, 8), ("3", 32, 16), ("9", 64, 32)]
     with safe_open(str(out / "model.pruned.safetensors"), framework="pt") as f:
         assert f.metadata()["pruneplan.plan_digest"] == plan.digest()
-        assert f.get_slice("10.weight").get_shape() == [64, 32 * 8 * 8]
+        assert f.get_slice("9.weight").get_shape() == [32, 16 * 4 * 4]
