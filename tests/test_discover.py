@@ -301,3 +301,32 @@ def test_groups_are_deterministic_across_tracers_and_runs() -> None:
         a = prunable_groups(model, x)
         assert prunable_groups(model, x) == a == prunable_groups(model, x, tracer="record")
         assert np.all([g.size > 0 for g in a])
+
+
+def test_width_used_as_a_fixed_size_blocks_the_group_in_fx_graphs() -> None:
+    class FixedWidth(nn.Module):
+        """Attention-style code reading the residual width with ``x.shape`` and reusing it
+        for a tensor that does not carry those channels (``reshape(b, t, d)``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.v = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            b, t, d = x.shape
+            y = self.v(x).view(b, t, 2, -1).transpose(1, 2)  # heads: v is not prunable
+            y = y.transpose(1, 2).reshape(b, t, d)  # d: the *residual* width, fixed
+            return self.head(x + self.out(y))
+
+    model, x = FixedWidth().eval(), torch.randn(2, 5, 4)
+    # fx sees that d comes from embed's channels: the residual group (embed, out) is refused
+    assert prunable_groups(model, x, tracer="fx") == []
+    # a width that lands on the axis holding those channels is fine (channel shuffle's
+    # view(b, groups, c // groups, h, w), the VGG flatten view(b, c * h * w))
+    entry = ZOO["shufflenet_v2"]
+    names = [g.name for g in prunable_groups(entry.build(), entry.example(), tracer="fx")]
+    assert "stage.2.branch1.1.0" in names

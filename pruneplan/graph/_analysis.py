@@ -107,6 +107,26 @@ _BLOCK_OPS = {"matmul", "mm", "bmm", "einsum", "baddbmm", "addmm", "addbmm", "li
               "cosine_similarity", "normalize"}
 
 
+@dataclass(frozen=True)
+class _Dim:
+    """A Python int (fx graphs only) that is the width of labelled channels of ``roots``."""
+
+    roots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """``x.shape`` / ``x.size()`` of a labelled tensor (fx graphs only)."""
+
+    lab: Lab
+    ndim: int
+
+
+_ARITH = {"add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow"}
+_SHAPED = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
+_CREATE = {"zeros", "ones", "empty", "full", "rand", "randn"}
+
+
 @dataclass
 class _Root:
     idx: int
@@ -210,7 +230,7 @@ class _Analyzer:
 
     def _filter(self, v: Any) -> Any:
         if isinstance(v, Lab):
-            rs = roots_of(v.arr)
+            rs = v.roots
             bad = [r for r in rs if self.uf.is_blocked(r)]
             if len(bad) == len(rs):
                 return None
@@ -221,6 +241,12 @@ class _Analyzer:
             return Lab(v.axes, arr)
         if isinstance(v, list):
             return [self._filter(x) for x in v]
+        if isinstance(v, _Dim):
+            rs = tuple(r for r in v.roots if not self.uf.is_blocked(r))
+            return _Dim(rs) if rs else None
+        if isinstance(v, _Sizes):
+            lab = self._filter(v.lab)
+            return _Sizes(lab, v.ndim) if lab is not None else None
         return v
 
     def meta(self, ref: Any) -> Any:
@@ -230,7 +256,7 @@ class _Analyzer:
         out: set[int] = set()
         for i in infos:
             if isinstance(i, Lab):
-                out.update(roots_of(i.arr))
+                out.update(i.roots)
             elif isinstance(i, list):
                 out.update(self.labeled_roots(i))
         return sorted(out)
@@ -285,7 +311,7 @@ class _Analyzer:
             if isinstance(info, Lab):
                 lab = info.shifted(shift)
                 if any(out[a] != lab.arr.shape[k] for k, a in enumerate(lab.axes)):
-                    self.block(roots_of(lab.arr), f"broadcast across channels at {node.where()}")
+                    self.block(lab.roots, f"broadcast across channels at {node.where()}")
                     continue
                 labs.append(lab)
             else:
@@ -363,11 +389,11 @@ class _Analyzer:
     def consume(self, node: Node, lab: Lab, axis: int) -> Lab | None:
         """``node``'s module reads the labels on ``axis``; returns output labels (depthwise)."""
         if lab.axes != (axis,):
-            self.block(roots_of(lab.arr), f"{node.where()} reads them on other axes")
+            self.block(lab.roots, f"{node.where()} reads them on other axes")
             return None
         m = node.module
         out_labs = lab.arr
-        for r in roots_of(lab.arr):
+        for r in lab.roots:
             st = self.stream(lab.arr, r, node)
             if st is None:
                 continue
@@ -387,7 +413,7 @@ class _Analyzer:
 
     def norm(self, node: Node, lab: Lab) -> None:
         m = node.module
-        for r in roots_of(lab.arr):
+        for r in lab.roots:
             st = self.stream(lab.arr, r, node)
             if st is None:
                 continue
@@ -415,7 +441,7 @@ class _Analyzer:
                     self.consume(node, x, last)
                     return out
                 if out is not None:
-                    self.block(roots_of(out.arr), f"{node.where()} is applied along another "
+                    self.block(out.roots, f"{node.where()} is applied along another "
                                "labelled axis")
                 return x
             return out
@@ -433,7 +459,7 @@ class _Analyzer:
             return out
         if isinstance(m, nn.Embedding):
             if isinstance(x, Lab):
-                self.error(node, roots_of(x.arr), "receives labelled indices")
+                self.error(node, x.roots, "receives labelled indices")
             return self.new_root(node, axis_last=True)
         labeled = self.labeled_roots(infos)
         if not labeled:
@@ -451,18 +477,18 @@ class _Analyzer:
                 if not dims & set(x.axes):
                     return x
                 if x.axes != (nd - 1,) or len(m.normalized_shape) != 1:
-                    self.block(roots_of(x.arr), f"{node.where()} normalises over more axes")
+                    self.block(x.roots, f"{node.where()} normalises over more axes")
                     return None
             else:
                 if 1 not in x.axes:
                     return x
                 if x.axes != (1,):
-                    self.block(roots_of(x.arr), f"{node.where()} sees them on other axes")
+                    self.block(x.roots, f"{node.where()} sees them on other axes")
                     return None
             self.norm(node, x)
             return x
         if isinstance(m, DROPOUT_TYPES):
-            rs = roots_of(x.arr)
+            rs = x.roots
             if len(rs) == 1 and (x.arr >= 0).all():
                 self.effect(rs[0], node, DropoutSpec(node.target, float(m.p)))
             return x
@@ -470,9 +496,9 @@ class _Analyzer:
             if m.num_parameters == 1 or 1 not in x.axes:
                 return x
             if x.axes != (1,):
-                self.block(roots_of(x.arr), f"{node.where()} sees them on other axes")
+                self.block(x.roots, f"{node.where()} sees them on other axes")
                 return None
-            for r in roots_of(x.arr):
+            for r in x.roots:
                 st = self.stream(x.arr, r, node)
                 if st is not None:
                     self.effect(r, node, st.slice(f"{node.target}.weight", 0))
@@ -484,13 +510,13 @@ class _Analyzer:
         if isinstance(m, nn.Softmax | nn.LogSoftmax | nn.Softmin):
             dim = m.dim if m.dim is not None else (0 if nd in (0, 1, 3) else 1)
             if dim % nd in x.axes:
-                self.block(roots_of(x.arr), f"{node.where()} normalises over them")
+                self.block(x.roots, f"{node.where()} normalises over them")
                 return None
             return x
         if isinstance(m, _POOLS):
             k = _spatial_dims(type(m).__name__, nd)
             if set(x.axes) & set(range(nd - k, nd)):
-                self.block(roots_of(x.arr), f"{node.where()} mixes them spatially")
+                self.block(x.roots, f"{node.where()} mixes them spatially")
                 return None
             return x
         if isinstance(m, nn.Flatten | nn.Unflatten):
@@ -498,16 +524,60 @@ class _Analyzer:
         if isinstance(m, nn.ChannelShuffle):
             return self.shuffle(node, x, m.groups)
         if isinstance(m, _BLOCKING):
-            self.block(roots_of(x.arr), f"they reach {node.where()}")
+            self.block(x.roots, f"they reach {node.where()}")
             return None
-        self.error(node, roots_of(x.arr), "is not a module pruneplan knows how to follow")
+        self.error(node, x.roots, "is not a module pruneplan knows how to follow")
         return None
 
     # ---- operations ----------------------------------------------------------------------
 
     def op(self, node: Node) -> Any:
+        size = self.sizes(node)
+        if size is not None:
+            return size
         if not _tensorish(node.meta):
             return None
+        out = self.op_tensor(node)
+        if node.target in _SHAPED or node.target in _CREATE:
+            self.check_widths(node, out)
+        return out
+
+    def sizes(self, node: Node) -> _Dim | _Sizes | None:
+        """Track channel widths read as Python ints (fx keeps them as graph values)."""
+        name = node.target
+        src = node.args[0] if node.args else None
+        x = self.read(src)
+        if name == "getattr" and len(node.args) > 1 and node.args[1] == "shape" and isinstance(x, Lab):
+            return _Sizes(x, len(self.meta(src)))
+        if name == "size" and isinstance(x, Lab):
+            dim = _arg(node, 1, "dim")
+            if dim is None:
+                return _Sizes(x, len(self.meta(src)))
+            d = dim % len(self.meta(src))
+            return _Dim(tuple(x.roots)) if d in x.axes else None
+        if name == "getitem" and isinstance(x, _Sizes) and isinstance(node.args[1], int):
+            d = node.args[1] % x.ndim
+            return _Dim(tuple(x.lab.roots)) if d in x.lab.axes else None
+        if name in _ARITH:
+            dims = [i for i in (self.read(r) for r in _refs(node.args)) if isinstance(i, _Dim)]
+            if dims and not _tensorish(node.meta):
+                return _Dim(tuple(sorted({r for d in dims for r in d.roots})))
+        return None
+
+    def check_widths(self, node: Node, out: Any) -> None:
+        """A channel width used as a fixed size must land on an axis carrying those channels."""
+        args = node.args[1:] if node.target in _SHAPED else node.args
+        if len(args) == 1 and isinstance(args[0], tuple | list):
+            args = args[0]
+        for i, a in enumerate(args):
+            dim = self.read(a)
+            if not isinstance(dim, _Dim):
+                continue
+            ok = isinstance(out, Lab) and i in out.axes and set(dim.roots) <= set(out.roots)
+            if not ok:
+                self.block(list(dim.roots), f"their width is used as a fixed size at {node.where()}")
+
+    def op_tensor(self, node: Node) -> Any:
         name = node.target
         src = node.args[0] if node.args else None
         if name == "getitem" and isinstance(self.meta(src), list):
@@ -540,14 +610,14 @@ class _Analyzer:
         if name in _PERMUTE:
             perm = _permutation(node, nd)
             if perm is None:
-                self.error(node, roots_of(x.arr), "permutes them in a way pruneplan cannot read")
+                self.error(node, x.roots, "permutes them in a way pruneplan cannot read")
                 return None
             return canon(tuple(perm.index(a) for a in x.axes), x.arr)
         if name in _EXPAND:
             out = node.meta
             lab = x.shifted(len(out) - nd)
             if any(out[a] != lab.arr.shape[k] for k, a in enumerate(lab.axes)):
-                self.block(roots_of(x.arr), f"repeated along their axis at {node.where()}")
+                self.block(x.roots, f"repeated along their axis at {node.where()}")
                 return None
             return lab
         if name in ("cat", "concat", "concatenate"):
@@ -561,13 +631,13 @@ class _Analyzer:
         if name in ("softmax", "log_softmax", "softmin"):
             dim = _arg(node, 1, "dim")
             if dim is None or dim % nd in x.axes:
-                self.block(roots_of(x.arr), f"{node.where()} normalises over them")
+                self.block(x.roots, f"{node.where()} normalises over them")
                 return None
             return x
         k = _spatial_op(name, node, nd)
         if k is not None:
             if set(x.axes) & set(range(nd - k, nd)):
-                self.block(roots_of(x.arr), f"{node.where()} acts on their axis")
+                self.block(x.roots, f"{node.where()} acts on their axis")
                 return None
             return [x, x] if isinstance(node.meta, list) else x
         if name in ("layer_norm", "group_norm", "batch_norm", "instance_norm", "local_response_norm"):
@@ -576,14 +646,14 @@ class _Analyzer:
             else:
                 dims = {1}
             if dims & set(x.axes):
-                self.block(roots_of(x.arr), f"{node.where()} normalises over them")
+                self.block(x.roots, f"{node.where()} normalises over them")
                 return None
             return x
         if name in ("flip", "roll"):
             dims = _arg(node, 1 if name == "flip" else 2, "dims")
             dims = {d % nd for d in ((dims,) if isinstance(dims, int) else (dims or range(nd)))}
             if dims & set(x.axes):
-                self.error(node, roots_of(x.arr), "reorders them")
+                self.error(node, x.roots, "reorders them")
                 return None
             return x
         if name in _BLOCK_OPS:
@@ -596,11 +666,11 @@ class _Analyzer:
     def reshape(self, node: Node, x: Lab, a: Any, b: Any) -> Lab | None:
         groups = reshape_groups(tuple(a), tuple(b)) if isinstance(b, torch.Size) else None
         if groups is None:
-            self.error(node, roots_of(x.arr), "reshapes them in a way pruneplan cannot read")
+            self.error(node, x.roots, "reshapes them in a way pruneplan cannot read")
             return None
         hit = [g for g in groups if set(g[0]) & set(x.axes)]
         if len(hit) != 1:
-            self.block(roots_of(x.arr), f"{node.where()} reshapes them across separate axes")
+            self.block(x.roots, f"{node.where()} reshapes them across separate axes")
             return None
         gi, go = hit[0]
         sub_in = [a[d] for d in gi]
@@ -613,7 +683,7 @@ class _Analyzer:
         g = g[tuple(slice(None) if k in keep else 0 for k in range(len(go)))]
         axes = tuple(go[k] for k in keep)
         if not axes:
-            self.block(roots_of(x.arr), f"{node.where()} reshapes them away")
+            self.block(x.roots, f"{node.where()} reshapes them away")
             return None
         if len(axes) > 1:
             rows = g.reshape(-1, g.shape[-1])
@@ -623,7 +693,7 @@ class _Analyzer:
 
     def shuffle(self, node: Node, x: Lab, groups: int) -> Lab | None:
         if x.axes != (1,):
-            self.block(roots_of(x.arr), f"{node.where()} shuffles other axes")
+            self.block(x.roots, f"{node.where()} shuffles other axes")
             return None
         g = x.arr.reshape(groups, -1)
         for i in range(1, groups):
@@ -666,7 +736,7 @@ class _Analyzer:
         fixed = name in ("unbind", "split_with_sizes", "split") or (
             name == "tensor_split" and not isinstance(how, int))
         if x.axes != (dim,) or fixed or len(set(sizes)) != 1:
-            self.block(roots_of(x.arr), f"{node.where()} splits them into fixed-size parts")
+            self.block(x.roots, f"{node.where()} splits them into fixed-size parts")
             return None
         rows = x.arr.reshape(len(sizes), -1)
         for i in range(1, len(sizes)):
@@ -677,7 +747,7 @@ class _Analyzer:
         idx = node.args[1]
         items = list(idx) if isinstance(idx, tuple) else [idx]
         if any(not (it is None or it is Ellipsis or isinstance(it, int | slice)) for it in items):
-            self.error(node, roots_of(x.arr), "indexes them with tensors")
+            self.error(node, x.roots, "indexes them with tensors")
             return None
         nd = len(xmeta)
         used = sum(1 for it in items if it is not None and it is not Ellipsis)
@@ -693,12 +763,12 @@ class _Analyzer:
                 continue
             if isinstance(it, int):
                 if i in x.axes:
-                    self.block(roots_of(x.arr), f"{node.where()} picks single positions")
+                    self.block(x.roots, f"{node.where()} picks single positions")
                     return None
                 i += 1
                 continue
             if i in x.axes and list(range(xmeta[i])[it]) != list(range(xmeta[i])):
-                self.block(roots_of(x.arr), f"{node.where()} slices their axis")
+                self.block(x.roots, f"{node.where()} slices their axis")
                 return None
             where[i] = o
             i += 1
@@ -716,7 +786,7 @@ class _Analyzer:
             # that remain (like a LayerNorm's statistics), whatever their number
             if set(x.axes) <= dims:
                 return None
-            self.block(roots_of(x.arr), f"{node.where()} reduces over part of their axes")
+            self.block(x.roots, f"{node.where()} reduces over part of their axes")
             return None
         lab = x if keep else Lab(tuple(a - sum(d < a for d in dims) for a in x.axes), x.arr)
         return [lab, lab] if tuple_out else lab

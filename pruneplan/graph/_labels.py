@@ -8,6 +8,7 @@ the graph and reads them at every layer that owns a tensor slice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -26,6 +27,11 @@ class Lab:
 
     axes: tuple[int, ...]
     arr: np.ndarray
+
+    @cached_property
+    def roots(self) -> list[int]:
+        """Root indices present (computed once)."""
+        return roots_of(self.arr)
 
     def shifted(self, by: int) -> Lab:
         """The same labels with every axis moved by ``by`` (leading dims added/removed)."""
