@@ -20,7 +20,7 @@ __all__ = ["aggregate_scores", "keep_count", "select_indices"]
 
 log = logging.getLogger(__name__)
 
-_NORMS = ("l2", "l1", "max", "none")
+_NORMS = ("mean", "l2", "l1", "max", "none")
 _AGGREGATES = ("mean", "sum", "max")
 
 
@@ -30,7 +30,7 @@ def select_indices(
     scope: str = "layer",
     round_to: int = 1,
     min_keep: int = 1,
-    normalize: str | None = "l2",
+    normalize: str | None = "mean",
     groups: Mapping[str, Sequence[str]] | Iterable[Any] | None = None,
     aggregate: str = "mean",
 ) -> dict[str, list[int]]:
@@ -48,9 +48,11 @@ def select_indices(
         round_to: kept counts are rounded up to a multiple of this (8 for hardware-friendly
             channel counts); a group too small for the next multiple keeps all its units.
         min_keep: every group keeps at least this many units (and never loses all).
-        normalize: per-group scaling before the global ranking: divide by the ``"l2"`` norm,
-            the ``"l1"`` norm or the ``"max"`` absolute value; ``"none"``/``None`` keeps raw
-            scores. It does not change a per-layer selection.
+        normalize: per-group scaling before the global ranking: divide by the ``"mean"``
+            absolute score (the default: a typical unit scores 1 in every group, whatever its
+            size), the ``"l2"`` norm, the ``"l1"`` norm or the ``"max"`` absolute value;
+            ``"none"``/``None`` keeps raw scores. The norms grow with the group size, so with
+            ``"l2"``/``"l1"`` large groups lose more. It does not change a per-layer selection.
         groups: the coupled groups, as group name -> member names, or objects with ``name`` and
             ``roots`` (what `prunable_groups` returns). Needed only when scores are per member.
         aggregate: ``"mean"``, ``"sum"`` or ``"max"`` over a group's members.
@@ -173,7 +175,7 @@ def _check_ratio(r: Any, what: str) -> None:
 def _normalize(s: np.ndarray, how: str) -> np.ndarray:
     if how == "none":
         return s
-    scale = {"l2": lambda: np.linalg.norm(s), "l1": lambda: np.abs(s).sum(),
+    scale = {"mean": lambda: np.abs(s).mean(), "l2": lambda: np.linalg.norm(s), "l1": lambda: np.abs(s).sum(),
              "max": lambda: np.abs(s).max()}[how]()
     return s / scale if scale > 0 else s
 

@@ -330,3 +330,49 @@ def test_width_used_as_a_fixed_size_blocks_the_group_in_fx_graphs() -> None:
     entry = ZOO["shufflenet_v2"]
     names = [g.name for g in prunable_groups(entry.build(), entry.example(), tracer="fx")]
     assert "stage.2.branch1.1.0" in names
+
+
+# ---- helpers behind `pruneplan plan` / `pruneplan groups` ------------------------------------
+
+
+def test_load_factory_and_model(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from pruneplan.loading import load_factory, load_model, parse_input_shape
+
+    assert load_factory("zoo:ResNet") is ZOO["resnet"].build().__class__
+    model = ZOO["resnet"].build()
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    loaded = load_model("zoo:ResNet", weights)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert not loaded.training
+    assert parse_input_shape("3,224,224") == (3, 224, 224)
+    for spec, msg in (("zoo", "expected 'pkg.module:factory'"), ("nope_mod:f", "cannot import"),
+                      ("zoo:Missing", "has no attribute 'Missing'")):
+        with pytest.raises(PlanningError, match=msg):
+            load_factory(spec)
+    with pytest.raises(PlanningError, match="comma-separated integers"):
+        parse_input_shape("3,a")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(PlanningError, match="weights do not fit"):
+        load_model("zoo:ResNet", tmp_path / "bad.safetensors")
+
+
+def test_plan_from_metric_global_round_to() -> None:
+    from pruneplan.loading import example_input, metric_needs_data, plan_from_metric
+
+    model = ZOO["resnet"].build()
+    x = example_input((3, 16, 16), batch_size=2)
+    plan = plan_from_metric(model, x, "weight_norm", 0.5, scope="global", round_to=2)
+    groups = {g.name: g for g in prunable_groups(model, x)}
+    assert plan.groups and all((groups[g.name].size - len(g.removed)) % 2 == 0 for g in plan.groups)
+    assert plan.provenance.metric == "weight_norm"
+    assert plan.provenance.selection["scope"] == "global" and plan.provenance.selection["round_to"] == 2
+    # same inputs, same plan (weight norms are deterministic, so is the selection)
+    assert plan_from_metric(model, x, "weight_norm", 0.5, scope="global", round_to=2).digest() == plan.digest()
+    assert not metric_needs_data("random") and metric_needs_data("taylor")
+    with pytest.raises(PlanningError, match="metric 'taylor' needs data"):
+        plan_from_metric(model, x, "taylor", 0.5)
+    with pytest.raises(PlanningError, match="unknown metric"):
+        plan_from_metric(model, x, "magic", 0.5)

@@ -36,15 +36,29 @@ def test_per_group_ratios() -> None:
 
 
 def test_global_scope_normalises_each_group() -> None:
-    # b is a scaled by 100: after l2 normalisation both groups are identical, so a global
+    # b is a scaled by 100: after normalisation both groups are identical, so a global
     # ratio of 0.5 (4 of 8 units) takes the two lowest units of each
     scores = {"a": np.array([1.0, 2.0, 3.0, 4.0]), "b": np.array([100.0, 200.0, 300.0, 400.0])}
     assert select_indices(scores, 0.5, scope="global") == {"a": [0, 1], "b": [0, 1]}
     # raw scores: a's units are all lower; a keeps min_keep=1, the 4th removal comes from b
     assert select_indices(scores, 0.5, scope="global", normalize="none") == {"a": [0, 1, 2], "b": [0]}
-    # l1 and max scalings are also per group: same result as l2 here
-    for how in ("l1", "max"):
+    # l2, l1 and max scalings are also per group: same result as the default (mean) here
+    for how in ("l2", "l1", "max"):
         assert select_indices(scores, 0.5, scope="global", normalize=how) == {"a": [0, 1], "b": [0, 1]}
+
+
+def test_mean_normalisation_does_not_favour_small_groups() -> None:
+    # two groups with the same score distribution, sizes 4 and 16: "mean" scales both to a
+    # mean of 1, so a global 0.5 takes half of each. "l2" divides the big group by a norm twice
+    # as large (sqrt(120) vs sqrt(30)): its units score 0.09, 0.18, 0.27, 0.37 (4 each), the
+    # small group's 0.18, 0.37, 0.55, 0.73, so the 10 lowest are big's 0.09s, 0.18s and one
+    # 0.27 plus small's 0.18: 9 + 1
+    small = np.array([1.0, 2.0, 3.0, 4.0])
+    big = np.repeat(small, 4)
+    out = select_indices({"big": big, "small": small}, 0.5, scope="global")
+    assert (len(out["big"]), len(out["small"])) == (8, 2)
+    out = select_indices({"big": big, "small": small}, 0.5, scope="global", normalize="l2")
+    assert (len(out["big"]), len(out["small"])) == (9, 1)
 
 
 def test_global_scope_with_round_to_8_and_min_keep() -> None:
