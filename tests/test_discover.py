@@ -376,3 +376,31 @@ def test_plan_from_metric_global_round_to() -> None:
         plan_from_metric(model, x, "taylor", 0.5)
     with pytest.raises(PlanningError, match="unknown metric"):
         plan_from_metric(model, x, "magic", 0.5)
+
+
+class LinearSE(nn.Module):
+    """SE gate with Linear layers: pool -> flatten -> fc -> relu -> fc -> sigmoid -> view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 2)
+        self.fc2 = nn.Linear(2, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        b, c, _, _ = x.size()
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return self.head(x * s.view(b, c, 1, 1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_linear_se_gate_with_a_width_reshape_is_coupled(tracer: str) -> None:
+    torch.manual_seed(0)
+    model, x = LinearSE().eval(), torch.randn(2, 3, 6, 6)
+    groups = prunable_groups(model, x, tracer=tracer)
+    # c = x.size(1) reshapes fc2's output: fine, fc2 is coupled to conv by the product
+    assert [(g.name, g.roots) for g in groups] == [("conv", ("conv", "fc2")), ("fc1", ("fc1",))]
+    pruned, _ = _prune_and_run(model, {"conv": [0, 7], "fc1": [1]}, x)
+    assert pruned.fc2.out_features == 6 and pruned.fc1.in_features == 6

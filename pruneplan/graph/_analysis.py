@@ -205,6 +205,7 @@ class _Analyzer:
         self.uf = _State()
         self.effects: list[list[tuple[int, Any]]] = []
         self.errors: list[tuple[str, list[int]]] = []
+        self.widths: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -565,17 +566,25 @@ class _Analyzer:
         return None
 
     def check_widths(self, node: Node, out: Any) -> None:
-        """A channel width used as a fixed size must land on an axis carrying those channels."""
+        """Record where a channel width is used as a fixed size; checked in `finish`."""
         args = node.args[1:] if node.target in _SHAPED else node.args
         if len(args) == 1 and isinstance(args[0], tuple | list):
             args = args[0]
         for i, a in enumerate(args):
             dim = self.read(a)
-            if not isinstance(dim, _Dim):
-                continue
-            ok = isinstance(out, Lab) and i in out.axes and set(dim.roots) <= set(out.roots)
-            if not ok:
-                self.block(list(dim.roots), f"their width is used as a fixed size at {node.where()}")
+            if isinstance(dim, _Dim):
+                on_axis = tuple(out.roots) if isinstance(out, Lab) and i in out.axes else ()
+                self.widths.append((node, dim.roots, on_axis))
+
+    def finish(self) -> None:
+        """A width used as a fixed size must land on an axis carrying the same coupled units
+        (checked once all couplings are known: an SE gate is coupled after its reshape)."""
+        for node, dim_roots, on_axis in self.widths:
+            want = {self.uf.find(r) for r in dim_roots}
+            have = {self.uf.find(r) for r in on_axis}
+            if want != have:
+                self.block(list(dim_roots) + list(on_axis),
+                           f"their width is used as a fixed size at {node.where()}")
 
     def op_tensor(self, node: Node) -> Any:
         name = node.target
@@ -949,6 +958,7 @@ def analyze(model: nn.Module, graph: Graph, *, include_output: bool = False,
     """Groups of the traced ``graph``; raise on unsupported operations when ``strict``."""
     a = _Analyzer(model, graph, include_output)
     a.run()
+    a.finish()
     if a.errors:
         msg, _ = a.errors[0]
         more = f" (and {len(a.errors) - 1} more)" if len(a.errors) > 1 else ""
