@@ -404,3 +404,28 @@ def test_linear_se_gate_with_a_width_reshape_is_coupled(tracer: str) -> None:
     assert [(g.name, g.roots) for g in groups] == [("conv", ("conv", "fc2")), ("fc1", ("fc1",))]
     pruned, _ = _prune_and_run(model, {"conv": [0, 7], "fc1": [1]}, x)
     assert pruned.fc2.out_features == 6 and pruned.fc1.in_features == 6
+
+
+def test_indexing_other_axes_keeps_labels_and_slicing_the_channels_blocks() -> None:
+    class Index(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.mid = nn.Linear(8, 6)
+            self.head = nn.Linear(6, 2)
+            self.conv = nn.Conv2d(3, 6, 1)
+            self.conv_head = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+            h = self.mid(self.embed(x))[..., 0, :]  # first token: the channel axis stays
+            c = self.conv(img)
+            half = c.shape[1] // 2
+            c = self.conv_head(c[:, :half])  # a hard slice of conv's channels
+            return self.head(h) + c.mean((1, 2, 3))[:, None]
+
+    model = Index().eval()
+    x, img = torch.randn(2, 5, 4), torch.randn(2, 3, 4, 4)
+    for tracer in ("fx", "record"):
+        names = [g.name for g in prunable_groups(model, (x, img), tracer=tracer)]
+        # conv is sliced by a hard-coded half: blocked; conv_head's channels are averaged away
+        assert names == ["embed", "mid", "conv_head"], tracer

@@ -755,28 +755,32 @@ class _Analyzer:
     def index(self, node: Node, x: Lab, xmeta: Any) -> Lab | None:
         idx = node.args[1]
         items = list(idx) if isinstance(idx, tuple) else [idx]
-        if any(not (it is None or it is Ellipsis or isinstance(it, int | slice)) for it in items):
+        # a graph value inside an index is an int computed at run time unless it is a tensor
+        if any((isinstance(it, Ref) and _tensorish(self.meta(it))) or isinstance(it, list)
+               for it in items):
             self.error(node, x.roots, "indexes them with tensors")
             return None
         nd = len(xmeta)
-        used = sum(1 for it in items if it is not None and it is not Ellipsis)
         if Ellipsis in items:
             k = items.index(Ellipsis)
+            used = sum(1 for it in items if it is not None and it is not Ellipsis)
             items[k:k + 1] = [slice(None)] * (nd - used)
-        items += [slice(None)] * (nd - used - sum(1 for it in items if it is Ellipsis))
+        items += [slice(None)] * (nd - sum(1 for it in items if it is not None))
+        out = node.meta
         where: dict[int, int] = {}
         i = o = 0
         for it in items:
             if it is None:
                 o += 1
                 continue
-            if isinstance(it, int):
+            if not isinstance(it, slice):  # an int (literal or computed): the axis goes
                 if i in x.axes:
                     self.block(x.roots, f"{node.where()} picks single positions")
                     return None
                 i += 1
                 continue
-            if i in x.axes and list(range(xmeta[i])[it]) != list(range(xmeta[i])):
+            # a slice of the same length as the axis (steps are positive in torch) is all of it
+            if i in x.axes and out[o] != xmeta[i]:
                 self.block(x.roots, f"{node.where()} slices their axis")
                 return None
             where[i] = o
