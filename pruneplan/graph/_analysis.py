@@ -307,6 +307,7 @@ class _Analyzer:
         nd = len(out)
         labs: list[Lab] = []
         plain: list[tuple[Any, Any]] = []
+        operands = [(i, m) for i, m in operands if isinstance(m, torch.Size)]  # ints are scalars
         for info, meta in operands:
             shift = nd - len(meta)
             if isinstance(info, Lab):
