@@ -429,3 +429,29 @@ def test_indexing_other_axes_keeps_labels_and_slicing_the_channels_blocks() -> N
         names = [g.name for g in prunable_groups(model, (x, img), tracer=tracer)]
         # conv is sliced by a hard-coded half: blocked; conv_head's channels are averaged away
         assert names == ["embed", "mid", "conv_head"], tracer
+
+
+def test_stack_couples_branches_and_recurrent_layers_block() -> None:
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(10, 6)
+            self.rnn = nn.LSTM(6, 5, batch_first=True)
+            self.a = nn.Linear(5, 4)
+            self.b = nn.Linear(5, 4)
+            self.o = nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+            h, _ = self.rnn(self.e(ids))
+            return {"out": self.o(torch.stack([self.a(h), self.b(h)], 0).sum(0))}
+
+    model, ids = Stacked().eval(), torch.randint(0, 10, (2, 5))
+    for tracer in ("fx", "record"):
+        # the embedding width feeds an LSTM (not followed); a and b are summed position-wise
+        assert [(g.name, g.roots) for g in prunable_groups(model, ids, tracer=tracer)] == [
+            ("a", ("a", "b"))]
+    plan = plan_pruning(model, {"a": [1]}, example_inputs=ids)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    assert pruned.a.out_features == pruned.b.out_features == pruned.o.in_features == 3
+    with torch.no_grad():
+        assert pruned(ids)["out"].shape == (2, 5, 2)

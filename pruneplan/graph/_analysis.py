@@ -608,6 +608,8 @@ class _Analyzer:
                                                                                    node.kwargs))])
         if name in ("max", "min") and isinstance(_arg(node, 1, "other"), Ref):
             return self.merge(node, [(self.read(r), self.meta(r)) for r in _refs(node.args)])
+        if name in ("stack", "hstack", "vstack"):
+            return self.stack(node) if name == "stack" else self.block_all(node, infos)
         if not isinstance(x, Lab):
             if name == "cat" or name in ("concat", "concatenate"):
                 return self.cat(node)
@@ -723,6 +725,24 @@ class _Analyzer:
                      for i, m in items]
             return Lab((dim,), np.concatenate(parts))
         return self.merge(node, items)
+
+    def stack(self, node: Node) -> Lab | None:
+        """``stack`` along a new axis ties its inputs position by position."""
+        items = self.sequence(node.args[0] if node.args else node.kwargs.get("tensors"))
+        dim = _arg(node, 1, "dim", 0) % len(node.meta)
+        moved = []
+        for info, meta in items:
+            meta = torch.Size((*meta[:dim], 1, *meta[dim:]))
+            if isinstance(info, Lab):
+                info = Lab(tuple(a + (a >= dim) for a in info.axes), info.arr)
+            elif isinstance(info, PView):
+                info = PView(info.key, (*info.dims[:dim], None, *info.dims[dim:]))
+            moved.append((info, meta))
+        return self.merge(node, moved)
+
+    def block_all(self, node: Node, infos: list[Any]) -> None:
+        self.block(self.labeled_roots(infos), f"they reach {node.where()}")
+        return None
 
     def sequence(self, arg: Any) -> list[tuple[Any, Any]]:
         if isinstance(arg, Ref) and isinstance(self.meta(arg), list):
