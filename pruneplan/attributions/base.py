@@ -247,10 +247,12 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 class _CallRecorder:
     """Forward hooks on every leaf module recording, in execution order, inputs and output."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, also: Sequence[nn.Module] = ()) -> None:
         self.records: list[tuple[nn.Module, tuple[Any, ...], Any]] = []
         self.handles = [
-            m.register_forward_hook(self._hook) for m in model.modules() if not list(m.children())
+            m.register_forward_hook(self._hook)
+            for m in model.modules()
+            if not list(m.children()) or any(m is a for a in also)
         ]
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -397,7 +399,7 @@ class AttributionMetric:
         module's output tensor we move to the single leaf module that consumes it if that is a
         BatchNorm or an element-wise activation, and repeat.
         """
-        recorder = _CallRecorder(self.model)
+        recorder = _CallRecorder(self.model, modules)
         try:
             with torch.no_grad():
                 self.model(x)

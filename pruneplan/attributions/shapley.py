@@ -26,6 +26,7 @@ larger calls), not from skipping work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,7 @@ from .base import (
     AttributionMetric,
     Reduction,
     _with_shared_doc,
+    batch_size_of,
     per_example_loss,
     repeat_batch,
     slice_batch,
@@ -48,6 +50,29 @@ from .base import (
 __all__ = ["ShapleyAttributionMetric", "permutation_samples"]
 
 logger = logging.getLogger(__name__)
+
+
+_CONTRIB_BYTES = 32 * 2**20
+_SEGMENT_BYTES = 4 * 2**20
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on CPU for the loop of small memory-bound operations.
+
+    Splitting a ~1 MB element-wise operation across threads costs more in synchronisation
+    than it gains (measured 2-3x slower with 2 threads on a 2-core machine). The previous
+    thread count is restored on exit.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def permutation_samples(
@@ -297,7 +322,9 @@ class _FxEngine(_Engine):
         return self.loss(out, y, k).reshape(k, batch)
 
     def verify(self, x: Any, y: Any, module: nn.Module) -> None:
-        """Check the split against the model on the first batch; drop the shortcut if it fails."""
+        """Check the split against the model on a few examples; drop the shortcut if it fails."""
+        n = batch_size_of(x)
+        x, y = slice_batch(x, 0, min(n, 3), n), slice_batch(y, 0, min(n, 3), n)
         with torch.no_grad():
             full = per_example_loss(self.metric.criterion, self.model(x), y).float()
             z, extras, _ = self.prefix(x, y)
@@ -340,57 +367,90 @@ class _FxEngine(_Engine):
         assert sc is not None
         batch, n_units = z.shape[0], z.shape[1]
         n_perm = perms.shape[0]
+        perm_list = perms.tolist()
         weight = sc.unit_weight()
         a0 = sc.apply_head(torch.zeros_like(z[:1]))
         losses = torch.empty(n_perm, n_units, batch, dtype=torch.float32, device=z.device)
         base_loss = torch.empty(batch, dtype=torch.float32, device=z.device)
         tail_extras = [extras[i] for i in sc.tail_extras]
-        start = 0
-        while start < batch:
-            if self.sc_sizes is None:
-                self.sc_sizes = self._shortcut_sizes(z, tail_extras, a0, weight)
-            n_ex, seg = self.sc_sizes
+        if self.sc_sizes is None:
+            self.sc_sizes = self._shortcut_sizes(z, tail_extras)
+        n_ex, seg = self.sc_sizes
+        # buffers reused across chunks: large fresh allocations are slow (page faults)
+        contrib_buf = coal_buf = carry_buf = None
+        for start in range(0, batch, n_ex):
             stop = min(start + n_ex, batch)
-            b = stop - start
-            zc = z[start:stop]
             ex = [slice_batch(e, start, stop, batch) for e in tail_extras]
             yc = slice_batch(y, start, stop, batch)
-            a = sc.apply_head(zc)
-            contrib = sc.contributions(a - a0, weight)  # (C, b, out, *spatial)
+            a = sc.apply_head(z[start:stop])
             base = sc.linear_out(a)
-            base_loss[start:stop] = self.loss(sc.tail(base, *ex), yc, 1)
-            for s in range(n_perm):
-                carry = None
-                for u0 in range(0, n_units, seg):
-                    u1 = min(u0 + seg, n_units)
-                    cum = contrib.index_select(0, perms[s, u0:u1])
-                    torch.cumsum(cum, 0, out=cum)
-                    if carry is not None:
-                        cum += carry
-                    carry = cum[-1].clone()  # cum is overwritten below
-                    coal = torch.sub(base.unsqueeze(0), cum, out=cum)
-                    out = sc.tail(
-                        coal.reshape((u1 - u0) * b, *base.shape[1:]),
-                        *(_repeat_extra(e, u1 - u0, b) for e in ex),
-                    )
-                    losses[s, u0:u1, start:stop] = self.loss(out, yc, u1 - u0).reshape(u1 - u0, b)
-                    if bar is not None:
-                        bar.update((u1 - u0) * b / (n_units * batch))
-            start = stop
+            if contrib_buf is None:
+                contrib_buf = base.new_empty(n_units * base.numel())
+                coal_buf = base.new_empty(seg * base.numel())
+                carry_buf = base.new_empty(base.numel())
+            carry = carry_buf[: base.numel()].view(base.shape)
+            contrib = sc.contributions(a - a0, weight, contrib_buf)  # contrib[c]: (b, out, ...)
+            base_loss[start:stop] = self.loss(sc.tail(base.clone(), *ex), yc, 1)
+            with _single_thread(z.device):
+                self._permutation_loop(
+                    sc, base, contrib, carry, coal_buf, seg, ex, yc, perm_list, losses, start, bar
+                )
         return losses, base_loss
 
-    def _shortcut_sizes(
-        self, z: torch.Tensor, tail_extras: list[Any], a0: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[int, int]:
-        """Examples per chunk and units per segment that fit the memory budget."""
+    def _permutation_loop(
+        self,
+        sc: Any,
+        base: torch.Tensor,
+        contrib: torch.Tensor,
+        carry: torch.Tensor,
+        coal_buf: torch.Tensor,
+        seg: int,
+        ex: list[Any],
+        yc: Any,
+        perm_list: list[list[int]],
+        losses: torch.Tensor,
+        start: int,
+        bar: Any,
+    ) -> None:
+        """Losses of every removal step of every permutation for one chunk of examples."""
+        b, n_units, batch = base.shape[0], len(perm_list[0]), losses.shape[2]
+        stop = start + b
+        for s in range(len(perm_list)):
+            prev = base
+            for u0 in range(0, n_units, seg):
+                u1 = min(u0 + seg, n_units)
+                block = coal_buf[: (u1 - u0) * base.numel()].view(u1 - u0, *base.shape)
+                # remove one more unit at a time: subtract its contribution
+                for k in range(u1 - u0):
+                    prev = torch.sub(prev, contrib[perm_list[s][u0 + k]], out=block[k])
+                prev = carry.copy_(prev)  # the tail may work in place on ``block``
+                out = sc.tail(
+                    block.view((u1 - u0) * b, *base.shape[1:]),
+                    *(_repeat_extra(e, u1 - u0, b) for e in ex),
+                )
+                losses[s, u0:u1, start:stop] = self.loss(out, yc, u1 - u0).view(u1 - u0, b)
+                if bar is not None:
+                    bar.update((u1 - u0) * b / (n_units * batch))
+
+    def _shortcut_sizes(self, z: torch.Tensor, tail_extras: list[Any]) -> tuple[int, int]:
+        """Examples per chunk and units per segment.
+
+        Chunks of examples keep the contributions (units x linear output) within
+        ``_CONTRIB_BYTES`` and segments of units keep one batched tail call within
+        ``_SEGMENT_BYTES`` (cache-sized: these element-wise passes are memory-bound), both capped
+        by the memory budget.
+        """
         sc = self.shortcut
         assert sc is not None
         batch, n_units = z.shape[0], z.shape[1]
         one = sc.linear_out(sc.apply_head(z[:1]))
         out_bytes = one.numel() * one.element_size()
-        tail_bytes = activation_bytes(sc.tail, one, *[slice_batch(e, 0, 1, batch) for e in tail_extras])
-        n_ex = max(1, min(batch, int(self.budget / 2 // (n_units * out_bytes))))
-        seg = max(1, min(n_units, int(self.budget / 2 // (n_ex * (out_bytes + tail_bytes)))))
+        tail_in = [slice_batch(e, 0, 1, batch) for e in tail_extras]
+        tail_bytes = activation_bytes(sc.tail, one.clone(), *tail_in)
+        contrib_limit = min(self.budget / 2, _CONTRIB_BYTES)
+        segment_limit = min(self.budget / 2, _SEGMENT_BYTES)
+        n_ex = max(1, min(batch, int(contrib_limit // (n_units * out_bytes))))
+        seg = max(1, min(n_units, int(segment_limit // (n_ex * (out_bytes + tail_bytes)))))
         return n_ex, seg
 
 
