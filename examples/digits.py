@@ -17,6 +17,7 @@ from torch.nn import functional as F
 __all__ = [
     "DigitsData",
     "accuracy",
+    "attribution_batches",
     "count_macs",
     "count_params",
     "latency_ms",
@@ -53,6 +54,11 @@ class DigitsData:
 def load_data(seed: int = 0) -> DigitsData:
     """The digits split used by the examples and benchmarks."""
     return DigitsData(seed)
+
+
+def attribution_batches(limit: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A few hundred training examples in batches of 64: a ``--data`` factory for the CLI."""
+    return list(load_data().batches(64, seed=99, limit=limit))
 
 
 def make_cnn() -> nn.Sequential:

@@ -19,7 +19,8 @@ from pruneplan.errors import (
     UnsupportedOperationError,
     WeightsFileError,
 )
-from pruneplan.graph.discover import prunable_groups
+from pruneplan.graph.discover import describe_groups, prunable_groups
+from pruneplan.loading import plan_from_metric
 from pruneplan.plan import (
     FORMAT,
     VERSION,
@@ -67,9 +68,11 @@ __all__ = [
     "apply_to_state_dict",
     "check_weights",
     "compose",
+    "describe_groups",
     "diff_plans",
     "json_schema",
     "load_pruned",
+    "plan_from_metric",
     "plan_pruning",
     "prunable_groups",
     "select_indices",

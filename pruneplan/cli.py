@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 import pruneplan
-from pruneplan import PlanError, PrunePlan, json_schema
+from pruneplan import PlanError, PrunePlan, json_schema, loading
 
 __all__ = ["cli", "main"]
 
@@ -119,6 +119,67 @@ def schema(output: Path | None) -> None:
         with click.open_file(str(output), "w", encoding="utf-8", atomic=True) as fh:
             fh.write(text)
         click.echo(f"wrote {output}")
+
+
+_MODEL = click.option("--model", "model_spec", required=True,
+                      help="Model factory as pkg.module:factory (or file.py:factory).")
+_SHAPE = click.option("--input-shape", required=True, help="One example's shape, e.g. 3,224,224.")
+_DTYPE = click.option("--input-dtype", type=click.Choice(["float32", "long"]), default="float32",
+                      show_default=True, help="Example input dtype (long for token ids).")
+_WEIGHTS = click.option("--weights", type=click.Path(path_type=Path), default=None,
+                        help="Load these weights (safetensors) into the model first.")
+
+
+def _example(shape: str, dtype: str):
+    import torch
+
+    return loading.example_input(loading.parse_input_shape(shape), batch_size=2,
+                                 dtype=torch.long if dtype == "long" else torch.float32)
+
+
+@cli.command()
+@_MODEL
+@_WEIGHTS
+@_SHAPE
+@_DTYPE
+def groups(model_spec: str, weights: Path | None, input_shape: str, input_dtype: str) -> None:
+    """List the prunable groups that automatic discovery finds in a model."""
+    model = loading.load_model(model_spec, weights)
+    found = pruneplan.prunable_groups(model, _example(input_shape, input_dtype))
+    click.echo(pruneplan.describe_groups(found))
+
+
+@cli.command()
+@_MODEL
+@_WEIGHTS
+@_SHAPE
+@_DTYPE
+@click.option("--metric", type=click.Choice(sorted(loading.METRICS)), required=True)
+@click.option("--ratio", type=float, required=True, help="Fraction of units to remove.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--round-to", type=int, default=1, show_default=True, help="Keep multiples of this many units.")
+@click.option("--min-keep", type=int, default=1, show_default=True)
+@click.option("--data", "data_spec", default=None,
+              help="Data factory pkg.module:loader_factory returning (x, y) batches.")
+@click.option("--criterion", type=click.Choice(sorted(loading.CRITERIA)), default="cross_entropy",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan file to write.")
+def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: str, metric: str,
+         ratio: float, scope: str, round_to: int, min_keep: int, data_spec: str | None, criterion: str,
+         seed: int, output: Path) -> None:
+    """Score a model's units with a metric and write the plan that removes RATIO of them."""
+    if loading.metric_needs_data(metric) and data_spec is None:
+        raise click.UsageError(f"metric {metric!r} needs --data")
+    model = loading.load_model(model_spec, weights)
+    data = loading.load_factory(data_spec)() if data_spec else None
+    made = pruneplan.plan_from_metric(
+        model, _example(input_shape, input_dtype), metric, ratio, scope=scope, round_to=round_to,
+        min_keep=min_keep, data=data, criterion=criterion, seed=seed,
+    )
+    made.save(output)
+    click.echo(f"wrote {output}: {len(made.groups)} groups, {made.parameters_removed():,} parameters "
+               f"removed, digest {made.digest()[:12]}")
 
 
 def main() -> None:

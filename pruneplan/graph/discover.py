@@ -89,7 +89,7 @@ def prunable_groups(
 def describe_groups(groups: list[Group]) -> str:
     """A plain-text table of groups: name, size, roots, tensor count (for the CLI)."""
     lines = []
-    width = max((len(g.name) for g in groups), default=4)
+    width = max([len("group"), *(len(g.name) for g in groups)])
     lines.append(f"{'group':<{width}}  {'size':>6}  {'tensors':>7}  roots")
     for g in groups:
         roots = ", ".join(g.roots)
