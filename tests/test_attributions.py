@@ -684,3 +684,44 @@ def test_layering_imports_only_torch_numpy_tqdm_stdlib():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_fast_shapley_strided_dilated_and_1d_convs():
+    # the shortcut's contributions: unfold + bmm for Conv2d (stride, dilation, padding) and a
+    # grouped convolution for Conv1d; both must match the plain estimator
+    torch.manual_seed(0)
+    strided = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, stride=2, padding=2, dilation=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 4),
+    ).eval()
+    randomize_bn(strided)
+    _, _, data = image_data()
+    one_d = nn.Sequential(
+        nn.Conv1d(3, 6, 3),
+        nn.Tanh(),
+        nn.Conv1d(6, 4, 3, padding=1),
+        nn.AdaptiveMaxPool1d(1),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    ).eval()
+    gen = torch.Generator().manual_seed(1)
+    seq = [(torch.randn(4, 3, 9, generator=gen), torch.randint(0, 4, (4,), generator=gen))]
+    for model, batches in ((strided, data), (one_d, seq)):
+        perms = permutation_samples(6, 2, np.random.default_rng(0))
+        fast = shapley(model, batches)
+        got = fast.run(model[0], permutations=perms)
+        assert fast.last_path == "fx+shortcut"
+        np.testing.assert_allclose(got, naive_shapley(model, batches, model[0], perms), rtol=1e-4, atol=1e-5)
+
+
+def test_shapley_split_fx_on_untraceable_model_raises():
+    model = small_cnn(Untraceable).eval()
+    _, _, data = image_data()
+    with pytest.raises(Exception, match=r"(?i)symbolic|trace|proxy"):
+        shapley(model, data, split="fx").run(model[3])

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 
 _CONTRIB_BYTES = 32 * 2**20
-_SEGMENT_BYTES = 4 * 2**20
+_SEGMENT_BYTES = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -119,7 +119,9 @@ class ShapleyAttributionMetric(AttributionMetric):
         sv_samples: number of permutations (default 5); ``run(..., sv_samples=n)`` overrides it.
         seed: seed of the permutation generator; every ``run`` with a seed starts over from it.
         antithetic: each permutation is followed by its reverse (variance reduction).
-        memory_budget_mb: target memory of one batched call of the part after the module.
+        memory_budget_mb: target memory of one batched call of the part after the module
+            (estimated as the sum of all its activations). Default: 64 on CPU, where larger
+            calls were measured slower (allocation and cache misses), 1024 on other devices.
         split: ``"auto"`` (fx, else hooks), ``"fx"`` or ``"hooks"``.
         linear_shortcut: use the incremental update through the first linear layer after the
             module when the structure allows it (default ``True``).
@@ -139,7 +141,7 @@ class ShapleyAttributionMetric(AttributionMetric):
         sv_samples: int = 5,
         seed: int | None = None,
         antithetic: bool = False,
-        memory_budget_mb: float = 512.0,
+        memory_budget_mb: float | None = None,
         split: str = "auto",
         linear_shortcut: bool = True,
         **method_kwargs: Any,
@@ -150,6 +152,8 @@ class ShapleyAttributionMetric(AttributionMetric):
         self.sv_samples = int(sv_samples)
         self.seed = seed
         self.antithetic = antithetic
+        if memory_budget_mb is None:
+            memory_budget_mb = 64.0 if self.device.type == "cpu" else 1024.0
         self.memory_budget = float(memory_budget_mb) * 2**20
         self.split = split
         self.linear_shortcut = linear_shortcut
