@@ -1,0 +1,114 @@
+"""Generate a plan, review it with ``pruneplan show``, change the ratio and ``pruneplan diff``.
+
+1. Train the digits CNN and build a plan with `pruneplan.plan_from_metric` (Taylor scores on a
+   few hundred examples, 30% of every prunable group), save it as JSON.
+2. ``pruneplan show plan_30.json``: one row per group (kept/size, % removed, parameters removed).
+3. Build the same plan again: the file is byte-identical (same inputs -> same plan), and
+   ``pruneplan diff`` of the two exits 0.
+4. Build a plan at ratio 0.5 and ``pruneplan diff plan_30.json plan_50.json``: per group, the
+   indices only in A (``-[...]``) and only in B (``+[...]``); exit status 1 because the plans
+   differ, like diff(1). The same comparison in Python: `pruneplan.diff_plans`.
+
+Outputs under --out: plan_30.json, plan_30_again.json, plan_50.json, show.txt, diff.txt.
+
+Usage: python examples/plan_show_diff.py [--out out/plan_show_diff] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits import load_data, make_cnn, train
+
+import pruneplan as pp
+
+# the CLI works on a tiny model: one thread (unless asked otherwise) avoids oversubscribing a
+# busy machine
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed ``pruneplan`` console script (the one beside this interpreter)."""
+    exe = shutil.which("pruneplan", path=str(Path(sys.executable).parent)) or "pruneplan"
+    cmd = [exe, *args]
+    print("$ pruneplan " + " ".join(args))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    print(result.stdout.rstrip())
+    if result.stderr.strip():
+        print(result.stderr.rstrip())
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("out/plan_show_diff"))
+    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny model: one thread is faster and steadier on a shared machine
+
+    data = load_data()
+    model = make_cnn()
+    epochs, n_attr = (1, 64) if args.quick else (8, 256)
+    train(model, data, epochs)
+    batches = list(data.batches(64, seed=99, limit=n_attr))
+    x = data.x_test[:2]
+
+    def make(ratio: float, name: str) -> pp.PrunePlan:
+        plan = pp.plan_from_metric(model, x, "taylor", ratio, data=batches, criterion="cross_entropy")
+        path = plan.save(out / name)
+        print(f"wrote {path.name}: ratio {ratio}, {len(plan.groups)} groups, "
+              f"{plan.parameters_removed():,} parameters removed, digest {plan.digest()[:12]}")
+        return plan
+
+    print("1. a plan from Taylor scores, 30% of every group")
+    p30 = make(0.3, "plan_30.json")
+
+    print("\n2. review it")
+    shown = cli("show", str(out / "plan_30.json"))
+    (out / "show.txt").write_text(shown.stdout)
+    print(f"exit status {shown.returncode}")
+
+    print("\n3. the same inputs give the same plan, byte for byte")
+    make(0.3, "plan_30_again.json")
+    identical = (out / "plan_30.json").read_bytes() == (out / "plan_30_again.json").read_bytes()
+    print(f"plan_30.json and plan_30_again.json byte-identical: {identical}")
+    same = cli("diff", str(out / "plan_30.json"), str(out / "plan_30_again.json"))
+    print(f"exit status {same.returncode} (0: nothing differs)")
+
+    print("\n4. a larger ratio, and what changes")
+    p50 = make(0.5, "plan_50.json")
+    differ = cli("diff", str(out / "plan_30.json"), str(out / "plan_50.json"))
+    (out / "diff.txt").write_text(differ.stdout)
+    print(f"exit status {differ.returncode} (1: the plans differ, like diff(1)); '-[...]' are "
+          "indices only plan_30 removes, '+[...]' indices only plan_50 removes")
+
+    d = pp.diff_plans(p30, p50)
+    print("\nthe same in Python, pruneplan.diff_plans(p30, p50):")
+    for g in d:
+        print(f"  group {g.name}: {len(p30.group(g.name).removed)} -> {len(p50.group(g.name).removed)} "
+              f"removed of {g.size_a}; {len(g.only_in_a)} only in 0.3, {len(g.only_in_b)} only in 0.5")
+    nested = all(not g.only_in_a for g in d)
+    print(f"every unit the 0.3 plan removes is also removed at 0.5 (same scores, lowest first): {nested}")
+
+    if not (identical and same.returncode == 0 and differ.returncode == 1 and shown.returncode == 0):
+        raise SystemExit("unexpected result, see above")
+    print(f"\noutputs in {out.resolve()}: plan_30.json, plan_30_again.json, plan_50.json, show.txt, "
+          f"diff.txt ({time.perf_counter() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
