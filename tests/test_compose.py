@@ -14,15 +14,6 @@ from pruneplan.apply import apply_plan, apply_to_state_dict
 from pruneplan.compose import compose
 from pruneplan.plan import state_dict_digest
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: several intra-op threads on a loaded small machine only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ---- on a real model: three plans, each made on the model the previous one left ----------------
 
 

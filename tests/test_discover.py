@@ -24,14 +24,6 @@ from pruneplan.planner import plan_pruning
 from pruneplan.select import select_indices
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _prune_and_run(model: nn.Module, removed: dict, x: torch.Tensor) -> tuple[nn.Module, object]:
     plan = plan_pruning(model, removed, example_inputs=x)
     pruned = apply_plan(copy.deepcopy(model), plan)

@@ -35,15 +35,6 @@ LAYERS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: several intra-op threads on a loaded small machine only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net() -> nn.Sequential:
     return nn.Sequential(OrderedDict([
         ("conv1", nn.Conv2d(1, 16, 3, padding=1)),
@@ -154,7 +145,7 @@ def _run(prune: bool) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(_one_thread):
+def runs():
     return _run(prune=False), _run(prune=True)
 
 

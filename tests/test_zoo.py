@@ -98,15 +98,6 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are much faster single-threaded (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_removal(groups, seed: int = 0) -> dict[str, list[int]]:
     rng = np.random.default_rng(seed)
     out = {}
