@@ -14,8 +14,11 @@ stacked along the batch axis and evaluated in chunks sized to ``memory_budget_mb
 after ``z`` starts with unit-wise modules and a ``Linear``/``Conv`` (e.g. BN -> ReLU -> Conv, the
 usual CNN block), the output of that linear layer is linear in the unit contributions, so along a
 permutation it is updated by subtracting one unit's contribution at a time (a cumulative sum);
-only the rest of the network runs per coalition. All paths give the numbers of the plain
-full-model estimator for the same permutations (to float rounding).
+only the rest of the network runs per coalition. On CPU these small memory-bound steps run with
+one intra-op thread each, chunks of examples in parallel Python threads (as many as
+``torch.get_num_threads()``), so the criterion and any hooks on the modules after the linear
+layer may be called from worker threads. All paths give the numbers of the plain full-model
+estimator for the same permutations (to float rounding).
 
 Hook fallback (model not traceable by fx): ``z`` is captured by a forward hook, and each chunk of
 coalitions runs the *whole* model on the batch repeated K times with a hook that substitutes the
