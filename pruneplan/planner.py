@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruneplan.errors import PlanningError
+from pruneplan.errors import CoupledGroupError, PlanningError
+from pruneplan.graph.discover import prunable_groups
 from pruneplan.graph.explicit import explicit_groups
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.plan import (
@@ -66,6 +67,7 @@ def plan_pruning(
     cascades: Mapping[str, Sequence[str]] | None = None,
     *,
     couple: str = "error",
+    include_output: bool = False,
     provenance: Provenance | Mapping[str, Any] | None = None,
 ) -> PrunePlan:
     """Plan the removal of units from the named root modules, with everything it implies.
@@ -78,6 +80,8 @@ def plan_pruning(
             style). ``None`` discovers them automatically from the executed graph.
         couple: for discovered coupled groups, ``"error"`` refuses indices given for one
             member only; ``"expand"`` applies them to every member.
+        include_output: with discovery, also allow roots whose units are the model's output
+            (the classifier); pruning them changes the output shape.
         provenance: informative metadata stored in the plan.
 
     Returns:
@@ -87,30 +91,35 @@ def plan_pruning(
         groups = explicit_groups(model, list(removed), dict(cascades), example_inputs)
         chosen = [(g, removed[g.name]) for g in groups]
     else:
-        chosen = _discovered(model, removed, example_inputs, couple)
+        chosen = _discovered(model, removed, example_inputs, couple, include_output)
     return build_plan(model, chosen, provenance)
 
 
-def _discovered(model, removed, example_inputs, couple):
-    try:
-        from pruneplan.graph.discover import prunable_groups
-    except ImportError:  # pragma: no cover - until discovery lands
-        raise PlanningError(
-            "automatic cascade discovery is not available in this version: pass cascades="
-        ) from None
+def _discovered(
+    model: nn.Module,
+    removed: Mapping[str, IndexLike],
+    example_inputs: Any,
+    couple: str,
+    include_output: bool,
+) -> list[tuple[GroupSpec, IndexLike]]:
     if example_inputs is None:
         raise PlanningError("automatic discovery needs example_inputs")
-    groups = prunable_groups(model, example_inputs)
+    if couple not in ("error", "expand"):
+        raise PlanningError(f"couple must be 'error' or 'expand', got {couple!r}")
+    groups = prunable_groups(model, example_inputs, include_output=include_output)
     by_name = {g.name: g for g in groups}
     by_root = {r: g for g in groups for r in g.roots}
     chosen: dict[str, tuple[GroupSpec, IndexLike]] = {}
     for key, idx in removed.items():
         g = by_name.get(key) or by_root.get(key)
         if g is None:
-            raise PlanningError(f"{key!r} is not a prunable group of this model")
+            names = [x.name for x in groups]
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise PlanningError(
+                f"{key!r} is not a prunable group of this model (prunable: {shown or 'none'}; "
+                "roots that produce the model's output need include_output=True)"
+            )
         if key != g.name and couple != "expand":
-            from pruneplan.errors import CoupledGroupError
-
             raise CoupledGroupError(
                 f"module {key!r} is coupled with {list(g.roots)} in group {g.name!r}: give the "
                 f"indices for {g.name!r}, or pass couple='expand'"
