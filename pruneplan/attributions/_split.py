@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .base import PASS_THROUGH_TYPES
+
 __all__ = ["LinearShortcut", "Split", "activation_bytes", "fx_split"]
 
 logger = logging.getLogger(__name__)
@@ -31,22 +33,7 @@ logger = logging.getLogger(__name__)
 #: modules that act on each unit (channel) separately: masking unit c of their input changes
 #: only unit c of their output, to the value it has for an all-zero input
 UNITWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Softplus,
+    *PASS_THROUGH_TYPES,  # BatchNorm and the element-wise activations
     nn.Identity,
     nn.Dropout,
     nn.Dropout1d,
