@@ -194,8 +194,8 @@ class Group(_Strict):
                 raise ValueError(f"{where}: removed[{i}] = {u} is not sorted (after {self.removed[i - 1]})")
         if len(self.removed) >= self.size:
             raise ValueError(f"{where}: removes all {self.size} units; at least one must stay")
-        if not self.slices:
-            raise ValueError(f"{where}: has no tensor slices")
+        if not (self.slices or self.edits or self.dropout):
+            raise ValueError(f"{where}: changes nothing (no tensor slices, edits or dropout changes)")
         for s in self.slices:
             if s.map.positions is not None and len(s.map.positions) != self.size:
                 raise ValueError(

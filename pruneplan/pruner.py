@@ -13,9 +13,8 @@ Choices:
   `Pruner.prune_module` and `Pruner.prune_parameter` return ``None``; nothing is recorded.
 * `Pruner.prune_module` and `Pruner.prune_parameter` are recorded too, as plans with one group
   named ``"<module>:out"``, ``"<module>:in"``, ``"<module>:channels"`` (norm layers) or
-  ``"<tensor>:axis<k>"``. The one exception is `Pruner.prune_module` on a dropout layer: a plan
-  group needs at least one tensor slice and dropout has none, so its rate is set directly
-  (logged, not recorded). Dropout layers given as cascades of `Pruner.prune_model` are recorded.
+  ``"<tensor>:axis<k>"``; `Pruner.prune_module` on a dropout layer records a group named
+  ``"<module>:dropout"`` that holds only the rate change.
 * The probe pass that maps channels to features runs on a zero batch of 2 examples of
   ``input_size`` in eval mode under ``torch.no_grad()``; training flags and BatchNorm statistics
   are as before.
@@ -46,10 +45,10 @@ from pruneplan.graph.rules import (
     norm_slices,
     root_slices,
 )
+from pruneplan.graph.spec import DropoutSpec, SliceSpec
 from pruneplan.graph.spec import Group as GroupSpec
-from pruneplan.graph.spec import SliceSpec
 from pruneplan.plan import PrunePlan
-from pruneplan.planner import build_plan, normalize_indices, plan_pruning
+from pruneplan.planner import build_plan, plan_pruning
 
 __all__ = ["Pruner"]
 
@@ -141,16 +140,14 @@ class Pruner:
         ``p * (1 - k / original_len)``.
 
         Returns:
-            The plan applied and recorded, or ``None`` when nothing was recorded (empty
-            ``indices``, dropout).
+            The plan applied and recorded, or ``None`` when nothing changed (empty ``indices``).
         """
         if direction not in ("out", "in"):
             raise PlanningError(f"direction must be 'out' or 'in', got {direction!r}")
         name = self._name(module)
         m = self._modules()[name]
         if isinstance(m, DROPOUT_TYPES):
-            self._prune_dropout(name, m, indices, original_len)
-            return None
+            return self._prune_dropout(name, m, indices, original_len)
         spec = self._module_spec(name, m, direction)
         return self._record(spec, indices, f"Pruner.prune_module({direction})")
 
@@ -254,17 +251,17 @@ class Pruner:
         return GroupSpec(name=f"{name}:{direction}", size=size, roots=(name,), slices=tuple(slices),
                          edits=tuple(edits))
 
-    def _prune_dropout(self, name: str, m: nn.Module, indices: IndexLike, original_len: int | None) -> None:
+    def _prune_dropout(
+        self, name: str, m: nn.Module, indices: IndexLike, original_len: int | None
+    ) -> PrunePlan | None:
         if original_len is None:
             raise PlanningError(
                 f"dropout {name!r}: pass original_len (the unit count before pruning) so that its "
                 "rate can become p * (1 - k / original_len)"
             )
-        k = len(normalize_indices(indices, int(original_len), f"dropout {name!r}"))
-        if k:
-            before = float(m.p)
-            m.p = before * (1.0 - k / int(original_len))
-            log.info("dropout %s: rate %.6g -> %.6g (not recorded in the history)", name, before, m.p)
+        spec = GroupSpec(name=f"{name}:dropout", size=int(original_len), roots=(name,), slices=(),
+                         dropouts=(DropoutSpec(name, float(m.p)),))
+        return self._record(spec, indices, "Pruner.prune_module(dropout)")
 
     def _record(self, spec: GroupSpec, indices: IndexLike, notes: str) -> PrunePlan | None:
         plan = build_plan(self.model, [(spec, indices)], {"notes": notes})

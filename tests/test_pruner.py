@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import pruneplan as pp
 from pruneplan import OptimizerStateError, PlanError, PlanningError, PrunePlan
 from pruneplan.apply import apply_plan
 from pruneplan.compose import compose
@@ -127,9 +128,14 @@ def test_dropout_rate_after_prune_module():
     model = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.5), nn.Linear(5, 1))
     p = Pruner(model, (3,), CPU)
     # 1 of 5 units removed: 0.5 * (1 - 1/5) = 0.4
-    assert p.prune_module(model[1], [2], direction="in", original_len=5) is None
+    plan = p.prune_module(model[1], [2], direction="in", original_len=5)
     assert math.isclose(model[1].p, 0.4)
-    assert p.history == []  # a dropout-only change has no tensor slice: not recorded
+    # recorded as a group holding only the rate change, so the history replays it
+    assert p.history == [plan] and plan.model.tensors == {}
+    assert plan.dropout_changes() == {"1": (0.5, 0.4)}
+    replay = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.5), nn.Linear(5, 1))
+    pp.apply_plan(replay, p.composed())
+    assert math.isclose(replay[1].p, 0.4)
     with pytest.raises(PlanningError, match="original_len"):
         p.prune_module(model[1], [0], direction="in")
     for drop in (nn.Dropout1d(0.3), nn.Dropout2d(0.3), nn.Dropout3d(0.3), nn.AlphaDropout(0.3)):
