@@ -115,9 +115,8 @@ def main() -> None:
     same = [n for n in METRICS if np.array_equal(all_scores[n][LAYER], one_layer[n])]
     other = [n for n in METRICS if n not in same]
     print(f"run_all(...)[{LAYER!r}] == run({LAYER!r}) for: {', '.join(same)}")
-    if other:
-        print(f"  not for {', '.join(other)}: a seeded metric draws from one generator per call, "
-              "so a layer's scores depend on the other layers in the call")
+    if other:  # seeded metrics draw from a generator per (seed, layer name): this stays empty
+        print(f"  but not for {', '.join(other)}")
 
     print("\nweakest unit per layer, and overlap with Taylor's weakest quarter")
     header = f"{'metric':<12} " + " ".join(f"{'layer ' + r:>18}" for r in roots)

@@ -725,3 +725,19 @@ def test_shapley_split_fx_on_untraceable_model_raises():
     _, _, data = image_data()
     with pytest.raises(Exception, match=r"(?i)symbolic|trace|proxy"):
         shapley(model, data, split="fx").run(model[3])
+
+
+def test_seeded_scores_do_not_depend_on_the_other_modules_scored() -> None:
+    # each module draws from a generator seeded by (seed, module name): scoring "2" alone or
+    # together with "0" gives the same numbers, and another seed gives other numbers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    data = [(torch.randn(8, 4), torch.randn(8, 2))]
+    for cls, kw in ((RandomAttributionMetric, {}), (ShapleyAttributionMetric, {"sv_samples": 3})):
+        metric = cls(model, data, F.mse_loss, "cpu", seed=3, progress=False, **kw)
+        alone = metric.run("2")
+        together = metric.run_all(["0", "2"])
+        np.testing.assert_array_equal(alone, together["2"])
+        assert alone.shape == (5,) and together["0"].shape == (6,)
+        other = cls(model, data, F.mse_loss, "cpu", seed=4, progress=False, **kw).run("2")
+        assert not np.array_equal(alone, other)

@@ -48,7 +48,9 @@ def removed_counts(plan: pp.PrunePlan) -> list[tuple[str, int, int]]:
 def test_attributions(tmp_path: Path) -> None:
     stdout = run_example("attributions.py", tmp_path)
     assert "attribution data: 64 examples in 1 batches" in stdout
-    assert "run_all(...)['3'] == run('3') for: weight_norm, apoz, sensitivity, taylor\n" in stdout
+    # seeded metrics (random, shapley) use one generator per (seed, layer): all six agree
+    assert "run_all(...)['3'] == run('3') for: random, weight_norm, apoz, sensitivity, taylor, shapley\n" in stdout
+    assert "but not for" not in stdout
     assert 'taylor reduction="none": shape (64, 32) (examples x units)' in stdout
     assert 'mean of that matrix == reduction="mean": True' in stdout
     assert 'equals mean + 2 * std of the "none" matrix: True' in stdout

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -362,6 +363,14 @@ class AttributionMetric:
             if m is module:
                 return name, m
         raise ValueError(f"{type(module).__name__} module is not part of the model")
+
+    def _module_rng(self, module: nn.Module, seed: int | None) -> np.random.Generator:
+        """A generator for one module: seeded by (seed, module name), so a module's scores do
+        not depend on which other modules are scored in the same call."""
+        if seed is None:
+            return np.random.default_rng()
+        name, _ = self._resolve(module)
+        return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
     def _n_batches(self) -> int | None:
         try:

@@ -24,8 +24,9 @@ class RandomAttributionMetric(AttributionMetric):
     ``find_best_evaluation_module`` is ignored.
 
     Extra argument:
-        seed: seed of the numpy generator (``None``: fresh entropy). With a seed, every ``run``
-            call starts from the same generator state.
+        seed: seed of the numpy generator (``None``: fresh entropy). With a seed, each module
+            draws from its own generator seeded by (seed, module name): the same scores on every
+            call, whether the module is scored alone or with others.
     """
 
     uses_data = False
@@ -43,16 +44,9 @@ class RandomAttributionMetric(AttributionMetric):
     ) -> None:
         super().__init__(model, data_generator, criterion, device, reduction, progress, **method_kwargs)
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
-
-    def run_all(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        """See :meth:`AttributionMetric.run_all`; a seeded metric restarts its generator."""
-        if self.seed is not None:
-            self._rng = np.random.default_rng(self.seed)
-        return super().run_all(*args, **kwargs)
 
     def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
-        return self._rng.random(self._unit_count(module))
+        return self._module_rng(module, self.seed).random(self._unit_count(module))
 
     def _unit_count(self, module: nn.Module) -> int:
         for attr in ("out_features", "out_channels", "num_features"):

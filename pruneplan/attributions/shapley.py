@@ -123,7 +123,9 @@ class ShapleyAttributionMetric(AttributionMetric):
 
     Extra arguments:
         sv_samples: number of permutations (default 5); ``run(..., sv_samples=n)`` overrides it.
-        seed: seed of the permutation generator; every ``run`` with a seed starts over from it.
+        seed: seed of the permutation generator; each module draws its permutations from its
+            own generator seeded by (seed, module name), so its scores do not depend on the
+            other modules scored in the same call.
         antithetic: each permutation is followed by its reverse (variance reduction).
         memory_budget_mb: target memory of one batched call of the part after the module
             (estimated as the sum of all its activations). Default: 64 on CPU, where larger
@@ -178,11 +180,11 @@ class ShapleyAttributionMetric(AttributionMetric):
     ) -> list[np.ndarray]:
         if kwargs:
             raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
-        rng = np.random.default_rng(self.seed)
         n_samples = self.sv_samples if sv_samples is None else int(sv_samples)
         results = []
         for i, module in enumerate(modules):
             data = batches if i == 0 else self._batches()
+            rng = self._module_rng(module, self.seed)
             results.append(self._attribute_one(module, data, rng, n_samples, permutations))
         return results
 
