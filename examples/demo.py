@@ -46,7 +46,7 @@ METRICS = {
     "apoz": (APoZAttributionMetric, {}),
     "sensitivity": (SensitivityAttributionMetric, {}),
     "taylor": (TaylorAttributionMetric, {}),
-    "shapley": (ShapleyAttributionMetric, {"sv_samples": 5, "seed": 0}),
+    "shapley": (ShapleyAttributionMetric, {"sv_samples": 20, "seed": 0}),
 }
 
 
