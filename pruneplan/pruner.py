@@ -102,8 +102,8 @@ class Pruner:
             indices: output units to remove.
             cascading_modules: downstream modules to adjust, in order (norm layers, dropout,
                 the consumer), as in the original TorchPruner. ``None`` discovers them from the
-                executed graph (needs `pruneplan.graph.discover`; a `PlanningError` says so
-                while it is not available).
+                executed graph; for roots coupled by a residual sum, name the group (its first root,
+                see `pruneplan.prunable_groups`): all of them lose the same units.
 
         Returns:
             The plan applied (recorded in `history`); an empty plan when ``indices`` is empty.
