@@ -164,3 +164,10 @@ def test_probe_pass_leaves_batchnorm_statistics_and_flags_alone() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert int(after["1.num_batches_tracked"]) == 0
     assert [mod.training for mod in m.modules()] == [True, True, True, False, True, True]
+
+
+def test_explicit_cascade_with_a_norm_of_the_wrong_width_is_refused() -> None:
+    # a BatchNorm listed in the cascade must normalise the channels that reach it
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
+    with pytest.raises(pp.PlanningError, match=r"module '3' \(BatchNorm2d\) normalises 6 channels, but 4 reach it"):
+        pp.plan_pruning(m, {"0": [1]}, cascades={"0": ["1", "2", "3"]})

@@ -136,8 +136,19 @@ def norm_slices(
     """A normalisation layer over the stream's channels: parameters and running statistics.
 
     Args:
-        width: number of channels the layer normalises (for the error message).
+        width: number of channels that reach the layer; it must normalise exactly that many.
     """
+    if isinstance(m, nn.LayerNorm):
+        channels = m.normalized_shape[-1]
+    elif isinstance(m, nn.GroupNorm):
+        channels = m.num_channels
+    else:
+        channels = m.num_features
+    if channels != width:
+        raise PlanningError(
+            f"module {name!r} ({type(m).__name__}) normalises {channels} channels, but {width} "
+            "reach it from the pruned layer"
+        )
     p = f"{name}." if name else ""
     slices = []
     for key in ("weight", "bias"):
