@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,27 +35,11 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import accuracy, count_params, load_data, make_cnn, train
+from digits import accuracy, count_params, load_data, make_cnn, run_cli, train
 
 import pruneplan as pp
 
 DIGITS = Path(__file__).resolve().parent / "digits.py"
-
-# the CLI works on a tiny model: one thread (unless asked otherwise) avoids oversubscribing a
-# busy machine
-ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-
-
-def cli(*args: str) -> str:
-    """Run the installed ``pruneplan`` console script; fail loudly on a non-zero exit."""
-    exe = shutil.which("pruneplan", path=str(Path(sys.executable).parent)) or "pruneplan"
-    print("$ pruneplan " + " ".join(args))
-    result = subprocess.run([exe, *args], capture_output=True, text=True, env=ENV)
-    print(result.stdout.rstrip())
-    if result.returncode != 0:
-        raise SystemExit(f"pruneplan {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
-    return result.stdout
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,18 +66,18 @@ def main() -> None:
           f"-> {weights.name}")
 
     spec = f"{DIGITS}:make_cnn"
-    cli("groups", "--model", spec, "--input-shape", "1,8,8")
+    run_cli("groups", "--model", spec, "--input-shape", "1,8,8")
     plan_path = out / "plan.json"
-    cli("plan", "--model", spec, "--weights", str(weights), "--input-shape", "1,8,8",
+    run_cli("plan", "--model", spec, "--weights", str(weights), "--input-shape", "1,8,8",
         "--metric", "taylor", "--data", f"{DIGITS}:attribution_batches", "--ratio", str(args.ratio),
         "-o", str(plan_path))
-    cli("validate", str(plan_path), str(weights))
+    run_cli("validate", str(plan_path), str(weights))
 
     # ---- elsewhere -------------------------------------------------------------------------
     print("\n== elsewhere: only plan.json and model.safetensors ==")
     pruned_file = out / "model.pruned.safetensors"
     pruned_file.unlink(missing_ok=True)  # `apply` never overwrites without --force
-    cli("apply", str(plan_path), str(weights))
+    run_cli("apply", str(plan_path), str(weights))
     plan = pp.PrunePlan.load(plan_path)
     with safe_open(str(pruned_file), framework="pt") as f:
         recorded = f.metadata().get("pruneplan.plan_digest")

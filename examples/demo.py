@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import accuracy, count_macs, count_params, latency_ms, load_data, make_cnn, train
+from digits import accuracy, count_macs, count_params, latency_ms, load_data, make_cnn, run_cli, train
 
 import pruneplan as pp
 from pruneplan.attributions import (
@@ -107,9 +105,8 @@ def main() -> None:
     plan_path = out / "plans" / f"taylor_{int(ratios[-1] * 100)}.json"
     weights = out / "model.safetensors"
     save_file(model.state_dict(), str(weights))
-    cli = shutil.which("pruneplan", path=str(Path(sys.executable).parent)) or "pruneplan"
     pruned_file = out / "model.pruned.safetensors"
-    subprocess.run([cli, "apply", str(plan_path), str(weights), "-o", str(pruned_file), "--force"], check=True)
+    run_cli("apply", str(plan_path), str(weights), "-o", str(pruned_file), "--force")
     plan = pp.PrunePlan.load(plan_path)
     from_file = pp.load_pruned(make_cnn(), plan, pruned_file).eval()
     live = pp.apply_plan(copy.deepcopy(model), plan).eval()

@@ -6,8 +6,13 @@ dataset. Everything is seeded, so a run is reproducible on the same machine.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ __all__ = [
     "latency_ms",
     "load_data",
     "make_cnn",
+    "run_cli",
     "train",
 ]
 
@@ -133,3 +139,23 @@ def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30) -> float:
         model(x)
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1000)
+
+
+# the CLI works on tiny models here: one thread (unless asked otherwise) avoids oversubscribing a
+# busy machine
+_CLI_ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed ``pruneplan`` console script (the one beside this interpreter), echoing
+    the command and its output; with ``check``, a non-zero exit stops the example."""
+    exe = shutil.which("pruneplan", path=str(Path(sys.executable).parent)) or "pruneplan"
+    print("$ pruneplan " + " ".join(args))
+    result = subprocess.run([exe, *args], capture_output=True, text=True, env=_CLI_ENV)
+    if result.stdout.strip():
+        print(result.stdout.rstrip())
+    if result.stderr.strip():
+        print(result.stderr.rstrip())
+    if check and result.returncode != 0:
+        raise SystemExit(f"pruneplan {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
+    return result

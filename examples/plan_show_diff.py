@@ -17,9 +17,6 @@ Usage: python examples/plan_show_diff.py [--out out/plan_show_diff] [--quick]
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,25 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import load_data, make_cnn, train
+from digits import load_data, make_cnn, run_cli, train
 
 import pruneplan as pp
-
-# the CLI works on a tiny model: one thread (unless asked otherwise) avoids oversubscribing a
-# busy machine
-ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """Run the installed ``pruneplan`` console script (the one beside this interpreter)."""
-    exe = shutil.which("pruneplan", path=str(Path(sys.executable).parent)) or "pruneplan"
-    cmd = [exe, *args]
-    print("$ pruneplan " + " ".join(args))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    print(result.stdout.rstrip())
-    if result.stderr.strip():
-        print(result.stderr.rstrip())
-    return result
 
 
 def main() -> None:
@@ -78,7 +59,7 @@ def main() -> None:
     p30 = make(0.3, "plan_30.json")
 
     print("\n2. review it")
-    shown = cli("show", str(out / "plan_30.json"))
+    shown = run_cli("show", str(out / "plan_30.json"), check=False)
     (out / "show.txt").write_text(shown.stdout)
     print(f"exit status {shown.returncode}")
 
@@ -86,12 +67,12 @@ def main() -> None:
     make(0.3, "plan_30_again.json")
     identical = (out / "plan_30.json").read_bytes() == (out / "plan_30_again.json").read_bytes()
     print(f"plan_30.json and plan_30_again.json byte-identical: {identical}")
-    same = cli("diff", str(out / "plan_30.json"), str(out / "plan_30_again.json"))
+    same = run_cli("diff", str(out / "plan_30.json"), str(out / "plan_30_again.json"), check=False)
     print(f"exit status {same.returncode} (0: nothing differs)")
 
     print("\n4. a larger ratio, and what changes")
     p50 = make(0.5, "plan_50.json")
-    differ = cli("diff", str(out / "plan_30.json"), str(out / "plan_50.json"))
+    differ = run_cli("diff", str(out / "plan_30.json"), str(out / "plan_50.json"), check=False)
     (out / "diff.txt").write_text(differ.stdout)
     print(f"exit status {differ.returncode} (1: the plans differ, like diff(1)); '-[...]' are "
           "indices only plan_30 removes, '+[...]' indices only plan_50 removes")

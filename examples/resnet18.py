@@ -25,33 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits import count_params, latency_ms
 
 import pruneplan as pp
 from pruneplan.attributions import WeightNormAttributionMetric
 
 SKIP_MESSAGE = "torchvision is not installed; pip install torchvision to run this example"
-
-
-@torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, runs: int) -> float:
-    """Median latency of ``runs`` forward passes (after two warm-up passes), in milliseconds."""
-    model.eval()
-    for _ in range(2):
-        model(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
