@@ -447,3 +447,45 @@ def test_stack_couples_branches_and_recurrent_layers_block() -> None:
     assert pruned.a.out_features == pruned.b.out_features == pruned.o.in_features == 3
     with torch.no_grad():
         assert pruned(ids)["out"].shape == (2, 5, 2)
+
+
+def test_builtin_transformer_encoder_layers_are_traced_through() -> None:
+    # nn.TransformerEncoder is a built-in module made of other modules: discovery looks inside
+    # it, so each layer's MLP hidden units (linear1 -> activation -> dropout -> linear2) are
+    # prunable, while the model width, read by MultiheadAttention, is left out
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(8, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+    model, x = Net().eval(), torch.randn(3, 5, 8)
+    groups = prunable_groups(model, x)
+    assert [(g.name, g.size) for g in groups] == [("enc.layers.0.linear1", 32), ("enc.layers.1.linear1", 32)]
+    removed = {"enc.layers.0.linear1": [0, 5, 31], "enc.layers.1.linear1": [2]}
+    # reference: the original with those hidden units zeroed where they enter linear2
+    handles = []
+    for name, idx in removed.items():
+        consumer = model.get_submodule(name.replace("linear1", "linear2"))
+
+        def zero(_m, args, idx=idx):
+            h = args[0].clone()
+            h[..., idx] = 0
+            return (h,)
+
+        handles.append(consumer.register_forward_pre_hook(zero))
+    with torch.no_grad():
+        expected = model(x)
+    for h in handles:
+        h.remove()
+    pruned = apply_plan(copy.deepcopy(model), plan_pruning(model, removed, example_inputs=x))
+    assert pruned.enc.layers[0].linear1.out_features == 29 and pruned.enc.layers[1].linear2.in_features == 31
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)

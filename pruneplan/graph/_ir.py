@@ -115,8 +115,12 @@ def meta_of(value: Any) -> Any:
 
 
 def is_leaf(m: nn.Module) -> bool:
-    """A module recorded as one node: a built-in ``torch.nn`` module that is not a container."""
+    """A module recorded as one node: a built-in ``torch.nn`` layer.
+
+    Built-in modules made of other modules (``TransformerEncoderLayer``, containers) are traced
+    through, so that their inner layers are seen; ``MultiheadAttention`` (whose packed
+    projection is not a child module) stays one node.
+    """
     mod = type(m).__module__
-    return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(
-        m, nn.Sequential | nn.ModuleList | nn.ModuleDict
-    )
+    builtin = mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")
+    return builtin and (isinstance(m, nn.MultiheadAttention) or next(m.children(), None) is None)
