@@ -44,11 +44,15 @@ def _default_output(weights: Path) -> Path:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-digest-check", is_flag=True,
               help="Only compare the shapes of the tensors the plan touches.")
-def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest_check: bool) -> None:
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest_check: bool,
+          progress: bool | None) -> None:
     """Prune the safetensors file WEIGHTS as PLAN says."""
     out = pruneplan.apply_to_safetensors(
         PrunePlan.load(plan), weights, output or _default_output(weights),
         overwrite=force, check_digest=not no_digest_check,
+        progress=sys.stderr.isatty() if progress is None else progress,
     )
     click.echo(f"wrote {out}")
 

@@ -104,3 +104,13 @@ def test_installed_entry_point(files) -> None:
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
+
+
+def test_apply_progress_bar_goes_to_stderr_and_changes_nothing(files, tmp_path: Path) -> None:
+    _, _, plan_path, weights = files
+    quiet, loud = tmp_path / "quiet.safetensors", tmp_path / "loud.safetensors"
+    a = run("apply", str(plan_path), str(weights), "-o", str(quiet), "--no-progress")
+    b = run("apply", str(plan_path), str(weights), "-o", str(loud), "--progress")
+    assert a.exit_code == b.exit_code == 0
+    assert a.stderr == "" and "loud.safetensors" in b.stderr  # tqdm's bar, labelled by file
+    assert quiet.read_bytes() == loud.read_bytes()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer
 from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
@@ -102,6 +103,7 @@ def write_safetensors(
     entries: Mapping[str, tuple[str, list[int]]],
     produce: Callable[[str], torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
 ) -> None:
     """Stream tensors into a safetensors file atomically (temporary name, then rename).
 
@@ -109,6 +111,7 @@ def write_safetensors(
         entries: name -> (dtype name, shape) of every output tensor, known up front.
         produce: called once per name, in file order, returning that tensor (CPU).
         metadata: string metadata stored under ``__metadata__``.
+        progress: show a tqdm bar over the bytes written.
     """
     order = sorted(entries, key=lambda k: (-_RANK[entries[k][0]], k))
     header: dict[str, Any] = {}
@@ -122,11 +125,14 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with atomic_writer(Path(path)) as out:
+    bar = tqdm(total=offset, unit="B", unit_scale=True, desc=Path(path).name, disable=not progress,
+               leave=False)
+    with bar, atomic_writer(Path(path)) as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for name in order:
             t = produce(name)
+            bar.update(t.numel() * t.element_size())
             dtype, shape = entries[name]
             if list(t.shape) != list(shape) or _NAMES[t.dtype] != dtype:
                 raise WeightsFileError(f"internal: tensor {name!r} does not match its header")
@@ -141,12 +147,13 @@ def apply_to_safetensors(
     *,
     overwrite: bool = False,
     check_digest: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Write the pruned copy of the safetensors file ``src`` to ``dst``.
 
     Reads one tensor at a time; keeps the source metadata and adds the plan digest under
     ``"pruneplan.plan_digest"``; writes to a temporary name and renames, so ``dst`` is either
-    complete or untouched.
+    complete or untouched. ``progress`` shows a tqdm bar.
 
     Raises:
         WeightsFileError: ``src`` is missing, not safetensors, or truncated.
@@ -184,7 +191,7 @@ def apply_to_safetensors(
             t = buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
             return slice_tensor(t, keeps[name]) if name in keeps else t
 
-        write_safetensors(dst, entries, produce, metadata)
+        write_safetensors(dst, entries, produce, metadata, progress=progress)
     log.info("wrote %s (%d tensors, plan %s)", dst, len(entries), plan.digest()[:12])
     return dst
 
