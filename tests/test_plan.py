@@ -158,6 +158,10 @@ INVALID = [
     ("out of range", _mutate("groups/0/removed", [1, 4]), "removed[1] = 4 is out of range for size 4"),
     ("all removed", _mutate("groups/0/removed", [0, 1, 2, 3]), "removes all 4 units"),
     ("not an int", _mutate("groups/0/removed", [1, "x"]), "groups[0].removed[1]"),
+    # strict types: one form per value, so a numeric string or a bool is not an index
+    ("numeric string", _mutate("groups/0/removed", [1, "3"]), "groups[0].removed[1]: Input should be a valid integer"),
+    ("bool index", _mutate("groups/0/removed", [True, 3]), "groups[0].removed[0]: Input should be a valid integer"),
+    ("float size", _mutate("groups/0/size", 4.0), "groups[0].size: Input should be a valid integer"),
     ("dropout 1.0", _mutate("groups/0/dropout", [{"module": "d", "p_before": 1.0, "p_after": 0.5}]),
      "dropout rate 1.0 is outside [0, 1)"),
     ("dropout < 0", _mutate("groups/0/dropout", [{"module": "d", "p_before": 0.5, "p_after": -0.1}]),
