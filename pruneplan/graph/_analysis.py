@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,40 +394,30 @@ class _Analyzer:
             self.block(lab.roots, f"{node.where()} reads them on other axes")
             return None
         m = node.module
-        out_labs = lab.arr
-        for r in lab.roots:
-            st = self.stream(lab.arr, r, node)
-            if st is None:
-                continue
-            try:
-                slices, edits, _ = consumer_slices(node.target, m, st)
-            except PlanningError as exc:
-                self.block([r], str(exc))
-                continue
-            for s in slices:
-                self.effect(r, node, s)
-            for e in edits:
-                self.effect(r, node, e)
+        self.apply_rule(node, lab, lambda st: consumer_slices(node.target, m, st)[:2])
         if is_depthwise(m):
             out_labs = np.repeat(lab.arr, m.out_channels // m.in_channels)
             return Lab((1,), out_labs)
         return None
 
     def norm(self, node: Node, lab: Lab) -> None:
-        m = node.module
+        m, width = node.module, lab.arr.shape[0]
+        self.apply_rule(node, lab, lambda st: norm_slices(node.target, m, st, width))
+
+    def apply_rule(self, node: Node, lab: Lab, rule: Callable[[Stream], tuple[list, list]]) -> None:
+        """For each root in ``lab``: the slices and edits ``rule`` gives for its stream become
+        effects of that root; a rule that refuses blocks the root."""
         for r in lab.roots:
             st = self.stream(lab.arr, r, node)
             if st is None:
                 continue
             try:
-                slices, edits = norm_slices(node.target, m, st, lab.arr.shape[0])
+                slices, edits = rule(st)
             except PlanningError as exc:
                 self.block([r], str(exc))
                 continue
-            for s in slices:
-                self.effect(r, node, s)
-            for e in edits:
-                self.effect(r, node, e)
+            for item in (*slices, *edits):
+                self.effect(r, node, item)
 
     def module(self, node: Node) -> Any:
         m = node.module
