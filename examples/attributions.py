@@ -18,18 +18,16 @@ Usage: python examples/attributions.py [--out out/attributions] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import accuracy, load_data, make_cnn, train
+from digits import accuracy, example_parser, load_data, make_cnn, start_example, train
 
 import pruneplan as pp
 from pruneplan.attributions import (
@@ -62,15 +60,10 @@ def weakest(scores: np.ndarray, k: int) -> set[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/attributions"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    ap = example_parser(__doc__, "attributions")
     args = ap.parse_args()
     started = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny model: one thread is faster and steadier on a shared machine
+    out = start_example(args.out)
 
     data = load_data()
     model = make_cnn()

@@ -23,7 +23,6 @@ Usage: python examples/cli_workflow.py [--out out/cli_workflow] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -35,23 +34,18 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import accuracy, count_params, load_data, make_cnn, run_cli, train
+from digits import accuracy, count_params, example_parser, load_data, make_cnn, run_cli, start_example, train
 
 import pruneplan as pp
 
 DIGITS = Path(__file__).resolve().parent / "digits.py"
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/cli_workflow"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    ap = example_parser(__doc__, "cli_workflow")
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of units to remove")
     args = ap.parse_args()
     started = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny model: one thread is faster and steadier on a shared machine
+    out = start_example(args.out)
 
     # ---- here ------------------------------------------------------------------------------
     print("== here: model code, data and metric ==")

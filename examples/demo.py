@@ -14,7 +14,6 @@ Usage: python examples/demo.py [--out out/demo] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -26,7 +25,18 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import accuracy, count_macs, count_params, latency_ms, load_data, make_cnn, run_cli, train
+from digits import (
+    accuracy,
+    count_macs,
+    count_params,
+    example_parser,
+    latency_ms,
+    load_data,
+    make_cnn,
+    run_cli,
+    start_example,
+    train,
+)
 
 import pruneplan as pp
 from pruneplan.attributions import (
@@ -49,15 +59,11 @@ METRICS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/demo"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    ap = example_parser(__doc__, "demo")
     args = ap.parse_args()
     started = time.perf_counter()
-    out: Path = args.out
-    (out / "plans").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # steadier timings on a shared 2-core machine
+    out = start_example(args.out)
+    (out / "plans").mkdir(exist_ok=True)
 
     data = load_data()
     model = make_cnn()

@@ -6,6 +6,7 @@ dataset. Everything is seeded, so a run is reproducible on the same machine.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -25,10 +26,12 @@ __all__ = [
     "attribution_batches",
     "count_macs",
     "count_params",
+    "example_parser",
     "latency_ms",
     "load_data",
     "make_cnn",
     "run_cli",
+    "start_example",
     "train",
 ]
 
@@ -159,3 +162,22 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise SystemExit(f"pruneplan {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def example_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The examples' common options: ``--out DIR`` (default ``out/<name>``) and ``--quick``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("out") / name)
+    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    return ap
+
+
+def start_example(out: Path) -> Path:
+    """Create the output folder, seed torch, use one thread; return ``out``.
+
+    Tiny models: one intra-op thread is faster and steadier on a shared 2-core machine.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return out

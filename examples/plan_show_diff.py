@@ -16,30 +16,22 @@ Usage: python examples/plan_show_diff.py [--out out/plan_show_diff] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import load_data, make_cnn, run_cli, train
+from digits import example_parser, load_data, make_cnn, run_cli, start_example, train
 
 import pruneplan as pp
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/plan_show_diff"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    ap = example_parser(__doc__, "plan_show_diff")
     args = ap.parse_args()
     started = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny model: one thread is faster and steadier on a shared machine
+    out = start_example(args.out)
 
     data = load_data()
     model = make_cnn()

@@ -18,7 +18,6 @@ Usage: python examples/resnet18.py [--out out/resnet18] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import sys
@@ -30,7 +29,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import count_params, latency_ms
+from digits import count_params, example_parser, latency_ms, start_example
 
 import pruneplan as pp
 from pruneplan.attributions import WeightNormAttributionMetric
@@ -39,9 +38,7 @@ SKIP_MESSAGE = "torchvision is not installed; pip install torchvision to run thi
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/resnet18"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    ap = example_parser(__doc__, "resnet18")
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of units to remove per group")
     args = ap.parse_args()
     if importlib.util.find_spec("torchvision") is None:
@@ -50,10 +47,7 @@ def main() -> None:
     import torchvision
 
     started = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # steadier timings on a shared machine
+    out = start_example(args.out)
     runs = 5 if args.quick else 20
 
     model = torchvision.models.resnet18().eval()  # weights=None: random weights, no download

@@ -24,7 +24,6 @@ Usage: python examples/train_and_prune.py [--out out/train_and_prune] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import accuracy, count_params, load_data, make_cnn, train
+from digits import accuracy, count_params, example_parser, load_data, make_cnn, start_example, train
 
 import pruneplan as pp
 from pruneplan.attributions import TaylorAttributionMetric
@@ -43,17 +42,13 @@ from pruneplan.pruner import Pruner
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/train_and_prune"))
-    ap.add_argument("--quick", action="store_true", help="tiny settings, for the tests")
+    ap = example_parser(__doc__, "train_and_prune")
     args = ap.parse_args()
     started = time.perf_counter()
-    out: Path = args.out
-    (out / "steps").mkdir(parents=True, exist_ok=True)
+    out = start_example(args.out)
+    (out / "steps").mkdir(exist_ok=True)
     for old in (out / "steps").glob("step_*.json"):
         old.unlink()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # tiny model: one thread is faster and steadier on a shared machine
 
     data = load_data()
     model = make_cnn()
