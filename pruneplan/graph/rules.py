@@ -81,19 +81,16 @@ class Stream:
         return [base + r + t * self.tile_stride for t in range(self.tiles) for r in range(self.repeat)]
 
     def expand(self, factor: int) -> Stream:
-        """Each position becomes ``factor`` consecutive ones (channels-first flatten, multiplier)."""
+        """Each position ``p`` becomes ``p * factor + f`` for ``f < factor`` (channels-first
+        flatten, depthwise channel multiplier)."""
         if factor == 1:
             return self
-        if self.positions is None and self.tiles == 1:
-            return replace(self, offset=self.offset * factor, repeat=self.repeat * factor)
-        # general case: spell the positions out
-        return Stream(positions=tuple(tuple(p * factor + r for p in pos for r in range(factor))
-                                      for pos in self._all_units()))
-
-    def _all_units(self) -> list[list[int]]:
         if self.positions is None:
-            raise PlanningError("internal: cannot enumerate an affine stream without its size")
-        return [list(p) for p in self.positions]
+            # o + u*R + r + t*S  ->  o*F + u*(R*F) + (r*F + f) + t*(S*F): still affine
+            return replace(self, offset=self.offset * factor, repeat=self.repeat * factor,
+                           tile_stride=self.tile_stride * factor)
+        return Stream(positions=tuple(tuple(p * factor + f for p in pos for f in range(factor))
+                                      for pos in self.positions))
 
 
 def is_depthwise(m: nn.Module) -> bool:
