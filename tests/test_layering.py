@@ -47,6 +47,8 @@ RULES = [
                       "pruneplan.select", "pruneplan.pruner", "pruneplan.cli")),
     ("apply", ("pruneplan.attributions", "pruneplan.select", "pruneplan.planner", "pruneplan.pruner",
                "pruneplan.graph", "pruneplan.cli")),
+    ("distributed.py", ("numpy", "pruneplan.attributions", "pruneplan.graph", "pruneplan.apply",
+                        "pruneplan.planner", "pruneplan.select", "pruneplan.pruner", "pruneplan.cli")),
     ("graph", ("pruneplan.plan", "pruneplan.planner", "pruneplan.apply", "pruneplan.attributions",
                "pruneplan.cli")),
 ]

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._distributed import Collective, resolve_group
+
 __all__ = ["AttributionMetric", "Reduction"]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,15 @@ _SHARED_DOC = """
         reduction: how the ``(N, units)`` per-example score matrix is reduced over examples:
             ``"mean"`` (default), ``"sum"``, ``"none"`` (return the matrix itself) or a callable
             taking the matrix and returning one score per unit (e.g. mean + 2 * std).
-        progress: show a tqdm progress bar (default ``True``).
+        progress: show a tqdm progress bar (default ``True``; only on rank 0 when distributed).
+        distributed: ``None`` (default): when ``torch.distributed`` is initialised with more than
+            one rank, each rank scores its own batches (e.g. from a ``DistributedSampler``) and
+            the results are combined so that every rank returns the same scores: per-unit sums
+            and example counts are all-reduced (``"mean"``, ``"sum"``), the per-example matrix
+            is gathered in rank order (``"none"``, callables). Every rank of the group must
+            then call ``run``/``run_all`` with the same modules. ``False``: score locally only.
+            ``True``: require an initialised process group.
+        process_group: the group to combine over (default: the world group).
 """
 
 
@@ -159,6 +169,11 @@ def unit_sum(t: torch.Tensor) -> torch.Tensor:
     if t.dim() < 2:
         raise ValueError(f"an activation needs a batch and a unit axis, got shape {tuple(t.shape)}")
     return t.flatten(2).sum(-1) if t.dim() > 2 else t
+
+
+def stack_rows(rows: list[torch.Tensor]) -> np.ndarray:
+    """Concatenate per-batch ``(B, units)`` score blocks; ``(0, 0)`` when there were no batches."""
+    return torch.cat(rows).numpy() if rows else np.zeros((0, 0))
 
 
 def reduce_scores(matrix: np.ndarray, reduction: Reduction) -> np.ndarray:
@@ -284,6 +299,9 @@ class AttributionMetric:
         device: torch.device | str,
         reduction: Reduction = "mean",
         progress: bool = True,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
         **method_kwargs: Any,
     ) -> None:
         if method_kwargs:
@@ -296,6 +314,10 @@ class AttributionMetric:
         self.device = torch.device(device)
         self.reduction = reduction
         self.progress = progress
+        self.distributed = distributed
+        self.process_group = process_group
+        #: the collectives of the run in progress (``None``: local run)
+        self._collective: Collective | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -321,24 +343,98 @@ class AttributionMetric:
         resolved = [self._resolve(m) for m in modules]
         if not resolved:
             return {}
+        group = resolve_group(self.distributed, self.process_group)
+        if group is not None:
+            return self._run_distributed(Collective(group), resolved, find_best_evaluation_module, kwargs)
         if not self.uses_data:
-            if kwargs:
-                raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
-            with preserved_state(self.model):
-                return {
-                    name: reduce_scores(self._static_scores(name, m)[None, :], self.reduction)
-                    for name, m in resolved
-                }
+            return self._run_static(resolved, kwargs)
         with preserved_state(self.model):
-            batches = self._batches()
-            if find_best_evaluation_module:
-                first = next(batches)
-                batches = itertools.chain([first], batches)
-                targets = self._find_evaluation_modules([m for _, m in resolved], first[0])
-            else:
-                targets = [m for _, m in resolved]
-            matrices = self._attribute(targets, batches, **kwargs)
+            matrices = self._local_matrices(resolved, find_best_evaluation_module, kwargs)
         return {name: reduce_scores(matrix, self.reduction) for (name, _), matrix in zip(resolved, matrices)}
+
+    # ------------------------------------------------------------------ one run
+
+    def _run_static(
+        self, resolved: list[tuple[str, nn.Module]], kwargs: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
+        with preserved_state(self.model):
+            return {
+                name: reduce_scores(self._static_scores(name, m)[None, :], self.reduction)
+                for name, m in resolved
+            }
+
+    def _local_matrices(
+        self,
+        resolved: list[tuple[str, nn.Module]],
+        find_best_evaluation_module: bool,
+        kwargs: dict[str, Any],
+    ) -> list[np.ndarray]:
+        """The ``(N, units)`` score matrices of this process's batches (in ``preserved_state``)."""
+        batches = self._batches()
+        targets = [m for _, m in resolved]
+        if find_best_evaluation_module:
+            first = next(batches, None)
+            if first is not None:  # None: a rank without batches in a distributed run
+                batches = itertools.chain([first], batches)
+                targets = self._find_evaluation_modules(targets, first[0])
+        return self._attribute(targets, batches, **kwargs)
+
+    def _run_distributed(
+        self,
+        comm: Collective,
+        resolved: list[tuple[str, nn.Module]],
+        find_best_evaluation_module: bool,
+        kwargs: dict[str, Any],
+    ) -> dict[str, np.ndarray]:
+        """Score this rank's batches, then combine over the process group.
+
+        Data-free metrics are computed on the group's rank 0 and broadcast. Otherwise every
+        rank computes its matrices; ``"mean"`` and ``"sum"`` all-reduce per-unit sums and
+        example counts, ``"none"`` and callables gather the matrices in rank order.
+        """
+        seed_was = getattr(self, "seed", 0)
+        self._collective = comm
+        try:
+            if seed_was is None:  # unseeded: every rank must still draw the same numbers
+                self.seed = comm.shared_seed()
+            if not self.uses_data:
+                scores, error = None, None
+                if comm.rank == 0:
+                    try:
+                        scores = list(self._run_static(resolved, kwargs).values())
+                    except Exception as exc:
+                        error = exc
+                arrays = comm.broadcast_arrays(scores, error)
+                return {name: a for (name, _), a in zip(resolved, arrays)}
+            matrices: list[np.ndarray] = []
+            error = None
+            try:
+                with preserved_state(self.model):
+                    matrices = self._local_matrices(resolved, find_best_evaluation_module, kwargs)
+            except Exception as exc:
+                error = exc
+            rows = [m.shape[0] for m in matrices] or [0] * len(resolved)
+            units = [m.shape[1] if m.shape[0] else 0 for m in matrices] or [0] * len(resolved)
+            shapes = comm.check(error, rows, units)
+            n = len(resolved)
+            counts = [comm.units(shapes, i, n, name) for i, (name, _) in enumerate(resolved)]
+            matrices = [m if m.shape[0] else np.zeros((0, u)) for m, u in zip(matrices, counts)]
+            if self.reduction in ("mean", "sum"):
+                sums = comm.sum([m.sum(0) for m in matrices])
+                if self.reduction == "sum":
+                    return {name: s for (name, _), s in zip(resolved, sums)}
+                totals = shapes[:, :n].sum(0)
+                return {name: s / totals[i] for i, ((name, _), s) in enumerate(zip(resolved, sums))}
+            return {
+                name: reduce_scores(comm.gather_rows(m, shapes[:, i], counts[i]), self.reduction)
+                for i, ((name, _), m) in enumerate(zip(resolved, matrices))
+            }
+        finally:
+            self._collective = None
+            if seed_was is None:
+                self.seed = None
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -379,14 +475,17 @@ class AttributionMetric:
             return None
 
     def _batches(self) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(x, y)`` batches moved to the device; raise if there are none."""
+        """Yield ``(x, y)`` batches moved to the device; raise if there are none.
+
+        In a distributed run a rank may have no batches (the check is then made over all ranks).
+        """
         empty = True
         for batch in self.data_generator:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError("data_generator must yield (x, y) pairs")
             empty = False
             yield to_device(batch[0], self.device), to_device(batch[1], self.device)
-        if empty:
+        if empty and self._collective is None:
             raise ValueError(
                 "data_generator yielded no batches (a generator object can be iterated only "
                 "once: pass a list, a DataLoader or an object whose __iter__ starts over)"
@@ -397,7 +496,7 @@ class AttributionMetric:
             total=total,
             desc=type(self).__name__,
             unit=unit,
-            disable=not self.progress,
+            disable=not self.progress or (self._collective is not None and self._collective.rank != 0),
             leave=False,
         )
 
@@ -543,7 +642,7 @@ class ForwardAttributionMetric(AttributionMetric):
                     bar.update(1)
         finally:
             capture.remove()
-        return [torch.cat(s).numpy() for s in scores]
+        return [stack_rows(s) for s in scores]
 
 
 class GradientAttributionMetric(AttributionMetric):
@@ -591,4 +690,4 @@ class GradientAttributionMetric(AttributionMetric):
                     bar.update(1)
         finally:
             capture.remove()
-        return [torch.cat(s).numpy() for s in scores]
+        return [stack_rows(s) for s in scores]

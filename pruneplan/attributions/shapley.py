@@ -50,6 +50,7 @@ from .base import (
     per_example_loss,
     repeat_batch,
     slice_batch,
+    stack_rows,
 )
 
 __all__ = ["ShapleyAttributionMetric", "permutation_samples"]
@@ -236,7 +237,7 @@ class ShapleyAttributionMetric(AttributionMetric):
                 for s in range(perm_t.shape[0]):
                     sv.index_add_(1, perm_t[s], diffs[s].t())
                 rows.append((sv / perm_t.shape[0]).cpu())
-        return torch.cat(rows).numpy()
+        return stack_rows(rows)
 
     # ------------------------------------------------------------------ engines
 

@@ -1,0 +1,105 @@
+"""Pruning under ``torch.distributed``: plan once, broadcast the plan, apply it on every rank.
+
+The metrics combine their scores over the ranks by themselves (see
+:class:`pruneplan.attributions.AttributionMetric`). What is left is to make one decision: the plan
+is made on one rank and sent to the others as its canonical JSON (a plan is data; nothing is
+pickled), so that :func:`pruneplan.apply_plan` gives identical models everywhere::
+
+    scores = TaylorAttributionMetric(model, loader, F.cross_entropy, device).run_all(names)
+    plan = broadcast_plan(lambda: plan_pruning(model, select(scores), example_inputs=x))
+    apply_plan(model, plan, optimizer=optimizer)
+    ddp = DistributedDataParallel(model)   # re-wrap: DDP's buckets have the old sizes
+
+This module imports torch, the plan model and the errors; no metric, graph or applier code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pruneplan.errors import PlanningError, PlanValidationError
+from pruneplan.plan import PrunePlan
+
+__all__ = ["broadcast_plan"]
+
+log = logging.getLogger(__name__)
+
+_OK, _FAILED = 0, 1
+
+
+def broadcast_plan(
+    plan: PrunePlan | Callable[[], PrunePlan] | None,
+    src: int = 0,
+    group: Any = None,
+) -> PrunePlan:
+    """Send the plan made on rank ``src`` to every rank of ``group``; return it everywhere.
+
+    Every rank of the group must call this. On ``src``, ``plan`` is the plan or a function
+    making it (called on ``src`` only); other ranks pass ``None`` (a value they pass is ignored).
+    If making the plan raises on ``src``, the error is raised there and a `PlanningError`
+    naming it is raised on every other rank, so no rank is left waiting.
+    Without an initialised process group (or with one rank) the plan is returned as is.
+
+    Args:
+        plan: the plan, a zero-argument function returning it, or ``None`` off ``src``.
+        src: the rank (global numbering) that makes the plan.
+        group: the process group (default: the world group).
+
+    Returns:
+        the plan, equal (same digest) on every rank.
+
+    Raises:
+        PlanningError: the plan could not be made on ``src``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return _make(plan)
+    rank = dist.get_rank()
+    device = _device(group)
+    payload, error = b"", None
+    if rank == src:
+        try:
+            made = _make(plan)
+            payload = made.to_json().encode("utf-8")
+        except Exception as exc:
+            error = exc
+            payload = f"{type(exc).__name__}: {exc}".encode()
+    status = _FAILED if error is not None else _OK
+    head = torch.tensor([status, len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(head, src=src, group=group)
+    status, length = (int(v) for v in head.cpu().tolist())
+    buf = torch.zeros(length, dtype=torch.uint8)
+    if rank == src:
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    buf = buf.to(device)
+    dist.broadcast(buf, src=src, group=group)
+    if error is not None:
+        raise error
+    text = bytes(buf.cpu().numpy()).decode("utf-8")
+    if status == _FAILED:
+        raise PlanningError(f"making the plan failed on rank {src}: {text}")
+    received = PrunePlan.from_json(text)
+    if received.to_json() != text:
+        raise PlanValidationError(f"the plan received from rank {src} is not in canonical form")
+    log.info("plan %s received from rank %d", received.digest()[:12], src)
+    return received
+
+
+def _make(plan: PrunePlan | Callable[[], PrunePlan] | None) -> PrunePlan:
+    made = plan() if callable(plan) else plan
+    if not isinstance(made, PrunePlan):
+        raise TypeError(f"broadcast_plan needs a PrunePlan (or a function returning one) on the source "
+                        f"rank, got {type(made).__name__}")
+    return made
+
+
+def _device(group: Any) -> torch.device:
+    """CPU for gloo, the current CUDA device for NCCL."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
