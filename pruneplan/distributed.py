@@ -5,6 +5,7 @@ The metrics combine their scores over the ranks by themselves (see
 is made on one rank and sent to the others as its canonical JSON (a plan is data; nothing is
 pickled), so that :func:`pruneplan.apply_plan` gives identical models everywhere::
 
+    broadcast_module(model)                # identical replicas (DDP leaves BN statistics apart)
     scores = TaylorAttributionMetric(model, loader, F.cross_entropy, device).run_all(names)
     plan = broadcast_plan(lambda: plan_pruning(model, select(scores), example_inputs=x))
     apply_plan(model, plan, optimizer=optimizer)
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from pruneplan.errors import PlanningError, PlanValidationError
 from pruneplan.plan import PrunePlan
 
-__all__ = ["broadcast_plan"]
+__all__ = ["broadcast_module", "broadcast_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,33 @@ def broadcast_plan(
         raise PlanValidationError(f"the plan received from rank {src} is not in canonical form")
     log.info("plan %s received from rank %d", received.digest()[:12], src)
     return received
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0, group: Any = None) -> torch.nn.Module:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank, in place.
+
+    Replicas trained with ``DistributedDataParallel`` share parameters but not necessarily
+    buffers: DDP sends rank 0's buffers at the start of each forward pass, and each rank's last
+    pass then updates its own BatchNorm statistics. Call this before attribution and pruning so
+    every rank scores and prunes the same model. Tensors are updated in place (the
+    ``nn.Parameter`` objects stay, so optimizers keep their references). Without an initialised
+    process group it does nothing.
+
+    Returns:
+        ``module``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return module
+    device = _device(group)
+    tensors = [t for t in (*module.parameters(), *module.buffers())]
+    for t in tensors:
+        buf = t.detach()
+        moved = buf if buf.device == device else buf.to(device)
+        dist.broadcast(moved, src=src, group=group)
+        if moved is not buf:
+            buf.copy_(moved)
+    return module
 
 
 def _make(plan: PrunePlan | Callable[[], PrunePlan] | None) -> PrunePlan:

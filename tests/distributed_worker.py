@@ -7,6 +7,7 @@ result a rank produces is saved to ``<out>/rank<r>.pt`` (a dict of tensors and s
 from __future__ import annotations
 
 import datetime
+import logging
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,30 @@ from pruneplan.attributions import (
     TaylorAttributionMetric,
     WeightNormAttributionMetric,
 )
-from pruneplan.distributed import broadcast_plan
+from pruneplan.distributed import broadcast_module, broadcast_plan
 
 N_EXAMPLES = 37  # odd: the two ranks get 19 and 18 examples, last batches of 3 and 2
 BATCH = 8
 MODULES = ["0", "3"]
+
+
+class CapturedLogs(logging.Handler):
+    """Collect the messages of one logger while in a ``with`` block."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.logger = logging.getLogger(name)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> CapturedLogs:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
 
 
 def make_model() -> nn.Sequential:
@@ -141,6 +161,22 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         except Exception as exc:  # the message is what the test checks
             results["error"] = f"{type(exc).__name__}: {exc}"
 
+        # replicas that differ (BN statistics) are reported; broadcast_module makes them equal
+        drifted = make_model()
+        if rank == 1:
+            with torch.no_grad():
+                drifted[1].running_mean += 0.1
+        weight = drifted[0].weight
+        for stage in ("before", "after"):
+            if stage == "after":
+                broadcast_module(drifted)
+            with CapturedLogs("pruneplan.attributions") as logs:
+                score(drifted, loader, TaylorAttributionMetric, {}, {})
+            results[f"warnings_{stage}"] = "\n".join(logs.messages)
+        results["broadcast_keeps_parameter"] = str(drifted[0].weight is weight)
+        for k, v in drifted.state_dict().items():
+            results[f"broadcast/{k}"] = v.clone()
+
         # plan once on rank 0, broadcast, apply everywhere
         taylor = {k.split("/")[1]: v.numpy() for k, v in results.items() if k.startswith("taylor/")}
         plan = broadcast_plan((lambda: plan_from_scores(model, taylor)) if rank == 0 else None)
@@ -158,6 +194,11 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         train_step(ddp, optimizer, x_all[half], y_all[half])
         for k, v in model.state_dict().items():
             results[f"stepped/{k}"] = v.clone()
+        try:
+            TaylorAttributionMetric(ddp, loader, F.cross_entropy, "cpu")
+            results["ddp_error"] = "no error"
+        except TypeError as exc:
+            results["ddp_error"] = str(exc)
 
         # a plan that fails on the source rank fails on every rank
         def failing() -> pruneplan.PrunePlan:

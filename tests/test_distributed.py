@@ -148,6 +148,25 @@ def test_broadcast_plan_gives_identical_models(ranks):
         torch.testing.assert_close(ranks[0][f"stepped/{k}"], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_replicas_that_differ_are_reported_and_broadcast_module_syncs_them(ranks):
+    # rank 1's BN running_mean was shifted by 0.1: both ranks warn, naming the remedy
+    for r in ranks:
+        assert "the model differs across ranks" in r["warnings_before"]
+        assert "broadcast_module" in r["warnings_before"]
+        assert r["warnings_after"] == ""
+        assert r["broadcast_keeps_parameter"] == "True"
+    # after broadcast_module both ranks hold rank 0's (unshifted) model exactly
+    for k, v in w.make_model().state_dict().items():
+        for r in ranks:
+            assert torch.equal(r[f"broadcast/{k}"], v), k
+
+
+def test_a_ddp_wrapper_is_refused_with_advice(ranks):
+    # attribution on the wrapper would sync buffers/gradients on every forward pass
+    for r in ranks:
+        assert r["ddp_error"].startswith("pass the module inside DistributedDataParallel (ddp.module)")
+
+
 def test_a_failed_plan_fails_on_every_rank(ranks):
     assert ranks[0]["plan_error"] == "PlanningError: no module named 'nope'"
     assert ranks[1]["plan_error"] == (

@@ -253,3 +253,29 @@ def test_resnet18_with_stand_in_torchvision(tmp_path: Path) -> None:
                              "(4 coupled by residual additions: conv1 x3, layer2.0.conv2 x3, "
                              "layer3.0.conv2 x3, layer4.0.conv2 x3)")
     check_resnet18_outputs(stdout, out)
+
+
+@pytest.mark.slow
+def test_distributed_attribution_under_torchrun(tmp_path: Path) -> None:
+    # two CPU processes (gloo) launched by torchrun, as the example's docstring says
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "distributed_attribution.py"), "--quick", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "2 ranks (gloo), 1348 training examples" in out
+    # DDP left the BatchNorm statistics apart; broadcast_module made the replicas equal
+    assert "models identical on all ranks after DDP training: False; after broadcast_module: True" in out
+    # each rank scored half of the data; the combined scores equal one process over all of it
+    assert "rank 0 scored 674 examples; every rank holds the scores of all 1348" in out
+    diff = float(re.search(r"largest difference to one process over all data: (\S+) \(relative\)", out)[1])
+    assert diff < 1e-9
+    assert "pruned models identical on all 2 ranks: True" in out
+    assert "after fine-tuning, parameters identical on all ranks: True" in out
+    # rank 0 wrote the plan (half of each group removed) and weights of the pruned shapes
+    plan = pp.PrunePlan.load(tmp_path / "plan.json")
+    assert removed_counts(plan) == [("0", 16, 8), ("3", 32, 16), ("9", 64, 32)]
+    weights = load_file(str(tmp_path / "model.pruned.safetensors"))
+    assert {k: list(v.shape) for k, v in weights.items() if k in plan.pruned_shapes()} == plan.pruned_shapes()
+    with safe_open(str(tmp_path / "model.pruned.safetensors"), "pt") as f:
+        assert f.metadata()["pruneplan.plan_digest"] == plan.digest()

@@ -172,6 +172,25 @@ class Collective:
             start += size
         return out
 
+    def replicas_differ(self, model: torch.nn.Module) -> bool:
+        """Whether the ranks hold different parameters or buffers (compared by checksums).
+
+        Each tensor contributes its sum and its sum of absolute values in float64; they are
+        compared with a relative tolerance of 1e-9, so summation order does not matter.
+        """
+        with torch.no_grad():
+            sums = [
+                torch.stack([t.double().sum(), t.double().abs().sum()]).cpu()
+                for t in (*model.parameters(), *model.buffers())
+                if t.is_floating_point() and t.numel()
+            ]
+        local = torch.cat([torch.tensor([float(len(sums))], dtype=torch.float64), *sums])
+        lengths = self._all_gather(torch.tensor([local.numel()], dtype=torch.int64))
+        if len({int(v) for v in lengths}) != 1:
+            return True
+        gathered = self._all_gather(local)
+        return not all(torch.allclose(g, gathered[0], rtol=1e-9, atol=0) for g in gathered[1:])
+
     def shared_seed(self) -> int:
         """A fresh random seed drawn on rank 0, the same on every rank."""
         seed = secrets.randbits(62) if self.rank == 0 else 0

@@ -306,6 +306,12 @@ class AttributionMetric:
     ) -> None:
         if method_kwargs:
             raise TypeError(f"{type(self).__name__} got unexpected arguments: {sorted(method_kwargs)}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                "pass the module inside DistributedDataParallel (ddp.module): the wrapper would "
+                "synchronise buffers and gradients on each of attribution's forward passes, "
+                "which ranks make in different numbers"
+            )
         if not (callable(reduction) or reduction in ("mean", "sum", "none")):
             raise ValueError(f"reduction must be 'mean', 'sum', 'none' or a callable, got {reduction!r}")
         self.model = model
@@ -397,6 +403,12 @@ class AttributionMetric:
         seed_was = getattr(self, "seed", 0)
         self._collective = comm
         try:
+            if comm.replicas_differ(self.model):
+                logger.warning(
+                    "the model differs across ranks (BatchNorm statistics after DDP training?): "
+                    "each rank scores its own copy; call pruneplan.distributed.broadcast_module"
+                    "(model) first to score one model"
+                )
             if seed_was is None:  # unseeded: every rank must still draw the same numbers
                 self.seed = comm.shared_seed()
             if not self.uses_data:
