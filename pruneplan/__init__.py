@@ -3,7 +3,9 @@
 from pruneplan.apply import (
     apply_plan,
     apply_to_safetensors,
+    apply_to_sharded_safetensors,
     apply_to_state_dict,
+    check_sharded_weights,
     check_weights,
     load_pruned,
 )
@@ -65,7 +67,9 @@ __all__ = [
     "__version__",
     "apply_plan",
     "apply_to_safetensors",
+    "apply_to_sharded_safetensors",
     "apply_to_state_dict",
+    "check_sharded_weights",
     "check_weights",
     "compose",
     "describe_groups",

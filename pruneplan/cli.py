@@ -31,7 +31,15 @@ def cli() -> None:
     """Plan, inspect and apply structured pruning of PyTorch models."""
 
 
+def _sharded(weights: Path) -> bool:
+    return weights.is_dir() or weights.name.endswith(".index.json")
+
+
 def _default_output(weights: Path) -> Path:
+    if _sharded(weights):
+        folder = weights if weights.is_dir() else weights.parent
+        folder = folder.resolve() if folder.name in ("", "..") else folder
+        return folder.with_name(f"{folder.name}.pruned")
     name = weights.name.removesuffix(".safetensors")
     return weights.with_name(f"{name}.pruned.safetensors")
 
@@ -40,7 +48,9 @@ def _default_output(weights: Path) -> Path:
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.argument("weights", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file (default: <stem>.pruned.safetensors beside WEIGHTS).")
+              help="Output file (default: <stem>.pruned.safetensors beside WEIGHTS); for a sharded "
+                   "checkpoint, the output folder (default: <folder>.pruned beside the checkpoint "
+                   "folder).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-digest-check", is_flag=True,
               help="Only compare the shapes of the tensors the plan touches.")
@@ -48,8 +58,14 @@ def _default_output(weights: Path) -> Path:
               help="Progress bar on stderr (default: when stderr is a terminal).")
 def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest_check: bool,
           progress: bool | None) -> None:
-    """Prune the safetensors file WEIGHTS as PLAN says."""
-    out = pruneplan.apply_to_safetensors(
+    """Prune WEIGHTS as PLAN says.
+
+    WEIGHTS is a safetensors file, or a sharded checkpoint: its folder (holding one
+    *.safetensors.index.json) or its index file. A sharded checkpoint is pruned shard by shard
+    into a new folder holding the pruned shards and index only (no config or other files).
+    """
+    apply_to = pruneplan.apply_to_sharded_safetensors if _sharded(weights) else pruneplan.apply_to_safetensors
+    out = apply_to(
         PrunePlan.load(plan), weights, output or _default_output(weights),
         overwrite=force, check_digest=not no_digest_check,
         progress=sys.stderr.isatty() if progress is None else progress,
@@ -61,10 +77,16 @@ def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.argument("weights", type=click.Path(path_type=Path), required=False)
 def validate(plan: Path, weights: Path | None) -> None:
-    """Check PLAN, and that it fits the safetensors file WEIGHTS when given."""
+    """Check PLAN, and that it fits WEIGHTS when given.
+
+    WEIGHTS is a safetensors file, or a sharded checkpoint (its folder or its
+    *.safetensors.index.json); for a sharded checkpoint the index and every shard header are
+    checked against each other too.
+    """
     loaded = PrunePlan.load(plan)
     if weights is not None:
-        pruneplan.check_weights(loaded, weights)
+        check = pruneplan.check_sharded_weights if _sharded(weights) else pruneplan.check_weights
+        check(loaded, weights)
     fits = f"; fits {weights}" if weights is not None else ""
     click.echo(f"ok: {len(loaded.groups)} groups, digest {loaded.digest()}{fits}")
 

@@ -2,12 +2,15 @@
 
 from pruneplan.apply.model import apply_plan
 from pruneplan.apply.safetensors_io import apply_to_safetensors, check_weights, load_pruned
+from pruneplan.apply.sharded import apply_to_sharded_safetensors, check_sharded_weights
 from pruneplan.apply.state_dict import apply_to_state_dict
 
 __all__ = [
     "apply_plan",
     "apply_to_safetensors",
+    "apply_to_sharded_safetensors",
     "apply_to_state_dict",
+    "check_sharded_weights",
     "check_weights",
     "load_pruned",
 ]

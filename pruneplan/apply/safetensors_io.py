@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer
-from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
+from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, slice_tensor
 from pruneplan.apply.model import apply_plan
 from pruneplan.errors import OutputFileError, PlanMismatchError, WeightsFileError
 from pruneplan.plan import PrunePlan
@@ -32,9 +32,12 @@ from pruneplan.plan import PrunePlan
 __all__ = [
     "DIGEST_KEY",
     "apply_to_safetensors",
+    "check_recorded_digest",
     "check_weights",
     "load_pruned",
+    "prune_file",
     "read_header",
+    "tensor_nbytes",
     "write_safetensors",
 ]
 
@@ -88,6 +91,11 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]
     return header, metadata, 8 + n
 
 
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of data of a tensor of safetensors dtype ``dtype`` (e.g. ``"F32"``) and ``shape``."""
+    return _DTYPES[dtype].itemsize * _numel(shape)
+
+
 def check_weights(plan: PrunePlan, path: str | Path, *, check_digest: bool = True) -> None:
     """Check that the safetensors file ``path`` holds the weights ``plan`` was made for.
 
@@ -120,7 +128,7 @@ def write_safetensors(
     offset = 0
     for name in order:
         dtype, shape = entries[name]
-        nbytes = _DTYPES[dtype].itemsize * _numel(shape)
+        nbytes = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
@@ -169,11 +177,30 @@ def apply_to_safetensors(
         raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
     header, metadata, start = read_header(src)
     check_fingerprint(plan, {k: e["shape"] for k, e in header.items()}, str(src), check_digest)
-    keeps = keep_indices(plan)
-    shapes = plan.pruned_shapes()
-    entries = {k: (e["dtype"], shapes.get(k, e["shape"])) for k, e in header.items()}
     metadata[DIGEST_KEY] = plan.digest()
+    prune_file(src, header, start, dst, keep_indices(plan), plan.pruned_shapes(), metadata, progress)
+    log.info("wrote %s (%d tensors, plan %s)", dst, len(header), plan.digest()[:12])
+    return dst
 
+
+def prune_file(
+    src: Path,
+    header: Mapping[str, dict],
+    start: int,
+    dst: Path,
+    keeps: KeepMap,
+    shapes: Mapping[str, list[int]],
+    metadata: Mapping[str, str],
+    progress: bool = False,
+) -> None:
+    """Stream the pruned copy of one checked safetensors file to ``dst``, one tensor at a time.
+
+    Args:
+        header, start: what `read_header` returned for ``src`` (tensor entries, data offset).
+        keeps, shapes: the plan's `keep_indices` and `PrunePlan.pruned_shapes`.
+        metadata: the output's complete metadata.
+    """
+    entries = {k: (e["dtype"], shapes.get(k, e["shape"])) for k, e in header.items()}
     with open(src, "rb") as fh:
         fd = fh.fileno()
 
@@ -192,8 +219,18 @@ def apply_to_safetensors(
             return slice_tensor(t, keeps[name]) if name in keeps else t
 
         write_safetensors(dst, entries, produce, metadata, progress=progress)
-    log.info("wrote %s (%d tensors, plan %s)", dst, len(entries), plan.digest()[:12])
-    return dst
+
+
+def check_recorded_digest(where: str | Path, recorded: object, plan: PrunePlan) -> None:
+    """Refuse weights whose metadata records another plan's digest (``None``: nothing recorded).
+
+    Raises:
+        PlanMismatchError: ``recorded`` is not ``plan``'s digest.
+    """
+    if recorded is not None and recorded != plan.digest():
+        raise PlanMismatchError(
+            f"{where}: pruned by plan {str(recorded)[:12]}, not by this plan ({plan.digest()[:12]})"
+        )
 
 
 def load_pruned(
@@ -206,22 +243,25 @@ def load_pruned(
     """Give a freshly built ``model`` the pruned architecture, then load ``weights`` strictly.
 
     Args:
-        weights: a pruned safetensors file or a pruned state dict.
+        weights: a pruned safetensors file, a pruned sharded checkpoint (its folder or its
+            ``*.safetensors.index.json``: every shard is loaded), or a pruned state dict.
 
     Raises:
-        PlanMismatchError: the file was pruned by another plan, or the weights do not fit.
+        PlanMismatchError: the file (or a shard) was pruned by another plan, or the weights do not fit.
+        WeightsFileError: the file or the sharded checkpoint is unreadable or inconsistent.
     """
     if isinstance(weights, str | Path):
-        path = Path(weights)
-        _, metadata, _ = read_header(path)
-        recorded = metadata.get(DIGEST_KEY)
-        if recorded is not None and recorded != plan.digest():
-            raise PlanMismatchError(
-                f"{path}: pruned by plan {recorded[:12]}, not by this plan ({plan.digest()[:12]})"
-            )
-        from safetensors.torch import load_file
+        from pruneplan.apply import sharded  # imports this module: import it late
 
-        state = load_file(str(path))
+        path = Path(weights)
+        if sharded.is_sharded_checkpoint(path):
+            state = sharded.load_sharded_state(plan, path)
+        else:
+            _, metadata, _ = read_header(path)
+            check_recorded_digest(path, metadata.get(DIGEST_KEY), plan)
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
     else:
         state = dict(weights)
     expected = plan.pruned_shapes()
@@ -247,7 +287,7 @@ def load_pruned(
     return model
 
 
-def _numel(shape: list[int]) -> int:
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= int(d)
