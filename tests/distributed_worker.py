@@ -195,6 +195,11 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         for k, v in model.state_dict().items():
             results[f"stepped/{k}"] = v.clone()
         try:
+            pruneplan.apply_plan(ddp, plan)
+            results["ddp_apply_error"] = "no error"
+        except pruneplan.PlanMismatchError as exc:
+            results["ddp_apply_error"] = str(exc)
+        try:
             TaylorAttributionMetric(ddp, loader, F.cross_entropy, "cpu")
             results["ddp_error"] = "no error"
         except TypeError as exc:

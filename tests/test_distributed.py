@@ -165,6 +165,11 @@ def test_a_ddp_wrapper_is_refused_with_advice(ranks):
     # attribution on the wrapper would sync buffers/gradients on every forward pass
     for r in ranks:
         assert r["ddp_error"].startswith("pass the module inside DistributedDataParallel (ddp.module)")
+        # apply_plan on the wrapper: its keys have a "module." prefix; the error says what to do
+        assert r["ddp_apply_error"] == (
+            "model is a DistributedDataParallel wrapper: apply the plan to ddp.module on every "
+            "rank, then wrap the pruned module in a new DistributedDataParallel"
+        )
 
 
 def test_a_failed_plan_fails_on_every_rank(ranks):

@@ -43,11 +43,21 @@ def apply_plan(
     and every optimizer state tensor shaped like them are sliced the same way, in every param
     group; scalar state such as ``step`` is kept.
 
+    Under ``DistributedDataParallel``, apply the plan to ``ddp.module`` on every rank and wrap
+    the pruned module in a new ``DistributedDataParallel``: the old wrapper's gradient buckets
+    were built for the unpruned sizes.
+
     Raises:
-        PlanMismatchError: shapes, module types or attribute values differ from the plan's.
+        PlanMismatchError: shapes, module types or attribute values differ from the plan's, or
+            ``model`` is a ``DistributedDataParallel`` wrapper.
         OptimizerStateError: the optimizer holds state for a pruned parameter that is not
             shaped like the parameter.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise PlanMismatchError(
+            "model is a DistributedDataParallel wrapper: apply the plan to ddp.module on every "
+            "rank, then wrap the pruned module in a new DistributedDataParallel"
+        )
     staged = _stage(model, plan, optimizer, check_digest)
     with torch.no_grad():
         for p, data, grad in staged.params:
