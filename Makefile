@@ -33,6 +33,7 @@ schema: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/apply_safetensors.py
+	$(PY) benchmarks/apply_sharded.py
 	$(PY) benchmarks/attributions.py
 
 clean:

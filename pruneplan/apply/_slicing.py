@@ -9,7 +9,7 @@ import torch
 from pruneplan.errors import PlanMismatchError
 from pruneplan.plan import PrunePlan, state_dict_digest
 
-__all__ = ["KeepMap", "check_fingerprint", "keep_indices", "slice_tensor"]
+__all__ = ["KeepMap", "check_fingerprint", "keep_indices", "kept_shape", "slice_tensor"]
 
 # tensor key -> [(axis, kept positions)], axes in increasing order
 KeepMap = dict[str, list[tuple[int, list[int]]]]
@@ -54,6 +54,14 @@ def keep_indices(plan: PrunePlan) -> KeepMap:
         out.setdefault(tensor, []).append((axis, [i for i in range(length) if i not in drop]))
     for v in out.values():
         v.sort()
+    return out
+
+
+def kept_shape(shape: Sequence[int], keeps: Sequence[tuple[int, Sequence[int]]]) -> list[int]:
+    """The shape of ``slice_tensor(t, keeps)`` for a tensor ``t`` of shape ``shape``."""
+    out = [int(d) for d in shape]
+    for axis, keep in keeps:
+        out[axis] = len(keep)
     return out
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer
-from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, slice_tensor
+from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape, slice_tensor
 from pruneplan.apply.model import apply_plan
 from pruneplan.errors import OutputFileError, PlanMismatchError, WeightsFileError
 from pruneplan.plan import PrunePlan
@@ -178,7 +178,7 @@ def apply_to_safetensors(
     header, metadata, start = read_header(src)
     check_fingerprint(plan, {k: e["shape"] for k, e in header.items()}, str(src), check_digest)
     metadata[DIGEST_KEY] = plan.digest()
-    prune_file(src, header, start, dst, keep_indices(plan), plan.pruned_shapes(), metadata, progress)
+    prune_file(src, header, start, dst, keep_indices(plan), metadata, progress)
     log.info("wrote %s (%d tensors, plan %s)", dst, len(header), plan.digest()[:12])
     return dst
 
@@ -189,7 +189,6 @@ def prune_file(
     start: int,
     dst: Path,
     keeps: KeepMap,
-    shapes: Mapping[str, list[int]],
     metadata: Mapping[str, str],
     progress: bool = False,
 ) -> None:
@@ -197,10 +196,10 @@ def prune_file(
 
     Args:
         header, start: what `read_header` returned for ``src`` (tensor entries, data offset).
-        keeps, shapes: the plan's `keep_indices` and `PrunePlan.pruned_shapes`.
+        keeps: the plan's `keep_indices`.
         metadata: the output's complete metadata.
     """
-    entries = {k: (e["dtype"], shapes.get(k, e["shape"])) for k, e in header.items()}
+    entries = {k: (e["dtype"], kept_shape(e["shape"], keeps.get(k, ()))) for k, e in header.items()}
     with open(src, "rb") as fh:
         fd = fh.fileno()
 

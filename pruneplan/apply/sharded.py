@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pruneplan._io import atomic_write_bytes
-from pruneplan.apply._slicing import check_fingerprint, keep_indices
+from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape
 from pruneplan.apply.safetensors_io import (
     DIGEST_KEY,
     check_recorded_digest,
@@ -197,7 +197,7 @@ def apply_to_sharded_safetensors(
     _check_output(index.parent, dst, overwrite)
     ckpt = read_sharded(index)
     check_fingerprint(plan, ckpt.shapes(), str(ckpt.index), check_digest)
-    keeps, shapes, digest = keep_indices(plan), plan.pruned_shapes(), plan.digest()
+    keeps, digest = keep_indices(plan), plan.digest()
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
@@ -206,9 +206,8 @@ def apply_to_sharded_safetensors(
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
         for shard in ckpt.shards:
             metadata = {**shard.metadata, DIGEST_KEY: digest}
-            prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps, shapes, metadata,
-                       progress)
-        atomic_write_bytes(tmp / ckpt.index.name, _index_bytes(ckpt, shapes, digest))
+            prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps, metadata, progress)
+        atomic_write_bytes(tmp / ckpt.index.name, _index_bytes(ckpt, keeps, digest))
         _fsync(tmp)
         _move_into_place(tmp, dst, overwrite)
     except BaseException:
@@ -372,10 +371,10 @@ def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
         log.warning("could not delete the replaced output %s", old)
 
 
-def _index_bytes(ckpt: ShardedCheckpoint, shapes: dict[str, list[int]], digest: str) -> bytes:
+def _index_bytes(ckpt: ShardedCheckpoint, keeps: KeepMap, digest: str) -> bytes:
     """The pruned index: pruned total_size and the plan digest; sorted keys, indent 2."""
     total = sum(
-        tensor_nbytes(e["dtype"], shapes.get(name, e["shape"]))
+        tensor_nbytes(e["dtype"], kept_shape(e["shape"], keeps.get(name, ())))
         for s in ckpt.shards
         for name, e in s.header.items()
     )
