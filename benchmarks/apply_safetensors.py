@@ -38,24 +38,39 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
-def build(folder: Path, size_mb: int) -> tuple[Path, Path, int]:
-    """A chain of square Linear layers of about ``size_mb`` MB (fp32), and a plan removing 50%."""
+def alternate(commands: list[list[str]], repeat: int) -> list[tuple[float, float]]:
+    """Run ``commands`` in turn, ``repeat`` times; per command (median seconds, median peak RSS)."""
+    runs = [[run_measured(cmd) for cmd in commands] for _ in range(repeat)]
+    return [(statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs))
+            for i in range(len(commands))]
+
+
+def linear_chain(size_mb: int, min_layers: int, gen):
+    """A meta-device chain of 2048x2048 Linear layers of about ``size_mb`` MB (fp32), and a plan
+    removing a random 50% of every hidden layer's units (drawn from the torch Generator ``gen``)."""
     import torch
-    from safetensors.torch import save_file
     from torch import nn
 
     import pruneplan as pp
 
     width = 2048
     per_layer = width * width * 4 + width * 4
-    layers = max(2, round(size_mb * 2**20 / per_layer))
+    layers = max(min_layers, round(size_mb * 2**20 / per_layer))
     with torch.device("meta"):
         model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
-    gen = torch.Generator().manual_seed(0)
     removed = {str(i): sorted(torch.randperm(width, generator=gen)[: width // 2].tolist())
                for i in range(layers - 1)}
     cascades = {str(i): [str(i + 1)] for i in range(layers - 1)}
-    plan = pp.plan_pruning(model, removed, cascades=cascades)
+    return model, pp.plan_pruning(model, removed, cascades=cascades)
+
+
+def build(folder: Path, size_mb: int) -> tuple[Path, Path, int]:
+    """A chain of square Linear layers of about ``size_mb`` MB (fp32), and a plan removing 50%."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    model, plan = linear_chain(size_mb, 2, gen)
     plan_path = plan.save(folder / "plan.json")
     state = {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
     weights = folder / "model.safetensors"
@@ -86,22 +101,14 @@ def main() -> None:
     out = folder / "model.pruned.safetensors"
     copy_out = folder / "copy.safetensors"
     exe = [sys.executable, "-m", "pruneplan.cli"]
-    apply_t, apply_rss, copy_t, copy_rss = [], [], [], []
-    for _ in range(args.repeat):
-        t, r = run_measured([*exe, "apply", str(plan_path), str(weights), "-o", str(out), "--force"])
-        apply_t.append(t)
-        apply_rss.append(r)
-        t, r = run_measured([sys.executable, "-c", COPY, str(weights), str(copy_out)])
-        copy_t.append(t)
-        copy_rss.append(r)
+    (ta, ra), (tc, rc) = alternate([[*exe, "apply", str(plan_path), str(weights), "-o", str(out), "--force"],
+                                    [sys.executable, "-c", COPY, str(weights), str(copy_out)]], args.repeat)
     _, idle_rss = run_measured([sys.executable, "-c", IDLE])
     size_in, size_out = weights.stat().st_size, out.stat().st_size
-    ta, tc = statistics.median(apply_t), statistics.median(copy_t)
-    ra = statistics.median(apply_rss)
     mb = 2**20
     print(f"checkpoint: {size_in / mb:.0f} MB in, {size_out / mb:.0f} MB out, largest tensor {largest / mb:.0f} MB")
     print(f"apply: {ta:.2f} s   plain safetensors copy: {tc:.2f} s   ratio {ta / tc:.2f} (target <= 1.5)")
-    print(f"peak RSS: apply {ra / mb:.0f} MB, copy {statistics.median(copy_rss) / mb:.0f} MB, "
+    print(f"peak RSS: apply {ra / mb:.0f} MB, copy {rc / mb:.0f} MB, "
           f"bare interpreter with imports {idle_rss / mb:.0f} MB")
     print(f"RSS / (output + largest tensor): {ra / (size_out + largest):.2f} with the interpreter, "
           f"{(ra - idle_rss) / (size_out + largest):.2f} without (target <= 1.3 plus interpreter)")

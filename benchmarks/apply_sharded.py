@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from apply_safetensors import IDLE, run_measured
+from apply_safetensors import IDLE, alternate, linear_chain, run_measured
 
 INDEX = "model.safetensors.index.json"
 COPY = """
@@ -37,20 +36,10 @@ def build(folder: Path, size_mb: int, shards: int) -> None:
     Hugging Face index, and a plan removing 50% of every hidden layer's units."""
     import torch
     from safetensors.torch import save_file
-    from torch import nn
 
-    import pruneplan as pp
-
-    width = 2048
-    per_layer = width * width * 4 + width * 4
-    layers = max(2 * shards, round(size_mb * 2**20 / per_layer))
-    with torch.device("meta"):
-        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
     gen = torch.Generator().manual_seed(0)
-    removed = {str(i): sorted(torch.randperm(width, generator=gen)[: width // 2].tolist())
-               for i in range(layers - 1)}
-    cascades = {str(i): [str(i + 1)] for i in range(layers - 1)}
-    pp.plan_pruning(model, removed, cascades=cascades).save(folder / "plan.json")
+    model, plan = linear_chain(size_mb, 2 * shards, gen)
+    plan.save(folder / "plan.json")
     names = list(model.state_dict())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     per_shard = -(-len(names) // shards)
@@ -91,19 +80,11 @@ def main() -> None:
     plan_path = ckpt / "plan.json"
     out, copy_out = root / "pruned", root / "copy"
     exe = [sys.executable, "-m", "pruneplan.cli"]
-    apply_t, apply_rss, copy_t, copy_rss = [], [], [], []
-    for _ in range(args.repeat):
-        t, r = run_measured([*exe, "apply", str(plan_path), str(ckpt), "-o", str(out), "--force"])
-        apply_t.append(t)
-        apply_rss.append(r)
-        t, r = run_measured([sys.executable, "-c", COPY, str(ckpt), str(copy_out)])
-        copy_t.append(t)
-        copy_rss.append(r)
+    (ta, ra), (tc, rc) = alternate([[*exe, "apply", str(plan_path), str(ckpt), "-o", str(out), "--force"],
+                                    [sys.executable, "-c", COPY, str(ckpt), str(copy_out)]], args.repeat)
     _, idle_rss = run_measured([sys.executable, "-c", IDLE])
     shard_sizes = [p.stat().st_size for p in ckpt.glob("model-*.safetensors")]
     largest = max(shard_sizes)
-    ta, tc = statistics.median(apply_t), statistics.median(copy_t)
-    ra, rc = statistics.median(apply_rss), statistics.median(copy_rss)
     mb = 2**20
     print(f"checkpoint: {sum(shard_sizes) / mb:.0f} MB in {len(shard_sizes)} shards (largest {largest / mb:.0f} MB), "
           f"{folder_size(out) / mb:.0f} MB out")
