@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/apply_safetensors.py
 	$(PY) benchmarks/apply_sharded.py
 	$(PY) benchmarks/attributions.py
+	$(PY) benchmarks/distributed_attribution.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
