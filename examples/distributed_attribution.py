@@ -165,6 +165,10 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   str(out / "model.pruned.safetensors"), metadata={"pruneplan.plan_digest": plan.digest()})
         say(f"wrote {out / 'plan.json'} and {out / 'model.pruned.safetensors'}")
+    # release the DDP wrapper (its reducer holds the process group) and let every rank finish
+    # before the group goes: tearing it down under a live reducer can abort at exit
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
     say(f"done in {time.perf_counter() - started:.1f} s")
 

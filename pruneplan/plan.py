@@ -465,9 +465,13 @@ def removed_positions(s: TensorSlice, removed: Iterable[int]) -> list[int]:
 
     With ``modulo`` the result is local to one group of a grouped convolution.
     """
+    m = s.map
     out: set[int] = set()
-    for u in removed:
-        out.update(s.map.unit(u))
+    if m.positions is None and m.tiles == 1 and m.repeat == 1:  # the common case, directly
+        out = {m.offset + u for u in removed}
+    else:
+        for u in removed:
+            out.update(m.unit(u))
     if s.map.modulo is not None:
         out = {p % s.map.modulo for p in out}
     return sorted(out)
@@ -513,6 +517,8 @@ def canonical_json(value: Any) -> str:
 
 
 def _scalar(v: Any) -> str:
+    if type(v) is int:  # the common case (indices, shapes): what json.dumps gives, faster
+        return str(v)
     return json.dumps(v, ensure_ascii=False, allow_nan=False)
 
 
@@ -532,10 +538,11 @@ def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
         flat = all(
             not isinstance(x, dict | list) or (isinstance(x, list) and _flat(x)) for x in v.values()
         )
-        inline = "{" + ", ".join(f"{_scalar(k)}: {_inline(x)}" for k, x in sorted(v.items())) + "}"
-        if flat and len(pad + prefix + inline) <= 100:
-            out.append(pad + prefix + inline)
-            return
+        if flat:
+            inline = "{" + ", ".join(f"{_scalar(k)}: {_inline(x)}" for k, x in sorted(v.items())) + "}"
+            if len(pad + prefix + inline) <= 100:
+                out.append(pad + prefix + inline)
+                return
         out.append(pad + prefix + "{\n")
         items = sorted(v.items())
         for i, (k, item) in enumerate(items):

@@ -204,6 +204,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             results["ddp_error"] = "no error"
         except TypeError as exc:
             results["ddp_error"] = str(exc)
+        del ddp  # its reducer holds the process group: release it before the group goes
 
         # a plan that fails on the source rank fails on every rank
         def failing() -> pruneplan.PrunePlan:
@@ -219,5 +220,6 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         raise
     finally:
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
         dist.destroy_process_group()
 
