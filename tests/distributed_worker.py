@@ -149,6 +149,13 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             kwargs = {"sv_samples": 2} if cls is ShapleyAttributionMetric else {}
             results[f"{key}/0"] = torch.from_numpy(score(model, loader, cls, kwargs, {})["0"])
 
+        # distributed=False scores the rank's own shard only; a one-rank subgroup likewise
+        solo = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+        results["local/0"] = torch.from_numpy(
+            score(model, loader, TaylorAttributionMetric, {"distributed": False}, {})["0"])
+        results["subgroup/0"] = torch.from_numpy(score(
+            model, loader, TaylorAttributionMetric, {"distributed": True, "process_group": solo[rank]}, {})["0"])
+
         # a rank without batches contributes nothing, and does not block the others
         empty = loader if rank == 0 else []
         results["empty_rank_taylor/0"] = torch.from_numpy(score(model, empty, TaylorAttributionMetric, {}, {})["0"])

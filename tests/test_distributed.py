@@ -107,6 +107,16 @@ def test_unseeded_metrics_agree_across_ranks(ranks):
     assert not np.array_equal(ranks[0]["random_unseeded/0"].numpy(), ranks[0]["random/0"].numpy())
 
 
+def test_local_scoring_and_subgroups(ranks):
+    # distributed=False, or a process group holding only this rank: the rank's own shard alone
+    for rank, r in enumerate(ranks):
+        shard = DataLoader(Subset(w.make_data(), w.rank_indices(rank, WORLD)), batch_size=w.BATCH)
+        expected = local_scores(shard, TaylorAttributionMetric, {}, {})["0"]
+        np.testing.assert_allclose(r["local/0"].numpy(), expected, rtol=1e-6)
+        np.testing.assert_allclose(r["subgroup/0"].numpy(), expected, rtol=1e-6)
+    assert not np.allclose(ranks[0]["local/0"].numpy(), ranks[1]["local/0"].numpy())
+
+
 def test_a_rank_without_batches(ranks):
     # rank 1 had no data: the scores are those of rank 0's shard alone
     shard = DataLoader(Subset(w.make_data(), w.rank_indices(0, WORLD)), batch_size=w.BATCH)
