@@ -184,6 +184,13 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         for k, v in drifted.state_dict().items():
             results[f"broadcast/{k}"] = v.clone()
 
+        # data-free metrics are computed on rank 0: its error reaches rank 1 too
+        try:
+            WeightNormAttributionMetric(model, loader, F.cross_entropy, "cpu").run("2")
+            results["static_error"] = "no error"
+        except Exception as exc:
+            results["static_error"] = f"{type(exc).__name__}: {exc}"
+
         # plan once on rank 0, broadcast, apply everywhere
         taylor = {k.split("/")[1]: v.numpy() for k, v in results.items() if k.startswith("taylor/")}
         plan = broadcast_plan((lambda: plan_from_scores(model, taylor)) if rank == 0 else None)

@@ -133,6 +133,14 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(ranks):
     )
 
 
+def test_an_error_of_a_data_free_metric_on_rank_0_reaches_every_rank(ranks):
+    # WeightNorm of module "2" (a ReLU): computed on rank 0 only, which fails
+    assert ranks[0]["static_error"] == "ValueError: module '2' (ReLU) has no weight tensor"
+    assert ranks[1]["static_error"] == (
+        "RuntimeError: attribution failed on another rank (rank 0: ValueError: module '2' (ReLU) has no weight tensor)"
+    )
+
+
 def test_broadcast_plan_gives_identical_models(ranks):
     # the reference: one process, the same scores, plan, momentum step and application
     model = w.make_model()

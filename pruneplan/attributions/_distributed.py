@@ -155,9 +155,11 @@ class Collective:
             buf[:] = torch.tensor(header, dtype=torch.int64)
         head = self._broadcast(buf).tolist()
         if head[0]:
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=self.src, group=self.group)
             if error is not None:
                 raise error
-            raise RuntimeError(f"attribution failed on rank 0 of the process group (global rank {self.src})")
+            raise RuntimeError(f"attribution failed on another rank (rank 0: {message[0]})")
         shapes = [tuple(head[2 + 3 * i + 1 : 2 + 3 * i + 1 + head[2 + 3 * i]]) for i in range(head[1])]
         total = sum(int(np.prod(s)) for s in shapes)
         data = torch.zeros(total, dtype=torch.float64)
