@@ -57,7 +57,7 @@ def broadcast_plan(
     Raises:
         PlanningError: the plan could not be made on ``src``.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if _alone(group):
         return _make(plan)
     rank = dist.get_rank()
     device = _device(group)
@@ -104,7 +104,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0, group: Any = None) -
     Returns:
         ``module``.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if _alone(group):
         return module
     device = _device(group)
     tensors = [t for t in (*module.parameters(), *module.buffers())]
@@ -125,8 +125,14 @@ def _make(plan: PrunePlan | Callable[[], PrunePlan] | None) -> PrunePlan:
     return made
 
 
+def _alone(group: Any) -> bool:
+    """No process group, or one of a single rank: nothing to send."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1
+
+
 def _device(group: Any) -> torch.device:
-    """CPU for gloo, the current CUDA device for NCCL."""
+    """CPU for gloo, the current CUDA device for NCCL (as the metrics' collectives choose;
+    written twice because the attributions package depends on nothing of pruneplan)."""
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())

@@ -630,11 +630,9 @@ class ForwardAttributionMetric(AttributionMetric):
         if kwargs:
             raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
         scores: list[list[torch.Tensor]] = [[] for _ in modules]
-        counts = [0] * len(modules)
 
         # scores are computed inside the hook, before any in-place operation downstream
         def on_output(i: int, z: torch.Tensor) -> None:
-            counts[i] += 1
             scores[i].append(self._unit_scores(z.detach()).to("cpu", torch.float64))
 
         capture = ActivationCapture(modules, on_output=on_output)
@@ -642,14 +640,8 @@ class ForwardAttributionMetric(AttributionMetric):
         try:
             with torch.no_grad(), bar:
                 for x, _ in batches:
-                    counts[:] = [0] * len(modules)
                     self.model(x)
-                    for m, c in zip(modules, counts):
-                        if c != 1:
-                            raise ValueError(
-                                f"{type(m).__name__} module ran {c} times in one forward pass; "
-                                "attribution needs a module that runs exactly once"
-                            )
+                    capture.single_outputs(modules)  # raises unless each module ran once
                     capture.reset()
                     bar.update(1)
         finally:
