@@ -1,14 +1,16 @@
-"""pruneplan: structured pruning for PyTorch with reviewable, replayable plans."""
+"""pruneplan: structured pruning for PyTorch with reviewable, replayable plans.
 
-from pruneplan.apply import (
-    apply_plan,
-    apply_to_safetensors,
-    apply_to_sharded_safetensors,
-    apply_to_state_dict,
-    check_sharded_weights,
-    check_weights,
-    load_pruned,
-)
+Importing the package is cheap: the plan document, its errors and `compose` (pydantic only) are
+imported at once; every name that needs torch or numpy (the appliers, discovery, the planner,
+selection, the metrics) is imported on first use through the module-level ``__getattr__``, so
+reviewing plans (``pruneplan show``, ``diff``, ``validate PLAN``, ``schema``) never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pruneplan.compose import compose
 from pruneplan.errors import (
     CoupledGroupError,
@@ -21,8 +23,6 @@ from pruneplan.errors import (
     UnsupportedOperationError,
     WeightsFileError,
 )
-from pruneplan.graph.discover import describe_groups, prunable_groups
-from pruneplan.loading import plan_from_metric
 from pruneplan.plan import (
     FORMAT,
     VERSION,
@@ -38,10 +38,61 @@ from pruneplan.plan import (
     diff_plans,
     json_schema,
 )
-from pruneplan.planner import plan_pruning
-from pruneplan.select import select_indices
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from pruneplan.apply import (
+        apply_plan,
+        apply_to_safetensors,
+        apply_to_sharded_safetensors,
+        apply_to_state_dict,
+        check_sharded_weights,
+        check_weights,
+        load_pruned,
+    )
+    from pruneplan.graph.discover import describe_groups, prunable_groups
+    from pruneplan.loading import plan_from_metric
+    from pruneplan.planner import plan_pruning
+    from pruneplan.select import select_indices
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it; imported (with torch) on first access
+_LAZY: dict[str, str] = {
+    "apply_plan": "pruneplan.apply",
+    "apply_to_safetensors": "pruneplan.apply",
+    "apply_to_sharded_safetensors": "pruneplan.apply",
+    "apply_to_state_dict": "pruneplan.apply",
+    "check_sharded_weights": "pruneplan.apply",
+    "check_weights": "pruneplan.apply",
+    "load_pruned": "pruneplan.apply",
+    "describe_groups": "pruneplan.graph.discover",
+    "prunable_groups": "pruneplan.graph.discover",
+    "plan_from_metric": "pruneplan.loading",
+    "plan_pruning": "pruneplan.planner",
+    "select_indices": "pruneplan.select",
+}
+# subpackages that `import pruneplan` used to import as a side effect: still reachable as
+# attributes (``pruneplan.apply.sharded``, ``pruneplan.attributions``) without an explicit import
+_SUBMODULES = frozenset(
+    {"apply", "attributions", "distributed", "graph", "loading", "planner", "pruner", "select"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a torch-needing public name (or subpackage) on first access, then cache it."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
 
 __all__ = [
     "FORMAT",

@@ -9,9 +9,32 @@ from pathlib import Path
 import click
 
 import pruneplan
-from pruneplan import PlanError, PrunePlan, json_schema, loading
+from pruneplan import PlanError, PrunePlan, json_schema
+
+# torch and numpy are imported only by the commands that need them (`apply`, `validate PLAN
+# WEIGHTS`, `groups`, `plan`): reviewing a plan (`show`, `diff`, `validate PLAN`, `schema`) starts
+# in a fraction of a second. `pruneplan.loading` (torch) is imported inside those commands.
 
 __all__ = ["cli", "main"]
+
+
+class _LoadingChoice(click.Choice):
+    """A `click.Choice` over the keys of a table of `pruneplan.loading` (``"METRICS"``...), read
+    only when the option is parsed or its help shown, so that defining it imports no torch."""
+
+    def __init__(self, table: str) -> None:
+        self._table = table
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from pruneplan import loading
+
+        return tuple(sorted(getattr(loading, self._table)))
+
+    @choices.setter
+    def choices(self, value: object) -> None:  # click.Choice.__init__ assigns it; the table wins
+        pass
 
 
 class _Cli(click.Group):
@@ -159,6 +182,8 @@ _WEIGHTS = click.option("--weights", type=click.Path(path_type=Path), default=No
 def _example(shape: str, dtype: str):
     import torch
 
+    from pruneplan import loading
+
     return loading.example_input(loading.parse_input_shape(shape), batch_size=2,
                                  dtype=torch.long if dtype == "long" else torch.float32)
 
@@ -170,6 +195,8 @@ def _example(shape: str, dtype: str):
 @_DTYPE
 def groups(model_spec: str, weights: Path | None, input_shape: str, input_dtype: str) -> None:
     """List the prunable groups that automatic discovery finds in a model."""
+    from pruneplan import loading
+
     model = loading.load_model(model_spec, weights)
     found = pruneplan.prunable_groups(model, _example(input_shape, input_dtype))
     click.echo(pruneplan.describe_groups(found))
@@ -180,14 +207,14 @@ def groups(model_spec: str, weights: Path | None, input_shape: str, input_dtype:
 @_WEIGHTS
 @_SHAPE
 @_DTYPE
-@click.option("--metric", type=click.Choice(sorted(loading.METRICS)), required=True)
+@click.option("--metric", type=_LoadingChoice("METRICS"), required=True)
 @click.option("--ratio", type=float, required=True, help="Fraction of units to remove.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep multiples of this many units.")
 @click.option("--min-keep", type=int, default=1, show_default=True)
 @click.option("--data", "data_spec", default=None,
               help="Data factory pkg.module:loader_factory returning (x, y) batches.")
-@click.option("--criterion", type=click.Choice(sorted(loading.CRITERIA)), default="cross_entropy",
+@click.option("--criterion", type=_LoadingChoice("CRITERIA"), default="cross_entropy",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan file to write.")
@@ -195,6 +222,8 @@ def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: s
          ratio: float, scope: str, round_to: int, min_keep: int, data_spec: str | None, criterion: str,
          seed: int, output: Path) -> None:
     """Score a model's units with a metric and write the plan that removes RATIO of them."""
+    from pruneplan import loading
+
     if loading.metric_needs_data(metric) and data_spec is None:
         raise click.UsageError(f"metric {metric!r} needs --data")
     model = loading.load_model(model_spec, weights)
