@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneplan.errors import PlanningError
-from pruneplan.graph.discover import prunable_groups
+from pruneplan.graph.discover import left_out_summary, prunable_groups
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.plan import PrunePlan
 from pruneplan.planner import build_plan
@@ -204,9 +204,11 @@ def plan_from_metric(
     """Discover groups, score them, select indices and plan: the whole ``pruneplan plan`` command.
 
     Coupled groups get the mean of their members' scores. The metric and selection policy are
-    recorded in the plan's provenance.
+    recorded in the plan's provenance. One INFO line on the ``pruneplan.loading`` logger says
+    how many roots discovery left out and why (all of them: ``prunable_groups(...).left_out``).
     """
     groups = prunable_groups(model, example_inputs)
+    log.info("planning from %s: %s", metric, left_out_summary(groups))
     scores = score_groups(model, groups, metric, data, criterion, device, seed)
     removed = select_indices(scores, ratio, scope=scope, round_to=round_to, min_keep=min_keep,
                              normalize=normalize, groups=groups)

@@ -68,6 +68,7 @@ def plan_pruning(
     *,
     couple: str = "error",
     include_output: bool = False,
+    on_unsupported: str = "error",
     provenance: Provenance | Mapping[str, Any] | None = None,
 ) -> PrunePlan:
     """Plan the removal of units from the named root modules, with everything it implies.
@@ -82,6 +83,10 @@ def plan_pruning(
             member only; ``"expand"`` applies them to every member.
         include_output: with discovery, also allow roots whose units are the model's output
             (the classifier); pruning them changes the output shape.
+        on_unsupported: with discovery, as in `prunable_groups`: ``"error"`` raises
+            `UnsupportedOperationError` when an operation the library does not understand
+            touches a root's channels; ``"skip"`` leaves those roots out, so naming one in
+            ``removed`` raises `PlanningError` with the reason.
         provenance: informative metadata stored in the plan.
 
     Returns:
@@ -91,7 +96,8 @@ def plan_pruning(
         groups = explicit_groups(model, list(removed), dict(cascades), example_inputs)
         chosen = [(g, removed[g.name]) for g in groups]
     else:
-        chosen = _discovered(model, removed, example_inputs, couple, include_output)
+        chosen = _discovered(model, removed, example_inputs, couple, include_output,
+                             on_unsupported)
     return build_plan(model, chosen, provenance)
 
 
@@ -101,17 +107,22 @@ def _discovered(
     example_inputs: Any,
     couple: str,
     include_output: bool,
+    on_unsupported: str,
 ) -> list[tuple[GroupSpec, IndexLike]]:
     if example_inputs is None:
         raise PlanningError("automatic discovery needs example_inputs")
     if couple not in ("error", "expand"):
         raise PlanningError(f"couple must be 'error' or 'expand', got {couple!r}")
-    groups = prunable_groups(model, example_inputs, include_output=include_output)
+    groups = prunable_groups(model, example_inputs, include_output=include_output,
+                             on_unsupported=on_unsupported)
     by_name = {g.name: g for g in groups}
     by_root = {r: g for g in groups for r in g.roots}
+    left_out = {lo.name: lo.reason for lo in groups.left_out}
     chosen: dict[str, tuple[GroupSpec, IndexLike]] = {}
     for key, idx in removed.items():
         g = by_name.get(key) or by_root.get(key)
+        if g is None and key in left_out:
+            raise PlanningError(f"{key!r} is not prunable: {left_out[key]}")
         if g is None:
             names = [x.name for x in groups]
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

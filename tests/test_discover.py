@@ -171,7 +171,7 @@ def test_output_roots_only_with_include_output() -> None:
     assert "classifier.6" not in names
     with_out = [g.name for g in prunable_groups(model, x, include_output=True)]
     assert with_out == [*names, "classifier.6"]
-    with pytest.raises(PlanningError, match=r"'classifier\.6' is not a prunable group"):
+    with pytest.raises(PlanningError, match=r"'classifier\.6' is not prunable: its units reach the model output"):
         plan_pruning(model, {"classifier.6": [0]}, example_inputs=x)
 
 
@@ -283,7 +283,10 @@ def test_describe_groups_lists_names_sizes_roots() -> None:
     lines = text.splitlines()
     assert lines[0].split() == ["group", "size", "tensors", "roots"]
     assert lines[1].split()[:2] == ["conv1", "8"] and lines[1].endswith("conv1, layer1.0.conv2")
-    assert len(lines) == 1 + 9
+    # header, 9 groups, then the classifier with its reason
+    assert len(lines) == 1 + 9 + 2
+    assert lines[-2:] == ["left out (1 roots):", "  fc: its units reach the model output "
+                          "(include_output=True allows pruning it)"]
 
 
 def test_groups_are_deterministic_across_tracers_and_runs() -> None:

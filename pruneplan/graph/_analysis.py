@@ -49,7 +49,7 @@ from pruneplan.graph.rules import (
     norm_slices,
     root_slices,
 )
-from pruneplan.graph.spec import DropoutSpec, EditSpec, Group, SliceSpec
+from pruneplan.graph.spec import DropoutSpec, EditSpec, Group, GroupList, LeftOut, SliceSpec
 
 __all__ = ["analyze"]
 
@@ -206,6 +206,7 @@ class _Analyzer:
         self.effects: list[list[tuple[int, Any]]] = []
         self.errors: list[tuple[str, list[int]]] = []
         self.widths: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
+        self.refused: dict[str, str] = {}  # module path -> why it cannot be a root
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -213,7 +214,6 @@ class _Analyzer:
         for r in roots:
             c = self.uf.find(r)
             self.uf.blocked.setdefault(c, []).append(reason)
-            log.debug("root %r blocked: %s", self.roots[r].name, reason)
 
     def error(self, node: Node, roots: list[int], what: str) -> None:
         names = ", ".join(repr(self.roots[r].name) for r in roots)
@@ -361,7 +361,8 @@ class _Analyzer:
     def output(self, node: Node) -> None:
         roots = self.labeled_roots([self.read(r) for r in _refs(node.args)])
         if roots and not self.include_output:
-            self.block(roots, "its units reach the model output")
+            self.block(roots, "its units reach the model output "
+                       "(include_output=True allows pruning it)")
 
     # ---- roots and modules ---------------------------------------------------------------
 
@@ -371,7 +372,8 @@ class _Analyzer:
         if r is None:
             try:
                 size, slices, edits = root_slices(name, m)
-            except PlanningError:
+            except PlanningError as exc:
+                self.refused.setdefault(name, str(exc))
                 return None
             r = len(self.roots)
             self.roots.append(_Root(r, name, m, size, list(slices), list(edits)))
@@ -854,17 +856,29 @@ class _Analyzer:
 
     # ---- result --------------------------------------------------------------------------
 
-    def groups(self) -> list[Group]:
+    def groups(self) -> GroupList:
+        """The unblocked classes as groups; every blocked root in ``left_out`` with its reason."""
         classes: dict[int, list[int]] = {}
         for r in range(len(self.roots)):
             classes.setdefault(self.uf.find(r), []).append(r)
-        out = []
+        out = GroupList()
+        left: list[tuple[int, LeftOut]] = []
         for rep, members in sorted(classes.items()):
             if rep in self.uf.blocked:
-                log.debug("not prunable: %s (%s)", [self.roots[r].name for r in members],
-                          self.uf.blocked[rep][0])
+                reason = self.uf.blocked[rep][0]
+                for r in members:
+                    others = [self.roots[o].name for o in members if o != r]
+                    why = reason
+                    if others:
+                        shown = ", ".join(repr(o) for o in others[:3])
+                        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+                        why = f"{reason} (coupled with {shown}{more})"
+                    left.append((r, LeftOut(self.roots[r].name, why)))
                 continue
             out.append(self.assemble(members, self.uf.notes.get(rep, [])))
+        out.left_out = [lo for _, lo in sorted(left, key=lambda t: t[0])]
+        out.left_out += [LeftOut(n, why) for n, why in self.refused.items()
+                         if n not in self.by_name]
         return out
 
     def assemble(self, members: list[int], notes: list[str]) -> Group:
@@ -969,8 +983,9 @@ def _spatial_op(name: str, node: Node, nd: int) -> int | None:
 
 
 def analyze(model: nn.Module, graph: Graph, *, include_output: bool = False,
-            strict: bool = True) -> list[Group]:
-    """Groups of the traced ``graph``; raise on unsupported operations when ``strict``."""
+            strict: bool = True) -> GroupList:
+    """Groups of the traced ``graph`` (with the roots left out and why); raise on unsupported
+    operations when ``strict``."""
     a = _Analyzer(model, graph, include_output)
     a.run()
     a.finish()

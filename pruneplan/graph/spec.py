@@ -7,9 +7,10 @@ attributes it owns. It knows nothing of which units will be removed: the planner
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["DropoutSpec", "EditSpec", "Group", "SliceSpec"]
+__all__ = ["DropoutSpec", "EditSpec", "Group", "GroupList", "LeftOut", "SliceSpec"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,35 @@ class Group:
     def tensors(self) -> list[str]:
         """The state-dict keys of every member tensor, sorted."""
         return sorted({s.tensor for s in self.slices})
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A root module (Linear, Conv, Embedding) that discovery does not offer for pruning.
+
+    Attributes:
+        name: the module's path in the model.
+        reason: why, as a sentence for the user (the operation or module that stops it, and
+            the roots it is coupled with, if any).
+    """
+
+    name: str
+    reason: str
+
+
+class GroupList(list):
+    """What `prunable_groups` returns: a plain ``list`` of `Group` (existing callers index,
+    iterate and compare it as a list) that also says what discovery did *not* offer.
+
+    Attributes:
+        left_out: every root module left out, each with its reason (`LeftOut`), in execution
+            order.
+        unexecuted: paths of modules holding parameters that no example call reached in eval
+            or training mode; their widths were not checked (see `prunable_groups`).
+    """
+
+    def __init__(self, groups: Iterable[Group] = (), left_out: Iterable[LeftOut] = (),
+                 unexecuted: Iterable[str] = ()) -> None:
+        super().__init__(groups)
+        self.left_out: list[LeftOut] = list(left_out)
+        self.unexecuted: list[str] = list(unexecuted)

@@ -1,0 +1,93 @@
+"""Nothing silent: every root discovery leaves out comes back with its reason (issue 11, item 7)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_discover import UnknownOp
+from torch import nn
+
+import pruneplan as pp
+from pruneplan.cli import cli
+from pruneplan.errors import PlanningError, UnsupportedOperationError
+from pruneplan.graph.spec import GroupList, LeftOut
+
+OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
+CUMSUM = ("operation 'cumsum' in module 'mix' is not an operation pruneplan knows how to follow "
+          "(channels of 'body.0')")
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+def test_result_is_a_list_with_the_classifier_left_out_and_why() -> None:
+    groups = pp.prunable_groups(_mlp(), torch.randn(2, 4))
+    assert isinstance(groups, list) and isinstance(groups, GroupList)
+    assert [g.name for g in groups] == ["0"]
+    assert groups == [groups[0]]  # still compares as a plain list
+    assert groups.left_out == [LeftOut("2", OUTPUT)]
+    # include_output=True offers it: nothing is left out
+    both = pp.prunable_groups(_mlp(), torch.randn(2, 4), include_output=True)
+    assert [g.name for g in both] == ["0", "2"] and both.left_out == []
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_blocked_and_coupled_roots_each_carry_a_reason(tracer: str) -> None:
+    # body.0 feeds cumsum (unknown, mixes channels); head + side2 are summed into the output
+    groups = pp.prunable_groups(UnknownOp().eval(), torch.randn(1, 3, 8, 8), tracer=tracer,
+                                on_unsupported="skip")
+    assert [g.name for g in groups] == ["side"]
+    assert groups.left_out == [
+        LeftOut("body.0", CUMSUM),
+        LeftOut("head", f"{OUTPUT} (coupled with 'side2')"),
+        LeftOut("side2", f"{OUTPUT} (coupled with 'head')"),
+    ]
+
+
+def test_plan_pruning_takes_on_unsupported_and_names_the_reason() -> None:
+    model, x = UnknownOp().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(UnsupportedOperationError, match="'cumsum' in module 'mix'"):
+        pp.plan_pruning(model, {"side": [0]}, example_inputs=x)
+    plan = pp.plan_pruning(model, {"side": [0, 5]}, example_inputs=x, on_unsupported="skip")
+    assert [(g.name, g.removed) for g in plan.groups] == [("side", [0, 5])]
+    with pytest.raises(PlanningError) as err:
+        pp.plan_pruning(model, {"body.0": [0]}, example_inputs=x, on_unsupported="skip")
+    assert str(err.value) == f"'body.0' is not prunable: {CUMSUM}"
+    with pytest.raises(PlanningError, match="on_unsupported must be 'error' or 'skip', got 'x'"):
+        pp.plan_pruning(model, {"side": [0]}, example_inputs=x, on_unsupported="x")
+
+
+def test_groups_command_prints_groups_then_left_out_roots() -> None:
+    spec = f"{Path(__file__).resolve().parents[1] / 'examples' / 'digits.py'}:make_cnn"
+    result = CliRunner().invoke(cli, ["groups", "--model", spec, "--input-shape", "1,8,8"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    # the table of test_cli_plan, then the 10-way classifier (module 11) with its reason
+    assert [line.split()[0] for line in lines[:4]] == ["group", "0", "3", "9"]
+    assert lines[4:] == ["left out (1 roots):", f"  11: {OUTPUT}"]
+
+
+def test_plan_from_metric_logs_one_info_line_with_the_left_out_roots(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = UnknownOp().eval()
+    model.mix = nn.Identity()  # now everything traces: body.0 and side are groups
+    with caplog.at_level(logging.INFO, logger="pruneplan.loading"):
+        pp.plan_from_metric(model, torch.randn(1, 3, 8, 8), "weight_norm", 0.5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pruneplan.loading"]
+    # roots: body.0, head, side, side2; head and side2 reach the output
+    assert lines == [
+        "planning from weight_norm: 2 of 4 roots left out: "
+        f"'head': {OUTPUT} (coupled with 'side2'); 'side2': {OUTPUT} (coupled with 'head')"
+    ]
+
+
+def test_summary_shows_three_reasons_then_a_count() -> None:
+    groups = GroupList([], [LeftOut(str(i), "r") for i in range(5)])
+    assert pp.graph.discover.left_out_summary(groups) == (
+        "5 of 5 roots left out: '0': r; '1': r; '2': r; and 2 more")
+    assert pp.graph.discover.left_out_summary(GroupList()) == "no roots left out (0 roots in 0 groups)"
