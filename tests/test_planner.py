@@ -17,7 +17,8 @@ def mlp() -> nn.Sequential:
 
 def test_output_root_needs_include_output() -> None:
     m, x = mlp(), torch.randn(2, 4)
-    with pytest.raises(pp.PlanningError, match=r"'2' is not a prunable group of this model \(prunable: 0;"):
+    with pytest.raises(pp.PlanningError, match=r"^'2' is not prunable: its units reach the model output "
+                       r"\(include_output=True allows pruning it\)$"):
         pp.plan_pruning(m, {"2": [0]}, example_inputs=x)
     plan = pp.plan_pruning(m, {"2": [0]}, example_inputs=x, include_output=True)
     pp.apply_plan(m, plan)
