@@ -1,10 +1,13 @@
 # Everything a fresh machine needs: `make test` and `make demo` create the virtual
-# environment, install the CPU build of torch first (a bare `torch` requirement would pull a
-# multi-GB CUDA build), then the package with its extras.
+# environment, install torch and torchvision first, pinned to the builds these machines hold on
+# local disk (a bare `torch` requirement would download a multi-GB CUDA build, and PyPI's
+# torchvision does not import beside another torch), then the package with its extras
+# (timm and transformers for the tests on real model code).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo lint schema bench clean
@@ -14,8 +17,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[dev,examples]'
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
+	$(PY) -m pip install --quiet -e '.[dev,examples,models]'
 	touch $(STAMP)
 
 test: $(STAMP)
