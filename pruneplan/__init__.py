@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         load_pruned,
     )
     from pruneplan.graph.discover import describe_groups, prunable_groups
+    from pruneplan.graph.rules import register_function_rule, register_module_rule
     from pruneplan.loading import plan_from_metric
     from pruneplan.planner import plan_pruning
     from pruneplan.select import select_indices
@@ -67,6 +68,8 @@ _LAZY: dict[str, str] = {
     "load_pruned": "pruneplan.apply",
     "describe_groups": "pruneplan.graph.discover",
     "prunable_groups": "pruneplan.graph.discover",
+    "register_function_rule": "pruneplan.graph.rules",
+    "register_module_rule": "pruneplan.graph.rules",
     "plan_from_metric": "pruneplan.loading",
     "plan_pruning": "pruneplan.planner",
     "select_indices": "pruneplan.select",
@@ -130,5 +133,7 @@ __all__ = [
     "plan_from_metric",
     "plan_pruning",
     "prunable_groups",
+    "register_function_rule",
+    "register_module_rule",
     "select_indices",
 ]

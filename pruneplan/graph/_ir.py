@@ -14,7 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Graph", "Node", "Ref", "is_leaf", "meta_of", "op_name"]
+__all__ = ["Graph", "Node", "Ref", "is_leaf", "mark_leaf", "meta_of", "op_name"]
+
+#: Module types recorded as one node whatever library defines them (types given a rule by users).
+_LEAF_TYPES: set[type] = set()
+_TORCH_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 
 _REVERSED_OR_INPLACE = {
     "radd": "add",
@@ -93,6 +97,15 @@ def op_name(target: Any) -> str:
     """
     if isinstance(target, str):
         name = target
+    elif hasattr(target, "_opoverload") or isinstance(target, _TORCH_OPS):
+        # torch operators (``torch.ops.ns.op``, ``torch.library.custom_op``): "ns::op", and the
+        # plain name for ATen's own
+        op = getattr(target, "_opoverload", target)
+        name = op._schema.name if isinstance(op, torch._ops.OpOverload) else op._qualified_op_name
+        if name.startswith("aten::"):
+            name = name[len("aten::"):]
+        else:
+            return name
     else:
         name = getattr(target, "__name__", None) or str(target)
         if name == "__get__":  # a property getter such as Tensor.T
@@ -114,13 +127,20 @@ def meta_of(value: Any) -> Any:
     return None
 
 
+def mark_leaf(cls: type) -> None:
+    """Record calls of modules of type ``cls`` (and its subclasses) as single nodes."""
+    _LEAF_TYPES.add(cls)
+
+
 def is_leaf(m: nn.Module) -> bool:
-    """A module recorded as one node: a built-in ``torch.nn`` layer.
+    """A module recorded as one node: a built-in ``torch.nn`` layer, or a type given a rule.
 
     Built-in modules made of other modules (``TransformerEncoderLayer``, containers) are traced
     through, so that their inner layers are seen; ``MultiheadAttention`` (whose packed
     projection is not a child module) stays one node.
     """
+    if _LEAF_TYPES and any(c in _LEAF_TYPES for c in type(m).__mro__):
+        return True
     mod = type(m).__module__
     builtin = mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")
     return builtin and (isinstance(m, nn.MultiheadAttention) or next(m.children(), None) is None)

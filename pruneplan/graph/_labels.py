@@ -12,10 +12,10 @@ from functools import cached_property
 
 import numpy as np
 
-from pruneplan.graph.rules import Stream
+from pruneplan.graph._streams import Stream
 
-__all__ = ["SHIFT", "Lab", "PView", "affine_stream", "canon", "make_labels", "reshape_groups", "roots_of",
-           "unit_positions"]
+__all__ = ["SHIFT", "Dim", "Lab", "PView", "Sizes", "affine_stream", "canon", "make_labels",
+           "reshape_groups", "roots_of", "unit_positions"]
 
 SHIFT = 32
 MASK = (1 << SHIFT) - 1
@@ -44,6 +44,21 @@ class PView:
 
     key: str
     dims: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A Python int (fx graphs only) that is the width of labelled channels of ``roots``."""
+
+    roots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """``x.shape`` / ``x.size()`` of a labelled tensor (fx graphs only)."""
+
+    lab: Lab
+    ndim: int
 
 
 def make_labels(root: int, size: int) -> np.ndarray:

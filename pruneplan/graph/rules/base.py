@@ -1,0 +1,365 @@
+"""The rule interface: how channel labels cross one module type or one function, and the registry.
+
+Discovery pushes *labels* through the traced graph: a label array sits on one or more axes of a
+tensor and says, position by position, which unit of which root is there (``-1``: no root).
+For every executed call the engine looks up the rule of the called module type (through the
+type's MRO, so subclasses inherit) or of the function's canonical name (``torch.add``,
+``Tensor.add_`` and ``operator.iadd`` are all ``"add"``), hands it a `Call`, and stores what
+the rule returns as the labels of the call's output. A rule can
+
+- **follow**: return labels for the output (the input's, moved, re-arranged or repeated);
+- **couple**: `Call.couple` ties two label arrays position by position (their roots then lose
+  the same units: residual sums, gates, channel shuffles);
+- **consume**: return ``None`` after recording what the reaching units own (`Call.own`,
+  `Call.edit`, `Call.per_root`): the input axis of a Linear/Conv ends the labels;
+- **block**: `Call.block` takes roots out of discovery with a reason a user can read;
+- **create** units: `Call.root` makes the called module a root and returns its output labels.
+
+The engine itself never names a layer type or an operation: everything it knows about them is
+in the rules of this package, one file per family, and in the rules users register with
+`register_module_rule` / `register_function_rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruneplan.errors import PlanningError
+from pruneplan.graph._ir import Node, Ref, mark_leaf, op_name
+from pruneplan.graph._labels import Lab, PView, roots_of
+from pruneplan.graph._streams import Stream
+from pruneplan.graph.spec import DropoutSpec, EditSpec, SliceSpec
+
+if TYPE_CHECKING:
+    from pruneplan.graph._analysis import Engine
+
+__all__ = [
+    "Call",
+    "FunctionRule",
+    "ModuleRule",
+    "Rule",
+    "function_rule",
+    "module_rule",
+    "register_function_rule",
+    "register_module_rule",
+]
+
+
+def iter_refs(a: Any) -> Iterator[Ref]:
+    """Every graph reference inside (nested) call arguments, in order."""
+    if isinstance(a, Ref):
+        yield a
+    elif isinstance(a, tuple | list):
+        for x in a:
+            yield from iter_refs(x)
+    elif isinstance(a, dict):
+        for x in a.values():
+            yield from iter_refs(x)
+
+
+def tensorish(meta: Any) -> bool:
+    """Whether a node meta describes a tensor (or a sequence holding one)."""
+    if isinstance(meta, torch.Size):
+        return True
+    return isinstance(meta, list) and any(tensorish(m) for m in meta)
+
+
+class Call:
+    """One executed call, as a rule sees it: its inputs' labels and the engine's actions.
+
+    Attributes:
+        node: the IR node (``node.args`` / ``node.kwargs`` hold `Ref` for graph values).
+        module: the called module (``None`` for a function or method).
+        name: the module path, or the function's canonical name.
+        refs: the graph values among the arguments, in order.
+        infos: what the engine knows of each of ``refs`` (a `Lab` for labelled tensors, a
+            `PView` for parameters, a list for tuples, ``None`` for anything else).
+        x, xmeta: the info and shape of the main input (first positional argument of a
+            function; first graph value passed to a module).
+    """
+
+    def __init__(self, engine: Engine, node: Node, refs: list[Ref], infos: list[Any]) -> None:
+        self._engine = engine
+        self.node = node
+        self.module: nn.Module | None = node.module
+        self.name = node.target
+        self.refs = refs
+        self.infos = infos
+        if node.kind == "module":
+            self.xref: Any = refs[0] if refs else None
+            self.x = infos[0] if refs else None
+        else:
+            self.xref = node.args[0] if node.args else None
+            self.x = engine.read(self.xref) if isinstance(self.xref, Ref) else None
+        self.xmeta = engine.meta(self.xref)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """``module 'a.b' (Conv2d)`` or ``operation 'add' in module 'a'`` for messages."""
+        return self.node.where()
+
+    @property
+    def out(self) -> Any:
+        """Shape of the call's output (``torch.Size``), a list for a tuple output, or ``None``."""
+        return self.node.meta
+
+    @cached_property
+    def labelled(self) -> list[int]:
+        """Sorted roots whose labels reach any input of the call."""
+        return self._engine.labeled_roots(self.infos)
+
+    @property
+    def x_only(self) -> bool:
+        """The main input is labelled and no other input is."""
+        return isinstance(self.x, Lab) and not self._engine.labeled_roots(self.infos[1:])
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Positional argument ``i``, else keyword ``name``, else ``default`` (raw: `Ref` stays)."""
+        node = self.node
+        if len(node.args) > i:
+            return node.args[i]
+        return node.kwargs.get(name, default)
+
+    def read(self, ref: Any) -> Any:
+        """What the engine knows of a graph value (``None`` for a non-`Ref`)."""
+        return self._engine.read(ref)
+
+    def meta(self, ref: Any) -> Any:
+        """Shape of a graph value (``None`` for a non-`Ref`)."""
+        return self._engine.meta(ref)
+
+    def labelled_in(self, infos: Iterable[Any]) -> list[int]:
+        """Sorted roots labelled in the given infos."""
+        return self._engine.labeled_roots(list(infos))
+
+    # ---- acting --------------------------------------------------------------------------
+
+    def block(self, roots: Lab | Iterable[int], reason: str) -> None:
+        """Take ``roots`` (and every root coupled to them) out of discovery, for ``reason``."""
+        self._engine.block(roots.roots if isinstance(roots, Lab) else list(roots), reason)
+
+    def block_all(self, reason: str | None = None) -> None:
+        """Block every labelled input root (default reason: they reach this call)."""
+        self._engine.block(self.labelled, reason or f"they reach {self.where}")
+
+    def error(self, what: str, roots: Lab | Iterable[int] | None = None) -> None:
+        """An unsupported use: blocks ``roots`` (default: all labelled) and, when discovery is
+        strict, raises `UnsupportedOperationError` naming this call and ``what``."""
+        rs = self.labelled if roots is None else roots.roots if isinstance(roots, Lab) else list(roots)
+        self._engine.error(self.node, rs, what)
+
+    def unsupported(self) -> None:
+        """What happens to a call no rule knows (the engine's default)."""
+        return self._engine.unknown(self)
+
+    def couple(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Tie two equally long 1-D label arrays position by position; returns their union.
+
+        Roots met position by position are coupled (they lose the same units); a labelled
+        position meeting an unlabelled one, or another unit, blocks the roots involved.
+        """
+        return self._engine.couple(a, b, self.node)
+
+    def merge(self, operands: list[tuple[Any, Any]]) -> Lab | None:
+        """Element-wise combination with broadcasting of ``(info, shape)`` operands: labels on
+        the same axes are coupled; a parameter broadcast along them is sliced with them."""
+        return self._engine.merge(self.node, operands)
+
+    def stream(self, arr: np.ndarray, root: int) -> Stream | None:
+        """Where the units of ``root`` sit in the 1-D ``arr`` (blocks it if some are missing)."""
+        return self._engine.stream(arr, root, self.node)
+
+    def per_root(self, lab: Lab, rule: Callable[[Stream], tuple[Iterable, Iterable]]) -> None:
+        """For each root in ``lab`` (one axis), ``rule(stream)`` gives ``(slices, edits)`` its
+        units own here; a `PlanningError` from ``rule`` blocks that root with its message."""
+        self._engine.apply_rule(self.node, lab, rule)
+
+    def own(self, tensor: str, axis: int, labels: np.ndarray, modulo: int | None = None) -> None:
+        """The units labelled in ``labels`` own those positions of ``tensor`` along ``axis``.
+
+        ``labels`` is a 1-D label array as long as the tensor's axis (or ``modulo``): several
+        positions per unit (gates of a recurrent layer, query/key/value rows of a packed
+        projection) are written by repeating a unit's label at each of them.
+        """
+        for r in roots_of(labels):
+            st = self.stream(labels, r)
+            if st is not None:
+                self._engine.effect(r, self.node, st.slice(tensor, axis, modulo))
+
+    def edit(self, attribute: str, before: int, labels: np.ndarray, module: str | None = None) -> None:
+        """``module.attribute`` (default: the called module) shrinks by the positions each
+        removed unit holds in ``labels``."""
+        mod = self.name if module is None else module
+        for r in roots_of(labels):
+            st = self.stream(labels, r)
+            if st is not None:
+                self._engine.effect(r, self.node, EditSpec(mod, attribute, before, st.per_unit))
+
+    def dropout(self, lab: Lab, p: float) -> None:
+        """A dropout layer of rate ``p`` over the channels: its rate follows the unit count
+        when they are exactly one root's units."""
+        rs = lab.roots
+        if len(rs) == 1 and (lab.arr >= 0).all():
+            self._engine.effect(rs[0], self.node, DropoutSpec(self.name, p))
+
+    def root(self, axis: int, spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> Lab | None:
+        """Make the called module a root whose units lie on ``axis`` of its output.
+
+        ``spec()`` (called once per module) gives ``(size, slices, edits)``: the unit count, the
+        tensor slices on its output side and its attribute edits; a `PlanningError` from it
+        means the module is not a root. Returns the output labels (``None`` when blocked).
+        """
+        return self._engine.new_root(self.node, axis, spec)
+
+    def check_widths(self, out: Any, args: tuple) -> None:
+        """``args`` are sizes given to a shape-taking op: a labelled width used there must land
+        on an output axis carrying the same coupled units (checked once everything is known)."""
+        self._engine.check_widths(self.node, out, args)
+
+
+class Rule:
+    """How channels cross one module type or one function: subclass and override `propagate`.
+
+    `propagate` receives the `Call` and returns the labels of its output: a `Lab`, a list of
+    them for a tuple output, or ``None`` when no labelled channel comes out.
+    """
+
+    def propagate(self, call: Call) -> Any:
+        """Labels of the call's output; record ownership, couplings and blocks through ``call``."""
+        raise NotImplementedError
+
+
+class ModuleRule(Rule):
+    """A layer that receives labelled channels on its first input and nowhere else.
+
+    Override `labels`; a call with labels on another input goes to `mixed` (default: error).
+    """
+
+    def propagate(self, call: Call) -> Any:
+        if not call.labelled:
+            return None
+        if not call.x_only:
+            return self.mixed(call)
+        return self.labels(call, call.x)
+
+    def mixed(self, call: Call) -> Any:
+        """Labels on an input other than the first (default: an unsupported use)."""
+        call.error("receives them in an argument pruneplan does not follow")
+        return None
+
+    def labels(self, call: Call, x: Lab) -> Any:
+        """Labels of the output, given the main input's labels ``x``."""
+        raise NotImplementedError
+
+
+class FunctionRule(Rule):
+    """An operation on tensors: `labels` sees calls with labelled inputs and a tensor output;
+    `params` sees calls on parameters only (to follow a view of a weight)."""
+
+    def propagate(self, call: Call) -> Any:
+        if not tensorish(call.out):
+            return None
+        if not call.labelled:
+            return self.params(call) if any(isinstance(i, PView) for i in call.infos) else None
+        return self.labels(call)
+
+    def params(self, call: Call) -> PView | None:
+        """The `PView` of the output when the inputs are parameters only (default: none)."""
+        return None
+
+    def labels(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def main(call: Call) -> Lab | None:
+        """The labels of the main input, or ``None`` after an error when another input carries
+        the labels (a position this rule does not follow)."""
+        if isinstance(call.x, Lab):
+            return call.x
+        call.error("receives them in an argument pruneplan does not follow")
+        return None
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+_MODULE: dict[type, Rule] = {}
+_FUNCTION: dict[str, Rule] = {}
+_module_cache: dict[type, Rule | None] = {}
+
+
+def _check(rule: Any) -> None:
+    if not isinstance(rule, Rule):
+        raise PlanningError(f"a rule must be a pruneplan.graph.rules.Rule, got {type(rule).__name__}")
+
+
+def register_module_rule(module_type: type[nn.Module], rule: Rule) -> None:
+    """Use ``rule`` for every module of ``module_type`` (and its subclasses without their own).
+
+    Calls of such modules are recorded as single nodes (their ``forward`` is not traced into),
+    whatever library defines them; a rule registered later for the same type replaces it.
+
+    Raises:
+        PlanningError: ``module_type`` is not an ``nn.Module`` subclass or ``rule`` is no `Rule`.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise PlanningError(f"register_module_rule needs an nn.Module subclass, got {module_type!r}")
+    _check(rule)
+    _MODULE[module_type] = rule
+    _module_cache.clear()
+    if not _builtin_registration:
+        mark_leaf(module_type)
+
+
+def register_function_rule(function: Callable | str, rule: Rule) -> None:
+    """Use ``rule`` for calls of ``function`` (a callable or its canonical name).
+
+    The name is what the tracers record: ``torch.add``, ``Tensor.add``, ``Tensor.add_`` and
+    ``operator.add`` are all ``"add"``; a plain Python function appears in the graph when it is
+    wrapped with ``torch.fx.wrap`` (fx tracer) or is a torch custom operator.
+
+    Raises:
+        PlanningError: ``rule`` is not a `Rule`.
+    """
+    _check(rule)
+    _FUNCTION[op_name(function)] = rule
+
+
+def module_rule(module_type: type) -> Rule | None:
+    """The rule of a module type: the first registered class along its MRO."""
+    try:
+        return _module_cache[module_type]
+    except KeyError:
+        pass
+    found = next((_MODULE[c] for c in module_type.__mro__ if c in _MODULE), None)
+    _module_cache[module_type] = found
+    return found
+
+
+def function_rule(name: str) -> Rule | None:
+    """The rule of a canonical function name."""
+    return _FUNCTION.get(name)
+
+
+_builtin_registration = False
+
+
+def builtin(module_types: Iterable[type] = (), names: Iterable[str] = (), *, rule: Rule) -> None:
+    """Register a rule shipped with pruneplan (built-in torch types are leaves already)."""
+    global _builtin_registration
+    _builtin_registration = True
+    try:
+        for t in module_types:
+            register_module_rule(t, rule)
+        for n in names:
+            register_function_rule(n, rule)
+    finally:
+        _builtin_registration = False
+

@@ -1,0 +1,52 @@
+"""Layers and operations that tie channels to something else (attention heads, time steps,
+matrix shapes): every root whose channels reach them is left out, with the reason."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pruneplan.graph._labels import Lab
+from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin
+
+__all__ = ["BlockModuleRule", "BlockRule"]
+
+BLOCKING_TYPES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
+                  nn.TransformerDecoderLayer, nn.Transformer, nn.Bilinear, nn.PixelShuffle,
+                  nn.PixelUnshuffle, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
+BLOCK_OPS = ("matmul", "mm", "bmm", "einsum", "baddbmm", "addmm", "addbmm", "linear",
+             "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+             "conv_transpose3d", "scaled_dot_product_attention", "multi_head_attention_forward",
+             "pixel_shuffle", "pixel_unshuffle", "outer", "cross", "kron", "cosine_similarity",
+             "normalize")
+
+
+def _reason(call: Call, why: str | None) -> str:
+    return f"they reach {call.where}" + (f": {why}" if why else "")
+
+
+class BlockModuleRule(ModuleRule):
+    """A layer whose every labelled input root is blocked ("they reach module ...[: why]")."""
+
+    def __init__(self, why: str | None = None) -> None:
+        self.why = why
+
+    def labels(self, call: Call, x: Lab) -> None:
+        call.block_all(_reason(call, self.why))
+
+    def mixed(self, call: Call) -> None:
+        call.block_all(_reason(call, self.why))
+
+
+class BlockRule(FunctionRule):
+    """An operation whose labelled input roots are blocked, when they come on its main input."""
+
+    def __init__(self, why: str | None = None) -> None:
+        self.why = why
+
+    def labels(self, call: Call) -> None:
+        if self.main(call) is not None:
+            call.block_all(_reason(call, self.why))
+
+
+builtin(BLOCKING_TYPES, rule=BlockModuleRule())
+builtin(names=BLOCK_OPS, rule=BlockRule())

@@ -1,0 +1,125 @@
+"""Concatenation, stacking, splitting and channel shuffles: labels are joined, cut or re-ordered;
+parts that must stay equal are coupled position by position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruneplan.graph._ir import Ref
+from pruneplan.graph._labels import Lab, PView
+from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs
+
+__all__ = ["CatRule", "ShuffleRule", "SplitRule", "StackRule", "sequence", "shuffle"]
+
+
+def sequence(call: Call, arg: Any) -> list[tuple[Any, Any]]:
+    """``(info, shape)`` of each tensor of a sequence argument (a list of tensors, or a graph
+    value that is a tuple)."""
+    if isinstance(arg, Ref) and isinstance(call.meta(arg), list):
+        info = call.read(arg)
+        metas = call.meta(arg)
+        infos = info if isinstance(info, list) else [None] * len(metas)
+        return list(zip(infos, metas, strict=True))
+    return [(call.read(r), call.meta(r)) for r in iter_refs(arg)]
+
+
+def _tensors(call: Call) -> Any:
+    return call.node.args[0] if call.node.args else call.node.kwargs.get("tensors")
+
+
+class CatRule(FunctionRule):
+    """``cat``: along the labelled axis the labels are concatenated (unlabelled parts get no
+    label); along another axis the parts meet position by position (coupled)."""
+
+    def labels(self, call: Call) -> Lab | None:
+        items = sequence(call, _tensors(call))
+        nd = len(call.out)
+        dim = call.arg(1, "dim", 0) % nd
+        if any(isinstance(i, Lab) and dim in i.axes for i, _ in items):
+            if any(isinstance(i, Lab) and i.axes != (dim,) for i, _ in items):
+                call.block(call.labelled_in(i for i, _ in items),
+                           f"{call.where} concatenates them with other layouts")
+                return None
+            parts = [i.arr if isinstance(i, Lab) else np.full(m[dim], -1, dtype=np.int64)
+                     for i, m in items]
+            return Lab((dim,), np.concatenate(parts))
+        return call.merge(items)
+
+
+class StackRule(FunctionRule):
+    """``stack`` along a new axis ties its inputs position by position; ``hstack``/``vstack``
+    block."""
+
+    def labels(self, call: Call) -> Lab | None:
+        if call.name != "stack":
+            call.block_all()
+            return None
+        items = sequence(call, _tensors(call))
+        dim = call.arg(1, "dim", 0) % len(call.out)
+        moved = []
+        for info, meta in items:
+            meta = torch.Size((*meta[:dim], 1, *meta[dim:]))
+            if isinstance(info, Lab):
+                info = Lab(tuple(a + (a >= dim) for a in info.axes), info.arr)
+            elif isinstance(info, PView):
+                info = PView(info.key, (*info.dims[:dim], None, *info.dims[dim:]))
+            moved.append((info, meta))
+        return call.merge(moved)
+
+
+class SplitRule(FunctionRule):
+    """chunk / split / tensor_split / unbind: equal parts of the labelled axis are coupled
+    position by position; fixed-size parts block."""
+
+    def labels(self, call: Call) -> Any:
+        x = self.main(call)
+        if x is None:
+            return None
+        name = call.name
+        nd = len(call.xmeta)
+        dim = call.arg(2 if name != "unbind" else 1, "dim", 0) % nd
+        outs = call.out
+        if dim not in x.axes:
+            if name == "unbind":
+                return [Lab(tuple(a - (a > dim) for a in x.axes), x.arr)] * len(outs)
+            return [x] * len(outs)
+        sizes = [m[dim] for m in outs]
+        how = call.arg(1, "sections")
+        fixed = name in ("unbind", "split_with_sizes", "split") or (
+            name == "tensor_split" and not isinstance(how, int))
+        if x.axes != (dim,) or fixed or len(set(sizes)) != 1:
+            call.block(x, f"{call.where} splits them into fixed-size parts")
+            return None
+        rows = x.arr.reshape(len(sizes), -1)
+        for i in range(1, len(sizes)):
+            call.couple(rows[0], rows[i])
+        return [Lab((dim,), rows[i].copy()) for i in range(len(sizes))]
+
+
+def shuffle(call: Call, x: Lab, groups: int) -> Lab | None:
+    """A channel shuffle of ``groups``: the groups are coupled, and the output labels are the
+    input's re-arranged (position ``j * groups + g`` gets group ``g``'s ``j``-th channel)."""
+    if x.axes != (1,):
+        call.block(x, f"{call.where} shuffles other axes")
+        return None
+    g = x.arr.reshape(groups, -1)
+    for i in range(1, groups):
+        call.couple(g[0], g[i])
+    return Lab((1,), np.ascontiguousarray(g.T).reshape(-1))
+
+
+class ShuffleRule(ModuleRule):
+    """``nn.ChannelShuffle``."""
+
+    def labels(self, call: Call, x: Lab) -> Lab | None:
+        return shuffle(call, x, call.module.groups)
+
+
+builtin(names=("cat", "concat", "concatenate"), rule=CatRule())
+builtin(names=("stack", "hstack", "vstack"), rule=StackRule())
+builtin(names=("chunk", "split", "tensor_split", "unbind", "split_with_sizes"), rule=SplitRule())
+builtin([nn.ChannelShuffle], rule=ShuffleRule())

@@ -1,0 +1,79 @@
+"""Reductions and softmax: a reduction over all the labelled axes ends the labels (its value is
+taken over the channels that remain); over other axes the labels follow; softmax over the
+channels blocks (removing one changes every other)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from pruneplan.graph._ir import Ref
+from pruneplan.graph._labels import Lab
+from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs
+
+__all__ = ["ReduceRule", "SoftmaxModuleRule", "SoftmaxRule", "reduce"]
+
+REDUCE = ("mean", "sum", "nansum", "nanmean", "amax", "amin", "max", "min", "std", "var",
+          "norm", "logsumexp", "prod", "argmax", "argmin", "all", "any", "median", "count_nonzero")
+
+
+def reduce(call: Call, x: Lab) -> Any:
+    """Labels after reducing over ``dim`` (``keepdim`` kept into account)."""
+    nd = len(call.xmeta)
+    dim = call.arg(1, "dim")
+    keep = bool(call.arg(2, "keepdim", False))
+    dims = set(range(nd)) if dim is None else {d % nd for d in ((dim,) if isinstance(dim, int)
+                                                                 else dim)}
+    tuple_out = isinstance(call.out, list)
+    if dims & set(x.axes):
+        if set(x.axes) <= dims:
+            return None
+        call.block(x, f"{call.where} reduces over part of their axes")
+        return None
+    lab = x if keep else Lab(tuple(a - sum(d < a for d in dims) for a in x.axes), x.arr)
+    return [lab, lab] if tuple_out else lab
+
+
+class ReduceRule(FunctionRule):
+    """mean / sum / amax / ...; ``max(a, b)`` / ``min(a, b)`` of two tensors are element-wise."""
+
+    def labels(self, call: Call) -> Any:
+        if call.name in ("max", "min") and isinstance(call.arg(1, "other"), Ref):
+            refs = list(iter_refs(call.node.args))
+            return call.merge([(call.read(r), call.meta(r)) for r in refs])
+        x = self.main(call)
+        return reduce(call, x) if x is not None else None
+
+
+class SoftmaxRule(FunctionRule):
+    """softmax / log_softmax / softmin over a dim."""
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        dim = call.arg(1, "dim")
+        if dim is None or dim % len(call.xmeta) in x.axes:
+            call.block(x, f"{call.where} normalises over them")
+            return None
+        return x
+
+
+class SoftmaxModuleRule(ModuleRule):
+    """``nn.Softmax`` / ``LogSoftmax`` / ``Softmin`` (torch's implicit dim when ``dim=None``)."""
+
+    def labels(self, call: Call, x: Lab) -> Lab | None:
+        nd = len(call.xmeta)
+        dim = call.module.dim
+        if dim is None:
+            dim = 0 if nd in (0, 1, 3) else 1
+        if dim % nd in x.axes:
+            call.block(x, f"{call.where} normalises over them")
+            return None
+        return x
+
+
+builtin(names=REDUCE, rule=ReduceRule())
+builtin(names=("softmax", "log_softmax", "softmin"), rule=SoftmaxRule())
+builtin([nn.Softmax, nn.LogSoftmax, nn.Softmin], rule=SoftmaxModuleRule())

@@ -1,0 +1,313 @@
+"""Views and layout changes: view/reshape/flatten, permute/transpose, expand, indexing, flip/roll,
+and the shapes and sizes read off labelled tensors (fx keeps them as graph values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruneplan.graph._ir import Ref
+from pruneplan.graph._labels import Dim, Lab, PView, Sizes, canon, reshape_groups
+from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, tensorish
+
+__all__ = ["ExpandRule", "FlipRule", "GetitemRule", "PermuteRule", "ReshapeRule", "relabel"]
+
+RESHAPE = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
+PERMUTE = ("permute", "transpose", "swapaxes", "swapdims", "t", "T", "mT", "movedim", "moveaxis")
+EXPAND = ("expand", "expand_as", "broadcast_to", "repeat", "tile")
+#: Operations that take a target shape after the tensor: a labelled width used there is checked.
+SHAPED = frozenset({"view", "reshape", "expand"})
+CREATE = ("zeros", "ones", "empty", "full", "rand", "randn")
+
+
+def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
+    """Labels ``x`` of a tensor of shape ``a`` viewed as shape ``b`` (same elements, same order).
+
+    Labels landing on several output axes (channels split into ``(groups, per_group)``) are
+    kept as a multi-axis label; labels repeated along an axis (a broadcast) couple the copies.
+    """
+    groups = reshape_groups(tuple(a), tuple(b)) if isinstance(b, torch.Size) else None
+    if groups is None:
+        call.error("reshapes them in a way pruneplan cannot read", x)
+        return None
+    hit = [g for g in groups if set(g[0]) & set(x.axes)]
+    if len(hit) != 1:
+        call.block(x, f"{call.where} reshapes them across separate axes")
+        return None
+    gi, go = hit[0]
+    sub_in = [a[d] for d in gi]
+    sub_out = [b[d] for d in go]
+    bshape = [a[d] if d in x.axes else 1 for d in gi]
+    g = np.broadcast_to(x.arr.reshape(bshape), sub_in).reshape(sub_out)
+    keep = [k for k in range(len(go))
+            if sub_out[k] > 1 and not np.array_equal(g, np.broadcast_to(
+                np.take(g, [0], axis=k), g.shape))]
+    g = g[tuple(slice(None) if k in keep else 0 for k in range(len(go)))]
+    axes = tuple(go[k] for k in keep)
+    if not axes:
+        call.block(x, f"{call.where} reshapes them away")
+        return None
+    if len(axes) > 1:
+        rows = g.reshape(-1, g.shape[-1])
+        for i in range(1, rows.shape[0]):
+            call.couple(rows[0], rows[i])
+    return Lab(axes, np.ascontiguousarray(g))
+
+
+def _view_dims(x: PView, a: Any, out: Any) -> PView | None:
+    groups = reshape_groups(tuple(a), tuple(out))
+    if groups is None:
+        return None
+    dims: list[int | None] = [None] * len(out)
+    for gi, go in groups:
+        big_i = [d for d in gi if a[d] != 1]
+        big_o = [d for d in go if out[d] != 1]
+        if len(big_i) > 1 or len(big_o) > 1:
+            return None
+        if big_i and big_o:
+            dims[big_o[0]] = x.dims[big_i[0]]
+    return PView(x.key, tuple(dims))
+
+
+def _param(call: Call) -> PView | None:
+    """The parameter view at the main input when the output is a tensor."""
+    x = call.x
+    return x if isinstance(x, PView) and isinstance(call.out, torch.Size) else None
+
+
+class ReshapeRule(FunctionRule):
+    """view / reshape / flatten / unflatten / squeeze / unsqueeze (and the ``_as`` forms)."""
+
+    def propagate(self, call: Call) -> Any:
+        out = super().propagate(call)
+        if call.name in SHAPED and tensorish(call.out):
+            call.check_widths(out, call.node.args[1:])
+        return out
+
+    def params(self, call: Call) -> PView | None:
+        x = _param(call)
+        return _view_dims(x, call.xmeta, call.out) if x is not None else None
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        return relabel(call, x, call.xmeta, call.out) if x is not None else None
+
+
+class FlattenRule(ModuleRule):
+    """``nn.Flatten`` / ``nn.Unflatten``."""
+
+    def labels(self, call: Call, x: Lab) -> Lab | None:
+        return relabel(call, x, call.xmeta, call.out)
+
+
+def permutation(call: Call, nd: int) -> list[int] | None:
+    """Output axis ``i`` is input axis ``perm[i]``; ``None`` when the arguments are unreadable."""
+    name = call.name
+    args = call.node.args[1:]
+    try:
+        if name == "permute":
+            dims = call.node.kwargs.get("dims", args[0] if len(args) == 1 and isinstance(
+                args[0], tuple | list) else args)
+            return [d % nd for d in dims]
+        if name in ("transpose", "swapaxes", "swapdims"):
+            d0 = call.arg(1, "dim0") % nd
+            d1 = call.arg(2, "dim1") % nd
+            perm = list(range(nd))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+            return perm
+        if name == "t":
+            return [1, 0] if nd == 2 else list(range(nd))
+        if name == "T":
+            return list(reversed(range(nd)))
+        if name == "mT":
+            return [*range(nd - 2), nd - 1, nd - 2]
+        if name in ("movedim", "moveaxis"):
+            src, dst = call.arg(1, "source"), call.arg(2, "destination")
+            return [int(v) for v in np.moveaxis(np.arange(nd), src, dst)]
+    except (TypeError, IndexError, ValueError):
+        return None
+    return None
+
+
+class PermuteRule(FunctionRule):
+    """permute / transpose / movedim and friends: labels move with their axes."""
+
+    def params(self, call: Call) -> PView | None:
+        x = _param(call)
+        if x is None:
+            return None
+        perm = permutation(call, len(call.xmeta))
+        return PView(x.key, tuple(x.dims[p] for p in perm)) if perm is not None else None
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        perm = permutation(call, len(call.xmeta))
+        if perm is None:
+            call.error("permutes them in a way pruneplan cannot read", x)
+            return None
+        return canon(tuple(perm.index(a) for a in x.axes), x.arr)
+
+
+class ExpandRule(FunctionRule):
+    """expand / broadcast_to / repeat / tile: leading axes added; the labelled axes must stay."""
+
+    def propagate(self, call: Call) -> Any:
+        out = super().propagate(call)
+        if call.name in SHAPED and tensorish(call.out):
+            call.check_widths(out, call.node.args[1:])
+        return out
+
+    def params(self, call: Call) -> PView | None:
+        x = _param(call)
+        if x is None:
+            return None
+        a, out = call.xmeta, call.out
+        shift = len(out) - len(a)
+        dims = [None] * shift + [x.dims[d] if a[d] == out[d + shift] else None for d in range(len(a))]
+        return PView(x.key, tuple(dims))
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        out = call.out
+        lab = x.shifted(len(out) - len(call.xmeta))
+        if any(out[a] != lab.arr.shape[k] for k, a in enumerate(lab.axes)):
+            call.block(x, f"repeated along their axis at {call.where}")
+            return None
+        return lab
+
+
+def _trivial(idx: Any) -> bool:
+    return all(it is None or it is Ellipsis or it == slice(None)
+               for it in (idx if isinstance(idx, tuple) else (idx,)))
+
+
+class GetitemRule(FunctionRule):
+    """``x[...]``: an item of a tuple, a size of a shape, or basic indexing of a tensor."""
+
+    def propagate(self, call: Call) -> Any:
+        node = call.node
+        x, idx = call.x, node.args[1]
+        if isinstance(x, Sizes) and isinstance(idx, int):
+            d = idx % x.ndim
+            return Dim(tuple(x.lab.roots)) if d in x.lab.axes else None
+        if not tensorish(call.out):
+            return None
+        if isinstance(call.xmeta, list):
+            return x[idx] if isinstance(x, list) and isinstance(idx, int | slice) else None
+        return super().propagate(call)
+
+    def params(self, call: Call) -> PView | None:
+        x = _param(call)
+        if x is None or not _trivial(call.node.args[1]):
+            return None
+        return _view_dims(x, call.xmeta, call.out)
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        idx = call.node.args[1]
+        xmeta = call.xmeta
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        # a graph value inside an index is an int computed at run time unless it is a tensor
+        if any((isinstance(it, Ref) and tensorish(call.meta(it))) or isinstance(it, list)
+               for it in items):
+            call.error("indexes them with tensors", x)
+            return None
+        nd = len(xmeta)
+        if Ellipsis in items:
+            k = items.index(Ellipsis)
+            used = sum(1 for it in items if it is not None and it is not Ellipsis)
+            items[k:k + 1] = [slice(None)] * (nd - used)
+        items += [slice(None)] * (nd - sum(1 for it in items if it is not None))
+        out = call.out
+        where: dict[int, int] = {}
+        i = o = 0
+        for it in items:
+            if it is None:
+                o += 1
+                continue
+            if not isinstance(it, slice):  # an int (literal or computed): the axis goes
+                if i in x.axes:
+                    call.block(x, f"{call.where} picks single positions")
+                    return None
+                i += 1
+                continue
+            # a slice of the same length as the axis (steps are positive in torch) is all of it
+            if i in x.axes and out[o] != xmeta[i]:
+                call.block(x, f"{call.where} slices their axis")
+                return None
+            where[i] = o
+            i += 1
+            o += 1
+        return Lab(tuple(where[a] for a in x.axes), x.arr)
+
+
+class SizeRule(FunctionRule):
+    """``x.size()`` / ``x.size(d)`` / ``x.shape`` of a labelled tensor: tracked so that a
+    channel width reused as a fixed size is checked."""
+
+    def propagate(self, call: Call) -> Any:
+        x = call.x
+        if isinstance(x, Lab):
+            nd = len(call.xmeta)
+            if call.name == "getattr":
+                if call.node.args[1] == "shape":
+                    return Sizes(x, nd)
+                return call.unsupported()
+            dim = call.arg(1, "dim")
+            if dim is None:
+                return Sizes(x, nd)
+            return Dim(tuple(x.roots)) if dim % nd in x.axes else None
+        if call.name == "getattr":
+            return call.unsupported()
+        return super().propagate(call)
+
+    def labels(self, call: Call) -> None:
+        return call.unsupported()
+
+
+class CreateRule(FunctionRule):
+    """zeros / ones / full / rand...: new tensors; a labelled width among their sizes is checked."""
+
+    def propagate(self, call: Call) -> Any:
+        out = super().propagate(call)
+        if tensorish(call.out):
+            call.check_widths(out, call.node.args)
+        return out
+
+    def labels(self, call: Call) -> None:
+        return call.unsupported()
+
+
+class FlipRule(FunctionRule):
+    """flip / roll: an error when they reorder the labelled axis."""
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        nd = len(call.xmeta)
+        dims = call.arg(1 if call.name == "flip" else 2, "dims")
+        dims = {d % nd for d in ((dims,) if isinstance(dims, int) else (dims or range(nd)))}
+        if dims & set(x.axes):
+            call.error("reorders them", x)
+            return None
+        return x
+
+
+builtin(names=RESHAPE, rule=ReshapeRule())
+builtin([nn.Flatten, nn.Unflatten], rule=FlattenRule())
+builtin(names=PERMUTE, rule=PermuteRule())
+builtin(names=EXPAND, rule=ExpandRule())
+builtin(names=("getitem",), rule=GetitemRule())
+builtin(names=("size", "getattr"), rule=SizeRule())
+builtin(names=CREATE, rule=CreateRule())
+builtin(names=("flip", "roll"), rule=FlipRule())

@@ -1,0 +1,136 @@
+"""The rule registry used from outside the package (tests/custom_rules_example.py).
+
+Reference values: the example net has two roots feeding the gate (``stem`` through the norm,
+``gate_conv`` directly), so the gate couples them into one group of 8 units; ``head`` is a group
+of its own; ``fc`` reaches the output. Removing units must equal zeroing those channels at the
+input of ``head`` (the only consumer), since the norm and the gate act on each channel alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from custom_rules_example import FrozenChannelNorm, GatedNet, gate, register
+
+import pruneplan as pp
+from pruneplan.graph import _ir
+from pruneplan.graph.discover import prunable_groups
+from pruneplan.graph.rules import ChannelRule, ElementwiseRule, base
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch):
+    """Registrations made in a test vanish after it."""
+    monkeypatch.setattr(base, "_MODULE", dict(base._MODULE))
+    monkeypatch.setattr(base, "_FUNCTION", dict(base._FUNCTION))
+    monkeypatch.setattr(base, "_module_cache", {})
+    monkeypatch.setattr(_ir, "_LEAF_TYPES", set(_ir._LEAF_TYPES))
+
+
+def _net() -> tuple[GatedNet, torch.Tensor]:
+    torch.manual_seed(0)
+    m = GatedNet().eval()
+    with torch.no_grad():  # statistics that make slicing the wrong entries visible
+        m.norm.running_mean.uniform_(-1, 1)
+        m.norm.running_var.uniform_(0.5, 2)
+        m.norm.weight.uniform_(0.5, 1.5)
+        m.norm.bias.uniform_(-0.5, 0.5)
+    return m, torch.randn(2, 3, 9, 9)
+
+
+def test_unknown_operator_names_itself_and_the_remedy(registry) -> None:
+    m, x = _net()
+    # the norm without its rule is traced through: its parameter arithmetic blocks the stem,
+    # and the gate, an operator nobody knows, errors naming itself, its module and the remedy
+    with pytest.raises(pp.UnsupportedOperationError) as err:
+        prunable_groups(m, x)
+    msg = str(err.value)
+    assert "operation 'pruneplan_example::gate' in module '<top level>'" in msg
+    assert "register_function_rule" in msg and "on_unsupported='skip'" in msg
+    assert [g.name for g in prunable_groups(m, x, on_unsupported="skip")] == ["head"]
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_registered_rules_group_and_own(registry, tracer: str) -> None:
+    register()
+    m, x = _net()
+    groups = {g.name: g for g in prunable_groups(m, x, tracer=tracer)}
+    assert sorted(groups) == ["head", "stem"]
+    g = groups["stem"]
+    assert g.roots == ("stem", "gate_conv") and g.size == 8
+    assert g.tensors == ["gate_conv.bias", "gate_conv.weight", "head.weight", "norm.bias",
+                         "norm.running_mean", "norm.running_var", "norm.weight", "stem.bias",
+                         "stem.weight"]
+    assert [(e.module, e.attribute, e.before) for e in g.edits] == [
+        ("gate_conv", "out_channels", 8), ("head", "in_channels", 8),
+        ("norm", "num_channels", 8), ("stem", "out_channels", 8)]
+    assert g.notes == ("coupled by pruneplan_example::gate in <top level>",)
+
+
+def test_pruning_through_registered_rules_equals_zeroing(registry, tmp_path) -> None:
+    register()
+    m, x = _net()
+    removed = [1, 4, 6]
+    plan = pp.plan_pruning(m, {"stem": removed}, example_inputs=x)
+    reference = copy.deepcopy(m)
+
+    def zero(_mod, args):
+        h = args[0].clone()
+        h[:, removed] = 0
+        return (h,)
+
+    reference.head.register_forward_pre_hook(zero)
+    pruned = pp.apply_plan(copy.deepcopy(m), plan)
+    with torch.no_grad():
+        got, want, original = pruned(x), reference(x), m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, original, atol=1e-4)
+    keep = [0, 2, 3, 5, 7]
+    assert pruned.norm.num_channels == 5
+    torch.testing.assert_close(pruned.norm.running_var, m.norm.running_var[keep], rtol=0, atol=0)
+    assert tuple(pruned.gate_conv.weight.shape) == (5, 3, 1, 1)
+    assert tuple(pruned.head.weight.shape) == (6, 5, 3, 3)
+    # replay on saved weights: same output, bit for bit
+    pp.apply_to_safetensors(plan, _save(m, tmp_path / "m.safetensors"), tmp_path / "p.safetensors")
+    fresh = pp.load_pruned(GatedNet(), plan, tmp_path / "p.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), got, rtol=0, atol=0)
+
+
+def _save(m: torch.nn.Module, path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_channel_rule_refuses_a_tensor_of_another_length(registry) -> None:
+    pp.register_module_rule(FrozenChannelNorm, ChannelRule(tensors=("weight",),
+                                                           attributes=("eps",)))
+    pp.register_function_rule(gate, ElementwiseRule())
+    m, x = _net()
+    # eps (1e-5) is not the channel count: the stem's group is left out, the head stays
+    assert [g.name for g in prunable_groups(m, x)] == ["head"]
+
+
+def test_registration_checks_its_arguments(registry) -> None:
+    with pytest.raises(pp.PlanningError, match=re.escape("needs an nn.Module subclass, got <class 'int'>")):
+        pp.register_module_rule(int, ElementwiseRule())
+    with pytest.raises(pp.PlanningError, match=re.escape("must be a pruneplan.graph.rules.Rule, got str")):
+        pp.register_function_rule("my_gate", "follow")
+
+
+def test_readme_rules_example_runs(registry) -> None:
+    # the README's "Your own layers and operations" block asserts its own groups
+
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+                 if "register_module_rule" in b)
+    namespace: dict = {}
+    exec(compile(block, "README rules example", "exec"), namespace)
+    assert [g.size for g in namespace["groups"]] == [8]
