@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pruneplan.compose import compose
 from pruneplan.errors import (
+    AlreadyPrunedError,
     CoupledGroupError,
     OptimizerStateError,
     OutputFileError,
@@ -21,6 +22,7 @@ from pruneplan.errors import (
     PlanningError,
     PlanValidationError,
     UnsupportedOperationError,
+    WeightsContentWarning,
     WeightsFileError,
 )
 from pruneplan.plan import (
@@ -48,12 +50,14 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         check_sharded_weights,
         check_weights,
         load_pruned,
+        weights_digest,
     )
     from pruneplan.graph.discover import describe_groups, prunable_groups
     from pruneplan.graph.rules import register_function_rule, register_module_rule
     from pruneplan.loading import plan_from_metric
     from pruneplan.planner import plan_pruning
     from pruneplan.select import select_indices
+    from pruneplan.stats import ModelStats, ModuleStats, count
 
 __version__ = "0.1.0"
 
@@ -66,6 +70,10 @@ _LAZY: dict[str, str] = {
     "check_sharded_weights": "pruneplan.apply",
     "check_weights": "pruneplan.apply",
     "load_pruned": "pruneplan.apply",
+    "weights_digest": "pruneplan.apply",
+    "count": "pruneplan.stats",
+    "ModelStats": "pruneplan.stats",
+    "ModuleStats": "pruneplan.stats",
     "describe_groups": "pruneplan.graph.discover",
     "prunable_groups": "pruneplan.graph.discover",
     "register_function_rule": "pruneplan.graph.rules",
@@ -77,7 +85,8 @@ _LAZY: dict[str, str] = {
 # subpackages that `import pruneplan` used to import as a side effect: still reachable as
 # attributes (``pruneplan.apply.sharded``, ``pruneplan.attributions``) without an explicit import
 _SUBMODULES = frozenset(
-    {"apply", "attributions", "distributed", "graph", "loading", "planner", "pruner", "select"}
+    {"apply", "attributions", "distributed", "graph", "loading", "planner", "pruner", "select",
+     "stats"}
 )
 
 
@@ -100,11 +109,14 @@ def __dir__() -> list[str]:
 __all__ = [
     "FORMAT",
     "VERSION",
+    "AlreadyPrunedError",
     "CoupledGroupError",
     "DropoutChange",
     "Group",
     "IndexMap",
     "ModelFingerprint",
+    "ModelStats",
+    "ModuleStats",
     "ModuleEdit",
     "OptimizerStateError",
     "OutputFileError",
@@ -117,6 +129,7 @@ __all__ = [
     "PrunePlan",
     "TensorSlice",
     "UnsupportedOperationError",
+    "WeightsContentWarning",
     "WeightsFileError",
     "__version__",
     "apply_plan",
@@ -126,6 +139,7 @@ __all__ = [
     "check_sharded_weights",
     "check_weights",
     "compose",
+    "count",
     "describe_groups",
     "diff_plans",
     "json_schema",
@@ -136,4 +150,5 @@ __all__ = [
     "register_function_rule",
     "register_module_rule",
     "select_indices",
+    "weights_digest",
 ]

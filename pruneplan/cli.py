@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -38,14 +39,40 @@ class _LoadingChoice(click.Choice):
 
 
 class _Cli(click.Group):
-    """Turns every `PlanError` into one ``error: ...`` line on stderr and exit status 1."""
+    """Turns every `PlanError` into one ``error: ...`` line on stderr and exit status 1; library
+    warnings (logged or `warnings.warn`-ed) become ``warning: ...`` lines on stderr."""
 
     def invoke(self, ctx: click.Context):
+        handler = _WarningLines()
+        lib = logging.getLogger("pruneplan")
+        lib.addHandler(handler)
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except PlanError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
+        finally:
+            lib.removeHandler(handler)
+
+
+class _WarningLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+_CONTENT = click.option(
+    "--content-check", type=click.Choice(["warn", "error", "off"]), default="warn", show_default=True,
+    help="When the plan records the content digest of the weights it scored and WEIGHTS differ: "
+         "warn, fail (exit 1), or skip the check (and the hashing).")
 
 
 @click.group(cls=_Cli)
@@ -77,10 +104,11 @@ def _default_output(weights: Path) -> Path:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-digest-check", is_flag=True,
               help="Only compare the shapes of the tensors the plan touches.")
+@_CONTENT
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest_check: bool,
-          progress: bool | None) -> None:
+          content_check: str, progress: bool | None) -> None:
     """Prune WEIGHTS as PLAN says.
 
     WEIGHTS is a safetensors file, or a sharded checkpoint: its folder (holding one
@@ -90,7 +118,7 @@ def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest
     apply_to = pruneplan.apply_to_sharded_safetensors if _sharded(weights) else pruneplan.apply_to_safetensors
     out = apply_to(
         PrunePlan.load(plan), weights, output or _default_output(weights),
-        overwrite=force, check_digest=not no_digest_check,
+        overwrite=force, check_digest=not no_digest_check, check_content=content_check,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
     click.echo(f"wrote {out}")
@@ -99,38 +127,81 @@ def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest
 @cli.command()
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.argument("weights", type=click.Path(path_type=Path), required=False)
-def validate(plan: Path, weights: Path | None) -> None:
+@_CONTENT
+def validate(plan: Path, weights: Path | None, content_check: str) -> None:
     """Check PLAN, and that it fits WEIGHTS when given.
 
     WEIGHTS is a safetensors file, or a sharded checkpoint (its folder or its
     *.safetensors.index.json); for a sharded checkpoint the index and every shard header are
-    checked against each other too.
+    checked against each other too. Weights already pruned by PLAN are reported as such (exit 1).
     """
     loaded = PrunePlan.load(plan)
     if weights is not None:
         check = pruneplan.check_sharded_weights if _sharded(weights) else pruneplan.check_weights
-        check(loaded, weights)
+        check(loaded, weights, check_content=content_check)
     fits = f"; fits {weights}" if weights is not None else ""
     click.echo(f"ok: {len(loaded.groups)} groups, digest {loaded.digest()}{fits}")
 
 
 @cli.command()
 @click.argument("plan", type=click.Path(path_type=Path))
-def show(plan: Path) -> None:
-    """Print a table of PLAN's groups: kept/size, % removed, parameters removed."""
+@click.option("--model", "model_spec", default=None,
+              help="Also count the model's parameters and MACs before -> after (pkg.module:factory).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="With --model: load these weights first (safetensors).")
+@click.option("--input-shape", default=None, help="With --model: one example's shape, e.g. 3,224,224.")
+@click.option("--input-dtype", type=click.Choice(["float32", "long"]), default="float32",
+              show_default=True, help="With --model: example input dtype.")
+def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: str | None,
+         input_dtype: str) -> None:
+    """Print PLAN's groups in execution order: kept/size, % removed, parameters and buffer values
+    removed; with --model, the model's parameters, buffers and MACs before -> after."""
+    if model_spec is None and (weights is not None or input_shape is not None):
+        raise click.UsageError("--weights and --input-shape go with --model")
+    if model_spec is not None and input_shape is None:
+        raise click.UsageError("--model needs --input-shape")
     loaded = PrunePlan.load(plan)
     rows = loaded.summary()
+    known = loaded.buffers_known
+    pcol = "parameters" if known else "params+bufs"
     width = max([len("group"), *(len(r["group"]) for r in rows)])
-    click.echo(f"{'group':<{width}}  {'kept/size':>11}  {'removed':>8}  {'parameters':>12}")
+    head = f"{'group':<{width}}  {'kept/size':>11}  {'removed':>8}  {pcol:>12}"
+    click.echo(head + (f"  {'buffers':>8}" if known else ""))
     for r in rows:
         kept = f"{r['kept']}/{r['size']}"
-        click.echo(f"{r['group']:<{width}}  {kept:>11}  {r['fraction']:>8.1%}  {r['parameters']:>12,}")
-    total = sum(math.prod(s) for s in loaded.model.tensors.values())
+        line = f"{r['group']:<{width}}  {kept:>11}  {r['fraction']:>8.1%}  {r['parameters']:>12,}"
+        click.echo(line + (f"  {r['buffers']:>8,}" if known else ""))
+    total = loaded.parameters_touched()
     removed = loaded.parameters_removed()
-    click.echo(
-        f"{len(rows)} groups; {removed:,} of {total:,} parameters in touched tensors removed "
-        f"({removed / max(total, 1):.1%}); digest {loaded.digest()[:12]}"
-    )
+    units = sum(r["size"] for r in rows)
+    gone = sum(r["removed"] for r in rows)
+    if known:
+        what = (f"{removed:,} of {total:,} parameters in touched tensors removed "
+                f"({removed / max(total, 1):.1%}), and {loaded.buffers_removed():,} buffer values")
+    else:
+        what = (f"{removed:,} of {total:,} scalars (parameters and buffers: this plan does not record "
+                f"which are buffers) in touched tensors removed ({removed / max(total, 1):.1%})")
+    click.echo(f"{len(rows)} groups; {gone:,} of {units:,} units; {what}; digest {loaded.digest()[:12]}")
+    sel = loaded.provenance.selection
+    if "requested_fraction" in sel:
+        click.echo(f"requested {sel['requested_fraction']:.1%} of the units of the scored groups, "
+                   f"achieved {sel['achieved_fraction']:.1%}")
+    if "target" in sel and "achieved" in sel:
+        for key, want in sel["target"].items():
+            click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'].get(key, 0):.1%}")
+    if model_spec is not None:
+        from pruneplan import loading  # imports torch: only with --model
+
+        model = loading.load_model(model_spec, weights)
+        before, after = loading.stats_before_after(model, loaded, _example(input_shape, input_dtype, 1))
+        _echo_stats(before, after)
+
+
+def _echo_stats(before, after) -> None:
+    for label, a, b in (("parameters", before.params, after.params),
+                        ("buffers", before.buffers, after.buffers), ("MACs", before.macs, after.macs)):
+        change = f" ({(b - a) / a:+.1%})" if a else ""
+        click.echo(f"{label}: {a:,} -> {b:,}{change}")
 
 
 @cli.command()
@@ -179,12 +250,12 @@ _WEIGHTS = click.option("--weights", type=click.Path(path_type=Path), default=No
                         help="Load these weights (safetensors) into the model first.")
 
 
-def _example(shape: str, dtype: str):
+def _example(shape: str, dtype: str, batch_size: int = 2):
     import torch
 
     from pruneplan import loading
 
-    return loading.example_input(loading.parse_input_shape(shape), batch_size=2,
+    return loading.example_input(loading.parse_input_shape(shape), batch_size=batch_size,
                                  dtype=torch.long if dtype == "long" else torch.float32)
 
 
@@ -202,39 +273,126 @@ def groups(model_spec: str, weights: Path | None, input_shape: str, input_dtype:
     click.echo(pruneplan.describe_groups(found))
 
 
+def _refuse_ignored(metric: str, given: dict[str, object]) -> None:
+    """Usage error for an option the metric would ignore."""
+    from pruneplan import loading
+
+    takes = set()
+    if loading.metric_needs_data(metric):
+        takes |= {"--data", "--criterion", "--max-batches"}
+    if metric in loading.RANDOM_METRICS:
+        takes.add("--seed")
+    takes |= {"--" + k.replace("_", "-") for k in loading.METRIC_PARAMS.get(metric, {})}
+    for flag, value in given.items():
+        if value is not None and flag not in takes:
+            raise click.UsageError(f"metric {metric!r} ignores {flag}; leave it out")
+    if "--data" in takes and given["--data"] is None:
+        raise click.UsageError(f"metric {metric!r} needs --data")
+
+
+def _assignments(values: tuple[str, ...], option: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for v in values:
+        key, sep, num = v.rpartition("=")
+        try:
+            out[key] = float(num)
+        except ValueError:
+            key = ""
+        if not sep or not key:
+            raise click.BadParameter(f"expected NAME=FRACTION, got {v!r}", param_hint=option)
+    return out
+
+
 @cli.command()
 @_MODEL
 @_WEIGHTS
 @_SHAPE
 @_DTYPE
 @click.option("--metric", type=_LoadingChoice("METRICS"), required=True)
-@click.option("--ratio", type=float, required=True, help="Fraction of units to remove.")
-@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--ratio", type=float, default=None, help="Fraction of units to remove.")
+@click.option("--target-macs", type=float, default=None,
+              help="Instead of --ratio: remove at least this fraction of the MACs (global ranking).")
+@click.option("--target-params", type=float, default=None,
+              help="Instead of --ratio: remove at least this fraction of the parameters (global ranking).")
+@click.option("--n-steps", type=int, default=1, show_default=True,
+              help="Prune in this many steps, re-scoring between steps; the plans are composed.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default=None,
+              help="Ratio per layer or over all units  [default: layer; global with a target]")
+@click.option("--layer-ratio", multiple=True, metavar="PATTERN=FRACTION",
+              help="Ratio for the groups whose name or root matches the glob PATTERN (repeatable).")
+@click.option("--kind-ratio", multiple=True, metavar="KIND=FRACTION",
+              help="Ratio for the groups of a kind: channels, heads, query_groups (repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Leave the groups whose name or root matches this glob untouched (repeatable).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep multiples of this many units.")
 @click.option("--min-keep", type=int, default=1, show_default=True)
 @click.option("--data", "data_spec", default=None,
-              help="Data factory pkg.module:loader_factory returning (x, y) batches.")
-@click.option("--criterion", type=_LoadingChoice("CRITERIA"), default="cross_entropy",
-              show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+              help="Data factory pkg.module:loader_factory returning (x, y) batches (data metrics).")
+@click.option("--criterion", type=_LoadingChoice("CRITERIA"), default=None,
+              help="Loss of the data metrics  [default: cross_entropy]")
+@click.option("--max-batches", type=int, default=None, help="Score on the first N batches of --data only.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the random metrics (random, shapley)  [default: 0]")
+@click.option("--sv-samples", type=int, default=None,
+              help="Shapley: permutations per unit  [default: 5]")
+@click.option("--p", "p_norm", type=float, default=None, help="lp_norm: the order p  [default: 2]")
+@click.option("--device", default="cpu", show_default=True, help="Where to score (cpu, cuda, cuda:1, mps).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars while scoring (default: when stderr is a terminal).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan file to write.")
 def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: str, metric: str,
-         ratio: float, scope: str, round_to: int, min_keep: int, data_spec: str | None, criterion: str,
-         seed: int, output: Path) -> None:
-    """Score a model's units with a metric and write the plan that removes RATIO of them."""
+         ratio: float | None, target_macs: float | None, target_params: float | None, n_steps: int,
+         scope: str | None, layer_ratio: tuple[str, ...], kind_ratio: tuple[str, ...],
+         exclude: tuple[str, ...], round_to: int, min_keep: int, data_spec: str | None,
+         criterion: str | None, max_batches: int | None, seed: int | None, sv_samples: int | None,
+         p_norm: float | None, device: str, progress: bool | None, output: Path) -> None:
+    """Score a model's units with a metric and write the plan that removes RATIO of them (or
+    meets a MACs / parameters target).
+
+    The same command gives a byte-identical plan: --seed seeds the random metrics, and a model
+    built without --weights is initialised under torch.manual_seed(0).
+    """
     from pruneplan import loading
 
-    if loading.metric_needs_data(metric) and data_spec is None:
-        raise click.UsageError(f"metric {metric!r} needs --data")
-    model = loading.load_model(model_spec, weights)
+    targets = {k: v for k, v in (("macs", target_macs), ("params", target_params)) if v is not None}
+    layer_ratios = _assignments(layer_ratio, "--layer-ratio")
+    kind_ratios = _assignments(kind_ratio, "--kind-ratio")
+    if len(targets) > 1:
+        raise click.UsageError("give one of --target-macs and --target-params")
+    if targets and (ratio is not None or layer_ratios or kind_ratios):
+        raise click.UsageError("give --ratio (or --layer-ratio/--kind-ratio) or a target, not both")
+    if not targets and ratio is None and not layer_ratios and not kind_ratios:
+        raise click.UsageError("give --ratio, --target-macs or --target-params")
+    params = {k: v for k, v in (("sv_samples", sv_samples), ("p", p_norm)) if v is not None}
+    if "p" in params and float(params["p"]).is_integer():
+        params["p"] = int(params["p"])  # the same plan bytes as the API's p=1
+    _refuse_ignored(metric, {"--data": data_spec, "--criterion": criterion, "--max-batches": max_batches,
+                             "--seed": seed, "--sv-samples": sv_samples, "--p": p_norm})
+    import torch
+
+    torch.manual_seed(0)  # a model built without --weights gets the same initial weights every run
+    model = loading.load_model(model_spec, weights).to(device)
+    example = _example(input_shape, input_dtype).to(device)
     data = loading.load_factory(data_spec)() if data_spec else None
     made = pruneplan.plan_from_metric(
-        model, _example(input_shape, input_dtype), metric, ratio, scope=scope, round_to=round_to,
-        min_keep=min_keep, data=data, criterion=criterion, seed=seed,
+        model, example, metric, ratio, target=targets or None, n_steps=n_steps, scope=scope,
+        round_to=round_to, min_keep=min_keep, layer_ratios=layer_ratios or None,
+        kind_ratios=kind_ratios or None, exclude=exclude, data=data, criterion=criterion, device=device,
+        seed=seed, metric_params=params or None, max_batches=max_batches,
+        progress=sys.stderr.isatty() if progress is None else progress,
     )
     made.save(output)
-    click.echo(f"wrote {output}: {len(made.groups)} groups, {made.parameters_removed():,} parameters "
-               f"removed, digest {made.digest()[:12]}")
+    units = sum(len(g.removed) for g in made.groups)
+    click.echo(f"wrote {output}: {len(made.groups)} groups, {units:,} units removed, "
+               f"digest {made.digest()[:12]}")
+    sel = made.provenance.selection
+    if "requested_fraction" in sel:
+        click.echo(f"requested {sel['requested_fraction']:.1%} of the units, achieved "
+                   f"{sel['achieved_fraction']:.1%} (after round_to={round_to}, min_keep={min_keep})")
+    for key, want in sel.get("target", {}).items():
+        click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'][key]:.2%}")
+    before, after = loading.stats_before_after(model, made, _example(input_shape, input_dtype, 1).to(device))
+    _echo_stats(before, after)
 
 
 def main() -> None:

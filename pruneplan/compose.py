@@ -50,6 +50,7 @@ class _Group:
 
     name: str
     size: int
+    order: int | None = None
     removed: set[int] = field(default_factory=set)
     slices: dict[Key, _Slice] = field(default_factory=dict)
     edits: dict[tuple[str, str], int] = field(default_factory=dict)  # -> summed delta
@@ -135,7 +136,7 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
             }
             cg = groups.get(g.name)
             if cg is None:
-                cg = groups[g.name] = _Group(name=g.name, size=g.size)
+                cg = groups[g.name] = _Group(name=g.name, size=g.size, order=g.order)
                 for key, (m, units) in mapped.items():
                     modulo = None if m.modulo is None else original[key[0]][key[1]]
                     cg.slices[key] = _Slice(first=m, modulo=modulo, units=units)
@@ -181,6 +182,7 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
         out_groups.append({
             "name": cg.name,
             "size": cg.size,
+            "order": cg.order,
             "removed": sorted(cg.removed),
             "slices": [
                 {"tensor": t, "axis": a, "map": _fit(s, cg.size).model_dump(exclude_defaults=True)}
@@ -196,6 +198,9 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
                 for m, delta in sorted(cg.dropout.items())
             ],
         })
+    # buffers are known when every plan records them
+    buffers = (sorted({b for p in plans for b in p.model.buffers or ()})
+               if all(p.model.buffers is not None for p in plans) else None)
     first = plans[0].provenance
     provenance = Provenance(
         library=first.library,
@@ -206,7 +211,7 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
         result = PrunePlan.from_dict({
             "format": FORMAT,
             "version": VERSION,
-            "model": {"tensors": original, "digest": plans[0].model.digest},
+            "model": {"tensors": original, "digest": plans[0].model.digest, "buffers": buffers},
             "groups": out_groups,
             "provenance": provenance.model_dump(),
         })

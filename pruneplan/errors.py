@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyPrunedError",
     "CoupledGroupError",
     "OptimizerStateError",
     "OutputFileError",
@@ -11,6 +12,7 @@ __all__ = [
     "PlanValidationError",
     "PlanningError",
     "UnsupportedOperationError",
+    "WeightsContentWarning",
     "WeightsFileError",
 ]
 
@@ -28,6 +30,15 @@ class PlanValidationError(PlanError, ValueError):
 
 class PlanMismatchError(PlanError):
     """A valid plan does not fit the model or weights it is applied to."""
+
+
+class AlreadyPrunedError(PlanMismatchError):
+    """The weights were already pruned by this very plan (their metadata records its digest
+    and their shapes are the plan's pruned shapes)."""
+
+
+class WeightsContentWarning(UserWarning):
+    """The weights have the shapes a plan expects but not the content its metric scored."""
 
 
 class WeightsFileError(PlanError):

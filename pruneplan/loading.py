@@ -7,11 +7,15 @@ planner); the CLI stays a thin wrapper around it.
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import importlib
 import importlib.util
+import itertools
 import logging
+import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,8 @@ from pruneplan.errors import PlanningError
 from pruneplan.graph.discover import left_out_summary, prunable_groups
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.plan import PrunePlan
-from pruneplan.planner import build_plan
-from pruneplan.select import select_indices
+from pruneplan.planner import build_plan, execution_order
+from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, select_indices
 
 __all__ = [
     "CRITERIA",
@@ -45,14 +49,23 @@ log = logging.getLogger(__name__)
 #: metric name (CLI spelling) -> attribution class name in `pruneplan.attributions`
 METRICS = {
     "weight_norm": "WeightNormAttributionMetric",
+    "lp_norm": "LpNormAttributionMetric",
+    "bn_scale": "BNScaleAttributionMetric",
+    "fpgm": "FPGMAttributionMetric",
+    "lamp": "LAMPAttributionMetric",
     "random": "RandomAttributionMetric",
     "apoz": "APoZAttributionMetric",
     "sensitivity": "SensitivityAttributionMetric",
     "taylor": "TaylorAttributionMetric",
     "shapley": "ShapleyAttributionMetric",
 }
-DATA_FREE_METRICS = ("weight_norm", "random")
+DATA_FREE_METRICS = ("weight_norm", "lp_norm", "bn_scale", "fpgm", "lamp", "random")
+#: metrics that draw random numbers: ``seed`` reaches them (and only them)
+RANDOM_METRICS = ("random", "shapley")
+#: metric -> its parameters (beyond ``criterion`` and ``seed``) with their defaults
+METRIC_PARAMS: dict[str, dict[str, Any]] = {"lp_norm": {"p": 2.0}, "shapley": {"sv_samples": 5}}
 CRITERIA: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+TARGETS = ("macs", "params")
 
 
 def load_factory(spec: str) -> Any:
@@ -134,10 +147,78 @@ def example_input(shape: Sequence[int], batch_size: int = 1, dtype: torch.dtype 
 
 
 def metric_needs_data(metric: str) -> bool:
-    """Whether ``metric`` reads data (and so needs ``--data``)."""
+    """Whether ``metric`` reads data (and so needs ``--data``).
+
+    Raises:
+        PlanningError: unknown metric.
+    """
     if metric not in METRICS:
         raise PlanningError(f"unknown metric {metric!r}; choose from {sorted(METRICS)}")
     return metric not in DATA_FREE_METRICS
+
+
+def check_metric_options(
+    metric: str,
+    *,
+    data: Any = None,
+    criterion: Any = None,
+    seed: int | None = None,
+    metric_params: Mapping[str, Any] | None = None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Refuse options ``metric`` would ignore; return its parameters with defaults filled in.
+
+    Data-free metrics take no ``data``, ``criterion`` or ``max_batches``; only the random
+    metrics (`RANDOM_METRICS`) take a ``seed``; ``metric_params`` must be parameters the metric
+    has (`METRIC_PARAMS`).
+
+    Raises:
+        PlanningError: unknown metric, an option the metric ignores, a data metric without
+            data, a bad ``max_batches`` or ``sv_samples``.
+    """
+    needs = metric_needs_data(metric)
+    if not needs:
+        for name, value in (("data", data), ("criterion", criterion), ("max_batches", max_batches)):
+            if value is not None:
+                raise PlanningError(f"metric {metric!r} reads no data: it ignores {name}; leave it out")
+    elif data is None:
+        raise PlanningError(f"metric {metric!r} needs data")
+    if seed is not None and metric not in RANDOM_METRICS:
+        raise PlanningError(f"metric {metric!r} is deterministic: it ignores seed; leave it out "
+                            f"(seeded metrics: {', '.join(RANDOM_METRICS)})")
+    allowed = METRIC_PARAMS.get(metric, {})
+    params = dict(allowed)
+    for key, value in (metric_params or {}).items():
+        if key not in allowed:
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise PlanningError(f"metric {metric!r} has no parameter {key!r} (its parameters: {takes})")
+        params[key] = value
+    if "sv_samples" in params and (isinstance(params["sv_samples"], bool)
+                                   or not isinstance(params["sv_samples"], int) or params["sv_samples"] < 1):
+        raise PlanningError(f"sv_samples must be a positive integer, got {params['sv_samples']!r}")
+    if "p" in params and (isinstance(params["p"], bool) or not isinstance(params["p"], int | float)
+                          or not params["p"] > 0):
+        raise PlanningError(f"p must be a number > 0, got {params['p']!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise PlanningError(f"max_batches must be a positive integer, got {max_batches!r}")
+    return params
+
+
+class LimitedBatches:
+    """The first ``n`` batches of ``data`` on every iteration (re-iterable when ``data`` is)."""
+
+    def __init__(self, data: Iterable[Any], n: int) -> None:
+        self.data, self.n = data, n
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.data), self.n)
+
+    def __len__(self) -> int:
+        try:
+            return min(len(self.data), self.n)  # type: ignore[arg-type]
+        except TypeError:
+            return self.n
 
 
 def score_groups(
@@ -147,33 +228,59 @@ def score_groups(
     data: Iterable[Any] | None = None,
     criterion: str | Callable[..., torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
-    seed: int = 0,
+    seed: int | None = None,
+    *,
+    metric_params: Mapping[str, Any] | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    example_inputs: Any = None,
 ) -> dict[str, np.ndarray]:
     """Scores of every root module of ``groups`` with the named metric (member name -> array).
 
     Members whose score count differs from their group's size (a metric that scores another
-    axis, e.g. the vocabulary of an Embedding) are left out with a warning; aggregate what
-    remains with `select_indices(..., groups=groups)`.
+    axis, e.g. the vocabulary of an Embedding) are left out with a warning, and so are, for
+    ``bn_scale``, roots that no BatchNorm follows; aggregate what remains with
+    `select_indices(..., groups=groups)`.
+
+    Args:
+        seed: seed of the random metrics (`RANDOM_METRICS`; default 0 for them).
+        metric_params: the metric's parameters (`METRIC_PARAMS`), e.g. ``{"sv_samples": 20}``.
+        max_batches: score on the first ``max_batches`` batches of ``data`` only.
+        progress: tqdm progress bars on stderr while scoring.
+        example_inputs: the forward pass of ``bn_scale`` that finds each root's BatchNorm.
 
     Raises:
-        PlanningError: unknown metric or criterion, or a data metric without ``data``.
+        PlanningError: unknown metric or criterion, a data metric without ``data``, an option
+            the metric ignores (see `check_metric_options`).
     """
     from pruneplan import attributions
 
-    if metric_needs_data(metric) and data is None:
-        raise PlanningError(f"metric {metric!r} needs data")
+    params = check_metric_options(metric, data=data, criterion=criterion, seed=seed,
+                                  metric_params=metric_params, max_batches=max_batches)
     if isinstance(criterion, str):
         if criterion not in CRITERIA:
             raise PlanningError(f"unknown criterion {criterion!r}; choose from {sorted(CRITERIA)}")
         criterion = CRITERIA[criterion]
+    if data is not None and max_batches is not None:
+        data = LimitedBatches(data, max_batches)
     cls = getattr(attributions, METRICS[metric])
-    kwargs: dict[str, Any] = {"progress": False}
-    if metric == "random":
-        kwargs["seed"] = seed
+    kwargs: dict[str, Any] = {"progress": progress, **params}
+    if metric in RANDOM_METRICS:
+        kwargs["seed"] = 0 if seed is None else seed
+    if metric == "bn_scale":
+        kwargs["example_inputs"] = example_inputs
     scorer = cls(model, data if data is not None else [], criterion or CRITERIA["cross_entropy"],
                  device, **kwargs)
     members = sorted({r for g in groups for r in g.roots})
-    raw = scorer.run_all(members)
+    if metric == "bn_scale":
+        raw = {}
+        for name in members:
+            try:
+                raw.update(scorer.run_all([name]))
+            except ValueError as exc:
+                log.warning("leaving %r out: %s", name, exc)
+    else:
+        raw = scorer.run_all(members)
     sizes = {r: g.size for g in groups for r in g.roots}
     out = {}
     for name, s in raw.items():
@@ -190,36 +297,358 @@ def plan_from_metric(
     model: nn.Module,
     example_inputs: Any,
     metric: str,
-    ratio: float,
+    ratio: float | None = None,
     *,
-    scope: str = "layer",
+    target: Mapping[str, float] | None = None,
+    n_steps: int = 1,
+    scope: str | None = None,
     round_to: int = 1,
     min_keep: int = 1,
     normalize: str | None = "mean",
+    layer_ratios: Mapping[str, float] | None = None,
+    kind_ratios: Mapping[str, float] | None = None,
+    exclude: Sequence[str] = (),
     data: Iterable[Any] | None = None,
     criterion: str | Callable[..., torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
-    seed: int = 0,
+    seed: int | None = None,
+    metric_params: Mapping[str, Any] | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
 ) -> PrunePlan:
-    """Discover groups, score them, select indices and plan: the whole ``pruneplan plan`` command.
+    """Discover groups, score them, select units and plan: the whole ``pruneplan plan`` command.
 
-    Coupled groups get the mean of their members' scores. The metric and selection policy are
-    recorded in the plan's provenance. One INFO line on the ``pruneplan.loading`` logger says
-    how many roots discovery left out and why (all of them: ``prunable_groups(...).left_out``).
+    Coupled groups get the mean of their members' scores. The provenance records the metric and
+    its parameters, the seed (random metrics), the selection policy with the requested and the
+    achieved fraction, and the content digest of the scored weights (`weights_digest`), so that
+    applying the plan to other weights warns. The same inputs and seed give a byte-identical plan.
+    One INFO line on the ``pruneplan.loading`` logger says how many roots discovery left out and
+    why (all of them: ``prunable_groups(...).left_out``).
+
+    Selection, by ratio or by target:
+
+    * ``ratio``: the fraction of units to remove (of every group with ``scope="layer"``, the
+      default; of all units together with ``scope="global"``). ``kind_ratios`` (group kind ->
+      ratio, e.g. ``{"heads": 0.25}``; a group's kind is ``"channels"`` unless discovery says
+      otherwise) and ``layer_ratios`` (glob pattern over group and root names -> ratio; the first
+      matching pattern wins) override it for some groups; with ``scope="global"`` each kind is
+      ranked separately with its ratio, and ``layer_ratios`` are refused.
+    * ``target``: ``{"macs": f}`` or ``{"params": f}``: remove at least the fraction ``f`` of
+      the model's MACs or parameters (as `pruneplan.count` measures them on ``example_inputs``).
+      Units are removed in one global ranking (normalised per group with ``normalize``) until the
+      target is met: the smallest prefix of the ranking that meets it, found by bisection, so
+      the result overshoots by less than one unit (one block of ``round_to`` units). If even
+      removing every removable unit misses it, the plan removes them all and a warning says so.
+
+    ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
+    ``n_steps > 1`` the model is pruned in steps, a copy is re-scored after each step and the
+    step plans are composed into one plan relative to ``model``: the target grows linearly
+    (step ``s`` of ``n`` removes up to ``f * s / n`` of the original amount), a ratio
+    geometrically (each step removes ``1 - (1 - ratio) ** (1 / n)`` of what is left).
+
+    Args:
+        model: the model (not modified); it must already be on ``device``.
+        example_inputs: a batch for discovery and counting (tensor or tuple of arguments).
+        metric: a name of `METRICS`.
+        seed: seed of the random metrics (`RANDOM_METRICS`); default 0 for them; refused for the
+            others.
+        metric_params: the metric's parameters (`METRIC_PARAMS`), e.g. ``{"sv_samples": 20}``,
+            ``{"p": 1}``.
+        max_batches: score on the first ``max_batches`` batches of ``data`` only.
+        progress: tqdm progress bars on stderr while scoring.
+        round_to, min_keep, normalize: as in `select_indices`.
+
+    Returns:
+        the plan (its groups in execution order). A warning is logged when it removes nothing or
+        less than 90% of the requested units.
+
+    Raises:
+        PlanningError: bad ratio, target, n_steps, scope or option combination, an option the
+            metric ignores, a pattern of ``layer_ratios`` that matches nothing, or everything
+            excluded.
+        UnsupportedOperationError: discovery meets an operation it does not understand.
     """
-    groups = prunable_groups(model, example_inputs)
-    log.info("planning from %s: %s", metric, left_out_summary(groups))
-    scores = score_groups(model, groups, metric, data, criterion, device, seed)
-    removed = select_indices(scores, ratio, scope=scope, round_to=round_to, min_keep=min_keep,
-                             normalize=normalize, groups=groups)
-    by_name = {g.name: g for g in groups}
+    from pruneplan.apply import apply_plan, weights_digest
+    from pruneplan.compose import compose
+
+    params = check_metric_options(metric, data=data, criterion=criterion, seed=seed,
+                                  metric_params=metric_params, max_batches=max_batches)
+    what, goal_frac = _check_target(target, ratio, layer_ratios, kind_ratios)
+    if scope is None:
+        scope = "global" if target else "layer"
+    if target and scope != "global":
+        raise PlanningError("a target ranks all units together: scope must be 'global'")
+    if scope not in ("layer", "global"):
+        raise PlanningError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if scope == "global" and layer_ratios:
+        raise PlanningError("layer_ratios need scope='layer' (a global ranking has no per-layer ratio)")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise PlanningError(f"n_steps must be a positive integer, got {n_steps!r}")
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    scored_digest = weights_digest(model)
+    base = None
+    if what is not None:
+        from pruneplan.stats import count
+
+        base = count(model, example_inputs, macs=what == "macs")
+    current = model if n_steps == 1 else copy.deepcopy(model)
+    plans: list[PrunePlan] = []
+    requested = 0
+    units = 0
+    for step in range(1, n_steps + 1):
+        found = prunable_groups(current, example_inputs)
+        if step == 1:
+            log.info("planning from %s: %s", metric, left_out_summary(found))
+        order = execution_order(found)
+        groups = _included(found, exclude)
+        if step == 1:
+            units = sum(g.size for g in groups)
+        scores = score_groups(current, groups, metric, data, criterion, device, seed,
+                              metric_params=params, max_batches=max_batches, progress=progress,
+                              example_inputs=example_inputs)
+        table = aggregate_scores(scores, groups)
+        if what is not None:
+            goal = getattr(base, what) * (1 - goal_frac * step / n_steps)
+            removed = _select_target(current, example_inputs, groups, table, what, goal, round_to,
+                                     min_keep, normalize, order)
+        else:
+            step_ratio = (lambda r: r) if n_steps == 1 else (lambda r: 1 - (1 - r) ** (1 / n_steps))
+            removed, want = _select_ratio(groups, table, ratio or 0.0, scope, layer_ratios, kind_ratios,
+                                          round_to, min_keep, normalize, step_ratio)
+            if step == 1:
+                requested = want
+        by_name = {g.name: g for g in groups}
+        made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
+        plans.append(made)
+        if n_steps > 1:
+            apply_plan(current, made, check_content="off")
+    plan = plans[0] if n_steps == 1 else compose(plans)
+
     crit = criterion if isinstance(criterion, str) or criterion is None else getattr(
         criterion, "__name__", "callable")
-    provenance = {
+    metric_record = dict(params)
+    if metric_needs_data(metric):
+        metric_record["criterion"] = crit or "cross_entropy"
+        if max_batches is not None:
+            metric_record["max_batches"] = max_batches
+    removed_units = sum(len(g.removed) for g in plan.groups)
+    selection: dict[str, Any] = {"scope": scope, "round_to": round_to, "min_keep": min_keep,
+                                 "normalize": normalize or "none", "aggregate": "mean"}
+    if n_steps > 1:
+        selection["n_steps"] = n_steps
+    if exclude:
+        selection["exclude"] = list(exclude)
+    if what is not None:
+        assert base is not None and target is not None
+        from pruneplan.stats import count
+
+        pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
+        after = count(pruned, example_inputs, macs=what == "macs")
+        achieved = 1 - getattr(after, what) / max(getattr(base, what), 1)
+        selection["target"] = {what: goal_frac}
+        selection["achieved"] = {what: round(achieved, 6)}
+        if achieved + 1e-12 < goal_frac:
+            log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked (every removable unit "
+                        "is removed; lower min_keep/round_to or exclude fewer groups)", 100 * achieved,
+                        _WHAT[what], 100 * goal_frac)
+        else:
+            log.info("target met: removes %.2f%% of the %s (%.2f%% asked)", 100 * achieved, _WHAT[what],
+                     100 * goal_frac)
+    else:
+        selection["ratio"] = ratio if ratio is not None else 0.0
+        if layer_ratios:
+            selection["layer_ratios"] = dict(layer_ratios)
+        if kind_ratios:
+            selection["kind_ratios"] = dict(kind_ratios)
+        selection["requested_fraction"] = round(requested / max(units, 1), 6)
+        selection["achieved_fraction"] = round(removed_units / max(units, 1), 6)
+        if requested > 0 and removed_units == 0:
+            log.warning("the plan removes nothing: %d units were asked, but round_to=%d and min_keep=%d "
+                        "keep every unit", requested, round_to, min_keep)
+        elif removed_units < 0.9 * requested:
+            log.warning("the plan removes %.1f%% of the units, %.1f%% were asked: round_to=%d and "
+                        "min_keep=%d keep more", 100 * removed_units / max(units, 1),
+                        100 * requested / max(units, 1), round_to, min_keep)
+    provenance = plan.provenance.model_copy(update={
         "metric": metric,
-        "metric_params": {"seed": seed} if metric == "random" else
-        ({"criterion": crit} if metric_needs_data(metric) else {}),
-        "selection": {"ratio": ratio, "scope": scope, "round_to": round_to, "min_keep": min_keep,
-                      "normalize": normalize or "none", "aggregate": "mean"},
-    }
-    return build_plan(model, [(by_name[k], v) for k, v in removed.items()], provenance)
+        "metric_params": metric_record,
+        "seed": (0 if seed is None else seed) if metric in RANDOM_METRICS else None,
+        "selection": selection,
+        "weights_digest": scored_digest,
+        "notes": plan.provenance.notes,
+    })
+    return PrunePlan.from_dict({**plan.model_dump(), "provenance": provenance.model_dump()})
+
+
+_WHAT = {"macs": "MACs", "params": "parameters"}
+
+
+def stats_before_after(model: nn.Module, plan: PrunePlan, example_inputs: Any) -> tuple[Any, Any]:
+    """`pruneplan.count` of ``model`` and of a pruned copy (``model`` is not modified).
+
+    The copy is pruned without the weights-content check (the plan may come from other weights:
+    only the shapes matter for counting).
+
+    Raises:
+        PlanMismatchError: the plan does not fit the model.
+    """
+    from pruneplan.apply import apply_plan
+    from pruneplan.stats import count
+
+    pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
+    return count(model, example_inputs), count(pruned, example_inputs)
+
+
+def _check_target(target: Mapping[str, float] | None, ratio: float | None,
+                  layer_ratios: Mapping[str, float] | None,
+                  kind_ratios: Mapping[str, float] | None) -> tuple[str | None, float]:
+    if target is None:
+        if ratio is None and not layer_ratios and not kind_ratios:
+            raise PlanningError("give a ratio (or layer_ratios / kind_ratios) or a target")
+        return None, 0.0
+    if ratio is not None or layer_ratios or kind_ratios:
+        raise PlanningError("give either a target or ratios, not both")
+    if not isinstance(target, Mapping) or len(target) != 1:
+        raise PlanningError(f"target must be one of {{'macs': f}} or {{'params': f}}, got {target!r}")
+    (what, frac), = target.items()
+    if what not in TARGETS:
+        raise PlanningError(f"target {what!r} is not one of {TARGETS}")
+    if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1:
+        raise PlanningError(f"target {what!r} must be a fraction in (0, 1) to remove, got {frac!r}")
+    return what, float(frac)
+
+
+def _names(g: GroupSpec) -> list[str]:
+    return list(dict.fromkeys((g.name, *g.roots)))
+
+
+def _included(groups: Sequence[GroupSpec], exclude: Sequence[str]) -> list[GroupSpec]:
+    """The groups none of whose names match an ``exclude`` pattern (unmatched patterns warned)."""
+    if not exclude:
+        return list(groups)
+    used = set()
+    kept = []
+    for g in groups:
+        hit = [p for p in exclude if any(fnmatch.fnmatchcase(n, p) for n in _names(g))]
+        used.update(hit)
+        if not hit:
+            kept.append(g)
+    for p in exclude:
+        if p not in used:
+            log.warning("exclude pattern %r matches no prunable group", p)
+    if not kept:
+        raise PlanningError(f"exclude {list(exclude)} leaves no group to prune")
+    log.info("excluded %d of %d groups", len(groups) - len(kept), len(groups))
+    return kept
+
+
+def _kind(g: GroupSpec) -> str:
+    return getattr(g, "kind", None) or "channels"
+
+
+def _select_ratio(
+    groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray], ratio: float, scope: str,
+    layer_ratios: Mapping[str, float] | None, kind_ratios: Mapping[str, float] | None, round_to: int,
+    min_keep: int, normalize: str | None, step: Callable[[float], float],
+) -> tuple[dict[str, list[int]], int]:
+    """Indices per group by ratio, and the number of units asked for (before rounding/floors)."""
+    present = [g for g in groups if g.name in table]
+    kinds = kind_ratios or {}
+    unknown = sorted(set(kinds) - {_kind(g) for g in groups})
+    if unknown:
+        log.warning("kind_ratios names %s, but no group has that kind", unknown)
+    if scope == "layer":
+        per: dict[str, float] = {}
+        used: set[str] = set()
+        for g in present:
+            r = kinds.get(_kind(g), ratio)
+            for pattern, value in (layer_ratios or {}).items():
+                if any(fnmatch.fnmatchcase(n, pattern) for n in _names(g)):
+                    r = value
+                    used.add(pattern)
+                    break
+            per[g.name] = r
+        missing = [p for p in (layer_ratios or {}) if p not in used]
+        if missing:
+            raise PlanningError(f"layer_ratios pattern {missing[0]!r} matches no prunable group")
+        asked = sum(math.floor(per[g.name] * g.size + 1e-9) for g in present if _valid(per[g.name]))
+        return select_indices({n: table[n] for n in per}, {n: step(r) for n, r in per.items()},
+                              scope="layer", round_to=round_to, min_keep=min_keep,
+                              normalize=normalize), asked
+    out: dict[str, list[int]] = {}
+    asked = 0
+    by_kind: dict[str, list[GroupSpec]] = {}
+    for g in present:
+        by_kind.setdefault(_kind(g), []).append(g)
+    for kind, members in by_kind.items():
+        r = kinds.get(kind, ratio)
+        if _valid(r):
+            asked += math.floor(r * sum(g.size for g in members) + 1e-9)
+        out.update(select_indices({g.name: table[g.name] for g in members}, step(r), scope="global",
+                                  round_to=round_to, min_keep=min_keep, normalize=normalize))
+    return out, asked
+
+
+def _valid(r: Any) -> bool:
+    return not isinstance(r, bool) and isinstance(r, int | float) and 0 <= r < 1
+
+
+def _select_target(
+    model: nn.Module, example_inputs: Any, groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray],
+    what: str, goal: float, round_to: int, min_keep: int, normalize: str | None, order: Mapping[str, int],
+) -> dict[str, list[int]]:
+    """The smallest prefix of the global ranking whose plan leaves at most ``goal`` MACs/params."""
+    from pruneplan.apply import apply_plan
+    from pruneplan.select import _NORMS
+    from pruneplan.stats import count
+
+    norm = "none" if normalize is None else normalize
+    if norm not in _NORMS:
+        raise PlanningError(f"normalize must be one of {_NORMS} or None, got {normalize!r}")
+    present = sorted((g for g in groups if g.name in table), key=lambda g: order.get(g.name, 0))
+    normed = {g.name: _normalize(table[g.name], norm) for g in present}
+    score = np.concatenate([normed[g.name] for g in present]) if present else np.zeros(0)
+    gidx = np.concatenate([np.full(g.size, i) for i, g in enumerate(present)]) if present else np.zeros(0)
+    unit = np.concatenate([np.arange(g.size) for g in present]) if present else np.zeros(0)
+    ranking = np.lexsort((unit, gidx, score))
+    limit = [g.size - min(max(min_keep, 1), g.size) for g in present]
+    taken = [0] * len(present)
+    eligible = []  # group index of each removable unit, in ranking order
+    for i in ranking:
+        gi = int(gidx[i])
+        if taken[gi] < limit[gi]:
+            taken[gi] += 1
+            eligible.append(gi)
+    by_name = {g.name: g for g in present}
+
+    def removed_for(k: int) -> dict[str, list[int]]:
+        counts = [0] * len(present)
+        for gi in eligible[:k]:
+            counts[gi] += 1
+        out = {}
+        for gi, g in enumerate(present):
+            n = g.size - keep_count(g.size, g.size - counts[gi], round_to, min_keep)
+            if n > 0:
+                out[g.name] = sorted(_lowest(normed[g.name], n).tolist())
+        return out
+
+    def left(k: int) -> int:
+        removed = removed_for(k)
+        if not removed:
+            return getattr(count(model, example_inputs, macs=what == "macs"), what)
+        plan = build_plan(model, [(by_name[n], v) for n, v in removed.items()], order=order)
+        pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
+        return getattr(count(pruned, example_inputs, macs=what == "macs"), what)
+
+    lo, hi = 0, len(eligible)
+    if left(hi) > goal:
+        return removed_for(hi)
+    while lo < hi:  # smallest k with left(k) <= goal; left is non-increasing in k
+        mid = (lo + hi) // 2
+        if left(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    log.info("target: %d of %d removable units in the ranking", lo, len(eligible))
+    return removed_for(lo)

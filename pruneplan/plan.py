@@ -7,10 +7,15 @@ Format (version 1), in prose; ``schemas/pruneplan.v1.schema.json`` is the genera
 
 * ``format`` is ``"pruneplan"`` and ``version`` is ``1``.
 * ``model`` fingerprints the source weights: ``tensors`` maps every state-dict key the plan
-  touches to its original shape, ``digest`` is :func:`state_dict_digest` of the whole state dict.
-* ``groups`` is one entry per pruning decision. A group removes the units ``removed`` (sorted,
-  unique, in ``[0, size)``, never all of them) of its root. Each ``TensorSlice`` says which
-  positions of ``tensor`` along ``axis`` belong to each unit (:class:`IndexMap`); the applier
+  touches to its original shape, ``digest`` is :func:`state_dict_digest` of the whole state dict,
+  ``buffers`` (optional; absent in older plans) lists the touched tensors that are buffers
+  (BatchNorm running statistics) rather than parameters.
+* ``groups`` is one entry per pruning decision, listed in the order the model executes their
+  roots: ``order`` (optional) is that rank, and the canonical form sorts groups by ``order``,
+  then name (groups without ``order``, as in older plans, come last, by name). A group
+  removes the units ``removed`` (sorted, unique, in ``[0, size)``, never all of them) of its
+  root. Each ``TensorSlice`` says which positions of ``tensor`` along ``axis`` belong to
+  each unit (:class:`IndexMap`); the applier
   deletes the positions of the removed units. ``edits`` change integer module attributes
   (``out_channels``, ``in_features``, ``num_features``, ``groups`` ...) and ``dropout`` changes
   dropout rates. When several groups edit the same attribute, their deltas add up.
@@ -164,6 +169,9 @@ class Group(_Strict):
     slices: list[TensorSlice]
     edits: list[ModuleEdit] = Field(default_factory=list)
     dropout: list[DropoutChange] = Field(default_factory=list)
+    #: rank of the group's first root in the model's execution order (lower runs first); groups
+    #: are listed by it. ``None`` (plans written before it existed): listed last, by name.
+    order: int | None = Field(None, ge=0)
 
     @field_validator("slices")
     @classmethod
@@ -220,10 +228,27 @@ class Group(_Strict):
 
 
 class ModelFingerprint(_Strict):
-    """Original shapes of the tensors a plan touches, and a digest of the whole state dict."""
+    """Original shapes of the tensors a plan touches, and a digest of the whole state dict.
+
+    ``buffers`` lists the touched tensors that are module buffers (running statistics), sorted;
+    ``None`` when the plan does not say (plans written before it was recorded).
+    """
 
     tensors: dict[str, list[int]]
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    buffers: list[str] | None = None
+
+    @field_validator("buffers")
+    @classmethod
+    def _sort_buffers(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else sorted(set(v))
+
+    @model_validator(mode="after")
+    def _buffers_known(self) -> ModelFingerprint:
+        for b in self.buffers or ():
+            if b not in self.tensors:
+                raise ValueError(f"buffer {b!r} is not listed in tensors")
+        return self
 
     @field_validator("tensors")
     @classmethod
@@ -235,13 +260,24 @@ class ModelFingerprint(_Strict):
 
 
 class Provenance(_Strict):
-    """Where a plan came from. Informative only: the applier ignores it."""
+    """Where a plan came from. Informative only: the applier ignores the plan's structure of it,
+    but uses ``weights_digest`` to warn when a plan is applied to other weights than it scored.
+
+    Attributes:
+        metric, metric_params: the attribution metric and every parameter that changes its scores.
+        seed: the seed of every random draw made while scoring and selecting (``None``: none).
+        selection: the selection policy (ratio or target, scope, rounding, ...) and what it achieved.
+        weights_digest: content digest (`pruneplan.weights_digest`: sha256 over the names,
+            dtypes, shapes and bytes of every tensor) of the weights the metric scored.
+    """
 
     library: str | None = None
     torch: str | None = None
     metric: str | None = None
     metric_params: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
     selection: dict[str, Any] = Field(default_factory=dict)
+    weights_digest: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     created: str | None = None
     notes: str | None = None
 
@@ -272,7 +308,7 @@ class PrunePlan(_Strict):
     @field_validator("groups")
     @classmethod
     def _sort_groups(cls, v: list[Group]) -> list[Group]:
-        return sorted(v, key=lambda g: g.name)
+        return sorted(v, key=_group_key)
 
     @model_validator(mode="after")
     def _check(self) -> PrunePlan:
@@ -428,17 +464,34 @@ class PrunePlan(_Strict):
                 out[d.module] = (before, after + d.p_after - d.p_before)
         return dict(sorted(out.items()))
 
-    def group_parameters_removed(self, name: str) -> int:
-        """Scalars the named group would delete if it were the only group of the plan."""
+    @property
+    def buffers_known(self) -> bool:
+        """Whether the plan records which touched tensors are buffers (``model.buffers``)."""
+        return self.model.buffers is not None
+
+    def _is_buffer(self, tensor: str) -> bool:
+        return tensor in (self.model.buffers or ())
+
+    def group_parameters_removed(self, name: str, *, buffers: bool = False) -> int:
+        """Scalars the named group would delete if it were the only group of the plan.
+
+        Counts parameters (``buffers=False``) or buffers (``buffers=True``). When the plan does
+        not record which tensors are buffers (`buffers_known` is false) every tensor counts as
+        a parameter.
+        """
         g = self._group(name)
-        shapes = {s.tensor: list(self.model.tensors[s.tensor]) for s in g.slices}
+        shapes = {s.tensor: list(self.model.tensors[s.tensor]) for s in g.slices
+                  if self._is_buffer(s.tensor) == buffers}
         before = sum(math.prod(s) for s in shapes.values())
         for s in g.slices:
-            shapes[s.tensor][s.axis] -= len(removed_positions(s, g.removed))
+            if s.tensor in shapes:
+                shapes[s.tensor][s.axis] -= len(removed_positions(s, g.removed))
         return before - sum(math.prod(s) for s in shapes.values())
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per group: name, size, kept, removed, fraction removed, parameters removed."""
+        """One row per group, in execution order: name, size, kept, removed, fraction removed,
+        parameters removed, buffer scalars removed (``None`` when the plan does not record which
+        tensors are buffers)."""
         return [
             {
                 "group": g.name,
@@ -447,14 +500,35 @@ class PrunePlan(_Strict):
                 "removed": len(g.removed),
                 "fraction": len(g.removed) / g.size,
                 "parameters": self.group_parameters_removed(g.name),
+                "buffers": self.group_parameters_removed(g.name, buffers=True)
+                if self.buffers_known else None,
             }
             for g in self.groups
         ]
 
+    def _scalars(self, shapes: Mapping[str, Sequence[int]], buffers: bool | None) -> int:
+        return sum(math.prod(s) for k, s in shapes.items()
+                   if buffers is None or self._is_buffer(k) == buffers)
+
+    def scalars_removed(self) -> int:
+        """Scalars the plan deletes from the touched tensors, parameters and buffers together."""
+        return self._scalars(self.model.tensors, None) - self._scalars(self.pruned_shapes(), None)
+
     def parameters_removed(self) -> int:
-        """Number of scalars the plan deletes from the touched tensors."""
-        before = sum(math.prod(s) for s in self.model.tensors.values())
-        return before - sum(math.prod(s) for s in self.pruned_shapes().values())
+        """Parameter scalars the plan deletes (buffers such as running statistics excluded).
+
+        When the plan does not record which tensors are buffers (`buffers_known` is false),
+        this is `scalars_removed`.
+        """
+        return self._scalars(self.model.tensors, False) - self._scalars(self.pruned_shapes(), False)
+
+    def buffers_removed(self) -> int:
+        """Buffer scalars (running statistics) the plan deletes; 0 when buffers are not known."""
+        return self._scalars(self.model.tensors, True) - self._scalars(self.pruned_shapes(), True)
+
+    def parameters_touched(self) -> int:
+        """Parameter scalars of the touched tensors before pruning (buffers excluded if known)."""
+        return self._scalars(self.model.tensors, False)
 
 
 # ---- positions ---------------------------------------------------------------------------
@@ -475,6 +549,11 @@ def removed_positions(s: TensorSlice, removed: Iterable[int]) -> list[int]:
     if s.map.modulo is not None:
         out = {p % s.map.modulo for p in out}
     return sorted(out)
+
+
+def _group_key(g: Group) -> tuple[bool, int, str]:
+    """The canonical order of groups: execution order, then name; unordered groups last."""
+    return (g.order is None, g.order or 0, g.name)
 
 
 def _grouped_local(
@@ -623,7 +702,7 @@ def diff_plans(a: PrunePlan, b: PrunePlan) -> PlanDiff:
     ga = {g.name: g for g in a.groups}
     gb = {g.name: g for g in b.groups}
     out = []
-    for name in sorted(ga.keys() | gb.keys()):
+    for name in dict.fromkeys([*ga, *gb]):  # a's order (execution order), then b's new groups
         x, y = ga.get(name), gb.get(name)
         ra = set(x.removed) if x else set()
         rb = set(y.removed) if y else set()

@@ -28,7 +28,7 @@ from pruneplan.plan import (
     state_dict_digest,
 )
 
-__all__ = ["build_plan", "normalize_indices", "plan_pruning"]
+__all__ = ["build_plan", "execution_order", "normalize_indices", "plan_pruning"]
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,26 @@ def plan_pruning(
         provenance: informative metadata stored in the plan.
 
     Returns:
-        The validated plan; nothing in ``model`` changes.
+        The validated plan; nothing in ``model`` changes. Its groups are listed in the order the
+        model executes them (discovery order; with ``cascades``, the order in which the model
+        defines the root modules).
+
+    Raises:
+        PlanningError: a key is not a prunable group (or module, with ``cascades``), an index is
+            out of range, repeated or not an integer, every unit of a group would go, or
+            discovery needs ``example_inputs``.
+        CoupledGroupError: indices are given for one member of a coupled group with
+            ``couple="error"``.
+        UnsupportedOperationError: discovery meets an operation it does not understand.
     """
     if cascades is not None:
         groups = explicit_groups(model, list(removed), dict(cascades), example_inputs)
         chosen = [(g, removed[g.name]) for g in groups]
+        order = None
     else:
-        chosen = _discovered(model, removed, example_inputs, couple, include_output,
-                             on_unsupported)
-    return build_plan(model, chosen, provenance)
+        chosen, order = _discovered(model, removed, example_inputs, couple, include_output,
+                                    on_unsupported)
+    return build_plan(model, chosen, provenance, order=order)
 
 
 def _discovered(
@@ -108,7 +119,7 @@ def _discovered(
     couple: str,
     include_output: bool,
     on_unsupported: str,
-) -> list[tuple[GroupSpec, IndexLike]]:
+) -> tuple[list[tuple[GroupSpec, IndexLike]], dict[str, int]]:
     if example_inputs is None:
         raise PlanningError("automatic discovery needs example_inputs")
     if couple not in ("error", "expand"):
@@ -138,16 +149,38 @@ def _discovered(
         if g.name in chosen:
             raise PlanningError(f"group {g.name!r} is given twice (as {key!r})")
         chosen[g.name] = (g, idx)
-    return list(chosen.values())
+    return list(chosen.values()), execution_order(groups)
+
+
+def execution_order(groups: Sequence[GroupSpec]) -> dict[str, int]:
+    """Group name -> rank in discovery order, which is the order the model executes them."""
+    return {g.name: i for i, g in enumerate(groups)}
 
 
 def build_plan(
     model: nn.Module,
     chosen: Sequence[tuple[GroupSpec, IndexLike]],
     provenance: Provenance | Mapping[str, Any] | None = None,
+    *,
+    order: Mapping[str, int] | None = None,
 ) -> PrunePlan:
-    """Combine group descriptions with removed indices into a validated `PrunePlan`."""
+    """Combine group descriptions with removed indices into a validated `PrunePlan`.
+
+    Args:
+        order: group name -> rank in the model's execution order (`execution_order` of the
+            discovered groups). Without it, a group's rank is the position of its first root in
+            ``model.named_modules()`` (the order the model defines its modules).
+
+    Raises:
+        PlanningError: bad indices (see `normalize_indices`), or a slice names a tensor that is
+            not in the state dict.
+    """
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    buffer_names = _buffer_keys(model)
+    if order is None:
+        rank = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        order = {spec.name: rank.get(spec.roots[0] if spec.roots else spec.name, len(rank))
+                 for spec, _ in chosen}
     touched: dict[str, list[int]] = {}
     groups = []
     for spec, idx in chosen:
@@ -171,7 +204,7 @@ def build_plan(
             for d in spec.dropouts
         ]
         groups.append(Group(name=spec.name, size=spec.size, removed=rem, slices=slices,
-                            edits=edits, dropout=dropout))
+                            edits=edits, dropout=dropout, order=order.get(spec.name)))
     if provenance is None:
         provenance = Provenance()
     elif not isinstance(provenance, Provenance):
@@ -184,9 +217,16 @@ def build_plan(
     plan = PrunePlan.from_dict({
         "format": FORMAT,
         "version": VERSION,
-        "model": ModelFingerprint(tensors=touched, digest=state_dict_digest(shapes)).model_dump(),
+        "model": ModelFingerprint(tensors=touched, digest=state_dict_digest(shapes),
+                                  buffers=sorted(k for k in touched if k in buffer_names)).model_dump(),
         "groups": [g.model_dump() for g in groups],
         "provenance": provenance.model_dump(),
     })
     log.info("planned %d groups touching %d tensors", len(plan.groups), len(touched))
     return plan
+
+
+def _buffer_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that are buffers (running statistics), not parameters."""
+    params = {id(p) for p in model.parameters()}
+    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in params}

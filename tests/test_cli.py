@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import subprocess
@@ -55,16 +57,53 @@ def test_validate(files) -> None:
 
 
 def test_show_table(files) -> None:
-    _, _, plan_path, _ = files
+    model, plan, plan_path, _ = files
     result = run("show", str(plan_path))
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["group", "kept/size", "removed", "parameters"]
-    # removing 4 of 8 filters: conv0 4*3*3*3 + 4 bias, BN 4*4 (weight, bias, mean, var),
-    # conv3 inputs 4*4*3*3 -> 108 + 4 + 16 + 144 = 272
-    assert lines[1].split() == ["0", "4/8", "50.0%", "272"]
-    # touched tensors hold 8*27 + 8 + 4*8 + 4*8*9 = 544 scalars
-    assert lines[2].startswith("1 groups; 272 of 544 parameters in touched tensors removed (50.0%)")
+    assert lines[0].split() == ["group", "kept/size", "removed", "parameters", "buffers"]
+    # removing 4 of 8 filters: conv0 4*3*3*3 + 4 bias, BN weight and bias 4*2, conv3 inputs
+    # 4*4*3*3 -> 108 + 4 + 8 + 144 = 264 parameters; BN running mean and var 4*2 = 8 buffer values
+    assert lines[1].split() == ["0", "4/8", "50.0%", "264", "8"]
+    # touched parameter tensors hold 8*27 + 8 + 8 + 8 + 4*8*9 = 528 scalars
+    assert lines[2].startswith("1 groups; 4 of 8 units; 264 of 528 parameters in touched tensors "
+                               "removed (50.0%), and 8 buffer values;")
+    # the parameter count is the model's actual drop
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    drop = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in pruned.parameters())
+    assert drop == 264
+
+
+def test_show_plan_without_buffer_record(files, tmp_path: Path) -> None:
+    # a plan written before buffers were recorded: the count is labelled as mixed
+    _, plan, _, _ = files
+    data = json.loads(plan.to_json())
+    del data["model"]["buffers"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    lines = run("show", str(old)).output.splitlines()
+    assert lines[0].split() == ["group", "kept/size", "removed", "params+bufs"]
+    assert lines[1].split() == ["0", "4/8", "50.0%", "272"]  # 264 + 8, as before
+    assert "this plan does not record which are buffers" in lines[2]
+
+
+def test_show_model_counts_before_and_after(files, tmp_path: Path) -> None:
+    _, _, plan_path, _ = files
+    factory = tmp_path / "net.py"
+    factory.write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))\n"
+    )
+    result = run("show", str(plan_path), "--model", f"{factory}:make", "--input-shape", "3,8,8")
+    assert result.exit_code == 0, result.output
+    tail = result.output.splitlines()[-3:]
+    # params 8*27+8 + 16 + 4*8*9+4 = 532 -> 4*27+4 + 8 + 4*4*9+4 = 268; buffers 8+8+1 = 17 -> 9;
+    # MACs: conv0 6*6 outputs * 8 * 27 = 7776 + conv3 4*4 * 4 * 72 = 4608 -> 12384;
+    # after: 36 * 4 * 27 = 3888 + 16 * 4 * 36 = 2304 -> 6192
+    assert tail == ["parameters: 532 -> 268 (-49.6%)", "buffers: 17 -> 9 (-47.1%)",
+                    "MACs: 12,384 -> 6,192 (-50.0%)"]
+    assert run("show", str(plan_path), "--input-shape", "3,8,8").exit_code == 2
 
 
 def test_diff_exit_status(files, tmp_path: Path) -> None:

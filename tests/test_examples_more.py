@@ -92,10 +92,10 @@ def test_plan_show_diff(tmp_path: Path) -> None:
     assert "exit status 1 (1: the plans differ" in stdout
 
     show = (tmp_path / "show.txt").read_text().splitlines()
-    assert show[0].split() == ["group", "kept/size", "removed", "parameters"]
+    assert show[0].split() == ["group", "kept/size", "removed", "parameters", "buffers"]
     assert [line.split()[:3] for line in show[1:4]] == [["0", "12/16", "25.0%"], ["3", "23/32", "28.1%"],
                                                        ["9", "45/64", "29.7%"]]
-    assert show[4].startswith(f"3 groups; {p30.parameters_removed():,} of ")
+    assert show[4].startswith(f"3 groups; 32 of 112 units; {p30.parameters_removed():,} of ")
 
     # diff.txt lists, per group, the indices only the 0.5 plan removes (nothing only in 0.3)
     diff = (tmp_path / "diff.txt").read_text().splitlines()

@@ -178,7 +178,14 @@ def test_load_pruned_from_the_folder_and_the_index(ckpt: Ckpt) -> None:
 def test_check_sharded_weights(ckpt: Ckpt) -> None:
     assert pp.check_sharded_weights(ckpt.plan, ckpt.dir) is None
     out = pp.apply_to_sharded_safetensors(ckpt.plan, ckpt.dir, ckpt.root / "out")
-    # the pruned checkpoint no longer has the shapes the plan was made for (conv0 bias 8 -> 5)
+    # the pruned checkpoint records this plan's digest and has its pruned shapes (conv0 bias 8 -> 5)
+    with pytest.raises(pp.AlreadyPrunedError, match=r"already pruned by this plan \(" + ckpt.plan.digest()[:12]):
+        pp.check_sharded_weights(ckpt.plan, out)
+    # without the recorded digest it is just a shape mismatch
+    index = next(out.glob("*.index.json"))
+    doc = json.loads(index.read_text())
+    del doc["metadata"]["pruneplan.plan_digest"]
+    index.write_text(json.dumps(doc))
     with pytest.raises(pp.PlanMismatchError, match=r"tensor '0.bias' has shape \[5\], the plan expects \[8\]"):
         pp.check_sharded_weights(ckpt.plan, out)
 

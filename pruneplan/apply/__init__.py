@@ -1,5 +1,6 @@
 """Appliers: execute a plan on a live model and optimizer, a state dict, or safetensors files."""
 
+from pruneplan.apply.content import weights_digest
 from pruneplan.apply.model import apply_plan
 from pruneplan.apply.safetensors_io import apply_to_safetensors, check_weights, load_pruned
 from pruneplan.apply.sharded import apply_to_sharded_safetensors, check_sharded_weights
@@ -13,4 +14,5 @@ __all__ = [
     "check_sharded_weights",
     "check_weights",
     "load_pruned",
+    "weights_digest",
 ]

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
+from pruneplan.apply.content import check_content as _check_content
+from pruneplan.apply.content import needs_content, weights_digest
 from pruneplan.errors import OptimizerStateError, PlanMismatchError
 from pruneplan.plan import PrunePlan
 
@@ -35,6 +37,7 @@ def apply_plan(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     check_digest: bool = True,
+    check_content: str = "warn",
 ) -> nn.Module:
     """Prune ``model`` (and ``optimizer``'s state) in place as ``plan`` says; return ``model``.
 
@@ -47,9 +50,16 @@ def apply_plan(
     the pruned module in a new ``DistributedDataParallel``: the old wrapper's gradient buckets
     were built for the unpruned sizes.
 
+    ``check_digest`` also compares the digest of all state-dict names and shapes. When the plan
+    records the content digest of the weights its metric scored, ``check_content`` says what
+    happens if the model's weights differ: ``"warn"`` (a `WeightsContentWarning`; the default),
+    ``"error"`` or ``"off"`` (skips hashing the weights).
+
     Raises:
-        PlanMismatchError: shapes, module types or attribute values differ from the plan's, or
-            ``model`` is a ``DistributedDataParallel`` wrapper.
+        PlanMismatchError: shapes, module types or attribute values differ from the plan's,
+            ``model`` is a ``DistributedDataParallel`` wrapper, or the weights' content differs
+            and ``check_content="error"``.
+        PlanError: ``check_content`` is not ``"warn"``, ``"error"`` or ``"off"``.
         OptimizerStateError: the optimizer holds state for a pruned parameter that is not
             shaped like the parameter.
     """
@@ -59,6 +69,8 @@ def apply_plan(
             "rank, then wrap the pruned module in a new DistributedDataParallel"
         )
     staged = _stage(model, plan, optimizer, check_digest)
+    if needs_content(plan, check_content):
+        _check_content(plan, weights_digest(model), "model", check_content)
     with torch.no_grad():
         for p, data, grad in staged.params:
             _replace_data(p, data)

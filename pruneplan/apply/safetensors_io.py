@@ -25,13 +25,16 @@ from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer
 from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape, slice_tensor
+from pruneplan.apply.content import check_content as _check_content
+from pruneplan.apply.content import file_digest, needs_content
 from pruneplan.apply.model import apply_plan
-from pruneplan.errors import OutputFileError, PlanMismatchError, WeightsFileError
+from pruneplan.errors import AlreadyPrunedError, OutputFileError, PlanMismatchError, WeightsFileError
 from pruneplan.plan import PrunePlan
 
 __all__ = [
     "DIGEST_KEY",
     "apply_to_safetensors",
+    "check_file",
     "check_recorded_digest",
     "check_weights",
     "load_pruned",
@@ -96,14 +99,50 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
     return _DTYPES[dtype].itemsize * _numel(shape)
 
 
-def check_weights(plan: PrunePlan, path: str | Path, *, check_digest: bool = True) -> None:
+def check_weights(plan: PrunePlan, path: str | Path, *, check_digest: bool = True,
+                  check_content: str = "warn") -> None:
     """Check that the safetensors file ``path`` holds the weights ``plan`` was made for.
 
+    Args:
+        check_digest: also compare the digest of all names and shapes.
+        check_content: when the plan records the content digest of the weights it scored
+            (``provenance.weights_digest``) and the file's content differs: ``"warn"`` (a
+            `WeightsContentWarning`), ``"error"`` (`PlanMismatchError`) or ``"off"``.
+
     Raises:
-        WeightsFileError: the file is unreadable. PlanMismatchError: it does not fit.
+        WeightsFileError: the file is unreadable.
+        AlreadyPrunedError: the file was already pruned by this plan.
+        PlanMismatchError: it does not fit (the message names the plan that pruned it, if any),
+            or its content differs and ``check_content="error"``.
+        PlanError: ``check_content`` is not ``"warn"``, ``"error"`` or ``"off"``.
     """
-    header, _, _ = read_header(path)
-    check_fingerprint(plan, {k: e["shape"] for k, e in header.items()}, str(path), check_digest)
+    header, metadata, _ = read_header(path)
+    check_file(plan, header, metadata, path, check_digest, check_content)
+
+
+def check_file(plan: PrunePlan, header: Mapping[str, dict], metadata: Mapping[str, str],
+               where: str | Path, check_digest: bool = True, check_content: str = "warn",
+               shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Checks shared by `check_weights` and the appliers: already pruned by this plan, fingerprint,
+    content. ``shapes`` overrides the shapes of ``header`` (all shards of a checkpoint)."""
+    needs_content(plan, check_content)  # refuses a bad mode before any reading
+    shapes = {k: e["shape"] for k, e in header.items()} if shapes is None else shapes
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded == plan.digest() and all(
+        [int(d) for d in shapes.get(k, ())] == v for k, v in plan.pruned_shapes().items()
+    ):
+        raise AlreadyPrunedError(
+            f"{where}: already pruned by this plan ({recorded[:12]}): its metadata records the "
+            f"plan's digest and its shapes are the pruned shapes; apply the plan to the unpruned weights"
+        )
+    try:
+        check_fingerprint(plan, shapes, str(where), check_digest)
+    except PlanMismatchError as exc:
+        if recorded is not None and recorded != plan.digest():
+            raise PlanMismatchError(f"{exc} (the weights were pruned by plan {str(recorded)[:12]})") from None
+        raise
+    if needs_content(plan, check_content):
+        _check_content(plan, file_digest(where), str(where), check_content)
 
 
 def write_safetensors(
@@ -155,18 +194,22 @@ def apply_to_safetensors(
     *,
     overwrite: bool = False,
     check_digest: bool = True,
+    check_content: str = "warn",
     progress: bool = False,
 ) -> Path:
     """Write the pruned copy of the safetensors file ``src`` to ``dst``.
 
     Reads one tensor at a time; keeps the source metadata and adds the plan digest under
     ``"pruneplan.plan_digest"``; writes to a temporary name and renames, so ``dst`` is either
-    complete or untouched. ``progress`` shows a tqdm bar.
+    complete or untouched. ``progress`` shows a tqdm bar. ``check_digest`` and ``check_content``
+    are as in `check_weights` (the content check reads ``src`` once more before writing).
 
     Raises:
         WeightsFileError: ``src`` is missing, not safetensors, or truncated.
         OutputFileError: ``dst`` is ``src``, or exists and ``overwrite`` is false.
-        PlanMismatchError: the weights do not fit the plan.
+        AlreadyPrunedError: ``src`` was already pruned by this plan.
+        PlanMismatchError: the weights do not fit the plan, or their content differs from the
+            scored weights and ``check_content="error"``.
     """
     src, dst = Path(src), Path(dst)
     if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or src.resolve() == dst.resolve():
@@ -176,7 +219,7 @@ def apply_to_safetensors(
     if not dst.parent.is_dir():
         raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
     header, metadata, start = read_header(src)
-    check_fingerprint(plan, {k: e["shape"] for k, e in header.items()}, str(src), check_digest)
+    check_file(plan, header, metadata, src, check_digest, check_content)
     metadata[DIGEST_KEY] = plan.digest()
     prune_file(src, header, start, dst, keep_indices(plan), metadata, progress)
     log.info("wrote %s (%d tensors, plan %s)", dst, len(header), plan.digest()[:12])
@@ -278,7 +321,7 @@ def load_pruned(
         raise PlanMismatchError(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
         )
-    apply_plan(model, plan, check_digest=check_digest)
+    apply_plan(model, plan, check_digest=check_digest, check_content="off")  # fresh weights
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from pruneplan._io import atomic_write_bytes
-from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape
+from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape
 from pruneplan.apply.safetensors_io import (
     DIGEST_KEY,
+    check_file,
     check_recorded_digest,
     prune_file,
     read_header,
@@ -139,19 +140,23 @@ def read_sharded(src: str | Path) -> ShardedCheckpoint:
     return ShardedCheckpoint(index, document, metadata, weight_map, shards)
 
 
-def check_sharded_weights(plan: PrunePlan, src: str | Path, *, check_digest: bool = True) -> None:
+def check_sharded_weights(plan: PrunePlan, src: str | Path, *, check_digest: bool = True,
+                          check_content: str = "warn") -> None:
     """Check that the sharded checkpoint ``src`` holds the weights ``plan`` was made for.
 
     Args:
         src: the checkpoint folder or its ``*.safetensors.index.json``.
         check_digest: also compare the digest of all names and shapes (of all shards together).
+        check_content: as in `pruneplan.check_weights` (content of all shards together).
 
     Raises:
         WeightsFileError: the checkpoint is unreadable or inconsistent (see `read_sharded`).
-        PlanMismatchError: it does not fit the plan.
+        AlreadyPrunedError: the index records this plan's digest and the shapes are pruned.
+        PlanMismatchError: it does not fit the plan, or its content differs and
+            ``check_content="error"``.
     """
     ckpt = read_sharded(src)
-    check_fingerprint(plan, ckpt.shapes(), str(ckpt.index), check_digest)
+    check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, ckpt.shapes())
 
 
 def apply_to_sharded_safetensors(
@@ -161,6 +166,7 @@ def apply_to_sharded_safetensors(
     *,
     overwrite: bool = False,
     check_digest: bool = True,
+    check_content: str = "warn",
     progress: bool = False,
 ) -> Path:
     """Write the pruned copy of the sharded checkpoint ``src`` into the folder ``dst``.
@@ -181,6 +187,7 @@ def apply_to_sharded_safetensors(
         dst: the output folder; its parent must exist.
         overwrite: replace an existing ``dst`` folder.
         check_digest: also compare the digest of all names and shapes (of all shards together).
+        check_content: as in `pruneplan.check_weights` (reads every shard once more first).
         progress: show a tqdm bar per shard.
 
     Returns:
@@ -190,13 +197,15 @@ def apply_to_sharded_safetensors(
         WeightsFileError: the checkpoint is unreadable or inconsistent (see `read_sharded`).
         OutputFileError: ``dst`` is the source folder or contains it, exists and ``overwrite``
             is false, is not a folder, or its parent does not exist.
-        PlanMismatchError: the weights do not fit the plan.
+        AlreadyPrunedError: the checkpoint was already pruned by this plan.
+        PlanMismatchError: the weights do not fit the plan, or their content differs and
+            ``check_content="error"``.
     """
     dst = Path(dst)
     index = find_index(src)
     _check_output(index.parent, dst, overwrite)
     ckpt = read_sharded(index)
-    check_fingerprint(plan, ckpt.shapes(), str(ckpt.index), check_digest)
+    check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, ckpt.shapes())
     keeps, digest = keep_indices(plan), plan.digest()
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))

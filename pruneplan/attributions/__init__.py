@@ -11,6 +11,10 @@ This package imports only torch, numpy, tqdm and the standard library.
 
 from .apoz import APoZAttributionMetric
 from .base import AttributionMetric, Reduction
+from .bn_scale import BNScaleAttributionMetric
+from .fpgm import FPGMAttributionMetric
+from .lamp import LAMPAttributionMetric
+from .lp_norm import LpNormAttributionMetric
 from .rand import RandomAttributionMetric
 from .sensitivity import SensitivityAttributionMetric
 from .shapley import ShapleyAttributionMetric, permutation_samples
@@ -20,6 +24,10 @@ from .weight_norm import WeightNormAttributionMetric
 __all__ = [
     "APoZAttributionMetric",
     "AttributionMetric",
+    "BNScaleAttributionMetric",
+    "FPGMAttributionMetric",
+    "LAMPAttributionMetric",
+    "LpNormAttributionMetric",
     "RandomAttributionMetric",
     "Reduction",
     "SensitivityAttributionMetric",

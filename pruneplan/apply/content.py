@@ -1,0 +1,156 @@
+"""Content digests of weights: which exact numbers a plan was scored on.
+
+`weights_digest` is the sha256 of one line per tensor, sorted by name::
+
+    <name> TAB <safetensors dtype, e.g. F32> TAB <shape, comma-separated> TAB <sha256 of the bytes> LF
+
+where the bytes are the tensor's data, little-endian, row-major (what a safetensors file stores).
+Each tensor is hashed in chunks of at most 16 MiB, so a model or a file of any size is digested
+in bounded extra memory, and a model, its state dict, its safetensors file and its sharded
+checkpoint give the same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pruneplan.errors import PlanError, PlanMismatchError, WeightsContentWarning, WeightsFileError
+from pruneplan.plan import PrunePlan
+
+__all__ = ["CHECK_CONTENT", "check_content", "file_digest", "weights_digest"]
+
+CHUNK = 1 << 24  # bytes hashed at a time
+#: what to do when the weights' content differs from the scored weights
+CHECK_CONTENT = ("warn", "error", "off")
+
+
+def _line(name: str, dtype: str, shape: Iterable[int], chunks: Iterator[bytes | memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return f"{name}\t{dtype}\t{','.join(str(int(d)) for d in shape)}\t{h.hexdigest()}\n".encode()
+
+
+def _combine(lines: Iterable[tuple[str, bytes]]) -> str:
+    total = hashlib.sha256()
+    for _, line in sorted(lines):
+        total.update(line)
+    return total.hexdigest()
+
+
+def _tensor_chunks(t: torch.Tensor) -> Iterator[memoryview]:
+    flat = t.detach().reshape(-1)
+    step = max(1, CHUNK // max(flat.element_size(), 1))
+    for i in range(0, flat.numel(), step):
+        part = flat[i:i + step].to("cpu").contiguous()
+        yield memoryview(part.view(torch.uint8).numpy())
+
+
+def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor] | str | Path) -> str:
+    """Content digest (sha256 hex) of a model's state dict, a state dict, or weights on disk.
+
+    Args:
+        weights: an ``nn.Module`` (its ``state_dict()``), a state dict, a safetensors file, or a
+            sharded checkpoint (its folder or its ``*.safetensors.index.json``).
+
+    Returns:
+        64 hex characters; equal for a model, its state dict and its saved files (see the
+        module docstring for the exact definition).
+
+    Raises:
+        WeightsFileError: a file is missing, not safetensors, or truncated.
+        ValueError: a tensor has a dtype safetensors cannot store.
+    """
+    if isinstance(weights, str | Path):
+        return file_digest(weights)
+    from pruneplan.apply.safetensors_io import _NAMES
+
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    lines = []
+    for name, t in state.items():
+        if t.dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which has no safetensors name")
+        lines.append((name, _line(name, _NAMES[t.dtype], t.shape, _tensor_chunks(t))))
+    return _combine(lines)
+
+
+def file_digest(path: str | Path) -> str:
+    """`weights_digest` of a safetensors file or a sharded checkpoint, reading it in chunks.
+
+    Raises:
+        WeightsFileError: the file or a shard is missing, not safetensors, or truncated.
+    """
+    from pruneplan.apply import sharded
+    from pruneplan.apply.safetensors_io import read_header
+
+    path = Path(path)
+    if sharded.is_sharded_checkpoint(path):
+        files = [(s.path, s.header, s.start) for s in sharded.read_sharded(path).shards]
+    else:
+        header, _, start = read_header(path)
+        files = [(path, header, start)]
+    lines = []
+    for file, header, start in files:
+        with open(file, "rb") as fh:
+            fd = fh.fileno()
+            for name, e in header.items():
+                begin, end = e["data_offsets"]
+                lines.append((name, _line(name, e["dtype"], e["shape"],
+                                          _file_chunks(fd, file, name, start + begin, start + end))))
+    return _combine(lines)
+
+
+def _file_chunks(fd: int, file: Path, name: str, begin: int, end: int) -> Iterator[bytes]:
+    pos = begin
+    while pos < end:
+        data = os.pread(fd, min(CHUNK, end - pos), pos)
+        if not data:
+            raise WeightsFileError(f"{file}: truncated while reading tensor {name!r}")
+        pos += len(data)
+        yield data
+
+
+def check_content(plan: PrunePlan, digest: str | None, where: str, mode: str = "warn") -> None:
+    """Compare a weights content digest with the one the plan's metric scored.
+
+    Nothing happens when ``mode`` is ``"off"``, the plan records no ``weights_digest`` or
+    ``digest`` is ``None``.
+
+    Args:
+        digest: `weights_digest` of the weights about to be checked or pruned.
+        where: how to name the weights in the message (a path, "model").
+        mode: ``"warn"`` (a `WeightsContentWarning`), ``"error"`` or ``"off"``.
+
+    Raises:
+        PlanMismatchError: the content differs and ``mode`` is ``"error"``.
+        PlanError: ``mode`` is not one of `CHECK_CONTENT`.
+    """
+    if mode not in CHECK_CONTENT:
+        raise PlanError(f"check_content must be one of {CHECK_CONTENT}, got {mode!r}")
+    scored = plan.provenance.weights_digest
+    if mode == "off" or scored is None or digest is None or digest == scored:
+        return
+    msg = (f"{where}: the weights' content differs from the weights the plan was scored on "
+           f"(content digest {digest[:12]} vs {scored[:12]}); the plan's choice of units may not "
+           f"suit these weights")
+    if mode == "error":
+        raise PlanMismatchError(msg)
+    warnings.warn(msg, WeightsContentWarning, stacklevel=3)
+
+
+def needs_content(plan: PrunePlan, mode: str) -> bool:
+    """Whether `check_content` would compare anything (so the digest is worth computing).
+
+    Raises:
+        PlanError: ``mode`` is not one of `CHECK_CONTENT`.
+    """
+    if mode not in CHECK_CONTENT:
+        raise PlanError(f"check_content must be one of {CHECK_CONTENT}, got {mode!r}")
+    return mode != "off" and plan.provenance.weights_digest is not None

@@ -1,0 +1,139 @@
+"""Target-driven pruning, steps, per-kind and per-layer ratios, exclusion (API and CLI)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+import pruneplan as pp
+from pruneplan.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = f"{ROOT / 'examples' / 'digits.py'}:make_cnn"
+
+
+def cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(12 * 16, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def one_unit_worth(model: nn.Module, x: torch.Tensor) -> int:
+    """The most MACs removing one more unit of any group of ``model`` saves."""
+    base = pp.count(model, x).macs
+    worth = 0
+    for g in pp.prunable_groups(model, x):
+        one = pp.plan_pruning(model, {g.name: [0]}, example_inputs=x)
+        worth = max(worth, base - pp.count(pp.apply_plan(copy.deepcopy(model), one), x).macs)
+    return worth
+
+
+def test_mac_target_is_met_within_one_unit() -> None:
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    base = pp.count(model, x).macs
+    plan = pp.plan_from_metric(model, x, "weight_norm", target={"macs": 0.5})
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    left = pp.count(pruned, x).macs
+    goal = base * 0.5
+    assert left <= goal  # met
+    assert goal - left < one_unit_worth(pruned, x)  # not by more than one unit's worth
+    sel = plan.provenance.selection
+    assert sel["target"] == {"macs": 0.5} and sel["achieved"] == {"macs": round(1 - left / base, 6)}
+    assert sel["scope"] == "global"
+
+
+def test_params_target_in_two_steps_composes_the_step_plans() -> None:
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    base = pp.count(model, x, macs=False).params
+    plan = pp.plan_from_metric(model, x, "lp_norm", target={"params": 0.4}, n_steps=2)
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)  # one composed plan, relative to the original
+    left = pp.count(pruned, x, macs=False).params
+    assert left <= 0.6 * base
+    assert plan.provenance.selection["n_steps"] == 2
+    assert plan.provenance.weights_digest == pp.weights_digest(model)
+    assert [g.order for g in plan.groups] == sorted(g.order for g in plan.groups)
+
+
+def test_a_target_that_cannot_be_met_warns(caplog: pytest.LogCaptureFixture) -> None:
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    plan = pp.plan_from_metric(model, x, "weight_norm", target={"macs": 0.99})
+    # every group keeps one unit: 1 + 1 + 1 units left
+    assert [g.size - len(g.removed) for g in plan.groups] == [1, 1, 1]
+    assert "target not met" in caplog.text
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target": {"flops": 0.5}}, "target 'flops' is not one of"),
+    ({"target": {"macs": 1.0}}, r"must be a fraction in \(0, 1\)"),
+    ({"target": {"macs": 0.5}, "scope": "layer"}, "scope must be 'global'"),
+    ({"ratio": 0.5, "target": {"macs": 0.5}}, "either a target or ratios"),
+    ({"ratio": 0.5, "n_steps": 0}, "n_steps must be a positive integer"),
+    ({"ratio": 0.5, "scope": "global", "layer_ratios": {"0": 0.1}}, "layer_ratios need scope='layer'"),
+    ({"ratio": 0.5, "layer_ratios": {"nope*": 0.1}}, "pattern 'nope\\*' matches no prunable group"),
+    ({"ratio": 0.5, "exclude": ["*"]}, "leaves no group to prune"),
+])
+def test_bad_target_and_ratio_combinations(kwargs: dict, message: str) -> None:
+    ratio = kwargs.pop("ratio", None)
+    with pytest.raises(pp.PlanningError, match=message):
+        pp.plan_from_metric(cnn(), torch.randn(1, 3, 4, 4), "weight_norm", ratio, **kwargs)
+
+
+def test_per_layer_and_per_kind_ratios_and_exclusion() -> None:
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    plan = pp.plan_from_metric(model, x, "weight_norm", 0.5, layer_ratios={"3": 0.25}, exclude=["7"])
+    # group 0: floor(0.5 * 8) = 4; group 3: floor(0.25 * 12) = 3; group 7 excluded
+    assert [(g.name, len(g.removed)) for g in plan.groups] == [("0", 4), ("3", 3)]
+    # a kind ratio applies to every group of that kind (all are "channels" here)
+    by_kind = pp.plan_from_metric(model, x, "weight_norm", 0.1, kind_ratios={"channels": 0.5})
+    assert [(g.name, len(g.removed)) for g in by_kind.groups] == [("0", 4), ("3", 6), ("7", 3)]
+
+
+def test_cli_target_exclude_and_ratios(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file(pp.loading.load_model(MODEL).state_dict(), str(weights))
+    base = ["plan", "--model", MODEL, "--weights", str(weights), "--input-shape", "1,8,8", "--metric", "weight_norm"]
+    out = tmp_path / "t.json"
+    result = CliRunner().invoke(cli, [*base, "--target-macs", "0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = pp.PrunePlan.load(out)
+    achieved = plan.provenance.selection["achieved"]["macs"]
+    assert achieved >= 0.5
+    assert f"target: remove 50.0% of the macs; achieved {achieved:.2%}" in result.output
+    # make_cnn on one 8x8 image: conv0 64*16*9 = 9216, conv3 64*32*144 = 294912,
+    # fc 512*64 = 32768, out 64*10 = 640 -> 337,536 MACs before
+    assert "MACs: 337,536 -> " in result.output
+    # the CLI's target plan is the library's
+    model = pp.loading.load_model(MODEL, weights)
+    lib = pp.plan_from_metric(model, pp.loading.example_input((1, 8, 8), batch_size=2), "weight_norm",
+                              target={"macs": 0.5})
+    assert lib.to_json() == out.read_text()
+
+    out2 = tmp_path / "r.json"
+    result = CliRunner().invoke(cli, [*base, "--ratio", "0.5", "--exclude", "0*", "--layer-ratio", "3=0.25",
+                                      "-o", str(out2)])
+    assert result.exit_code == 0, result.output
+    # group 0 excluded; 3: floor(0.25 * 32) = 8; 9: floor(0.5 * 64) = 32
+    assert [(g.name, len(g.removed)) for g in pp.PrunePlan.load(out2).groups] == [("3", 8), ("9", 32)]
+    bad = CliRunner().invoke(cli, [*base, "--ratio", "0.5", "--layer-ratio", "3", "-o", str(out2)])
+    assert bad.exit_code == 2 and "expected NAME=FRACTION" in bad.output
+    both = CliRunner().invoke(cli, [*base, "--ratio", "0.5", "--target-macs", "0.5", "-o", str(out2)])
+    assert both.exit_code == 2
+
+
+def test_cli_device_and_progress_bar(tmp_path: Path) -> None:
+    data = f"{ROOT / 'examples' / 'digits.py'}:attribution_batches"
+    args = ["plan", "--model", MODEL, "--input-shape", "1,8,8", "--metric", "taylor", "--data", data,
+            "--ratio", "0.5", "--device", "cpu", "--max-batches", "2"]
+    quiet = CliRunner().invoke(cli, [*args, "--no-progress", "-o", str(tmp_path / "a.json")])
+    loud = CliRunner().invoke(cli, [*args, "--progress", "-o", str(tmp_path / "b.json")])
+    assert quiet.exit_code == loud.exit_code == 0, loud.output
+    assert "TaylorAttributionMetric" not in quiet.stderr and "TaylorAttributionMetric" in loud.stderr
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
