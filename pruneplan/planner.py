@@ -169,7 +169,9 @@ def build_plan(
     Args:
         order: group name -> rank in the model's execution order (`execution_order` of the
             discovered groups). Without it, a group's rank is the position of its first root in
-            ``model.named_modules()`` (the order the model defines its modules).
+            ``model.named_modules()`` (the order the model defines its modules). The plan
+            records the dense rank among its own groups (0, 1, ...), so that a plan does not
+            depend on which other groups discovery found.
 
     Raises:
         PlanningError: bad indices (see `normalize_indices`), or a slice names a tensor that is
@@ -181,6 +183,8 @@ def build_plan(
         rank = {name: i for i, (name, _) in enumerate(model.named_modules())}
         order = {spec.name: rank.get(spec.roots[0] if spec.roots else spec.name, len(rank))
                  for spec, _ in chosen}
+    ranked = sorted(chosen, key=lambda c: (order.get(c[0].name, len(order)), c[0].name))
+    order = {spec.name: i for i, (spec, _) in enumerate(ranked)}
     touched: dict[str, list[int]] = {}
     groups = []
     for spec, idx in chosen:

@@ -1,7 +1,7 @@
 """Discovery on the model zoo: prune 30% of every group at random and check the result.
 
 For every model: the pruned model runs with an unchanged output shape, the number of removed
-scalars equals `PrunePlan.parameters_removed`, `apply_to_state_dict` + `load_pruned` into a fresh
+scalars equals `PrunePlan.scalars_removed`, `apply_to_state_dict` + `load_pruned` into a fresh
 model reproduces the live pruned model, and (DESIGN invariant 1) the pruned model equals the
 original with the removed channels zeroed where they leave the network.
 """
@@ -192,10 +192,11 @@ def test_zoo_prune_30_percent(name: str) -> None:
 
     # scalars removed from the state dict (parameters and running statistics) are what the plan says
     before, after = _numel(model.state_dict()), _numel(pruned.state_dict())
-    assert before - after == plan.parameters_removed() > 0
+    assert before - after == plan.scalars_removed() > 0
+    # the plan knows which of them are parameters and which are buffers (running statistics)
     params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in pruned.parameters())
-    buffers = plan.parameters_removed() - params
-    assert buffers == sum(
+    assert plan.parameters_removed() == params
+    assert plan.buffers_removed() == plan.scalars_removed() - params == sum(
         math.prod(shape) - math.prod(plan.pruned_shapes()[k])
         for k, shape in plan.model.tensors.items() if k.endswith(("running_mean", "running_var"))
     )
