@@ -301,8 +301,10 @@ class Engine:
     # ---- roots ---------------------------------------------------------------------------
 
     def new_root(self, node: Node, axis: int,
-                 spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> Lab | None:
-        name = node.target
+                 spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]],
+                 name: str | None = None, module: nn.Module | None = None) -> Lab | None:
+        if name is None:
+            name, module = node.target, node.module
         r = self.by_name.get(name)
         if r is None:
             try:
@@ -311,7 +313,7 @@ class Engine:
                 self.refused.setdefault(name, str(exc))
                 return None
             r = len(self.roots)
-            self.roots.append(_Root(r, name, node.module, size, list(slices), list(edits)))
+            self.roots.append(_Root(r, name, module, size, list(slices), list(edits)))
             self.by_name[name] = r
             self.uf.add()
             self.effects.append([])

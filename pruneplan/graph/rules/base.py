@@ -107,6 +107,11 @@ class Call:
         return self.node.where()
 
     @property
+    def model(self) -> nn.Module:
+        """The model being analysed (to find the module that owns a parameter)."""
+        return self._engine.model
+
+    @property
     def out(self) -> Any:
         """Shape of the call's output (``torch.Size``), a list for a tuple output, or ``None``."""
         return self.node.meta
@@ -210,14 +215,17 @@ class Call:
         if len(rs) == 1 and (lab.arr >= 0).all():
             self._engine.effect(rs[0], self.node, DropoutSpec(self.name, p))
 
-    def root(self, axis: int, spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> Lab | None:
-        """Make the called module a root whose units lie on ``axis`` of its output.
+    def root(self, axis: int, spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]],
+             name: str | None = None, module: nn.Module | None = None) -> Lab | None:
+        """Make a module a root whose units lie on ``axis`` of this call's output.
 
-        ``spec()`` (called once per module) gives ``(size, slices, edits)``: the unit count, the
-        tensor slices on its output side and its attribute edits; a `PlanningError` from it
-        means the module is not a root. Returns the output labels (``None`` when blocked).
+        The module is the called one, or ``module`` at path ``name`` (a functional call made
+        with a layer's own weights). ``spec()`` (called once per module) gives ``(size,
+        slices, edits)``: the unit count, the tensor slices on its output side and its attribute
+        edits; a `PlanningError` from it means the module is not a root. Returns the output
+        labels (``None`` when blocked).
         """
-        return self._engine.new_root(self.node, axis, spec)
+        return self._engine.new_root(self.node, axis, spec, name, module)
 
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land

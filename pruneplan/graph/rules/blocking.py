@@ -1,5 +1,8 @@
 """Layers and operations that tie channels to something else (attention heads, time steps,
-matrix shapes): every root whose channels reach them is left out, with the reason."""
+matrix shapes): every root whose channels reach them is left out, with the reason.
+
+(``F.linear`` / ``F.convNd`` block too unless called with a layer's own weights: see
+`linear_conv.FunctionalLayerRule`.)"""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ __all__ = ["BlockModuleRule", "BlockRule"]
 BLOCKING_TYPES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
                   nn.TransformerDecoderLayer, nn.Transformer, nn.Bilinear, nn.PixelShuffle,
                   nn.PixelUnshuffle, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
-BLOCK_OPS = ("matmul", "mm", "bmm", "einsum", "baddbmm", "addmm", "addbmm", "linear",
-             "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+BLOCK_OPS = ("matmul", "mm", "bmm", "einsum", "baddbmm", "addmm", "addbmm",
+             "bilinear", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d", "scaled_dot_product_attention", "multi_head_attention_forward",
              "pixel_shuffle", "pixel_unshuffle", "outer", "cross", "kron", "cosine_similarity",
              "normalize")

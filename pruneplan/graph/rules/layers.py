@@ -36,6 +36,7 @@ NORM_TYPES = (
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
     nn.LayerNorm,
+    nn.RMSNorm,
     nn.GroupNorm,
 )
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -83,7 +84,7 @@ def norm_slices(
     Args:
         width: number of channels that reach the layer; it must normalise exactly that many.
     """
-    if isinstance(m, nn.LayerNorm):
+    if isinstance(m, nn.LayerNorm | nn.RMSNorm):
         channels = m.normalized_shape[-1]
     elif isinstance(m, nn.GroupNorm):
         channels = m.num_channels
@@ -103,10 +104,10 @@ def norm_slices(
         if getattr(m, key, None) is not None:
             slices.append(stream.slice(p + key, 0))
     per = stream.per_unit
-    if isinstance(m, nn.LayerNorm):
+    if isinstance(m, nn.LayerNorm | nn.RMSNorm):
         if len(m.normalized_shape) != 1:
             raise PlanningError(
-                f"module {name!r}: LayerNorm over {tuple(m.normalized_shape)} spans more than the "
+                f"module {name!r}: {type(m).__name__} over {tuple(m.normalized_shape)} spans more than the "
                 "channel axis"
             )
         return slices, [EditSpec(name, "normalized_shape", m.normalized_shape[0], per)]

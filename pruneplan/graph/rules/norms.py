@@ -1,18 +1,29 @@
-"""Normalisation layers: batch/instance/group norm over channel axis 1, layer norm over the last
-axis. They carry the channels on and own their affine parameters and running statistics."""
+"""Normalisation layers and their functional forms: batch/instance/group norm over channel axis 1,
+layer/RMS norm over the last axis. They carry the channels on and own their affine parameters
+and running statistics.
+
+A functional call (``F.batch_norm``, ``torch.layer_norm``, ...) reads as the matching layer: the
+tensors it was called with are parameters of the model, and when they all belong to one norm
+layer (a subclass with its own ``forward``, such as timm's ``BatchNormAct2d``, traced through)
+that layer is handled exactly as the module form, attribute edits included. Group norm with
+groups of several channels couples the groups position by position when each group comes from
+other roots (the groups stay equal); one root's channels spread over several groups block.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from pruneplan.graph._labels import Lab
+from pruneplan.graph._ir import Ref
+from pruneplan.graph._labels import Lab, PView, roots_of
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin
 from pruneplan.graph.rules.layers import NORM_TYPES, norm_slices
 
-__all__ = ["ChannelNormRule", "ChannelRule", "FunctionalNormRule", "LayerNormRule"]
+__all__ = ["ChannelNormRule", "ChannelRule", "FunctionalNormRule", "GroupNormRule", "LayerNormRule"]
 
 
 class ChannelRule(ModuleRule):
@@ -65,26 +76,75 @@ class ChannelRule(ModuleRule):
         return x
 
 
-def _own(call: Call, x: Lab) -> Lab:
-    m, name, width = call.module, call.name, x.arr.shape[0]
+def _own(call: Call, x: Lab, m: nn.Module, name: str) -> Lab:
+    """Module ``m`` (path ``name``) normalises the channels ``x``: its tensors and attributes."""
+    width = x.arr.shape[0]
     call.per_root(x, lambda st: norm_slices(name, m, st, width))
     return x
 
 
+def _grouped(call: Call, x: Lab, groups: int, tensors: list[tuple[str, int]],
+             edit: tuple[str, int] | None, module: str | None) -> Lab | None:
+    """A group norm of ``groups`` groups of several channels: each group must lose the same
+    local positions, so the groups are coupled position by position."""
+    width = x.arr.shape[0]
+    rows = x.arr.reshape(groups, width // groups)
+    home: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        for r in roots_of(row):
+            if home.setdefault(r, i) != i:
+                call.block(x, f"{call.where} normalises {groups} groups of {width // groups} "
+                           "channels, and units of one layer lie in several groups (removing "
+                           "them would leave the groups unequal)")
+                return None
+    for i in range(1, groups):
+        call.couple(rows[0], rows[i])
+    for key, axis in tensors:
+        call.own(key, axis, x.arr)
+    if edit is not None:
+        call.edit(edit[0], edit[1], x.arr, module=module)
+    return x
+
+
+def _channels_on(call: Call, x: Lab, axis: int) -> bool | None:
+    """``True`` when the labels are exactly on ``axis``, ``False`` when not on it at all;
+    ``None`` (after blocking) when they are on it and on other axes too."""
+    if axis not in x.axes:
+        return False
+    if x.axes != (axis,):
+        call.block(x, f"{call.where} sees them on other axes")
+        return None
+    return True
+
+
 class ChannelNormRule(ModuleRule):
-    """A norm over channel axis 1 (BatchNorm, InstanceNorm, GroupNorm)."""
+    """A norm over channel axis 1 (BatchNorm, InstanceNorm)."""
 
     def labels(self, call: Call, x: Lab) -> Lab | None:
-        if 1 not in x.axes:
-            return x
-        if x.axes != (1,):
-            call.block(x, f"{call.where} sees them on other axes")
-            return None
-        return _own(call, x)
+        on = _channels_on(call, x, 1)
+        if not on:
+            return x if on is False else None
+        return _own(call, x, call.module, call.name)
+
+
+class GroupNormRule(ModuleRule):
+    """``nn.GroupNorm``: per channel (one channel per group), over all of them (one group), or
+    coupling its groups position by position."""
+
+    def labels(self, call: Call, x: Lab) -> Lab | None:
+        on = _channels_on(call, x, 1)
+        if not on:
+            return x if on is False else None
+        m, name = call.module, call.name
+        if m.num_groups in (1, m.num_channels) or m.num_channels != x.arr.shape[0]:
+            return _own(call, x, m, name)
+        p = f"{name}." if name else ""
+        keys = [(p + k, 0) for k in ("weight", "bias") if getattr(m, k, None) is not None]
+        return _grouped(call, x, m.num_groups, keys, ("num_channels", m.num_channels), name)
 
 
 class LayerNormRule(ModuleRule):
-    """``nn.LayerNorm`` over the last axis only."""
+    """``nn.LayerNorm`` / ``nn.RMSNorm`` over the last axis only."""
 
     def labels(self, call: Call, x: Lab) -> Lab | None:
         shape = call.module.normalized_shape
@@ -94,28 +154,107 @@ class LayerNormRule(ModuleRule):
         if x.axes != (nd - 1,) or len(shape) != 1:
             call.block(x, f"{call.where} normalises over more axes")
             return None
-        return _own(call, x)
+        return _own(call, x, call.module, call.name)
+
+
+#: per functional norm: positions/keywords of its tensors in the ``torch.nn.functional`` form,
+#: and the norm layers whose tensors they can be
+_FUNCTIONAL: dict[str, tuple[dict[str, int], tuple[type, ...]]] = {
+    "batch_norm": ({"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4},
+                   (nn.modules.batchnorm._NormBase,)),
+    "instance_norm": ({"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4},
+                      (nn.modules.batchnorm._NormBase,)),
+    "group_norm": ({"weight": 2, "bias": 3}, (nn.GroupNorm,)),
+    "layer_norm": ({"weight": 2, "bias": 3}, (nn.LayerNorm,)),
+    "rms_norm": ({"weight": 2}, (nn.RMSNorm,)),
+}
+#: ``torch.batch_norm`` / ``torch.instance_norm`` take 9 positional arguments, in another order
+_TORCH_FORM = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
 
 
 class FunctionalNormRule(FunctionRule):
-    """``F.batch_norm`` & co.: labelled channels on the normalised axes are blocked."""
+    """``F.batch_norm`` / ``instance_norm`` / ``group_norm`` / ``layer_norm`` / ``rms_norm`` (and
+    their ``torch.`` spellings) read as the layers; ``local_response_norm`` mixes neighbouring
+    channels and blocks them."""
 
     def labels(self, call: Call) -> Lab | None:
         x = self.main(call)
         if x is None:
             return None
-        nd = len(call.xmeta)
-        if call.name == "layer_norm":
-            dims = set(range(nd - len(call.arg(1, "normalized_shape")), nd))
+        name, nd = call.name, len(call.xmeta)
+        if name not in _FUNCTIONAL:
+            if 1 in x.axes:
+                call.block(x, f"{call.where} normalises over them")
+                return None
+            return x
+        if name in ("layer_norm", "rms_norm"):
+            shape = call.arg(1, "normalized_shape")
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            if not set(range(nd - len(shape), nd)) & set(x.axes):
+                return x
+            if x.axes != (nd - 1,) or len(shape) != 1:
+                call.block(x, f"{call.where} normalises over more axes")
+                return None
         else:
-            dims = {1}
-        if dims & set(x.axes):
-            call.block(x, f"{call.where} normalises over them")
-            return None
+            on = _channels_on(call, x, 1)
+            if not on:
+                return x if on is False else None
+        places, owners = _FUNCTIONAL[name]
+        if name in ("batch_norm", "instance_norm") and (
+                len(call.node.args) >= 9 or "cudnn_enabled" in call.node.kwargs):
+            places = _TORCH_FORM
+        tensors: dict[str, Any] = {}
+        for role, i in places.items():
+            ref = call.arg(i, role)
+            if isinstance(ref, Ref):
+                tensors[role] = call.read(ref)
+        groups = call.arg(1, "num_groups") if name == "group_norm" else None
+        owner = _owner(call, tensors, owners)
+        width = x.arr.shape[0]
+        if owner is not None:
+            path, m = owner
+            if groups in (None, 1, width):
+                return _own(call, x, m, path)
+            p = f"{path}." if path else ""
+            keys = [(p + k, 0) for k in ("weight", "bias") if getattr(m, k, None) is not None]
+            return _grouped(call, x, groups, keys, ("num_channels", m.num_channels), path)
+        keys = []
+        for role, info in tensors.items():
+            if not (isinstance(info, PView) and len(info.dims) == 1 and info.dims[0] is not None):
+                call.block(x, f"{call.where} normalises them with a {role} no prunable layer owns")
+                return None
+            keys.append((info.key, info.dims[0]))
+        if groups not in (None, 1, width):
+            return _grouped(call, x, groups, keys, None, None)
+        for key, axis in keys:
+            call.own(key, axis, x.arr)
         return x
 
 
-builtin([t for t in NORM_TYPES if not issubclass(t, nn.LayerNorm)], rule=ChannelNormRule())
-builtin([nn.LayerNorm], rule=LayerNormRule())
-builtin(names=("layer_norm", "group_norm", "batch_norm", "instance_norm", "local_response_norm"),
-        rule=FunctionalNormRule())
+def _owner(call: Call, tensors: dict[str, Any], kinds: tuple[type, ...]) -> tuple[str, nn.Module] | None:
+    """The norm layer (path, module) whose own tensors these all are, if there is one."""
+    keys = {role: info.key for role, info in tensors.items()
+            if isinstance(info, PView) and info.dims == (0,)}
+    if not keys or len(keys) != len(tensors):
+        return None
+    paths = {k.rpartition(".")[0] for k in keys.values()}
+    if len(paths) != 1:
+        return None
+    path = paths.pop()
+    try:
+        m = call.model.get_submodule(path)
+    except AttributeError:
+        return None
+    if not isinstance(m, kinds):
+        return None
+    if any(k != (f"{path}.{role}" if path else role) for role, k in keys.items()):
+        return None
+    return path, m
+
+
+builtin([t for t in NORM_TYPES if not issubclass(t, nn.LayerNorm | nn.RMSNorm | nn.GroupNorm)],
+        rule=ChannelNormRule())
+builtin([nn.GroupNorm], rule=GroupNormRule())
+builtin([nn.LayerNorm, nn.RMSNorm], rule=LayerNormRule())
+builtin(names=("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm",
+               "local_response_norm"), rule=FunctionalNormRule())
