@@ -89,10 +89,13 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
         "blocks.0.pwconv1": ["blocks.0.pwconv1"], "blocks.1.pwconv1": ["blocks.1.pwconv1"],
     },
     "transformer": {
-        # embedding width: every Linear writing the residual stream; q/k/v are head-structured
-        # (their outputs are split into heads by a view) and stay
+        # embedding width: every Linear writing the residual stream; q/k/v of a layer are
+        # one group of heads (their outputs are split into heads by a view, q @ k^T and
+        # att @ v tie them head by head)
         "embed": ["embed", "layers.0.attn.out", "layers.0.mlp.3", "layers.1.attn.out",
                   "layers.1.mlp.3"],
+        "layers.0.attn.q": ["layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v"],
+        "layers.1.attn.q": ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.v"],
         "layers.0.mlp.0": ["layers.0.mlp.0"], "layers.1.mlp.0": ["layers.1.mlp.0"],
     },
 }

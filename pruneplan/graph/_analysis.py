@@ -55,6 +55,7 @@ class _Root:
     size: int
     slices: list[SliceSpec]
     edits: list[EditSpec]
+    labels: np.ndarray | None = None  # unit at each output position (after any regrouping)
 
 
 @dataclass
@@ -106,6 +107,9 @@ class Engine:
         self.errors: list[tuple[str, list[int]]] = []
         self.widths: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
         self.refused: dict[str, str] = {}  # module path -> why it cannot be a root
+        self.holders: dict[int, set[int]] = {}  # root -> nodes whose info holds its labels
+        self.regroups: list[tuple[frozenset[int], np.ndarray]] = []  # (roots, old -> new unit)
+        self.heads: dict[int, int] = {}  # root -> attention heads per unit on a head axis
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -242,6 +246,155 @@ class Engine:
                                f"combined with a tensor no prunable layer owns at {node.where()}")
         return Lab(axes, arr)
 
+    # ---- regrouping units ----------------------------------------------------------------
+
+    def members(self, r: int) -> list[int]:
+        """Every root coupled with ``r`` (its class), ``r`` included."""
+        c = self.uf.find(r)
+        return [o for o in range(len(self.roots)) if self.uf.find(o) == c]
+
+    def regroup(self, roots: list[int], mapping: np.ndarray) -> None:
+        """Units of ``roots`` (one coupled class) become coarser: old unit ``u`` is now part of
+        unit ``mapping[u]``; every new unit gathers the same number of old ones.
+
+        Everything recorded so far is rewritten: the labels stored on graph values, the roots'
+        own slices and edits and the effects of the calls already seen, so that a unit keeps
+        owning all the positions of the old units it gathers.
+        """
+        mapping = np.asarray(mapping, dtype=np.int64)
+        old = len(mapping)
+        new = int(mapping.max()) + 1
+        k = old // new
+        order = np.argsort(mapping, kind="stable")
+        members = frozenset(roots)
+        for r in roots:
+            root = self.roots[r]
+            root.size = new
+            root.slices = [_regroup_slice(s, order, new, old) for s in root.slices]
+            root.edits = [_regroup_edit(e, k) for e in root.edits]
+            root.labels = _remap(root.labels, members, mapping)
+            self.effects[r] = [(n, _regroup_slice(it, order, new, old) if isinstance(it, SliceSpec)
+                                else _regroup_edit(it, k) if isinstance(it, EditSpec) else it)
+                               for n, it in self.effects[r]]
+            if r in self.heads:
+                self.heads[r] *= k
+            for idx in self.holders.get(r, ()):
+                self.info[idx] = _remap_info(self.info[idx], members, mapping)
+        self.regroups.append((members, mapping))
+
+    def refresh(self, arr: np.ndarray, since: int) -> np.ndarray:
+        """A label array made before regroups number ``since`` onwards, in today's units."""
+        for members, mapping in self.regroups[since:]:
+            arr = _remap(arr, members, mapping)
+        return arr
+
+    def tie(self, arrs: list[np.ndarray], node: Node) -> np.ndarray | None:
+        """Tie equally long 1-D label arrays position by position, regrouping units when the
+        ties join several units of a root into one (attention: the rows of a head, the query
+        heads sharing a key/value head). Returns the tied labels (``None`` when blocked).
+
+        Where every position meets the same unit, this is `couple`. Otherwise the units tied
+        together form the new units: each must gather the same number of units of every root
+        involved, else those roots are blocked.
+        """
+        arrs = [np.asarray(a) for a in arrs]
+        stack = np.stack(arrs)
+        lab = stack >= 0
+        lonely = lab.any(0) & ~lab.all(0)
+        if lonely.any():
+            self.block(roots_of(stack[:, lonely]), f"meets channels no prunable layer owns at {node.where()}")
+            return None
+        if not lab.any():
+            return arrs[0]
+        units = stack & MASK
+        if (units == units[0]).all():
+            out = arrs[0]
+            for a in arrs[1:]:
+                out = self.couple(out, a, node)
+            return out
+        cls = np.vectorize(lambda v: self.uf.find(int(v >> SHIFT)), otypes=[np.int64])(stack)
+        keys = (cls << SHIFT) | units
+        flat = sorted(set(keys.reshape(-1).tolist()))
+        index = {key: i for i, key in enumerate(flat)}
+        parent = list(range(len(flat)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for col in keys.T.tolist():
+            a = find(index[col[0]])
+            for key in col[1:]:
+                b = find(index[key])
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        classes = sorted({key >> SHIFT for key in flat})
+        roots = sorted(set(roots_of(stack)))
+        comp_of = {c: np.full(self.roots[c].size, -1, dtype=np.int64) for c in classes}
+        for key in flat:
+            comp_of[key >> SHIFT][key & MASK] = find(index[key])
+        bad = None
+        for comps in comp_of.values():
+            if (comps < 0).any():
+                bad = f"only some of their units reach {node.where()}"
+                break
+        if bad is None:
+            sets = [np.unique(comp_of[c], return_counts=True) for c in classes]
+            first = sets[0][0]
+            if any(not np.array_equal(s[0], first) or len(set(s[1].tolist())) != 1 for s in sets):
+                bad = f"{node.where()} ties their units unevenly"
+        if bad is not None:
+            self.block(roots, bad)
+            return None
+        # new unit ids: the components in the order of the first class's lowest unit
+        start = len(self.regroups)
+        lead = comp_of[classes[0]]
+        seen: dict[int, int] = {}
+        for comp in lead.tolist():
+            seen.setdefault(comp, len(seen))
+        for c in classes:
+            mapping = np.array([seen[comp] for comp in comp_of[c].tolist()], dtype=np.int64)
+            if not np.array_equal(mapping, np.arange(len(mapping))):
+                self.regroup(self.members(c), mapping)
+        arrs = [self.refresh(a, start) for a in arrs]
+        out = arrs[0]
+        for a in arrs[1:]:
+            out = self.couple(out, a, node)
+        return out
+
+    def coarsen_rows(self, rows: np.ndarray) -> bool:
+        """Channels viewed as ``(rows, row length)``: a root whose units fill two or more whole
+        rows, one run of units per row, gets one unit per row (the heads of a projection
+        split by ``view(B, T, heads, head_dim)``). Returns whether any root was regrouped."""
+        done = False
+        if rows.ndim != 2 or rows.shape[1] < 2:
+            return False
+        rs = rows >> SHIFT
+        for r in roots_of(rows):
+            hit = (rs == r) & (rows >= 0)
+            which = np.flatnonzero(hit.any(1))
+            if len(which) < 2 or not hit[which].all():
+                continue
+            part = rows[which] & MASK
+            if part.size != self.roots[r].size or len(np.unique(part)) != part.size:
+                continue
+            mapping = np.empty(part.size, dtype=np.int64)
+            mapping[part.reshape(-1)] = np.repeat(np.arange(len(which)), rows.shape[1])
+            self.regroup(self.members(r), mapping)
+            rows = self.refresh(rows, len(self.regroups) - 1)
+            rs = rows >> SHIFT
+            done = True
+        return done
+
+    def mark_heads(self, arr: np.ndarray) -> None:
+        """``arr`` (1-D) labels a head axis of attention: its roots' units are heads (or groups
+        of query heads: the count per unit is kept)."""
+        for r in roots_of(arr):
+            per = int(np.count_nonzero((arr >> SHIFT == r) & (arr >= 0))) // self.roots[r].size
+            self.heads[r] = max(self.heads.get(r, 1), per)
+
     # ---- driver --------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -253,10 +406,17 @@ class Engine:
                     if isinstance(meta, torch.Size) else None
             elif kind == "module":
                 self.info[node.idx] = self.call_module(node)
+                self._index(node.idx)
             elif kind == "op":
                 self.info[node.idx] = self.call_function(node)
+                self._index(node.idx)
             elif kind == "output":
                 self.output(node)
+
+    def _index(self, idx: int) -> None:
+        """Remember which roots' labels node ``idx`` holds (for `regroup`)."""
+        for r in _info_roots(self.info[idx]):
+            self.holders.setdefault(r, set()).add(idx)
 
     def output(self, node: Node) -> None:
         roots = self.labeled_roots([self.read(r) for r in iter_refs(node.args)])
@@ -313,7 +473,8 @@ class Engine:
                 self.refused.setdefault(name, str(exc))
                 return None
             r = len(self.roots)
-            self.roots.append(_Root(r, name, module, size, list(slices), list(edits)))
+            self.roots.append(_Root(r, name, module, size, list(slices), list(edits),
+                                    make_labels(r, size)))
             self.by_name[name] = r
             self.uf.add()
             self.effects.append([])
@@ -322,10 +483,11 @@ class Engine:
             self.block([r], f"{node.where()} returns no batched tensor")
             return None
         axis %= len(meta)
-        if meta[axis] != self.roots[r].size:
+        labels = self.roots[r].labels
+        if meta[axis] != len(labels):
             self.block([r], f"{node.where()} output has {meta[axis]} channels on axis {axis}")
             return None
-        return Lab((axis,), make_labels(r, self.roots[r].size))
+        return Lab((axis,), labels)
 
     def apply_rule(self, node: Node, lab: Lab, rule: Callable[[Stream], tuple[Any, Any]]) -> None:
         """For each root in ``lab``: the slices and edits ``rule`` gives for its stream become
@@ -424,7 +586,10 @@ class Engine:
                     f"{mod}.{attr} shrinks by different amounts per unit of {first.name!r} "
                     "(a module used more than once?)")
             final_edits.append(merged_e.pop())
+        heads = [self.heads[r] for r in members if r in self.heads]
+        kind = "channels" if not heads else "query_groups" if max(heads) > 1 else "heads"
         return Group(
+            kind=kind,
             name=first.name,
             size=size,
             roots=tuple(self.roots[r].name for r in members),
@@ -433,6 +598,50 @@ class Engine:
             dropouts=tuple(drops[k] for k in sorted(drops)),
             notes=tuple(dict.fromkeys(f"coupled by {n}" for n in notes)),
         )
+
+
+def _info_roots(v: Any) -> set[int]:
+    if isinstance(v, Lab):
+        return set(v.roots)
+    if isinstance(v, Sizes):
+        return set(v.lab.roots)
+    if isinstance(v, list):
+        out: set[int] = set()
+        for x in v:
+            out |= _info_roots(x)
+        return out
+    return set()
+
+
+def _remap(arr: np.ndarray, members: frozenset[int], mapping: np.ndarray) -> np.ndarray:
+    hit = (arr >= 0) & np.isin(arr >> SHIFT, list(members))
+    if not hit.any():
+        return arr
+    out = arr.copy()
+    v = arr[hit]
+    out[hit] = ((v >> SHIFT) << SHIFT) | mapping[v & MASK]
+    return out
+
+
+def _remap_info(v: Any, members: frozenset[int], mapping: np.ndarray) -> Any:
+    if isinstance(v, Lab):
+        return Lab(v.axes, _remap(v.arr, members, mapping))
+    if isinstance(v, Sizes):
+        return Sizes(_remap_info(v.lab, members, mapping), v.ndim)
+    if isinstance(v, list):
+        return [_remap_info(x, members, mapping) for x in v]
+    return v
+
+
+def _regroup_slice(s: SliceSpec, order: np.ndarray, new: int, old: int) -> SliceSpec:
+    """The slice of ``s`` once old units ``order`` (sorted by new unit) are gathered by ``new``."""
+    st = Stream(s.offset, s.repeat, s.tiles, s.tile_stride, s.positions)
+    pos = np.array([st.unit(int(u)) for u in order]).reshape(new, -1)
+    return affine_stream(np.sort(pos, axis=1)).slice(s.tensor, s.axis, s.modulo)
+
+
+def _regroup_edit(e: EditSpec, k: int) -> EditSpec:
+    return EditSpec(e.module, e.attribute, e.before, e.per_unit * k)
 
 
 def _merge_slices(specs: list[SliceSpec], size: int) -> SliceSpec:

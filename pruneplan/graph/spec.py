@@ -68,6 +68,9 @@ class Group:
         slices: every tensor axis the units own.
         edits: module attributes that shrink with the units.
         dropouts: dropout modules whose rate follows the unit count.
+        kind: what a unit is: ``"channels"`` (an output channel or neuron), ``"heads"`` (every
+            position of one attention head) or ``"query_groups"`` (a key/value head of
+            grouped-query attention with its query heads); see `pruneplan.plan.KINDS`.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Group:
     edits: tuple[EditSpec, ...] = ()
     dropouts: tuple[DropoutSpec, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
+    kind: str = "channels"
 
     @property
     def tensors(self) -> list[str]:

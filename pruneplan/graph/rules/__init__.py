@@ -13,7 +13,8 @@ graph and asks, for every call, the rule registered for the module type or funct
 ``reshape``               view/flatten/permute/expand, indexing, flip/roll, shapes and sizes
 ``cat_split``             cat, stack, chunk/split, channel shuffle
 ``reduce``                reductions and softmax
-``blocking``              attention, recurrent layers, matmul & co.: their roots are left out
+``attention``             scaled_dot_product_attention, matmul/bmm: heads and query groups
+``blocking``              recurrent layers, MultiheadAttention, mm & co.: their roots are left out
 ========================  =====================================================================
 
 Users add their own with `register_module_rule` / `register_function_rule` (re-exported as
@@ -26,6 +27,7 @@ from pruneplan.graph._streams import Stream
 # the families register their rules on import (order is irrelevant: one rule per key)
 from pruneplan.graph.rules import (
     activations,
+    attention,
     blocking,
     cat_split,
     dropout,
@@ -76,6 +78,7 @@ __all__ = [
     "Rule",
     "Stream",
     "activations",
+    "attention",
     "blocking",
     "cat_split",
     "consumer_slices",

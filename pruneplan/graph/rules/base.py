@@ -98,6 +98,7 @@ class Call:
             self.xref = node.args[0] if node.args else None
             self.x = engine.read(self.xref) if isinstance(self.xref, Ref) else None
         self.xmeta = engine.meta(self.xref)
+        self._since = len(engine.regroups)
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -226,6 +227,47 @@ class Call:
         labels (``None`` when blocked).
         """
         return self._engine.new_root(self.node, axis, spec, name, module)
+
+    def tie(self, arrs: list[np.ndarray]) -> np.ndarray | None:
+        """Tie equally long 1-D label arrays position by position (see `couple`), gathering
+        the units of a root into coarser units where the ties join several of them into one
+        (the query heads that share a key/value head). Each new unit must gather the same
+        number of old units of every root involved, else those roots are blocked. Returns the
+        tied labels in the new units, or ``None`` when blocked."""
+        return self._engine.tie(arrs, self.node)
+
+    def coarsen_rows(self, rows: np.ndarray) -> bool:
+        """Channels viewed as ``(rows, row length)`` (a 2-D label array): a root whose units
+        fill two or more whole rows gets one unit per row (a projection split into heads).
+        Returns whether any root was regrouped; refresh held labels with `fresh`."""
+        return self._engine.coarsen_rows(rows)
+
+    def fresh(self, arr: np.ndarray) -> np.ndarray:
+        """A label array read at the start of this call, in the units after any regrouping
+        done since (by `tie` or `coarsen_rows`)."""
+        return self._engine.refresh(arr, self._since)
+
+    @property
+    def regrouped(self) -> bool:
+        """Whether units were regrouped during this call."""
+        return len(self._engine.regroups) > self._since
+
+    def mark_heads(self, arr: np.ndarray) -> None:
+        """The 1-D ``arr`` labels the head axis of an attention: the units of its roots are
+        attention heads (or groups of query heads), which `kind` reports."""
+        self._engine.mark_heads(arr)
+
+    def is_heads(self, lab: Lab) -> bool:
+        """Whether a root of ``lab`` has units that attention made heads."""
+        return any(r in self._engine.heads for r in lab.roots)
+
+    @property
+    def scope_module(self) -> nn.Module | None:
+        """The module whose ``forward`` ran this call (``None`` when it cannot be found)."""
+        try:
+            return self._engine.model.get_submodule(self.node.scope)
+        except AttributeError:
+            return None
 
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land

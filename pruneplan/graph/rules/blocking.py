@@ -16,9 +16,9 @@ __all__ = ["BlockModuleRule", "BlockRule"]
 BLOCKING_TYPES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
                   nn.TransformerDecoderLayer, nn.Transformer, nn.Bilinear, nn.PixelShuffle,
                   nn.PixelUnshuffle, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
-BLOCK_OPS = ("matmul", "mm", "bmm", "einsum", "baddbmm", "addmm", "addbmm",
+BLOCK_OPS = ("mm", "einsum", "baddbmm", "addmm", "addbmm",
              "bilinear", "conv_transpose1d", "conv_transpose2d",
-             "conv_transpose3d", "scaled_dot_product_attention", "multi_head_attention_forward",
+             "conv_transpose3d", "multi_head_attention_forward",
              "pixel_shuffle", "pixel_unshuffle", "outer", "cross", "kron", "cosine_similarity",
              "normalize")
 

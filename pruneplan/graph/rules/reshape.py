@@ -23,11 +23,22 @@ SHAPED = frozenset({"view", "reshape", "expand"})
 CREATE = ("zeros", "ones", "empty", "full", "rand", "randn")
 
 
+def _squeeze(g: np.ndarray, go: list[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Drop the axes of ``g`` along which the labels do not change; the output axes kept."""
+    keep = [k for k in range(g.ndim)
+            if g.shape[k] > 1 and not np.array_equal(g, np.broadcast_to(np.take(g, [0], axis=k), g.shape))]
+    g = g[tuple(slice(None) if k in keep else 0 for k in range(g.ndim))]
+    return np.ascontiguousarray(g), tuple(go[k] for k in keep)
+
+
 def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     """Labels ``x`` of a tensor of shape ``a`` viewed as shape ``b`` (same elements, same order).
 
     Labels landing on several output axes (channels split into ``(groups, per_group)``) are
-    kept as a multi-axis label; labels repeated along an axis (a broadcast) couple the copies.
+    kept as a multi-axis label whose rows are tied (each group keeps the same channels); a
+    root whose units fill several whole rows (a projection split into ``(heads, head_dim)``)
+    is regrouped first, one unit per row, so that its labels live on the outer axis alone.
+    Labels repeated along an axis (a broadcast) couple the copies.
     """
     groups = reshape_groups(tuple(a), tuple(b)) if isinstance(b, torch.Size) else None
     if groups is None:
@@ -41,20 +52,74 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     sub_in = [a[d] for d in gi]
     sub_out = [b[d] for d in go]
     bshape = [a[d] if d in x.axes else 1 for d in gi]
-    g = np.broadcast_to(x.arr.reshape(bshape), sub_in).reshape(sub_out)
-    keep = [k for k in range(len(go))
-            if sub_out[k] > 1 and not np.array_equal(g, np.broadcast_to(
-                np.take(g, [0], axis=k), g.shape))]
-    g = g[tuple(slice(None) if k in keep else 0 for k in range(len(go)))]
-    axes = tuple(go[k] for k in keep)
+    full = np.broadcast_to(x.arr.reshape(bshape), sub_in).reshape(sub_out)
+    g, axes = _squeeze(full, go)
+    if len(axes) > 1 and call.coarsen_rows(g.reshape(-1, g.shape[-1])):
+        g, axes = _squeeze(call.fresh(full), go)
+    if len(axes) > 1:
+        if call.tie(list(g.reshape(-1, g.shape[-1]))) is None:
+            return None
+        g, axes = _squeeze(call.fresh(full), go)
     if not axes:
         call.block(x, f"{call.where} reshapes them away")
         return None
-    if len(axes) > 1:
-        rows = g.reshape(-1, g.shape[-1])
-        for i in range(1, rows.shape[0]):
-            call.couple(rows[0], rows[i])
-    return Lab(axes, np.ascontiguousarray(g))
+    lab = Lab(axes, g)
+    if call.regrouped or call.is_heads(lab):
+        return fixed_sizes(call, lab)
+    return lab
+
+
+#: Attribute names that hold the width of attention heads or their count (preferred, in this
+#: order of checks) and names of other widths a module may cache.
+_HEAD_WORDS = ("head", "inner", "attn", "split")
+_WIDTH_WORDS = ("dim", "size", "width", "embed", "hidden", "channels", "features")
+
+
+def shape_args(call: Call) -> list[Any] | None:
+    """The sizes a view/reshape/unflatten call was given, one per output axis (``None`` when
+    they cannot be read)."""
+    node, out = call.node, call.out
+    if call.name in ("view", "reshape"):
+        args = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+        if len(args) == 1 and isinstance(args[0], tuple | list | torch.Size):
+            args = list(args[0])
+        return args if len(args) == len(out) else None
+    if call.name == "unflatten":
+        dim, sizes = call.arg(1, "dim"), call.arg(2, "sizes")
+        if not isinstance(dim, int) or not isinstance(sizes, tuple | list):
+            return None
+        d = dim % (len(out) - len(sizes) + 1)
+        return [None] * d + list(sizes) + [None] * (len(out) - d - len(sizes))
+    return None
+
+
+def fixed_sizes(call: Call, lab: Lab) -> Lab | None:
+    """Attention heads (or positions of heads) landing on an output axis whose size the code
+    wrote as a number: the number must come from an attribute of the module running the view
+    (``self.num_heads``, ``self.attn_dim``), which the plan then edits; otherwise the roots are
+    blocked, since the view would fail or mis-split once heads are removed. ``-1`` and sizes
+    computed from tensors (fx) are fine."""
+    args = shape_args(call)
+    if args is None or len(lab.axes) != 1:
+        return lab
+    v = args[lab.axes[0]]
+    if not isinstance(v, int) or isinstance(v, bool) or v == -1:
+        return lab
+    mod = call.scope_module
+    names = [n for n, val in (vars(mod).items() if mod is not None else ())
+             if type(val) is int and val == v and not n.startswith("_")
+             and any(w in n.lower() for w in _HEAD_WORDS + _WIDTH_WORDS)
+             and not any(w in n.lower() for w in ("idx", "index", "layer"))]
+    preferred = [n for n in names if any(w in n.lower() for w in _HEAD_WORDS)]
+    pick = preferred or names
+    if len(pick) != 1:
+        why = "no attribute of its module holds it" if not pick else \
+            f"several attributes of its module hold it ({', '.join(sorted(pick))})"
+        call.block(lab, f"{call.where} writes the size {v} of their axis as a number and "
+                   f"{why}, so the view would not follow pruned heads")
+        return None
+    call.edit(pick[0], v, lab.arr, module=call.node.scope)
+    return lab
 
 
 def _view_dims(x: PView, a: Any, out: Any) -> PView | None:

@@ -1,0 +1,132 @@
+"""Attention: ``scaled_dot_product_attention`` and attention written out as matmul-softmax-matmul.
+
+A projection split into heads by ``view(B, T, heads, head_dim)`` reaches attention with its
+labels on the head axis alone (the reshape rule regroups its units, one per head, see
+`pruneplan.graph.rules.reshape.relabel`). Here the head axes of query, key and value are tied:
+head ``h`` of the query meets head ``h`` of key and value, or, with grouped-query attention
+(``enable_gqa``, or keys repeated by ``expand`` + ``reshape``), key/value head ``h // rep``;
+the query projection's units then gather ``rep`` query heads each (a *query group*). The
+contraction runs over ``head_dim``, which carries no labels, so rotary embeddings and any other
+per-position work on it stay untouched. The output carries the query's units on its head
+axis, down to the output projection that reads them. A per-head additive mask (a relative
+position bias table) is sliced with the heads; one that no prunable layer owns blocks them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pruneplan.graph._labels import Lab, PView, roots_of
+from pruneplan.graph.rules.base import Call, FunctionRule, builtin
+
+__all__ = ["MatmulRule", "SDPARule"]
+
+
+def _on(lab: Any, shift: int) -> tuple[int, ...] | None:
+    """The axes of a `Lab` once its tensor is right-aligned to the output (``None``: no labels)."""
+    return tuple(a + shift for a in lab.axes) if isinstance(lab, Lab) else None
+
+
+def _mask(call: Call, mask: Any, head: int, nd: int, labels: np.ndarray) -> bool:
+    """An additive mask or bias of shape ``(..., heads | 1, L, S)`` next to heads ``labels``:
+    a parameter with one entry per head is sliced with them; other per-head tensors block."""
+    meta = call.meta(mask)
+    if meta is None or len(meta) < nd - head:
+        return True
+    shift = nd - len(meta)
+    d = head - shift
+    if d < 0 or meta[d] == 1:
+        return True
+    info = call.read(mask)
+    if isinstance(info, PView) and info.dims[d] is not None:
+        call.own(info.key, info.dims[d], labels)
+        return True
+    call.block(roots_of(labels), f"{call.where} adds a per-head tensor no prunable layer owns")
+    return False
+
+
+class SDPARule(FunctionRule):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, ..., enable_gqa)``: heads of q, k
+    and v (and of a labelled mask) are tied; the output carries q's units on its head axis."""
+
+    def labels(self, call: Call) -> Lab | None:
+        refs = [call.arg(i, n) for i, n in enumerate(("query", "key", "value"))]
+        metas = [call.meta(r) for r in refs]
+        infos = [call.read(r) for r in refs]
+        out = call.out
+        nd = len(out)
+        if nd < 3 or any(m is None or len(m) != nd for m in metas):
+            call.block_all(f"they reach {call.where} without a head axis")
+            return None
+        head = nd - 3
+        if any(isinstance(i, Lab) and i.axes != (head,) for i in infos):
+            call.block_all(f"they reach {call.where} on the sequence or head_dim axis")
+            return None
+        hq, hk, hv = (m[head] for m in metas)
+        if hk != hv or hq % hk:
+            call.block_all(f"{call.where} pairs {hq} query heads with {hk} key and {hv} value heads")
+            return None
+        rep = hq // hk
+        arrs = [i.arr if isinstance(i, Lab) else np.full(m[head], -1, dtype=np.int64)
+                for i, m in zip(infos, metas, strict=True)]
+        tied_in = [arrs[0], np.repeat(arrs[1], rep), np.repeat(arrs[2], rep)]
+        mask = call.arg(3, "attn_mask")
+        minfo = call.read(mask)
+        if isinstance(minfo, Lab):
+            mmeta = call.meta(mask)
+            if _on(minfo, nd - len(mmeta)) != (head,) or minfo.arr.shape[0] != hq:
+                call.block_all(f"they reach the mask of {call.where} on other axes")
+                return None
+            tied_in.append(minfo.arr)
+        tied = call.tie(tied_in)
+        if tied is None:
+            return None
+        for a in arrs:
+            call.mark_heads(call.fresh(a))
+        if not isinstance(minfo, Lab) and mask is not None and not _mask(call, mask, head, nd, tied):
+            return None
+        return Lab((head,), tied)
+
+
+class MatmulRule(FunctionRule):
+    """``matmul`` / ``bmm`` / ``@``: labels on the batch axes of both operands are tied (the
+    heads of ``q @ k^T`` and ``attn @ v``, marked as heads); labels on the rows of the first or
+    the columns of the second follow into the output; labels on the contracted axis block."""
+
+    def labels(self, call: Call) -> Lab | None:
+        a, b = call.arg(0, "input"), call.arg(1, "other", call.node.kwargs.get("mat2"))
+        ma, mb = call.meta(a), call.meta(b)
+        ia, ib = call.read(a), call.read(b)
+        out = call.out
+        if ma is None or mb is None or len(ma) < 2 or len(mb) < 2:
+            call.block_all()
+            return None
+        nd = len(out)
+        sa, sb = nd - len(ma), nd - len(mb)
+        axa, axb = _on(ia, sa), _on(ib, sb)
+        if (axa and nd - 1 in axa) or (axb and nd - 2 in axb):
+            call.block_all(f"{call.where} multiplies over them")
+            return None
+        batch = set(range(nd - 2))
+        if axa and axb:
+            if len(axa) != 1 or axa != axb or axa[0] not in batch \
+                    or ia.arr.shape != ib.arr.shape:
+                call.block_all(f"{call.where} meets them on different axes")
+                return None
+            tied = call.tie([ia.arr, ib.arr])
+            if tied is None:
+                return None
+            call.mark_heads(tied)
+            return Lab(axa, tied)
+        lab, ax, other, shift = (ia, axa, mb, sb) if axa else (ib, axb, ma, sa)
+        for d in ax:
+            if d in batch and d - shift >= 0 and other[d - shift] != 1:
+                call.block(lab, f"{call.where} meets them with a tensor no prunable layer owns")
+                return None
+        return Lab(ax, lab.arr)
+
+
+builtin(names=("scaled_dot_product_attention",), rule=SDPARule())
+builtin(names=("matmul", "bmm"), rule=MatmulRule())
