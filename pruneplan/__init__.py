@@ -21,6 +21,7 @@ from pruneplan.errors import (
     PlanMismatchError,
     PlanningError,
     PlanValidationError,
+    UnexecutedModuleError,
     UnsupportedOperationError,
     WeightsContentWarning,
     WeightsFileError,
@@ -53,7 +54,9 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         weights_digest,
     )
     from pruneplan.graph.discover import describe_groups, prunable_groups
+    from pruneplan.graph.probe import ExampleInputs
     from pruneplan.graph.rules import register_function_rule, register_module_rule
+    from pruneplan.graph.spec import LeftOut
     from pruneplan.loading import plan_from_metric
     from pruneplan.planner import plan_pruning
     from pruneplan.select import select_indices
@@ -74,6 +77,8 @@ _LAZY: dict[str, str] = {
     "count": "pruneplan.stats",
     "ModelStats": "pruneplan.stats",
     "ModuleStats": "pruneplan.stats",
+    "ExampleInputs": "pruneplan.graph.probe",
+    "LeftOut": "pruneplan.graph.spec",
     "describe_groups": "pruneplan.graph.discover",
     "prunable_groups": "pruneplan.graph.discover",
     "register_function_rule": "pruneplan.graph.rules",
@@ -112,8 +117,10 @@ __all__ = [
     "AlreadyPrunedError",
     "CoupledGroupError",
     "DropoutChange",
+    "ExampleInputs",
     "Group",
     "IndexMap",
+    "LeftOut",
     "ModelFingerprint",
     "ModelStats",
     "ModuleEdit",
@@ -128,6 +135,7 @@ __all__ = [
     "Provenance",
     "PrunePlan",
     "TensorSlice",
+    "UnexecutedModuleError",
     "UnsupportedOperationError",
     "WeightsContentWarning",
     "WeightsFileError",

@@ -11,6 +11,7 @@ __all__ = [
     "PlanMismatchError",
     "PlanValidationError",
     "PlanningError",
+    "UnexecutedModuleError",
     "UnsupportedOperationError",
     "WeightsContentWarning",
     "WeightsFileError",
@@ -63,3 +64,7 @@ class UnsupportedOperationError(PlanningError):
 
 class CoupledGroupError(PlanningError):
     """Indices were given for one member of a coupled group instead of the group."""
+
+
+class UnexecutedModuleError(PlanningError):
+    """Strict discovery: a module holding parameters was not executed by any example call."""

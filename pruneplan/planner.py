@@ -69,6 +69,7 @@ def plan_pruning(
     couple: str = "error",
     include_output: bool = False,
     on_unsupported: str = "error",
+    strict: bool = False,
     provenance: Provenance | Mapping[str, Any] | None = None,
 ) -> PrunePlan:
     """Plan the removal of units from the named root modules, with everything it implies.
@@ -76,7 +77,8 @@ def plan_pruning(
     Args:
         model: the model to prune (not modified; a probe pass runs in eval mode, no grad).
         removed: root module name -> indices of its output units to remove.
-        example_inputs: a batch (tensor or tuple) for the probe pass / graph discovery.
+        example_inputs: a batch (tensor or tuple of call arguments) for the probe pass / graph
+            discovery, or `pruneplan.ExampleInputs` (several calls, all traced by discovery).
         cascades: root name -> downstream modules to adjust, in order (original TorchPruner
             style). ``None`` discovers them automatically from the executed graph.
         couple: for discovered coupled groups, ``"error"`` refuses indices given for one
@@ -87,6 +89,8 @@ def plan_pruning(
             `UnsupportedOperationError` when an operation the library does not understand
             touches a root's channels; ``"skip"`` leaves those roots out, so naming one in
             ``removed`` raises `PlanningError` with the reason.
+        strict: with discovery, raise `UnexecutedModuleError` when a module holding parameters
+            is executed by no example call in eval or training mode (default: a warning).
         provenance: informative metadata stored in the plan.
 
     Returns:
@@ -108,7 +112,7 @@ def plan_pruning(
         order = None
     else:
         chosen, order = _discovered(model, removed, example_inputs, couple, include_output,
-                                    on_unsupported)
+                                    on_unsupported, strict)
     return build_plan(model, chosen, provenance, order=order)
 
 
@@ -119,13 +123,14 @@ def _discovered(
     couple: str,
     include_output: bool,
     on_unsupported: str,
+    strict: bool,
 ) -> tuple[list[tuple[GroupSpec, IndexLike]], dict[str, int]]:
     if example_inputs is None:
         raise PlanningError("automatic discovery needs example_inputs")
     if couple not in ("error", "expand"):
         raise PlanningError(f"couple must be 'error' or 'expand', got {couple!r}")
     groups = prunable_groups(model, example_inputs, include_output=include_output,
-                             on_unsupported=on_unsupported)
+                             on_unsupported=on_unsupported, strict=strict)
     by_name = {g.name: g for g in groups}
     by_root = {r: g for g in groups for r in g.roots}
     left_out = {lo.name: lo.reason for lo in groups.left_out}

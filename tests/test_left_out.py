@@ -14,6 +14,7 @@ from torch import nn
 import pruneplan as pp
 from pruneplan.cli import cli
 from pruneplan.errors import PlanningError, UnsupportedOperationError
+from pruneplan.graph.discover import left_out_summary
 from pruneplan.graph.spec import GroupList, LeftOut
 
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
@@ -88,6 +89,6 @@ def test_plan_from_metric_logs_one_info_line_with_the_left_out_roots(
 
 def test_summary_shows_three_reasons_then_a_count() -> None:
     groups = GroupList([], [LeftOut(str(i), "r") for i in range(5)])
-    assert pp.graph.discover.left_out_summary(groups) == (
+    assert left_out_summary(groups) == (
         "5 of 5 roots left out: '0': r; '1': r; '2': r; and 2 more")
-    assert pp.graph.discover.left_out_summary(GroupList()) == "no roots left out (0 roots in 0 groups)"
+    assert left_out_summary(GroupList()) == "no roots left out (0 roots in 0 groups)"

@@ -1,7 +1,9 @@
 """Automatic dependency discovery: every prunable group of a model, found from one example pass.
 
 The model is traced with torch.fx where it traces, otherwise by recording one real forward pass
-(`TorchFunctionMode` plus hooks on leaf modules), into one small graph IR. Channel labels are then
+(`TorchFunctionMode` plus hooks on leaf modules), into one small graph IR; several example calls,
+and a training-mode pass where the eval pass leaves parameters unused, are traced one after
+another into the same IR. Channel labels are then
 pushed through that graph (see `pruneplan.graph._analysis`) to find, for each root, every tensor
 axis, module attribute and dropout rate its units own, and which roots are coupled.
 """
@@ -13,23 +15,26 @@ from typing import Any
 
 from torch import nn
 
-from pruneplan.errors import PlanningError
+from pruneplan.errors import PlanningError, UnexecutedModuleError
 from pruneplan.graph._analysis import analyze
 from pruneplan.graph._fx import trace_fx
-from pruneplan.graph._ir import Graph
+from pruneplan.graph._ir import Graph, Node, Ref
 from pruneplan.graph._record import trace_record
-from pruneplan.graph.probe import as_inputs, frozen_mode
-from pruneplan.graph.spec import Group, GroupList
+from pruneplan.graph.probe import as_calls, as_inputs, frozen_mode, training_mode
+from pruneplan.graph.spec import Group, GroupList, LeftOut
 
-__all__ = ["build_graph", "describe_groups", "left_out_summary", "prunable_groups"]
+__all__ = ["build_graph", "build_graphs", "describe_groups", "left_out_summary", "merge_graphs",
+           "prunable_groups"]
 
 log = logging.getLogger(__name__)
 
 _TRACERS = ("auto", "fx", "record")
+_TRAINING_PASS = ("auto", "always", "never")
 
 
 def build_graph(model: nn.Module, example_inputs: Any, tracer: str = "auto") -> Graph:
-    """Trace ``model`` on ``example_inputs`` in eval mode under no_grad (flags restored).
+    """Trace ``model`` on ``example_inputs`` (its first call, for `ExampleInputs`) in eval mode
+    under no_grad (flags restored).
 
     Args:
         tracer: ``"fx"`` (symbolic trace, then one execution for shapes), ``"record"``
@@ -38,17 +43,114 @@ def build_graph(model: nn.Module, example_inputs: Any, tracer: str = "auto") -> 
     """
     if tracer not in _TRACERS:
         raise PlanningError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
-    inputs = as_inputs(example_inputs)
     with frozen_mode(model):
-        if tracer in ("auto", "fx"):
-            try:
-                return trace_fx(model, inputs)
-            except Exception as exc:  # fx raises many types; any of them means "fall back"
-                if tracer == "fx":
-                    raise
-                log.info("torch.fx cannot trace %s (%s: %s); recording a forward pass instead",
-                         type(model).__name__, type(exc).__name__, exc)
-        return trace_record(model, inputs)
+        return _trace(model, as_inputs(example_inputs), tracer)
+
+
+def _trace(model: nn.Module, inputs: tuple, tracer: str) -> Graph:
+    if tracer in ("auto", "fx"):
+        try:
+            return trace_fx(model, inputs)
+        except Exception as exc:  # fx raises many types; any of them means "fall back"
+            if tracer == "fx":
+                raise
+            log.info("torch.fx cannot trace %s (%s: %s); recording a forward pass instead",
+                     type(model).__name__, type(exc).__name__, exc)
+    return trace_record(model, inputs)
+
+
+def build_graphs(model: nn.Module, example_inputs: Any, tracer: str = "auto",
+                 training_pass: str = "auto") -> tuple[Graph, list[str]]:
+    """Trace every example call in eval mode, and in training mode as ``training_pass`` says;
+    return the traces merged into one graph, and the modules holding parameters that no call
+    reached (paths, model order).
+
+    Args:
+        training_pass: ``"auto"`` (a training-mode pass of every call when the eval passes leave
+            a module holding parameters unreached: an auxiliary head), ``"always"`` or
+            ``"never"``. The training-mode pass leaves the model exactly as it was (see
+            `training_mode`); when it raises (a model that needs targets in training mode), the
+            eval traces are used and that is logged.
+    """
+    if tracer not in _TRACERS:
+        raise PlanningError(f"tracer must be one of {_TRACERS}, got {tracer!r}")
+    if training_pass not in _TRAINING_PASS:
+        raise PlanningError(f"training_pass must be one of {_TRAINING_PASS}, got {training_pass!r}")
+    calls = as_calls(example_inputs)
+    with frozen_mode(model):
+        graphs = [_trace(model, call, tracer) for call in calls]
+    unreached = _unreached(model, graphs)
+    if training_pass == "always" or (training_pass == "auto" and unreached):
+        for call in calls:
+            with training_mode(model):
+                try:
+                    graphs.append(_trace(model, call, tracer))
+                except Exception as exc:  # the model's own training forward failed
+                    log.warning("the training-mode pass of %s failed (%s: %s); only the eval-mode "
+                                "passes are used", type(model).__name__, type(exc).__name__, exc)
+                    break
+        unreached = _unreached(model, graphs)
+    return merge_graphs(graphs), unreached
+
+
+def merge_graphs(graphs: list[Graph]) -> Graph:
+    """One graph holding every trace one after another (references shifted); a trace equal to
+    an earlier one is dropped. Roots and consumers seen in several traces are merged by the
+    analysis like a module called twice: their slices must agree."""
+    kept: list[Graph] = []
+    for g in graphs:
+        if not any(_same(g, k) for k in kept):
+            kept.append(g)
+    if len(kept) == 1:
+        return kept[0]
+    nodes: list[Node] = []
+    for g in kept:
+        off = len(nodes)
+        for n in g.nodes:
+            nodes.append(Node(n.idx + off, n.kind, n.target, _shift(n.args, off),
+                              _shift(n.kwargs, off), n.meta, n.scope, n.module))
+    return Graph(nodes, "+".join(dict.fromkeys(g.source for g in kept)))
+
+
+def _same(a: Graph, b: Graph) -> bool:
+    if len(a.nodes) != len(b.nodes):
+        return False
+    try:
+        return all(bool(x == y) for x, y in zip(a.nodes, b.nodes, strict=True))
+    except Exception:  # an argument that does not compare (a tensor constant): keep both
+        return False
+
+
+def _shift(a: Any, off: int) -> Any:
+    if isinstance(a, Ref):
+        return Ref(a.node + off)
+    if isinstance(a, tuple):
+        return tuple(_shift(x, off) for x in a)
+    if isinstance(a, list):
+        return [_shift(x, off) for x in a]
+    if isinstance(a, dict):
+        return {k: _shift(v, off) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(_shift(a.start, off), _shift(a.stop, off), _shift(a.step, off))
+    return a
+
+
+def _unreached(model: nn.Module, graphs: list[Graph]) -> list[str]:
+    """Paths of modules holding parameters of their own none of which any trace used."""
+    states = model.state_dict(keep_vars=True)
+    used: set[int] = set()
+    for g in graphs:
+        for n in g.nodes:
+            if n.kind == "module" and n.module is not None:
+                used.update(id(p) for p in n.module.parameters())
+            elif n.kind == "param" and n.target in states:
+                used.add(id(states[n.target]))
+    out = []
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(id(p) in used for p in own):
+            out.append(name or "<top level>")
+    return out
 
 
 def prunable_groups(
@@ -58,6 +160,8 @@ def prunable_groups(
     include_output: bool = False,
     tracer: str = "auto",
     on_unsupported: str = "error",
+    strict: bool = False,
+    training_pass: str = "auto",
 ) -> GroupList:
     """Every prunable group of ``model``, in execution order of its first root, and every root
     left out with the reason.
@@ -66,31 +170,64 @@ def prunable_groups(
     dimension). A group couples roots whose units must go together (residual sums, SE gates,
     channel shuffles); its ``name`` is its first root and is the key for `plan_pruning`.
 
+    Discovery sees only what the example calls execute. The model is traced in eval mode and,
+    when that leaves a module holding parameters unreached (an auxiliary head used only in
+    training), in training mode too (see `build_graphs`; nothing in the model changes). A module
+    that stays unreached is reported: a warning on the ``pruneplan.graph.discover`` logger
+    naming it, its path in ``result.unexecuted``, and, for a root, an entry in ``left_out``;
+    with ``strict=True`` it is an error instead.
+
     Args:
-        model: the model; it is not modified (eval mode and no_grad during the pass).
-        example_inputs: a tensor or a tuple of call arguments.
+        model: the model; it is not modified (flags, buffers and RNG states are restored).
+        example_inputs: a tensor, a tuple of call arguments, or `ExampleInputs` (several calls,
+            all traced; their graphs are analysed together).
         include_output: also list roots whose units reach the model output (pruning them
             changes the output shape).
         tracer: see `build_graph`.
         on_unsupported: ``"error"`` raises `UnsupportedOperationError` when an operation the
             library does not understand touches a root's channels; ``"skip"`` leaves those
             roots out (with a warning in the log and their reason in ``left_out``).
+        strict: raise `UnexecutedModuleError` when a module holding parameters is not reached
+            by any example call in eval or training mode.
+        training_pass: ``"auto"``, ``"always"`` or ``"never"`` (see `build_graphs`).
 
     Returns:
         A `GroupList`: a list of `Group` whose ``left_out`` attribute lists every root module
         that is not offered, as `LeftOut` (name, reason), e.g. the classifier ("its units
-        reach the model output") or a root blocked by attention heads.
+        reach the model output") or a root blocked by attention heads, and whose
+        ``unexecuted`` attribute lists the modules no call reached.
 
     Raises:
         UnsupportedOperationError: naming the operation and the module path it ran in.
+        UnexecutedModuleError: with ``strict=True``, naming the modules no call reached.
     """
     if on_unsupported not in ("error", "skip"):
         raise PlanningError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
-    graph = build_graph(model, example_inputs, tracer)
+    graph, unreached = build_graphs(model, example_inputs, tracer, training_pass)
+    if unreached:
+        shown = ", ".join(repr(n) for n in unreached[:10])
+        more = f" and {len(unreached) - 10} more" if len(unreached) > 10 else ""
+        msg = (f"{len(unreached)} modules holding parameters were not executed by the example "
+               f"inputs in eval or training mode: {shown}{more}; their input widths are not "
+               "checked against pruned channels (give example inputs that run them, several "
+               "with pruneplan.ExampleInputs)")
+        if strict:
+            raise UnexecutedModuleError(msg)
+        log.warning(msg)
     groups = analyze(model, graph, include_output=include_output, strict=on_unsupported == "error")
+    modules = dict(model.named_modules())
+    offered = {r for g in groups for r in g.roots} | {lo.name for lo in groups.left_out}
+    groups.left_out += [
+        LeftOut(n, "not executed by the example inputs (in eval or training mode)")
+        for n in unreached if n not in offered and _is_root_type(modules.get(n))]
+    groups.unexecuted = list(unreached)
     log.info("%d prunable groups, %d roots left out (%s graph of %d nodes)", len(groups),
              len(groups.left_out), graph.source, len(graph.nodes))
     return groups
+
+
+def _is_root_type(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Linear | nn.Embedding | nn.modules.conv._ConvNd)
 
 
 def left_out_summary(groups: GroupList, shown: int = 3) -> str:

@@ -1,18 +1,57 @@
-"""A side-effect-free probe pass that records the input and output shapes of chosen modules."""
+"""Example inputs, side-effect-free passes, and a probe pass that records module shapes."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["as_inputs", "frozen_mode", "probe_shapes"]
+__all__ = ["ExampleInputs", "as_calls", "as_inputs", "frozen_mode", "probe_shapes", "training_mode"]
+
+
+class ExampleInputs:
+    """Several example calls for discovery: each positional argument is one call of the model.
+
+    A call is a tensor (``model(x)``) or a tuple of positional arguments (``model(*args)``).
+    Use it where one call does not run every branch, e.g. two input sizes, or inputs that take
+    different paths::
+
+        pruneplan.prunable_groups(model, pruneplan.ExampleInputs(x_small, (tokens, mask)))
+
+    A plain tuple or list given as ``example_inputs`` stays what it always was: the arguments
+    of *one* call.
+
+    Raises:
+        PlanningError: no calls given.
+    """
+
+    def __init__(self, *calls: Any) -> None:
+        if not calls:
+            from pruneplan.errors import PlanningError
+
+            raise PlanningError("ExampleInputs needs at least one example call")
+        self.calls: tuple[tuple, ...] = tuple(
+            tuple(c) if isinstance(c, tuple | list) else (c,) for c in calls)
+
+    def __repr__(self) -> str:
+        return f"ExampleInputs({len(self.calls)} calls)"
+
+
+def as_calls(example_inputs: Any) -> list[tuple]:
+    """Every example call (a tuple of arguments): several for `ExampleInputs`, else one."""
+    if isinstance(example_inputs, ExampleInputs):
+        return list(example_inputs.calls)
+    return [as_inputs(example_inputs)]
 
 
 def as_inputs(example_inputs: Any) -> tuple:
-    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) into call arguments."""
+    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) into call arguments;
+    the first call of an `ExampleInputs`."""
+    if isinstance(example_inputs, ExampleInputs):
+        return example_inputs.calls[0]
     if isinstance(example_inputs, tuple | list):
         return tuple(example_inputs)
     return (example_inputs,)
@@ -36,6 +75,59 @@ class frozen_mode:
         self._grad.__exit__(*exc)
         for m, flag in self.flags:
             m.training = flag
+
+
+class training_mode:
+    """Context: training mode (norm layers excepted) and no grad, for a structural pass.
+
+    Container and other modules get ``training=True`` so that branches taken only in training
+    run; batch/instance norm layers stay in eval mode (a batch of one still runs, and no running
+    statistic is updated). On exit every module's ``training`` flag, every buffer (values,
+    including running statistics and ``num_batches_tracked``, and identity) and the torch and
+    Python random number generators are exactly as before. Inside, both generators are seeded
+    with 0, so stochastic depth or layer drop takes the same path on every call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        mods = list(self.model.modules())
+        self.flags = [(m, m.training) for m in mods]
+        self.buffers = [(m, dict(m._buffers), {k: b.detach().clone() for k, b in m._buffers.items()
+                                               if b is not None}) for m in mods if m._buffers]
+        self.params = [(m, dict(m._parameters)) for m in mods if m._parameters]
+        self.py_state = random.getstate()
+        devices = sorted({p.device.index or 0 for p in self.model.parameters()
+                          if p.device.type == "cuda"})
+        self._rng = torch.random.fork_rng(devices=devices)
+        self._rng.__enter__()
+        torch.manual_seed(0)
+        random.seed(0)
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        self.model.train()
+        for m in mods:
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.training = False
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for m, held, values in self.buffers:
+                m._buffers.clear()
+                m._buffers.update(held)
+                for k, v in values.items():
+                    held[k].copy_(v)
+            for m, held in self.params:
+                m._parameters.clear()
+                m._parameters.update(held)
+            for m, flag in self.flags:
+                m.training = flag
+        finally:
+            self._grad.__exit__(*exc)
+            self._rng.__exit__(*exc)
+            random.setstate(self.py_state)
 
 
 def probe_shapes(
