@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -213,3 +214,33 @@ def test_example_inputs_arguments_are_checked() -> None:
     with pytest.raises(PlanningError, match=r"training_pass must be one of \('auto', 'always', "
                        r"'never'\), got 'sometimes'"):
         pp.prunable_groups(Unused(), torch.randn(1, 3, 4, 4), training_pass="sometimes")
+
+
+class Outputs(NamedTuple):
+    logits: torch.Tensor
+    aux: torch.Tensor | None
+
+
+class NamedAux(AuxNet):
+    """Like torchvision's Inception3/GoogLeNet: training mode packs both heads in a namedtuple."""
+
+    def forward(self, x: torch.Tensor):
+        f = torch.relu(self.stem(x))
+        return Outputs(self.head(f), self.aux(f) if self.training else None)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_heads_packed_in_a_namedtuple_reach_the_output(tracer: str) -> None:
+    torch.manual_seed(0)
+    model, x = NamedAux().eval(), torch.randn(2, 3, 8, 8)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert next(g for g in groups if g.name == "stem").tensors == [
+        "aux.weight", "head.0.weight", "stem.bias", "stem.weight"]
+    # the fields of the namedtuple are the model's output: aux and the classifier are left out
+    assert [lo.name for lo in groups.left_out] == ["head.3", "aux"]
+    plan = pp.plan_pruning(model, {"stem": [4, 9]}, example_inputs=x)
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        got, want = pruned.train()(x), _zeroed(model, "stem", [4, 9]).train()(x)
+    torch.testing.assert_close(got.aux, want.aux, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,12 @@ def load_pruned(
             f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
         )
     apply_plan(model, plan, check_digest=check_digest, check_content="off")  # fresh weights
+    # a file holds no module versions: give the tensors the model's own state-dict metadata, so
+    # modules that read their version while loading (torchvision's MNASNet) load as saved
+    metadata = getattr(model.state_dict(), "_metadata", None)
+    if metadata is not None:
+        state = OrderedDict(state)
+        state._metadata = metadata  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

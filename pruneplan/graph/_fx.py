@@ -40,8 +40,10 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
     def load(a: Any) -> Any:
         return fx.node.map_arg(a, lambda x: env[x])
 
+    packed: dict[fx.Node, tuple] = {}  # a namedtuple built in forward: the refs it holds
+
     def refs(a: Any) -> Any:
-        return fx.node.map_arg(a, lambda x: Ref(ref[x]))
+        return fx.node.map_arg(a, lambda x: packed[x] if x in packed else Ref(ref[x]))
 
     placeholders = 0
     for n in graph.nodes:
@@ -67,6 +69,12 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
             scope = str(n.target)
             node = Node(len(nodes), "module", str(n.target), refs(n.args), refs(n.kwargs),
                         meta_of(value), scope, m)
+        elif n.op == "call_function" and _is_namedtuple(n.target):
+            # a container such as torchvision's InceptionOutputs(logits, aux_logits): not an
+            # operation, its fields are the values it packs
+            env[n] = n.target(*load(n.args), **load(n.kwargs))
+            packed[n] = (*refs(tuple(n.args)), *refs(tuple(n.kwargs.values())))
+            continue
         elif n.op == "call_function":
             value = n.target(*load(n.args), **load(n.kwargs))
             node = Node(len(nodes), "op", op_name(n.target), refs(n.args), refs(n.kwargs),
@@ -89,6 +97,10 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
                 env[a] = None
     log.debug("fx graph: %d nodes", len(nodes))
     return Graph(nodes, "fx")
+
+
+def _is_namedtuple(target: Any) -> bool:
+    return isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields")
 
 
 def _fetch(model: nn.Module, target: str) -> Any:
