@@ -15,7 +15,28 @@ __all__ = [
     "UnsupportedOperationError",
     "WeightsContentWarning",
     "WeightsFileError",
+    "quote",
 ]
+
+#: characters of a bad value that a message quotes at most
+QUOTE_LIMIT = 80
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: messages never echo a huge value.
+
+    A long string is quoted as its first ``limit`` characters plus its length; a long list or
+    tuple as its first items plus its length; anything else as a cut ``repr``.
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    if isinstance(value, list | tuple) and len(value) > 8:
+        head = ", ".join(quote(v, limit // 8 + 8) for v in value[:8])
+        return f"[{head}, ...] ({len(value)} items)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class PlanError(Exception):

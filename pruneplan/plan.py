@@ -22,6 +22,14 @@ Format (version 1), in prose; ``schemas/pruneplan.v1.schema.json`` is the genera
 * Slices of different groups on the same (tensor, axis) cover disjoint positions, so the order
   of groups never changes the result.
 * ``provenance`` is informative only; the applier ignores it.
+
+Loading is bounded and total: :meth:`PrunePlan.load` and :meth:`PrunePlan.from_json` raise
+`PlanValidationError` for every malformed input. A plan file must be a regular file of at most
+``MAX_PLAN_BYTES``; JSON may nest at most ``MAX_DEPTH`` levels; integers must fit in 64 bits
+(``|n| <= MAX_INT``); floats must be finite; object keys must be unique; every string must be
+encodable as UTF-8 (no lone surrogates). Validation works on ranges of positions, never on the
+positions a declared size implies, so its time follows the plan's bytes; the ranges a plan may
+declare are bounded by ``MAX_RANGES``. Messages quote at most a short prefix of a bad value.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +53,14 @@ from pydantic import (
     model_validator,
 )
 
-from pruneplan.errors import PlanValidationError
+from pruneplan.errors import PlanValidationError, quote
 
 __all__ = [
     "FORMAT",
+    "MAX_DEPTH",
+    "MAX_INT",
+    "MAX_PLAN_BYTES",
+    "MAX_RANGES",
     "VERSION",
     "DropoutChange",
     "Group",
@@ -68,9 +82,57 @@ __all__ = [
 FORMAT = "pruneplan"
 VERSION = 1
 
+#: largest plan file (or text) that `PrunePlan.load` / `PrunePlan.from_json` read, in bytes
+MAX_PLAN_BYTES = 256 * 1024 * 1024
+#: deepest nesting of JSON arrays and objects in a plan (a plan itself needs 8)
+MAX_DEPTH = 64
+#: largest magnitude of an integer in a plan file (64-bit signed)
+MAX_INT = 2**63 - 1
+#: most separate position ranges the slices of a plan may span (tiles x runs of units)
+MAX_RANGES = 1 << 22
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _text(v: str) -> str:
+    """Refuse strings that cannot be written as UTF-8 (lone surrogates): the plan must serialise."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text {quote(v)} holds a lone surrogate at character {exc.start}; not valid Unicode"
+        ) from None
+    return v
+
+
+def _json_value(value: Any) -> Any:
+    """Refuse free-form values (provenance) that are not plain, bounded, serialisable JSON."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"key {quote(k)} is not a string")
+                _text(k)
+                stack.append((x, depth + 1))
+        elif isinstance(v, list | tuple):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, str):
+            _text(v)
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"{v!r} is not a finite number")
+        elif isinstance(v, int):  # bool included
+            if abs(v) > MAX_INT:
+                raise ValueError(f"integer of {len(str(abs(v)))} digits is beyond 64 bits")
+        elif v is not None:
+            raise ValueError(f"a {type(v).__name__} is not JSON data")
+    return value
 
 
 class IndexMap(_Strict):
@@ -190,8 +252,10 @@ class Group(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Group:
-        where = f"group {self.name!r}"
-        for i, u in enumerate(self.removed):
+        where = f"group {quote(self.name)}"
+        r = self.removed
+        fine = not r or (r[0] >= 0 and r[-1] < self.size and r == sorted(set(r)))  # fast path
+        for i, u in enumerate(() if fine else r):
             if u < 0:
                 raise ValueError(f"{where}: removed[{i}] = {u} is negative")
             if u >= self.size:
@@ -207,13 +271,13 @@ class Group(_Strict):
         for s in self.slices:
             if s.map.positions is not None and len(s.map.positions) != self.size:
                 raise ValueError(
-                    f"{where}: slice of {s.tensor!r} axis {s.axis} lists "
+                    f"{where}: slice of {quote(s.tensor)} axis {s.axis} lists "
                     f"{len(s.map.positions)} units' positions, group size is {self.size}"
                 )
         seen = set()
         for e in self.edits:
             if (e.module, e.attribute) in seen:
-                raise ValueError(f"{where}: edits {e.module}.{e.attribute} twice")
+                raise ValueError(f"{where}: edits {quote(e.module + '.' + e.attribute)} twice")
             seen.add((e.module, e.attribute))
         mods = [d.module for d in self.dropout]
         if len(set(mods)) != len(mods):
@@ -247,15 +311,16 @@ class ModelFingerprint(_Strict):
     def _buffers_known(self) -> ModelFingerprint:
         for b in self.buffers or ():
             if b not in self.tensors:
-                raise ValueError(f"buffer {b!r} is not listed in tensors")
+                raise ValueError(f"buffer {quote(b)} is not listed in tensors")
         return self
 
     @field_validator("tensors")
     @classmethod
     def _shapes(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
         for k, shape in v.items():
+            _text(k)  # pydantic checks string values, not dict keys
             if any(d < 0 for d in shape):
-                raise ValueError(f"tensor {k!r} has a negative dimension in {shape}")
+                raise ValueError(f"tensor {quote(k)} has a negative dimension in {quote(shape)}")
         return dict(sorted(v.items()))
 
 
@@ -281,6 +346,11 @@ class Provenance(_Strict):
     created: str | None = None
     notes: str | None = None
 
+    @field_validator("metric_params", "selection")
+    @classmethod
+    def _plain(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _json_value(v)
+
 
 class PrunePlan(_Strict):
     """A versioned, validated pruning plan (see the module docstring for the format)."""
@@ -295,7 +365,7 @@ class PrunePlan(_Strict):
     @classmethod
     def _format(cls, v: str) -> str:
         if v != FORMAT:
-            raise ValueError(f"format is {v!r}, expected {FORMAT!r}")
+            raise ValueError(f"format is {quote(v)}, expected {FORMAT!r}")
         return v
 
     @field_validator("version")
@@ -312,20 +382,22 @@ class PrunePlan(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PrunePlan:
-        names = [g.name for g in self.groups]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"group name {dup[0]!r} appears more than once")
+        seen: set[str] = set()
+        for g in self.groups:
+            if g.name in seen:
+                raise ValueError(f"group name {quote(g.name)} appears more than once")
+            seen.add(g.name)
         shapes = self.model.tensors
-        on_axis: dict[tuple[str, int], list[tuple[str, TensorSlice, int]]] = {}
+        on_axis: dict[tuple[str, int], list[tuple[Group, TensorSlice]]] = {}
+        ranges = 0
         for g in self.groups:
             for s in g.slices:
-                where = f"group {g.name!r}, tensor {s.tensor!r}"
+                where = f"group {quote(g.name)}, tensor {quote(s.tensor)}"
                 if s.tensor not in shapes:
                     raise ValueError(f"{where}: not listed in model.tensors")
                 shape = shapes[s.tensor]
                 if s.axis >= len(shape):
-                    raise ValueError(f"{where}: axis {s.axis} out of range for shape {shape}")
+                    raise ValueError(f"{where}: axis {s.axis} out of range for shape {quote(shape)}")
                 length = shape[s.axis]
                 limit = s.map.extent(g.size)
                 if s.map.modulo is not None:
@@ -339,24 +411,21 @@ class PrunePlan(_Strict):
                         f"{where}: units reach position {limit - 1} but axis {s.axis} "
                         f"has length {length}"
                     )
-                on_axis.setdefault((s.tensor, s.axis), []).append((g.name, s, g.size))
-        for (tensor, axis), users in on_axis.items():
-            if len(users) < 2:
-                continue
-            covered: dict[int, str] = {}
-            for name, s, size in users:
-                for p in s.map.domain(size):
-                    if p in covered:
+                if s.map.positions is None and s.map.tiles > 1:
+                    ranges += s.map.tiles * (len(_runs(g.removed)) + 1)
+                    if ranges > MAX_RANGES:
                         raise ValueError(
-                            f"groups {covered[p]!r} and {name!r} both slice tensor {tensor!r} "
-                            f"axis {axis} at position {p}"
+                            f"{where}: its {s.map.tiles} tiles bring the plan's separate position "
+                            f"ranges past the limit of {MAX_RANGES}"
                         )
-                    covered[p] = name
+                on_axis.setdefault((s.tensor, s.axis), []).append((g, s))
         for (tensor, axis), users in on_axis.items():
-            if any(s.map.modulo is not None for _, s, _ in users):
-                _grouped_local(
-                    tensor, axis, [(s, self._group(n).removed, size) for n, s, size in users]
-                )
+            if len(users) > 1:
+                _disjoint(tensor, axis, users)
+            if any(s.map.modulo is not None for _, s in users):
+                _grouped_local(tensor, axis, [(s, g.removed, g.size) for g, s in users])
+        self.edits()
+        self.dropout_changes()
         return self
 
     def _group(self, name: str) -> Group:
@@ -385,13 +454,20 @@ class PrunePlan(_Strict):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> PrunePlan:
-        """Parse and validate a plan; raises `PlanValidationError` naming the bad field."""
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanValidationError(f"plan is not valid JSON: {exc}") from None
+        """Parse and validate a plan; raises `PlanValidationError` naming the bad field.
+
+        Bounded and total: text over ``MAX_PLAN_BYTES``, nesting deeper than ``MAX_DEPTH``,
+        integers beyond 64 bits, non-finite numbers, duplicate keys and lone surrogates are
+        refused with a `PlanValidationError`, like every other malformed input.
+        """
+        size = len(text)  # characters or bytes: a character takes at least one byte
+        if size > MAX_PLAN_BYTES:
+            raise PlanValidationError(
+                f"plan is {size} bytes, more than the limit of {MAX_PLAN_BYTES} ({_mib(MAX_PLAN_BYTES)})"
+            )
+        data = parse_json(text, "plan")
         if not isinstance(data, dict):
-            raise PlanValidationError(f"plan must be a JSON object, got {type(data).__name__}")
+            raise PlanValidationError(f"plan must be a JSON object, got {_json_type(data)}")
         return cls.from_dict(data)
 
     @classmethod
@@ -401,15 +477,20 @@ class PrunePlan(_Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise PlanValidationError(_describe(exc)) from None
+        except RecursionError:
+            raise PlanValidationError(f"invalid plan: nested deeper than {MAX_DEPTH} levels") from None
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
-        """Read and validate a plan file."""
+        """Read and validate a plan file.
+
+        Raises:
+            PlanValidationError: the file is missing, unreadable, not a regular file (a folder,
+                a FIFO, a device), larger than ``MAX_PLAN_BYTES``, or not a valid plan; the
+                message starts with the path.
+        """
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise PlanValidationError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
+        raw = read_regular_file(path, MAX_PLAN_BYTES, "plan file")
         try:
             return cls.from_json(raw)
         except PlanValidationError as exc:
@@ -423,18 +504,23 @@ class PrunePlan(_Strict):
 
     def removed_by_axis(self) -> dict[tuple[str, int], list[int]]:
         """Every (tensor, axis) the plan slices -> sorted positions it deletes (original coords)."""
-        out: dict[tuple[str, int], set[int]] = {}
-        for g in self.groups:
-            for s in g.slices:
-                out.setdefault((s.tensor, s.axis), set()).update(removed_positions(s, g.removed))
-        return {k: sorted(v) for k, v in sorted(out.items())}
+        ranges = self._removed_ranges()
+        return {k: [p for a, b in ranges[k] for p in range(a, b)] for k in sorted(ranges)}
 
     def pruned_shapes(self) -> dict[str, list[int]]:
         """The shape every touched tensor has after the plan is applied."""
         shapes = {k: list(v) for k, v in self.model.tensors.items()}
-        for (tensor, axis), pos in self.removed_by_axis().items():
-            shapes[tensor][axis] -= len(pos)
+        for (tensor, axis), ranges in self._removed_ranges().items():
+            shapes[tensor][axis] -= _count(ranges)
         return shapes
+
+    def _removed_ranges(self) -> dict[tuple[str, int], Ranges]:
+        """`removed_by_axis` as merged ranges: cheap whatever sizes the plan declares."""
+        out: dict[tuple[str, int], list[Ranges]] = {}
+        for g in self.groups:
+            for s in g.slices:
+                out.setdefault((s.tensor, s.axis), []).append(_removed_ranges(s, g.removed))
+        return {k: v[0] if len(v) == 1 else _merge(r for rs in v for r in rs) for k, v in out.items()}
 
     def edits(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(module, attribute) -> (before, after), summing the deltas of all groups."""
@@ -442,26 +528,45 @@ class PrunePlan(_Strict):
         for g in self.groups:
             for e in g.edits:
                 key = (e.module, e.attribute)
+                what = quote(f"{e.module}.{e.attribute}")
                 if key in out and out[key][0] != e.before:
                     raise PlanValidationError(
-                        f"groups disagree on {e.module}.{e.attribute} before pruning "
-                        f"({out[key][0]} vs {e.before}, group {g.name!r})"
+                        f"groups disagree on {what} before pruning "
+                        f"({out[key][0]} vs {e.before}, group {quote(g.name)})"
                     )
                 before, after = out.get(key, (e.before, e.before))
                 out[key] = (before, after + e.after - e.before)
                 if out[key][1] < 1:
                     raise PlanValidationError(
-                        f"{e.module}.{e.attribute} would drop to {out[key][1]} (group {g.name!r})"
+                        f"{what} would drop to {out[key][1]} (group {quote(g.name)})"
                     )
         return dict(sorted(out.items()))
 
     def dropout_changes(self) -> dict[str, tuple[float, float]]:
-        """module -> (p before, p after), summing the deltas of all groups."""
+        """module -> (p before, p after), summing the deltas of all groups.
+
+        Raises:
+            PlanValidationError: groups disagree on a module's rate before pruning, or their
+                changes combine to a rate outside [0, 1).
+        """
         out: dict[str, tuple[float, float]] = {}
         for g in self.groups:
             for d in g.dropout:
+                if d.module in out and not math.isclose(out[d.module][0], d.p_before, abs_tol=1e-12):
+                    raise PlanValidationError(
+                        f"groups disagree on the rate of dropout {quote(d.module)} before pruning "
+                        f"({out[d.module][0]} vs {d.p_before}, group {quote(g.name)})"
+                    )
                 before, after = out.get(d.module, (d.p_before, d.p_before))
                 out[d.module] = (before, after + d.p_after - d.p_before)
+        for module, (before, after) in out.items():
+            if -1e-12 < after < 0:  # rounding of changes that sum to zero
+                out[module] = (before, 0.0)
+            elif not 0.0 <= after < 1.0:
+                raise PlanValidationError(
+                    f"the dropout changes of dropout {quote(module)} combine to rate {after!r} "
+                    f"(from {before!r}), outside [0, 1)"
+                )
         return dict(sorted(out.items()))
 
     @property
@@ -485,7 +590,7 @@ class PrunePlan(_Strict):
         before = sum(math.prod(s) for s in shapes.values())
         for s in g.slices:
             if s.tensor in shapes:
-                shapes[s.tensor][s.axis] -= len(removed_positions(s, g.removed))
+                shapes[s.tensor][s.axis] -= _count(_removed_ranges(s, g.removed))
         return before - sum(math.prod(s) for s in shapes.values())
 
     def summary(self) -> list[dict[str, Any]]:
@@ -539,16 +644,105 @@ def removed_positions(s: TensorSlice, removed: Iterable[int]) -> list[int]:
 
     With ``modulo`` the result is local to one group of a grouped convolution.
     """
-    m = s.map
-    out: set[int] = set()
-    if m.positions is None and m.tiles == 1 and m.repeat == 1:  # the common case, directly
-        out = {m.offset + u for u in removed}
-    else:
-        for u in removed:
-            out.update(m.unit(u))
-    if s.map.modulo is not None:
-        out = {p % s.map.modulo for p in out}
-    return sorted(out)
+    return [p for a, b in _removed_ranges(s, sorted(set(removed))) for p in range(a, b)]
+
+
+def _removed_ranges(s: TensorSlice, removed: Sequence[int]) -> Ranges:
+    """`removed_positions` (``removed`` sorted and unique) as merged ranges, cheap to count."""
+    spans = _spans(s.map, _runs(removed))
+    return spans if s.map.modulo is None else _local(spans, s.map.modulo)
+
+
+# Positions are handled as sorted, disjoint, half-open ranges [a, b): validation and counting
+# never enumerate the positions a declared size implies.
+Ranges = list[tuple[int, int]]
+
+
+def _runs(units: Sequence[int]) -> Ranges:
+    """Sorted unique units -> ranges of consecutive units."""
+    if not units:
+        return []
+    starts = [units[0]]
+    ends = []
+    prev = units[0]
+    for u in units[1:]:
+        if u != prev + 1:
+            ends.append(prev + 1)
+            starts.append(u)
+        prev = u
+    ends.append(prev + 1)
+    return list(zip(starts, ends, strict=True))
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> Ranges:
+    """Union of ranges, as sorted disjoint ranges (touching ones joined)."""
+    out: list[list[int]] = []
+    for a, b in sorted(r for r in ranges if r[0] < r[1]):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _spans(m: IndexMap, units: Ranges) -> Ranges:
+    """Positions (before ``modulo``) of the units in the unit ranges ``units``, merged."""
+    if m.positions is not None:
+        return _runs(sorted({p for a, b in units for u in range(a, b) for p in m.positions[u]}))
+    if m.tiles == 1:  # runs of units are apart, so their ranges are sorted, disjoint, apart
+        o, r = m.offset, m.repeat
+        return [(o + a * r, o + b * r) for a, b in units]
+    out: list[tuple[int, int]] = []
+    for a, b in units:
+        lo, hi = m.offset + a * m.repeat, m.offset + b * m.repeat
+        if m.tiles == 1 or m.tile_stride <= hi - lo:  # tiles touch or overlap: one range
+            out.append((lo, hi + (m.tiles - 1) * m.tile_stride))
+        else:
+            out.extend((lo + t * m.tile_stride, hi + t * m.tile_stride) for t in range(m.tiles))
+    return _merge(out)
+
+
+def _local(spans: Ranges, modulo: int) -> Ranges:
+    """Ranges of positions folded into ``[0, modulo)``."""
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        if b - a >= modulo:
+            return [(0, modulo)]
+        x = a % modulo
+        y = x + b - a
+        out += [(x, y)] if y <= modulo else [(x, modulo), (0, y - modulo)]
+    return _merge(out)
+
+
+def _count(ranges: Ranges) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def _show(ranges: Ranges, limit: int = 12) -> str:
+    """Positions of ``ranges`` as a list, cut after ``limit`` items."""
+    shown: list[int] = []
+    for a, b in ranges:
+        shown.extend(range(a, min(b, a + limit - len(shown) + 1)))
+        if len(shown) > limit:
+            return "[" + ", ".join(map(str, shown[:limit])) + f", ...] ({_count(ranges)} positions)"
+    return "[" + ", ".join(map(str, shown)) + "]"
+
+
+def _disjoint(tensor: str, axis: int, users: Sequence[tuple[Group, TensorSlice]]) -> None:
+    """Check that the groups slicing one (tensor, axis) cover disjoint positions."""
+    spans = sorted(
+        (a, b, g.name) for g, s in users for a, b in _spans(s.map, [(0, g.size)])
+    )
+    end, owner = -1, ""
+    for a, b, name in spans:
+        if a < end:
+            first, second = sorted((owner, name))
+            raise ValueError(
+                f"groups {quote(first)} and {quote(second)} both slice tensor {quote(tensor)} "
+                f"axis {axis} at position {a}"
+            )
+        if b > end:
+            end, owner = b, name
 
 
 def _group_key(g: Group) -> tuple[bool, int, str]:
@@ -561,28 +755,240 @@ def _grouped_local(
 ) -> None:
     """Check that every block of a grouped axis loses the same local positions."""
     modulo = next(s.map.modulo for s, _, _ in users if s.map.modulo is not None)
-    covered: set[int] = set()
-    gone: set[int] = set()
+    covered: Ranges = []
+    gone: Ranges = []
     for s, removed, size in users:
         if s.map.modulo != modulo:
-            raise ValueError(f"tensor {tensor!r} axis {axis}: slices disagree on modulo")
-        for u in range(size):
-            covered.update(s.map.unit(u))
-        for u in removed:
-            gone.update(s.map.unit(u))
-    blocks: dict[int, set[int]] = {}
-    for p in covered:
-        blocks.setdefault(p // modulo, set())
-    for p in gone:
-        blocks[p // modulo].add(p % modulo)
-    local = list(blocks.items())
-    for b, pos in local[1:]:
-        if pos != local[0][1]:
-            raise ValueError(
-                f"tensor {tensor!r} axis {axis} belongs to a grouped convolution: group block "
-                f"{b} would lose local positions {sorted(pos)} but block {local[0][0]} loses "
-                f"{sorted(local[0][1])}; every block must lose the same ones"
+            raise ValueError(f"tensor {quote(tensor)} axis {axis}: slices disagree on modulo")
+        covered += _spans(s.map, [(0, size)])
+        gone += _spans(s.map, _runs(removed))
+    covered, gone = _merge(covered), _merge(gone)
+    if not gone:
+        return
+    blocks = _merge((a // modulo, (b - 1) // modulo + 1) for a, b in covered)
+    partial: dict[int, list[tuple[int, int]]] = {}
+    whole: Ranges = []  # ranges of blocks that lose every local position
+    for a, b in gone:
+        first, last = a // modulo, (b - 1) // modulo
+        if first == last:
+            partial.setdefault(first, []).append((a - first * modulo, b - first * modulo))
+            continue
+        partial.setdefault(first, []).append((a - first * modulo, modulo))
+        partial.setdefault(last, []).append((0, b - last * modulo))
+        if last > first + 1:
+            whole.append((first + 1, last))
+    lost = {blk: _merge(r) for blk, r in partial.items()}
+    everything = [(0, modulo)]
+
+    def loss(blk: int) -> Ranges:
+        if blk in lost:
+            return lost[blk]
+        return everything if any(a <= blk < b for a, b in whole) else []
+
+    ref_block = blocks[0][0]
+    ref = loss(ref_block)
+
+    def refuse(blk: int, pos: Ranges) -> None:
+        raise ValueError(
+            f"tensor {quote(tensor)} axis {axis} belongs to a grouped convolution: group block "
+            f"{blk} would lose local positions {_show(pos)} but block {ref_block} loses "
+            f"{_show(ref)}; every block must lose the same ones"
+        )
+
+    for blk, pos in sorted(lost.items()):
+        if pos != ref:
+            refuse(blk, pos)
+    if whole and ref != everything:
+        refuse(whole[0][0], everything)
+    losing = _merge([(blk, blk + 1) for blk in lost] + whole)
+    if _count(losing) != _count(blocks):  # a block that holds units loses nothing
+        refuse(_first_outside(blocks, losing), [])
+
+
+def _first_outside(ranges: Ranges, holes: Ranges) -> int:
+    """The smallest integer in ``ranges`` that no range of ``holes`` holds."""
+    for a, b in ranges:
+        x = a
+        for c, d in holes:
+            if d <= x:
+                continue
+            if c > x:
+                break
+            x = d
+        if x < b:
+            return x
+    raise AssertionError("no gap")
+
+
+# ---- bounded reading and parsing -------------------------------------------------------
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A field name or key cut to ``limit`` characters (they appear in error locations)."""
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} characters)"
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refusing anything but a regular file of at most ``limit`` bytes.
+
+    A FIFO, a device (``/dev/zero``), a socket or a folder is refused without reading it, so the
+    call never blocks or reads without end.
+
+    Raises:
+        PlanValidationError: the path is missing, unreadable, not a regular file, or too large.
+    """
+    shown = quote(str(path))
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise PlanValidationError(f"cannot read {what} {shown}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PlanValidationError(f"{what} {shown} is {_kind(info.st_mode)}, not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise PlanValidationError(f"cannot read {what} {shown}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)  # the file opened may not be the one stat-ed
+        if not stat.S_ISREG(info.st_mode):
+            raise PlanValidationError(f"{what} {shown} is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise PlanValidationError(
+                f"{what} {shown} is {info.st_size} bytes, more than the limit of {limit} ({_mib(limit)})"
             )
+        chunks, got = [], 0
+        while got <= limit:
+            chunk = os.read(fd, min(1 << 24, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except OSError as exc:
+        raise PlanValidationError(f"cannot read {what} {shown}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if got > limit:
+        raise PlanValidationError(f"{what} {shown} is more than the limit of {limit} bytes ({_mib(limit)})")
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return "a special file"
+
+
+class _BadJSON(ValueError):
+    """A value the plan's JSON parser refuses (raised from its hooks)."""
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJSON(f"number {quote(text, 24)} is too large for a float")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise _BadJSON(f"{text} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _BadJSON(f"key {quote(k, 40)} appears twice in one object")
+            seen.add(k)
+    return out
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """Strict, bounded JSON parsing: refuse duplicate keys, NaN/Infinity, integers beyond 64
+    bits, floats that overflow, nesting deeper than ``MAX_DEPTH`` and lone surrogates.
+
+    Raises:
+        PlanValidationError: naming ``what`` and the problem (and the position where known).
+    """
+    try:
+        data = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except RecursionError:
+        raise PlanValidationError(f"{what} is nested deeper than {MAX_DEPTH} levels") from None
+    except json.JSONDecodeError as exc:
+        raise PlanValidationError(
+            f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise PlanValidationError(f"{what} is not valid JSON: not UTF-8 text (byte {exc.start})") from None
+    except _BadJSON as exc:
+        raise PlanValidationError(f"{what} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # int() of more than sys.get_int_max_str_digits() digits
+        if "digits" in str(exc):
+            raise PlanValidationError(f"{what}: {_BEYOND}") from None
+        raise PlanValidationError(f"{what} is not valid JSON: {quote(str(exc))}") from None
+    _check_tree(data, what)
+    return data
+
+
+_BEYOND = f"an integer is beyond 64 bits (|n| <= {MAX_INT})"
+
+
+def _check_tree(data: Any, what: str) -> None:
+    """Depth, integer and text checks on parsed JSON, without recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_DEPTH:
+                raise PlanValidationError(f"{what} is nested deeper than {MAX_DEPTH} levels")
+            if isinstance(v, dict):
+                for k in v:
+                    _utf8(k, what)
+                v = list(v.values())
+            kinds = set(map(type, v))
+            if int in kinds:
+                ints = [x for x in v if type(x) is int] if len(kinds) > 1 else v
+                if max(ints) > MAX_INT or min(ints) < -MAX_INT:
+                    raise PlanValidationError(f"{what}: {_BEYOND}")
+            if kinds - {int, float, bool, type(None)}:
+                for x in v:
+                    if isinstance(x, dict | list):
+                        stack.append((x, depth + 1))
+                    elif isinstance(x, str):
+                        _utf8(x, what)
+        elif isinstance(v, str):
+            _utf8(v, what)
+        elif type(v) is int and abs(v) > MAX_INT:
+            raise PlanValidationError(f"{what}: {_BEYOND}")
+
+
+def _utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PlanValidationError(
+            f"{what} is not valid JSON text: {quote(text)} holds a lone surrogate at character "
+            f"{exc.start}"
+        ) from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 # ---- canonical JSON ----------------------------------------------------------------------
@@ -657,9 +1063,10 @@ def state_dict_digest(shapes: Mapping[str, Sequence[int]]) -> str:
 
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for err in exc.errors()[:5]:
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
         loc = ""
         for item in err["loc"]:
+            item = item if isinstance(item, int) else _short(str(item))
             loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc or 'plan'}: {msg}" if loc else msg)
