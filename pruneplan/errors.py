@@ -43,7 +43,13 @@ class PlanError(Exception):
     """Base class of every error raised by pruneplan on bad input.
 
     The message says what is wrong and where (group, tensor, module, index, file).
+    ``cli_message``, when set, is the same message in the command line's terms (``--force``
+    instead of ``overwrite=True``); the CLI prints it instead of the message.
     """
+
+    def __init__(self, message: str = "", *, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message
 
 
 class PlanValidationError(PlanError, ValueError):

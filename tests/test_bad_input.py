@@ -47,6 +47,11 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
+    return build_env(tmp_path)
+
+
+def build_env(tmp_path: Path) -> Env:
+    """A model (with its optimizer mid-training), its plan and its weights in ``tmp_path``."""
     torch.manual_seed(0)
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

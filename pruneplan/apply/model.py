@@ -13,7 +13,7 @@ from torch import nn
 from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import needs_content, weights_digest
-from pruneplan.errors import OptimizerStateError, PlanMismatchError
+from pruneplan.errors import OptimizerStateError, PlanMismatchError, quote
 from pruneplan.plan import PrunePlan
 
 __all__ = ["apply_plan"]
@@ -68,6 +68,7 @@ def apply_plan(
             "model is a DistributedDataParallel wrapper: apply the plan to ddp.module on every "
             "rank, then wrap the pruned module in a new DistributedDataParallel"
         )
+    digest = plan.digest()  # everything that can fail runs before the first change
     staged = _stage(model, plan, optimizer, check_digest)
     if needs_content(plan, check_content):
         _check_content(plan, weights_digest(model), "model", check_content)
@@ -81,7 +82,7 @@ def apply_plan(
             state[key] = value
         for module, attr, value in staged.attrs:
             setattr(module, attr, value)
-    log.info("applied plan %s: %d groups", plan.digest()[:12], len(plan.groups))
+    log.info("applied plan %s: %d groups", digest[:12], len(plan.groups))
     return model
 
 
@@ -124,16 +125,10 @@ def _stage(
 
     for (mod_name, attr), (before, after) in plan.edits().items():
         module = _module(modules, mod_name)
-        if not hasattr(module, attr):
-            raise PlanMismatchError(
-                f"model: module {mod_name!r} ({type(module).__name__}) has no attribute {attr!r}"
-            )
-        current = getattr(module, attr)
-        as_tuple = isinstance(current, tuple | list)
-        value = current[0] if as_tuple and len(current) == 1 else current
+        value, as_tuple = _int_attribute(mod_name, module, attr)
         if value != before:
             raise PlanMismatchError(
-                f"model: {mod_name}.{attr} is {current!r}, the plan expects {before} "
+                f"model: {quote(mod_name + '.' + attr)} is {value!r}, the plan expects {before} "
                 "(was the model already pruned?)"
             )
         staged.attrs.append((module, attr, (after,) if as_tuple else after))
@@ -147,7 +142,115 @@ def _stage(
             )
         staged.attrs.append((module, "p", after))
     _check_flat_state(optimizer, [p for p, _, _ in staged.params])
+    _check_consistent(modules, {k.rpartition(".")[0] for k in keeps} | {m for m, _ in plan.edits()},
+                      staged)
     return staged
+
+
+def _int_attribute(name: str, module: nn.Module, attr: str) -> tuple[int, bool]:
+    """The value of the integer hyper-parameter ``module.attr`` (a 1-tuple such as LayerNorm's
+    ``normalized_shape`` counts), and whether it is held as a tuple.
+
+    Raises:
+        PlanMismatchError: the attribute is missing, is a parameter, buffer or submodule, is
+            read-only, or is not an integer.
+    """
+    where = f"model: {quote(name + '.' + attr)} ({type(module).__name__})"
+    for kind, table in (("parameter", module._parameters), ("buffer", module._buffers),
+                        ("submodule", module._modules)):
+        if attr in table:
+            raise PlanMismatchError(
+                f"{where} is a {kind}; a plan may only edit integer hyper-parameters of a module"
+            )
+    if not hasattr(module, attr):
+        raise PlanMismatchError(f"model: module {quote(name)} ({type(module).__name__}) has no "
+                                f"attribute {quote(attr)}")
+    descriptor = getattr(type(module), attr, None)
+    if isinstance(descriptor, property) and descriptor.fset is None:
+        raise PlanMismatchError(f"{where} is a read-only property; a plan cannot edit it")
+    current = getattr(module, attr)
+    as_tuple = isinstance(current, tuple | list) and len(current) == 1
+    value = current[0] if as_tuple else current
+    if type(value) is not int:
+        raise PlanMismatchError(
+            f"{where} is {quote(current, 40)} (a {type(current).__name__}), not an integer "
+            "hyper-parameter; a plan may only edit integer hyper-parameters of a module"
+        )
+    return value, as_tuple
+
+
+def _final_shapes(module: nn.Module, staged: _Staged) -> dict[str, list[int]]:
+    """Shapes of a module's own parameters and buffers once ``staged`` is applied."""
+    new_params = {id(p): list(data.shape) for p, data, _ in staged.params}
+    new_buffers = {(id(m), n): list(v.shape) for m, n, v in staged.buffers}
+    out = {}
+    for n, p in module._parameters.items():
+        if p is not None:
+            out[n] = new_params.get(id(p), list(p.shape))
+    for n, b in module._buffers.items():
+        if b is not None:
+            out[n] = new_buffers.get((id(module), n), list(b.shape))
+    return out
+
+
+def _expected_shapes(module: nn.Module, get) -> dict[str, list[int]] | str:
+    """What the integer attributes of a standard torch layer say its tensors' shapes are, or a
+    string saying which attributes disagree with each other; {} for other layers."""
+    if isinstance(module, nn.Linear):
+        return {"weight": [get("out_features"), get("in_features")], "bias": [get("out_features")]}
+    if isinstance(module, nn.modules.conv._ConvNd):
+        cin, cout, groups = get("in_channels"), get("out_channels"), get("groups")
+        if cin % groups or cout % groups:
+            return f"in_channels {cin} and out_channels {cout} are not multiples of groups {groups}"
+        kernel = list(module.kernel_size)
+        if module.transposed:
+            return {"weight": [cin, cout // groups, *kernel], "bias": [cout]}
+        return {"weight": [cout, cin // groups, *kernel], "bias": [cout]}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        n = get("num_features")
+        return {k: [n] for k in ("weight", "bias", "running_mean", "running_var")}
+    if isinstance(module, nn.GroupNorm):
+        channels, groups = get("num_channels"), get("num_groups")
+        if channels % groups:
+            return f"num_channels {channels} is not a multiple of num_groups {groups}"
+        return {"weight": [channels], "bias": [channels]}
+    if isinstance(module, nn.LayerNorm | getattr(nn, "RMSNorm", nn.LayerNorm)):
+        return {"weight": list(get("normalized_shape")), "bias": list(get("normalized_shape"))}
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return {"weight": [get("num_embeddings"), get("embedding_dim")]}
+    if isinstance(module, nn.PReLU):
+        return {"weight": [get("num_parameters")]}
+    return {}
+
+
+def _check_consistent(modules: dict[str, nn.Module], touched: set[str], staged: _Staged) -> None:
+    """Refuse a plan that would leave a standard layer's tensors and attributes disagreeing
+    (a bias slice left out, an edit forgotten), before anything changes."""
+    new_attrs = {(id(m), a): v for m, a, v in staged.attrs}
+    for name in sorted(touched):
+        module = modules.get(name)
+        if module is None:
+            continue
+
+        def get(attr: str, module: nn.Module = module) -> object:
+            return new_attrs.get((id(module), attr), getattr(module, attr))
+
+        try:
+            expected = _expected_shapes(module, get)
+            if isinstance(expected, dict):
+                expected = {k: [int(d) for d in v] for k, v in expected.items()}
+        except (AttributeError, TypeError, ValueError):
+            continue  # a subclass that holds its sizes otherwise: nothing to compare
+        what = f"model: the plan would leave module {quote(name)} ({type(module).__name__}) inconsistent"
+        if isinstance(expected, str):
+            raise PlanMismatchError(f"{what}: {expected}")
+        final = _final_shapes(module, staged)
+        for tensor, shape in sorted(expected.items()):
+            if tensor in final and final[tensor] != shape:
+                raise PlanMismatchError(
+                    f"{what}: {tensor} would have shape {final[tensor]} but its attributes say "
+                    f"{shape} (a slice or an edit is missing from the plan)"
+                )
 
 
 def _check_flat_state(optimizer: torch.optim.Optimizer | None, pruned: list[nn.Parameter]) -> None:

@@ -24,18 +24,18 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruneplan._io import atomic_writer
+from pruneplan._io import atomic_writer, check_regular
 from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape, slice_tensor
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import file_digest, needs_content
 from pruneplan.apply.model import apply_plan
-from pruneplan.errors import AlreadyPrunedError, OutputFileError, PlanMismatchError, WeightsFileError
+from pruneplan.errors import AlreadyPrunedError, OutputFileError, PlanMismatchError, WeightsFileError, quote
 from pruneplan.plan import PrunePlan
 
 __all__ = [
     "DIGEST_KEY",
     "apply_to_safetensors",
-    "check_file",
+    "check_output_file",
     "check_recorded_digest",
     "check_weights",
     "load_pruned",
@@ -78,6 +78,7 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]
         WeightsFileError: the file is missing, not safetensors, or truncated.
     """
     path = Path(path)
+    check_regular(path, "weights file", WeightsFileError)  # a FIFO would block, /dev/zero never end
     try:
         with safe_open(str(path), framework="pt") as f:  # validates header and file size
             metadata = dict(f.metadata() or {})
@@ -213,18 +214,38 @@ def apply_to_safetensors(
             scored weights and ``check_content="error"``.
     """
     src, dst = Path(src), Path(dst)
-    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or src.resolve() == dst.resolve():
-        raise OutputFileError(f"{dst}: the output is the input file; choose another output")
-    if dst.exists() and not overwrite:
-        raise OutputFileError(f"{dst}: output exists (use overwrite / --force to replace it)")
-    if not dst.parent.is_dir():
-        raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
+    check_output_file(src, dst, overwrite)
     header, metadata, start = read_header(src)
     check_file(plan, header, metadata, src, check_digest, check_content)
     metadata[DIGEST_KEY] = plan.digest()
     prune_file(src, header, start, dst, keep_indices(plan), metadata, progress)
     log.info("wrote %s (%d tensors, plan %s)", dst, len(header), plan.digest()[:12])
     return dst
+
+
+def check_output_file(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse an output file path that is the input, exists (without ``overwrite``), is a
+    folder, or lies in a folder that does not exist. A symbolic link counts as existing even
+    when it dangles.
+
+    Raises:
+        OutputFileError: naming ``dst``; its ``cli_message`` speaks of ``--force``.
+    """
+    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or src.resolve() == dst.resolve():
+        raise OutputFileError(f"{dst}: the output is the input file; choose another output")
+    if dst.is_dir():
+        raise OutputFileError(
+            f"{dst}: is a folder; the output of a single weights file is a file",
+            cli_message=f"{dst}: is a folder; give a file name, or end the path with '/' to write "
+                        f"into the folder",
+        )
+    if dst.exists() or dst.is_symlink():
+        what = "output exists" if dst.exists() else "output exists (a dangling symbolic link)"
+        if not overwrite:
+            raise OutputFileError(f"{dst}: {what} (pass overwrite=True to replace it)",
+                                  cli_message=f"{dst}: {what} (use --force to replace it)")
+    if not dst.parent.is_dir():
+        raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
 
 
 def prune_file(
@@ -307,21 +328,7 @@ def load_pruned(
             state = load_file(str(path))
     else:
         state = dict(weights)
-    expected = plan.pruned_shapes()
-    for key, shape in expected.items():
-        if key not in state:
-            raise PlanMismatchError(f"weights: tensor {key!r} is missing")
-        if list(state[key].shape) != shape:
-            raise PlanMismatchError(
-                f"weights: tensor {key!r} has shape {list(state[key].shape)}, the pruned model "
-                f"needs {shape}"
-            )
-    have = set(model.state_dict())
-    if set(state) != have:
-        missing, extra = sorted(have - set(state)), sorted(set(state) - have)
-        raise PlanMismatchError(
-            f"weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
+    _check_pruned_state(model, plan, state, check_digest)
     apply_plan(model, plan, check_digest=check_digest, check_content="off")  # fresh weights
     # a file holds no module versions: give the tensors the model's own state-dict metadata, so
     # modules that read their version while loading (torchvision's MNASNet) load as saved
@@ -331,9 +338,38 @@ def load_pruned(
         state._metadata = metadata  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise PlanMismatchError(f"weights do not fit the pruned model: {exc}") from None
+    except RuntimeError as exc:  # every shape and name was checked: not expected
+        raise PlanMismatchError(f"weights do not fit the pruned model: {_one_line(exc)}") from None
     return model
+
+
+def _check_pruned_state(
+    model: nn.Module, plan: PrunePlan, state: Mapping[str, torch.Tensor], check_digest: bool
+) -> None:
+    """Before `load_pruned` touches ``model``: the model is the one the plan was made for, and
+    ``state`` holds exactly its tensors, each with its pruned shape (untouched ones included)."""
+    current = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    check_fingerprint(plan, current, "model", check_digest)
+    expected = {**current, **plan.pruned_shapes()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = [f"{len(missing)} missing (e.g. {quote(missing[0])})" if missing else "",
+                 f"{len(extra)} not in the model (e.g. {quote(extra[0])})" if extra else ""]
+        raise PlanMismatchError("weights do not fit the model: tensors " + ", ".join(p for p in parts if p))
+    for key in sorted(expected):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise PlanMismatchError(f"weights: {quote(key)} is a {type(value).__name__}, not a tensor")
+        if list(value.shape) != expected[key]:
+            raise PlanMismatchError(
+                f"weights: tensor {quote(key)} has shape {list(value.shape)}, the pruned model "
+                f"needs {expected[key]}"
+            )
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _numel(shape: Sequence[int]) -> int:

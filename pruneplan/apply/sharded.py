@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pruneplan._io import atomic_write_bytes
+from pruneplan._io import atomic_write_bytes, locked_temp_folder, read_regular_file
 from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape
 from pruneplan.apply.safetensors_io import (
     DIGEST_KEY,
@@ -36,7 +36,7 @@ from pruneplan.apply.safetensors_io import (
     read_header,
     tensor_nbytes,
 )
-from pruneplan.errors import OutputFileError, WeightsFileError
+from pruneplan.errors import OutputFileError, WeightsFileError, quote
 from pruneplan.plan import PrunePlan
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".safetensors.index.json"
+#: largest index file read, in bytes (a real one is a few hundred KiB)
+MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,16 @@ def read_sharded(src: str | Path) -> ShardedCheckpoint:
     index = find_index(src)
     document, metadata, weight_map = _read_index(index)
     shards: list[Shard] = []
+    folder = index.parent.resolve()
     for file in sorted(set(weight_map.values())):
         path = index.parent / file
+        if path.is_symlink() and not path.resolve().is_relative_to(folder):
+            tensor = min(k for k, v in weight_map.items() if v == file)
+            raise WeightsFileError(
+                f"{index}: shard file {quote(file)} (tensor {quote(tensor)}) is a symbolic link out "
+                f"of the checkpoint folder (to {quote(os.readlink(path))}); a shard must be a file "
+                f"in the checkpoint folder"
+            )
         if not path.is_file():
             tensors = sorted(k for k, v in weight_map.items() if v == file)
             raise WeightsFileError(
@@ -207,21 +217,15 @@ def apply_to_sharded_safetensors(
     ckpt = read_sharded(index)
     check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, ckpt.shapes())
     keeps, digest = keep_indices(plan), plan.digest()
+    index_bytes = _index_bytes(ckpt, keeps, digest)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
+    with locked_temp_folder(dst) as tmp:  # .NAME.<random>.tmp; a killed run's are cleared
         for shard in ckpt.shards:
             metadata = {**shard.metadata, DIGEST_KEY: digest}
             prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps, metadata, progress)
-        atomic_write_bytes(tmp / ckpt.index.name, _index_bytes(ckpt, keeps, digest))
+        atomic_write_bytes(tmp / ckpt.index.name, index_bytes)
         _fsync(tmp)
         _move_into_place(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (%d shards, %d tensors, plan %s)", dst, len(ckpt.shards), len(ckpt.weight_map),
              digest[:12])
     return dst
@@ -262,16 +266,25 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
     return obj
 
 
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {quote(text, 24)} is too large")
+    return value
+
+
 def _read_index(index: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """Parse and check the structure of an index: (whole document, metadata, weight_map)."""
+    raw = read_regular_file(index, MAX_INDEX_BYTES, "sharded checkpoint index", WeightsFileError)
     try:
-        raw = index.read_bytes()
-    except OSError as exc:
-        raise WeightsFileError(f"{index}: cannot read the index ({exc.strerror})") from None
-    try:
-        document = json.loads(raw, object_pairs_hook=_object)
+        document = json.loads(raw, object_pairs_hook=_object, parse_constant=_no_constant,
+                              parse_float=_finite)
     except (ValueError, RecursionError) as exc:
-        raise WeightsFileError(f"{index}: not a valid JSON index ({exc})") from None
+        raise WeightsFileError(f"{index}: not a valid JSON index ({quote(str(exc))})") from None
     if not isinstance(document, _Object):
         raise WeightsFileError(
             f"{index}: not a sharded checkpoint index (a JSON {type(document).__name__}, not an object "
@@ -351,7 +364,8 @@ def _check_output(folder: Path, dst: Path, overwrite: bool) -> None:
                               f"choose another output")
     if dst.exists() or dst.is_symlink():
         if not overwrite:
-            raise OutputFileError(f"{dst}: output exists (use overwrite / --force to replace it)")
+            raise OutputFileError(f"{dst}: output exists (pass overwrite=True to replace it)",
+                                  cli_message=f"{dst}: output exists (use --force to replace it)")
         if dst.is_symlink() or not dst.is_dir():
             raise OutputFileError(f"{dst}: exists and is not a folder; refusing to replace it")
     if not dst.parent.is_dir():
@@ -367,7 +381,8 @@ def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
             raise OutputFileError(f"{dst}: cannot move the output into place ({exc.strerror})") from None
         return
     if not overwrite:  # appeared while we were writing
-        raise OutputFileError(f"{dst}: output exists (use overwrite / --force to replace it)")
+        raise OutputFileError(f"{dst}: output exists (pass overwrite=True to replace it)",
+                              cli_message=f"{dst}: output exists (use --force to replace it)")
     old = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.old")
     os.rename(dst, old)
     try:
@@ -389,7 +404,7 @@ def _index_bytes(ckpt: ShardedCheckpoint, keeps: KeepMap, digest: str) -> bytes:
     )
     metadata = {**ckpt.metadata, "total_size": total, DIGEST_KEY: digest}
     document = {**ckpt.document, "metadata": metadata, "weight_map": ckpt.weight_map}
-    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _fsync(folder: Path) -> None:
