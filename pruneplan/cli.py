@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 import pruneplan
-from pruneplan import PlanError, PrunePlan, json_schema
+from pruneplan import OutputFileError, PlanError, PrunePlan, json_schema
 
 # torch and numpy are imported only by the commands that need them (`apply`, `validate PLAN
 # WEIGHTS`, `groups`, `plan`): reviewing a plan (`show`, `diff`, `validate PLAN`, `schema`) starts
@@ -38,9 +42,23 @@ class _LoadingChoice(click.Choice):
         pass
 
 
+_DEBUG = "pruneplan.debug"
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 class _Cli(click.Group):
-    """Turns every `PlanError` into one ``error: ...`` line on stderr and exit status 1; library
-    warnings (logged or `warnings.warn`-ed) become ``warning: ...`` lines on stderr."""
+    """The one place where errors and warnings become output.
+
+    A `PlanError` (bad input) prints one ``error: ...`` line, in the CLI's words where the error
+    carries them (``cli_message``), and exits 1; so does an `OSError` on a path the user named.
+    Any other exception (one nobody anticipated) prints one ``error:`` line with its type and a
+    ``hint:`` line, and exits 1; ``pruneplan --debug ...`` (or ``PRUNEPLAN_DEBUG=1``) shows its
+    traceback too. click's usage errors keep exit 2. Library warnings (logged or
+    `warnings.warn`-ed) become ``warning: ...`` lines on stderr.
+    """
 
     def invoke(self, ctx: click.Context):
         handler = _WarningLines()
@@ -50,11 +68,24 @@ class _Cli(click.Group):
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except PlanError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            click.echo(f"error: {_one_line(exc.cli_message or str(exc))}", err=True)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or _one_line(str(exc))}", err=True)
+        except Exception as exc:
+            debug = ctx.meta.get(_DEBUG) or os.environ.get("PRUNEPLAN_DEBUG")
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))[:500]}", err=True)
+            if not debug:
+                click.echo("hint: run `pruneplan --debug ...` to see the traceback; if the input looks "
+                           "right, this is a bug in pruneplan: please report it", err=True)
         finally:
             lib.removeHandler(handler)
+        ctx.exit(1)
 
 
 class _WarningLines(logging.Handler):
@@ -75,10 +106,55 @@ _CONTENT = click.option(
          "warn, fail (exit 1), or skip the check (and the hashing).")
 
 
+class _Shape(click.ParamType):
+    """``3,224,224`` (or ``3x224x224``) -> (3, 224, 224): positive integers, a usage error else."""
+
+    name = "shape"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = [p.strip() for p in str(value).replace("x", ",").split(",")]
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            self.fail(f"{value!r} is not a shape: give positive integers separated by commas, e.g. "
+                      "3,224,224", param, ctx)
+        return tuple(int(p) for p in parts)
+
+
 @click.group(cls=_Cli)
 @click.version_option(pruneplan.__version__, prog_name="pruneplan")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Plan, inspect and apply structured pruning of PyTorch models."""
+    ctx.meta[_DEBUG] = debug
+
+
+@contextlib.contextmanager
+def _about(option: str, value: object) -> Iterator[None]:
+    """Errors of the block are about ``option``: their CLI message starts with it."""
+    try:
+        yield
+    except PlanError as exc:
+        text = exc.cli_message or str(exc)
+        text = text.removeprefix(f"{str(value)!r}: ").removeprefix(f"{value}: ")
+        exc.cli_message = f"{option} {value}: {text}"
+        raise
+
+
+def _output_path(raw: str | None) -> tuple[Path | None, bool]:
+    """``-o`` as given: the path, and whether it names a folder (a trailing slash)."""
+    if raw is None:
+        return None, False
+    return Path(raw), raw.endswith(("/", os.sep))
+
+
+def _file_output(raw: str) -> Path:
+    """A ``-o`` that must name a file: a trailing slash (a folder) is a usage error."""
+    path, folder = _output_path(raw)
+    if folder or (path is not None and path.is_dir()):
+        raise click.BadParameter(f"{raw!r} is a folder; give a file name", param_hint="'-o' / '--output'")
+    return path
 
 
 def _sharded(weights: Path) -> bool:
@@ -97,17 +173,17 @@ def _default_output(weights: Path) -> Path:
 @cli.command()
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.argument("weights", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file (default: <stem>.pruned.safetensors beside WEIGHTS); for a sharded "
-                   "checkpoint, the output folder (default: <folder>.pruned beside the checkpoint "
-                   "folder).")
+@click.option("-o", "--output", default=None,
+              help="Output file (default: <stem>.pruned.safetensors beside WEIGHTS; with a trailing "
+                   "'/', that name in the folder OUTPUT); for a sharded checkpoint, the output "
+                   "folder (default: <folder>.pruned beside the checkpoint folder).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-digest-check", is_flag=True,
               help="Only compare the shapes of the tensors the plan touches.")
 @_CONTENT
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
-def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest_check: bool,
+def apply(plan: Path, weights: Path, output: str | None, force: bool, no_digest_check: bool,
           content_check: str, progress: bool | None) -> None:
     """Prune WEIGHTS as PLAN says.
 
@@ -116,8 +192,13 @@ def apply(plan: Path, weights: Path, output: Path | None, force: bool, no_digest
     into a new folder holding the pruned shards and index only (no config or other files).
     """
     apply_to = pruneplan.apply_to_sharded_safetensors if _sharded(weights) else pruneplan.apply_to_safetensors
+    target, folder = _output_path(output)
+    if target is None:
+        target = _default_output(weights)
+    elif folder and not _sharded(weights):  # `-o dir/`: the default name, in that folder
+        target = target / _default_output(weights).name
     out = apply_to(
-        PrunePlan.load(plan), weights, output or _default_output(weights),
+        PrunePlan.load(plan), weights, target,
         overwrite=force, check_digest=not no_digest_check, check_content=content_check,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
@@ -149,10 +230,11 @@ def validate(plan: Path, weights: Path | None, content_check: str) -> None:
               help="Also count the model's parameters and MACs before -> after (pkg.module:factory).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="With --model: load these weights first (safetensors).")
-@click.option("--input-shape", default=None, help="With --model: one example's shape, e.g. 3,224,224.")
+@click.option("--input-shape", type=_Shape(), default=None,
+              help="With --model: one example's shape, e.g. 3,224,224.")
 @click.option("--input-dtype", type=click.Choice(["float32", "long"]), default="float32",
               show_default=True, help="With --model: example input dtype.")
-def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: str | None,
+def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: tuple[int, ...] | None,
          input_dtype: str) -> None:
     """Print PLAN's groups in execution order: kept/size, % removed, parameters and buffer values
     removed; with --model, the model's parameters, buffers and MACs before -> after."""
@@ -192,8 +274,9 @@ def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: 
     if model_spec is not None:
         from pruneplan import loading  # imports torch: only with --model
 
-        model = loading.load_model(model_spec, weights)
-        before, after = loading.stats_before_after(model, loaded, _example(input_shape, input_dtype, 1))
+        model = _model(model_spec, weights)
+        example = _example(model, input_shape, input_dtype, 1)
+        before, after = loading.stats_before_after(model, loaded, example)
         _echo_stats(before, after)
 
 
@@ -228,35 +311,63 @@ def diff(a: Path, b: Path) -> None:
 
 
 @cli.command()
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Write to this file instead of standard output.")
-def schema(output: Path | None) -> None:
+@click.option("-o", "--output", default=None, help="Write to this file instead of standard output.")
+def schema(output: str | None) -> None:
     """Print the JSON Schema of the plan format."""
+    from pruneplan._io import atomic_write_bytes
+
     text = json_schema()
     if output is None:
         click.echo(text, nl=False)
     else:
-        with click.open_file(str(output), "w", encoding="utf-8", atomic=True) as fh:
-            fh.write(text)
-        click.echo(f"wrote {output}")
+        path = _file_output(output)
+        atomic_write_bytes(path, text.encode("utf-8"))
+        click.echo(f"wrote {path}")
+
+
+_FRACTION = click.FloatRange(0, 1, max_open=True)
+
+
+def _to(batch, device: str):
+    """A batch's tensors on ``device`` (for the one-batch checks)."""
+    return [b.to(device) if hasattr(b, "to") else b for b in batch]
 
 
 _MODEL = click.option("--model", "model_spec", required=True,
                       help="Model factory as pkg.module:factory (or file.py:factory).")
-_SHAPE = click.option("--input-shape", required=True, help="One example's shape, e.g. 3,224,224.")
+_SHAPE = click.option("--input-shape", type=_Shape(), required=True,
+                      help="One example's shape, e.g. 3,224,224.")
 _DTYPE = click.option("--input-dtype", type=click.Choice(["float32", "long"]), default="float32",
                       show_default=True, help="Example input dtype (long for token ids).")
 _WEIGHTS = click.option("--weights", type=click.Path(path_type=Path), default=None,
                         help="Load these weights (safetensors) into the model first.")
 
 
-def _example(shape: str, dtype: str, batch_size: int = 2):
+def _example(model, shape: tuple[int, ...], dtype: str, batch_size: int = 2):
+    """An example batch of ``shape``, checked by running ``model`` on it once."""
     import torch
 
     from pruneplan import loading
 
-    return loading.example_input(loading.parse_input_shape(shape), batch_size=batch_size,
-                                 dtype=torch.long if dtype == "long" else torch.float32)
+    x = loading.example_input(shape, batch_size=batch_size,
+                              dtype=torch.long if dtype == "long" else torch.float32)
+    device = next((p.device for p in model.parameters()), None)
+    x = x if device is None else x.to(device)
+    with _about("--input-shape", ",".join(map(str, shape))):
+        loading.check_example(model, x)
+    return x
+
+
+def _model(spec: str, weights: Path | None):
+    """The model of ``--model``, with ``--weights`` loaded; errors name the option."""
+    from pruneplan import loading
+
+    with _about("--model", spec):
+        model = loading.load_model(spec)
+    if weights is not None:
+        with _about("--weights", weights):
+            loading.load_weights(model, weights, spec)
+    return model
 
 
 @cli.command()
@@ -264,12 +375,10 @@ def _example(shape: str, dtype: str, batch_size: int = 2):
 @_WEIGHTS
 @_SHAPE
 @_DTYPE
-def groups(model_spec: str, weights: Path | None, input_shape: str, input_dtype: str) -> None:
+def groups(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], input_dtype: str) -> None:
     """List the prunable groups that automatic discovery finds in a model."""
-    from pruneplan import loading
-
-    model = loading.load_model(model_spec, weights)
-    found = pruneplan.prunable_groups(model, _example(input_shape, input_dtype))
+    model = _model(model_spec, weights)
+    found = pruneplan.prunable_groups(model, _example(model, input_shape, input_dtype))
     click.echo(pruneplan.describe_groups(found))
 
 
@@ -309,12 +418,12 @@ def _assignments(values: tuple[str, ...], option: str) -> dict[str, float]:
 @_SHAPE
 @_DTYPE
 @click.option("--metric", type=_LoadingChoice("METRICS"), required=True)
-@click.option("--ratio", type=float, default=None, help="Fraction of units to remove.")
-@click.option("--target-macs", type=float, default=None,
+@click.option("--ratio", type=_FRACTION, default=None, help="Fraction of units to remove, in [0, 1).")
+@click.option("--target-macs", type=_FRACTION, default=None,
               help="Instead of --ratio: remove at least this fraction of the MACs (global ranking).")
-@click.option("--target-params", type=float, default=None,
+@click.option("--target-params", type=_FRACTION, default=None,
               help="Instead of --ratio: remove at least this fraction of the parameters (global ranking).")
-@click.option("--n-steps", type=int, default=1, show_default=True,
+@click.option("--n-steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Prune in this many steps, re-scoring between steps; the plans are composed.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default=None,
               help="Ratio per layer or over all units  [default: layer; global with a target]")
@@ -324,28 +433,30 @@ def _assignments(values: tuple[str, ...], option: str) -> dict[str, float]:
               help="Ratio for the groups of a kind: channels, heads, query_groups (repeatable).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave the groups whose name or root matches this glob untouched (repeatable).")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Keep multiples of this many units.")
-@click.option("--min-keep", type=int, default=1, show_default=True)
+@click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keep multiples of this many units.")
+@click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--data", "data_spec", default=None,
               help="Data factory pkg.module:loader_factory returning (x, y) batches (data metrics).")
 @click.option("--criterion", type=_LoadingChoice("CRITERIA"), default=None,
               help="Loss of the data metrics  [default: cross_entropy]")
-@click.option("--max-batches", type=int, default=None, help="Score on the first N batches of --data only.")
+@click.option("--max-batches", type=click.IntRange(min=1), default=None,
+              help="Score on the first N batches of --data only.")
 @click.option("--seed", type=int, default=None,
               help="Seed of the random metrics (random, shapley)  [default: 0]")
-@click.option("--sv-samples", type=int, default=None,
+@click.option("--sv-samples", type=click.IntRange(min=1), default=None,
               help="Shapley: permutations per unit  [default: 5]")
 @click.option("--p", "p_norm", type=float, default=None, help="lp_norm: the order p  [default: 2]")
 @click.option("--device", default="cpu", show_default=True, help="Where to score (cpu, cuda, cuda:1, mps).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars while scoring (default: when stderr is a terminal).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan file to write.")
-def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: str, metric: str,
+@click.option("-o", "--output", required=True, help="Plan file to write.")
+def plan(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], input_dtype: str, metric: str,
          ratio: float | None, target_macs: float | None, target_params: float | None, n_steps: int,
          scope: str | None, layer_ratio: tuple[str, ...], kind_ratio: tuple[str, ...],
          exclude: tuple[str, ...], round_to: int, min_keep: int, data_spec: str | None,
          criterion: str | None, max_batches: int | None, seed: int | None, sv_samples: int | None,
-         p_norm: float | None, device: str, progress: bool | None, output: Path) -> None:
+         p_norm: float | None, device: str, progress: bool | None, output: str) -> None:
     """Score a model's units with a metric and write the plan that removes RATIO of them (or
     meets a MACs / parameters target).
 
@@ -354,6 +465,7 @@ def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: s
     """
     from pruneplan import loading
 
+    out = _file_output(output)
     targets = {k: v for k, v in (("macs", target_macs), ("params", target_params)) if v is not None}
     layer_ratios = _assignments(layer_ratio, "--layer-ratio")
     kind_ratios = _assignments(kind_ratio, "--kind-ratio")
@@ -368,12 +480,19 @@ def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: s
         params["p"] = int(params["p"])  # the same plan bytes as the API's p=1
     _refuse_ignored(metric, {"--data": data_spec, "--criterion": criterion, "--max-batches": max_batches,
                              "--seed": seed, "--sv-samples": sv_samples, "--p": p_norm})
+    if not out.parent.is_dir():  # before the (long) scoring
+        raise OutputFileError(f"{out}: folder {str(out.parent)!r} does not exist")
     import torch
 
     torch.manual_seed(0)  # a model built without --weights gets the same initial weights every run
-    model = loading.load_model(model_spec, weights).to(device)
-    example = _example(input_shape, input_dtype).to(device)
-    data = loading.load_factory(data_spec)() if data_spec else None
+    model = _model(model_spec, weights).to(device)
+    example = _example(model, input_shape, input_dtype)
+    data = None
+    if data_spec:
+        with _about("--data", data_spec):
+            data, first = loading.load_data(data_spec)
+        # its messages name the data or the criterion
+        loading.check_criterion(model, _to(first, device), criterion or "cross_entropy")
     made = pruneplan.plan_from_metric(
         model, example, metric, ratio, target=targets or None, n_steps=n_steps, scope=scope,
         round_to=round_to, min_keep=min_keep, layer_ratios=layer_ratios or None,
@@ -381,9 +500,9 @@ def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: s
         seed=seed, metric_params=params or None, max_batches=max_batches,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    made.save(output)
+    made.save(out)
     units = sum(len(g.removed) for g in made.groups)
-    click.echo(f"wrote {output}: {len(made.groups)} groups, {units:,} units removed, "
+    click.echo(f"wrote {out}: {len(made.groups)} groups, {units:,} units removed, "
                f"digest {made.digest()[:12]}")
     sel = made.provenance.selection
     if "requested_fraction" in sel:
@@ -391,7 +510,7 @@ def plan(model_spec: str, weights: Path | None, input_shape: str, input_dtype: s
                    f"{sel['achieved_fraction']:.1%} (after round_to={round_to}, min_keep={min_keep})")
     for key, want in sel.get("target", {}).items():
         click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'][key]:.2%}")
-    before, after = loading.stats_before_after(model, made, _example(input_shape, input_dtype, 1).to(device))
+    before, after = loading.stats_before_after(model, made, _example(model, input_shape, input_dtype, 1))
     _echo_stats(before, after)
 
 

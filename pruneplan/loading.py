@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneplan.errors import PlanningError
+from pruneplan._io import check_regular
+from pruneplan.errors import PlanningError, quote
 from pruneplan.graph.discover import left_out_summary, prunable_groups
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.plan import PrunePlan
@@ -35,9 +36,13 @@ __all__ = [
     "CRITERIA",
     "DATA_FREE_METRICS",
     "METRICS",
+    "check_criterion",
+    "check_example",
     "example_input",
+    "load_data",
     "load_factory",
     "load_model",
+    "load_weights",
     "metric_needs_data",
     "parse_input_shape",
     "plan_from_metric",
@@ -105,25 +110,158 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     """Build the model named by ``spec`` (a factory, a class, or a module instance) in eval mode,
     then load ``weights`` (safetensors, or a ``torch.save``-d state dict) strictly."""
     obj = load_factory(spec)
-    model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
+    model = obj if isinstance(obj, nn.Module) else _call(spec, obj) if callable(obj) else obj
     if not isinstance(model, nn.Module):
         raise PlanningError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise PlanningError(f"weights file {str(path)!r} does not exist")
+        load_weights(model, weights, spec)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, weights: str | Path, spec: str = "the model") -> None:
+    """Load ``weights`` (safetensors, or a ``torch.save``-d state dict) into ``model`` strictly.
+
+    Every name and shape is compared before the model is touched.
+
+    Raises:
+        PlanningError: the file is missing, not a regular file, not weights, or does not fit
+            ``model`` (a tensor missing, extra, or of another shape); names the file.
+    """
+    path = Path(weights)
+    if not path.exists():
+        raise PlanningError(f"weights file {str(path)!r} does not exist")
+    check_regular(path, "weights file", PlanningError)
+    try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            what = (f"missing {result.missing_keys[:3]}" if result.missing_keys
-                    else f"unexpected {result.unexpected_keys[:3]}")
-            raise PlanningError(f"{path}: weights do not fit {spec!r}: {what}")
-    return model.eval()
+    except Exception as exc:  # any reader's complaint means the same: not weights we read
+        raise PlanningError(
+            f"{path}: not a safetensors file or a torch state dict ({type(exc).__name__}: "
+            f"{_one_line(exc)})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PlanningError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise PlanningError(f"{path}: weights do not fit {spec!r}: {what}")
+    for key in sorted(own):
+        if state[key].shape != own[key].shape:
+            raise PlanningError(
+                f"{path}: weights do not fit {spec!r}: tensor {quote(key)} has shape "
+                f"{list(state[key].shape)} in the file, {list(own[key].shape)} in the model"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _call(spec: str, factory: Callable[[], Any]) -> Any:
+    """Call a user's factory with no arguments; its failure is a `PlanningError`."""
+    try:
+        return factory()
+    except Exception as exc:
+        raise PlanningError(
+            f"{spec!r}: calling it with no arguments failed ({type(exc).__name__}: {_one_line(exc)})"
+        ) from None
+
+
+def load_data(spec: str) -> tuple[Iterable[Any], Any]:
+    """The batches of the data factory named by ``spec``, and the first batch.
+
+    Called with no arguments, the factory returns an iterable of ``(inputs, targets)`` batches
+    (a DataLoader, a list, a generator). The first batch is checked, and kept: a one-pass
+    iterable still yields it.
+
+    Raises:
+        PlanningError: the factory cannot be found or called, returns something that is not
+            iterable or yields nothing, or its first batch is not an ``(inputs, targets)`` pair.
+    """
+    obj = load_factory(spec)
+    data = _call(spec, obj) if callable(obj) and not hasattr(obj, "__iter__") else obj
+    try:
+        it = iter(data)
+    except TypeError:
+        raise PlanningError(f"{spec!r} gave a {type(data).__name__}, not an iterable of batches") from None
+    try:
+        first = next(it)
+    except StopIteration:
+        raise PlanningError(f"{spec!r} yields no batches") from None
+    except Exception as exc:
+        raise PlanningError(
+            f"{spec!r}: reading the first batch failed ({type(exc).__name__}: {_one_line(exc)})"
+        ) from None
+    if not (isinstance(first, tuple | list) and len(first) >= 2):
+        what = f"a {type(first).__name__}" + (f" of {len(first)} items" if isinstance(first, tuple | list)
+                                                 else "")
+        raise PlanningError(f"{spec!r}: batches must be (inputs, targets) pairs; the first batch is {what}")
+    if it is data:  # one pass only: give the first batch back
+        import itertools
+
+        return itertools.chain([first], it), first
+    return data, first
+
+
+def check_example(model: nn.Module, example: Any) -> None:
+    """Run ``model`` once on ``example``; a failure is a `PlanningError` naming the input shape.
+
+    Raises:
+        PlanningError: the model does not run on the example input.
+    """
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        shape = list(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise PlanningError(
+            f"the model does not run on an example input of shape {shape} ({type(exc).__name__}: "
+            f"{_one_line(exc)})"
+        ) from None
+
+
+def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> None:
+    """Run ``model`` and the named criterion once on one ``(inputs, targets)`` batch.
+
+    Raises:
+        PlanningError: the batch does not fit the model, or the criterion does not fit the
+            model's output and the targets (e.g. ``mse`` with class labels).
+    """
+    if criterion not in CRITERIA:
+        raise PlanningError(f"unknown criterion {criterion!r}; choose from {sorted(CRITERIA)}")
+    x, y = batch[0], batch[1]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise PlanningError(
+            f"the data's inputs (first batch: {shape}) do not fit the model ({type(exc).__name__}: "
+            f"{_one_line(exc)})"
+        ) from None
+    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return  # structured outputs: left to the metric
+    if criterion == "mse" and (out.shape != y.shape or not y.is_floating_point()):
+        raise PlanningError(
+            f"criterion 'mse' needs float targets shaped like the model's output {list(out.shape)}; "
+            f"the data gives {str(y.dtype).removeprefix('torch.')} targets of shape {list(y.shape)}"
+            + (" (class labels: use cross_entropy)" if not y.is_floating_point() else "")
+        )
+    try:
+        with torch.no_grad():
+            CRITERIA[criterion](out, y)
+    except Exception as exc:
+        raise PlanningError(
+            f"criterion {criterion!r} does not fit the model's output {list(out.shape)} and the "
+            f"targets {list(y.shape)} ({type(exc).__name__}: {_one_line(exc)})"
+        ) from None
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
