@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,7 +488,9 @@ class PrunePlan(_Strict):
                 message starts with the path.
         """
         path = Path(path)
-        raw = read_regular_file(path, MAX_PLAN_BYTES, "plan file")
+        from pruneplan._io import read_regular_file
+
+        raw = read_regular_file(path, MAX_PLAN_BYTES, "plan file", PlanValidationError)
         try:
             return cls.from_json(raw)
         except PlanValidationError as exc:
@@ -830,59 +830,6 @@ def _mib(n: int) -> str:
 def _short(text: str, limit: int = 40) -> str:
     """A field name or key cut to ``limit`` characters (they appear in error locations)."""
     return text if len(text) <= limit else text[:limit] + f"...({len(text)} characters)"
-
-
-def read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of ``path``, refusing anything but a regular file of at most ``limit`` bytes.
-
-    A FIFO, a device (``/dev/zero``), a socket or a folder is refused without reading it, so the
-    call never blocks or reads without end.
-
-    Raises:
-        PlanValidationError: the path is missing, unreadable, not a regular file, or too large.
-    """
-    shown = quote(str(path))
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise PlanValidationError(f"cannot read {what} {shown}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise PlanValidationError(f"{what} {shown} is {_kind(info.st_mode)}, not a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise PlanValidationError(f"cannot read {what} {shown}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)  # the file opened may not be the one stat-ed
-        if not stat.S_ISREG(info.st_mode):
-            raise PlanValidationError(f"{what} {shown} is {_kind(info.st_mode)}, not a regular file")
-        if info.st_size > limit:
-            raise PlanValidationError(
-                f"{what} {shown} is {info.st_size} bytes, more than the limit of {limit} ({_mib(limit)})"
-            )
-        chunks, got = [], 0
-        while got <= limit:
-            chunk = os.read(fd, min(1 << 24, limit + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    except OSError as exc:
-        raise PlanValidationError(f"cannot read {what} {shown}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if got > limit:
-        raise PlanValidationError(f"{what} {shown} is more than the limit of {limit} bytes ({_mib(limit)})")
-    return b"".join(chunks)
-
-
-def _kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    for test, name in kinds:
-        if test(mode):
-            return name
-    return "a special file"
 
 
 class _BadJSON(ValueError):

@@ -272,3 +272,16 @@ def test_overlap_check_agrees_with_the_brute_force_definition(a, b) -> None:
         expected = sorted(set(_brute_removed(ma, rem_a)) | set(_brute_removed(mb, rem_b)))
         assert plan.removed_by_axis().get(("w", 0), []) == expected
         assert plan.pruned_shapes()["w"] == [length - len(expected)]
+
+
+def test_the_readme_states_the_limits_the_code_enforces() -> None:
+    from pruneplan.apply.sharded import MAX_INDEX_BYTES
+    from pruneplan.plan import MAX_RANGES
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Reliability")[1].split("\n## ")[0]
+    assert f"**{MAX_PLAN_BYTES // 2**20} MiB**" in section
+    assert f"**{MAX_DEPTH} levels**" in section
+    assert f"({MAX_RANGES:,})" in section
+    assert f"at most {MAX_INDEX_BYTES // 2**20} MiB" in section
+    assert "`.NAME.<random>.tmp`" in section and "`.NAME.<random>.old`" in section
