@@ -137,7 +137,11 @@ def load_weights(model: nn.Module, weights: str | Path, spec: str = "the model")
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says it
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader's complaint means the same: not weights we read
         raise PlanningError(
             f"{path}: not a safetensors file or a torch state dict ({type(exc).__name__}: "

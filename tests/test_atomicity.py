@@ -79,6 +79,7 @@ def test_an_edit_of_a_submodule_is_refused(env: Env) -> None:
     data = json.loads(env.plan.to_json())
     # rename every key under the wrapper "0."
     data["model"]["tensors"] = {f"0.{k}": v for k, v in data["model"]["tensors"].items()}
+    data["model"]["buffers"] = [f"0.{k}" for k in data["model"].get("buffers", [])]
     data["model"]["digest"] = pp.plan.state_dict_digest({k: v.shape for k, v in wrapper.state_dict().items()})
     for g in data["groups"]:
         for s in g["slices"]:
