@@ -314,15 +314,19 @@ def diff(a: Path, b: Path) -> None:
 @click.option("-o", "--output", default=None, help="Write to this file instead of standard output.")
 def schema(output: str | None) -> None:
     """Print the JSON Schema of the plan format."""
-    from pruneplan._io import atomic_write_bytes
-
     text = json_schema()
     if output is None:
         click.echo(text, nl=False)
-    else:
-        path = _file_output(output)
-        atomic_write_bytes(path, text.encode("utf-8"))
-        click.echo(f"wrote {path}")
+        return
+    path = _file_output(output)
+    if not path.parent.is_dir():
+        raise OutputFileError(f"{path}: folder {str(path.parent)!r} does not exist")
+    try:
+        with click.open_file(str(path), "w", encoding="utf-8", atomic=True) as fh:
+            fh.write(text)
+    except OSError as exc:  # not the temporary file's name: the user's
+        raise OutputFileError(f"{path}: cannot write ({exc.strerror})") from None
+    click.echo(f"wrote {path}")
 
 
 _FRACTION = click.FloatRange(0, 1, max_open=True)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pruneplan.errors import PlanMismatchError
+from pruneplan.errors import PlanMismatchError, quote
 from pruneplan.plan import PrunePlan, state_dict_digest
 
 __all__ = ["KeepMap", "check_fingerprint", "keep_indices", "kept_shape", "slice_tensor"]
@@ -30,7 +30,7 @@ def check_fingerprint(
     """
     for key, expected in plan.model.tensors.items():
         if key not in shapes:
-            raise PlanMismatchError(f"{where}: tensor {key!r} named by the plan is missing")
+            raise PlanMismatchError(f"{where}: tensor {quote(key)} named by the plan is missing")
         actual = [int(d) for d in shapes[key]]
         if actual != list(expected):
             raise PlanMismatchError(

@@ -297,7 +297,7 @@ def _replace_data(p: nn.Parameter, data: torch.Tensor) -> None:
 
 def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
     if name not in modules:
-        raise PlanMismatchError(f"model: no module named {name!r}")
+        raise PlanMismatchError(f"model: no module named {quote(name)}")
     return modules[name]
 
 
