@@ -143,7 +143,7 @@ def _stage(
         staged.attrs.append((module, "p", after))
     _check_flat_state(optimizer, [p for p, _, _ in staged.params])
     _check_consistent(modules, {k.rpartition(".")[0] for k in keeps} | {m for m, _ in plan.edits()},
-                      staged)
+                      staged, plan)
     return staged
 
 
@@ -223,34 +223,57 @@ def _expected_shapes(module: nn.Module, get) -> dict[str, list[int]] | str:
     return {}
 
 
-def _check_consistent(modules: dict[str, nn.Module], touched: set[str], staged: _Staged) -> None:
+def _check_consistent(modules: dict[str, nn.Module], touched: set[str], staged: _Staged,
+                      plan: PrunePlan) -> None:
     """Refuse a plan that would leave a standard layer's tensors and attributes disagreeing
-    (a bias slice left out, an edit forgotten), before anything changes."""
+    (a bias slice left out, an edit forgotten), before anything changes.
+
+    A dimension is checked when the plan's edits change what the layer's attributes say it is,
+    or when a group that edits attributes slices it. A group of slices alone (the raw tensor
+    surgery of `Pruner.prune_parameter`, which leaves attributes as they are by design) is
+    not second-guessed.
+    """
     new_attrs = {(id(m), a): v for m, a, v in staged.attrs}
+    structured = {(s.tensor.rpartition(".")[0], s.tensor.rpartition(".")[2], s.axis)
+                  for g in plan.groups if g.edits for s in g.slices}
     for name in sorted(touched):
         module = modules.get(name)
         if module is None:
             continue
 
-        def get(attr: str, module: nn.Module = module) -> object:
+        def after(attr: str, module: nn.Module = module) -> object:
             return new_attrs.get((id(module), attr), getattr(module, attr))
 
+        def before(attr: str, module: nn.Module = module) -> object:
+            return getattr(module, attr)
+
         try:
-            expected = _expected_shapes(module, get)
+            expected = _expected_shapes(module, after)
+            was = _expected_shapes(module, before)
             if isinstance(expected, dict):
                 expected = {k: [int(d) for d in v] for k, v in expected.items()}
+            if isinstance(was, dict):
+                was = {k: [int(d) for d in v] for k, v in was.items()}
         except (AttributeError, TypeError, ValueError):
             continue  # a subclass that holds its sizes otherwise: nothing to compare
         what = f"model: the plan would leave module {quote(name)} ({type(module).__name__}) inconsistent"
         if isinstance(expected, str):
-            raise PlanMismatchError(f"{what}: {expected}")
+            if was != expected:  # the plan's edits broke it
+                raise PlanMismatchError(f"{what}: {expected}")
+            continue
+        if not isinstance(was, dict):
+            continue
         final = _final_shapes(module, staged)
         for tensor, shape in sorted(expected.items()):
-            if tensor in final and final[tensor] != shape:
-                raise PlanMismatchError(
-                    f"{what}: {tensor} would have shape {final[tensor]} but its attributes say "
-                    f"{shape} (a slice or an edit is missing from the plan)"
-                )
+            if tensor not in final or len(final[tensor]) != len(shape):
+                continue
+            for d, want in enumerate(shape):
+                checked = was.get(tensor, shape)[d] != want or (name, tensor, d) in structured
+                if checked and final[tensor][d] != want:
+                    raise PlanMismatchError(
+                        f"{what}: {tensor} would have shape {final[tensor]} but its attributes say "
+                        f"{shape} (a slice or an edit is missing from the plan)"
+                    )
 
 
 def _check_flat_state(optimizer: torch.optim.Optimizer | None, pruned: list[nn.Parameter]) -> None:
