@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.14.1
 TORCHVISION_VERSION ?= 0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint schema bench clean
+.PHONY: venv test demo docs lint schema bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# regenerate every committed number in docs/ (3 seeds each; the README quotes these files):
+# docs/demo_results.txt + accuracy_vs_ratio.png, docs/demo_quick.json (what the tests compare a
+# fresh quick run with), docs/criteria.md
+docs: $(STAMP)
+	$(PY) examples/demo.py --out out/demo --docs docs
+	$(PY) examples/demo.py --quick --out out/demo_quick --docs docs
+	$(PY) benchmarks/criteria.py --seeds 3 --out docs/criteria.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,10 +4,12 @@ Principled Metric for Structured Network Pruning").
 For each of several seeds: train the digits CNN of ``examples/digits.py``; take only
 ``--attr-examples`` training images for attribution; for each prunable layer *alone* and each
 ratio (20/40/60%), remove the lowest-scored units by each metric, without fine-tuning, and
-measure test accuracy. Reports the mean accuracy over layers and seeds, per metric and ratio, and
-the metrics ranked by their mean over ratios.
+measure test accuracy. Reports, per metric and ratio, the mean over seeds of the accuracy averaged
+over layers, with its spread (sample standard deviation over the seeds), and the metrics ranked
+by their mean over ratios (with the spread of that mean over seeds).
 
 Usage: python benchmarks/criteria.py [--seeds 3] [--attr-examples 256] [--out docs/criteria.md]
+(``make docs`` regenerates the committed docs/criteria.md with the defaults.)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from digits import accuracy, load_data, make_cnn, train
 import pruneplan as pp
 from pruneplan.attributions import (
     APoZAttributionMetric,
+    FPGMAttributionMetric,
+    LAMPAttributionMetric,
+    LpNormAttributionMetric,
     RandomAttributionMetric,
     SensitivityAttributionMetric,
     ShapleyAttributionMetric,
@@ -51,6 +56,9 @@ def metrics(seed: int) -> dict:
         "sensitivity": (SensitivityAttributionMetric, {}),
         "apoz": (APoZAttributionMetric, {}),
         "weight_norm": (WeightNormAttributionMetric, {}),
+        "l2_norm": (LpNormAttributionMetric, {"p": 2}),
+        "fpgm": (FPGMAttributionMetric, {}),
+        "lamp": (LAMPAttributionMetric, {}),
         "random": (RandomAttributionMetric, {"seed": seed}),
     }
 
@@ -67,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     data = load_data()
-    results: dict[tuple[str, float], list[float]] = {}
+    results: dict[tuple[str, float, int], list[float]] = {}  # (metric, ratio, seed) -> per layer
     base = []
     for seed in range(args.seeds):
         torch.manual_seed(seed)
@@ -87,26 +95,35 @@ def main() -> None:
                     removed = pp.select_indices({layer: scores[layer]}, ratio)
                     plan = pp.plan_pruning(model, removed, example_inputs=x)
                     pruned = pp.apply_plan(copy.deepcopy(model), plan)
-                    results.setdefault((name, ratio), []).append(accuracy(pruned, data))
+                    results.setdefault((name, ratio, seed), []).append(accuracy(pruned, data))
         print(f"seed {seed}: base accuracy {base[-1]:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     names = list(metrics(0))
-    header = "| metric | " + " | ".join(f"{int(r * 100)}% removed" for r in ratios) + " | mean |"
+    seeds = range(args.seeds)
+    header = "| metric | " + " | ".join(f"{int(r * 100)}% removed" for r in ratios) + " | mean over ratios |"
     lines = [header, "|" + "---|" * (len(ratios) + 2)]
-    means = {}
+    means, spreads = {}, {}
+
+    def sd(values: list[float]) -> float:
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
     for name in names:
-        accs = [float(np.mean(results[(name, r)])) for r in ratios]
-        means[name] = float(np.mean(accs))
-        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {means[name]:.3f} |")
-    ranking = " > ".join(sorted(names, key=lambda n: -means[n]))
+        # per seed: the accuracy averaged over layers; then mean and spread over seeds
+        per_seed = {r: [float(np.mean(results[(name, r, s)])) for s in seeds] for r in ratios}
+        overall = [float(np.mean([per_seed[r][i] for r in ratios])) for i in range(len(seeds))]
+        means[name], spreads[name] = float(np.mean(overall)), sd(overall)
+        cells = [f"{np.mean(per_seed[r]):.3f} ± {sd(per_seed[r]):.3f}" for r in ratios]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {means[name]:.3f} ± {spreads[name]:.3f} |")
+    ranking = " > ".join(f"{n} ({means[n]:.3f})" for n in sorted(names, key=lambda n: -means[n]))
     summary = [
-        f"Unpruned accuracy {np.mean(base):.3f} (mean of {args.seeds} seeds). Each cell: test accuracy "
-        f"with one layer pruned, no fine-tuning, mean over {len(roots)} layers x {args.seeds} seeds; "
-        f"{args.attr_examples} training images for attribution.",
+        f"Unpruned accuracy {np.mean(base):.3f} ± {sd(base):.3f} (mean ± sample sd over {args.seeds} seeds). "
+        f"Each cell: test accuracy with one layer pruned, no fine-tuning, averaged over {len(roots)} layers; "
+        f"mean ± sample standard deviation over {args.seeds} seeds; {args.attr_examples} training images "
+        "for attribution.",
         "",
         *lines,
         "",
-        f"Ranking by mean accuracy: {ranking}",
+        f"Ranking by mean accuracy over ratios: {ranking}",
     ]
     text = "\n".join(summary)
     print("\n" + text)

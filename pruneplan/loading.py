@@ -108,7 +108,12 @@ def load_factory(spec: str) -> Any:
 
 def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     """Build the model named by ``spec`` (a factory, a class, or a module instance) in eval mode,
-    then load ``weights`` (safetensors, or a ``torch.save``-d state dict) strictly."""
+    then load ``weights`` (safetensors, or a ``torch.save``-d state dict) strictly.
+
+    Raises:
+        PlanningError: the spec cannot be loaded (see `load_factory`), it does not give an
+            ``nn.Module``, the weights file does not exist, or its tensors do not fit the model.
+    """
     obj = load_factory(spec)
     model = obj if isinstance(obj, nn.Module) else _call(spec, obj) if callable(obj) else obj
     if not isinstance(model, nn.Module):
@@ -269,7 +274,11 @@ def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> N
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """``"3,224,224"`` -> ``(3, 224, 224)`` (the shape of one example, without the batch)."""
+    """``"3,224,224"`` -> ``(3, 224, 224)`` (the shape of one example, without the batch).
+
+    Raises:
+        PlanningError: not comma-separated positive integers.
+    """
     try:
         shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
     except ValueError:
@@ -281,7 +290,10 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 def example_input(shape: Sequence[int], batch_size: int = 1, dtype: torch.dtype = torch.float32,
                   seed: int = 0) -> torch.Tensor:
-    """A deterministic example batch of ``shape`` (random normal; zeros for integer dtypes)."""
+    """A deterministic example batch of ``shape`` (random normal; zeros for integer dtypes).
+
+    Raises nothing for valid shapes (torch's own errors for negative sizes).
+    """
     full = (batch_size, *shape)
     if dtype.is_floating_point:
         return torch.randn(full, generator=torch.Generator().manual_seed(seed), dtype=dtype)

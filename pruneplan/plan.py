@@ -445,7 +445,11 @@ class PrunePlan(_Strict):
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write the canonical JSON to ``path`` atomically (temporary name, then rename)."""
+        """Write the canonical JSON to ``path`` atomically (temporary name, then rename).
+
+        Raises:
+            OSError: the folder does not exist or is not writable (``path`` is then untouched).
+        """
         from pruneplan._io import atomic_write_bytes
 
         return atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
@@ -470,7 +474,11 @@ class PrunePlan(_Strict):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrunePlan:
-        """Validate a plan given as plain data; raises `PlanValidationError`."""
+        """Validate a plan given as plain data.
+
+        Raises:
+            PlanValidationError: a field breaks the format; the message names it.
+        """
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -523,7 +531,12 @@ class PrunePlan(_Strict):
         return {k: v[0] if len(v) == 1 else _merge(r for rs in v for r in rs) for k, v in out.items()}
 
     def edits(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(module, attribute) -> (before, after), summing the deltas of all groups."""
+        """(module, attribute) -> (before, after), summing the deltas of all groups.
+
+        Raises:
+            PlanValidationError: groups disagree on the value before pruning, or the summed
+                edits would drop an attribute below 1.
+        """
         out: dict[tuple[str, str], tuple[int, int]] = {}
         for g in self.groups:
             for e in g.edits:
@@ -995,7 +1008,8 @@ def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
 
 
 def json_schema() -> str:
-    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v1.schema.json``."""
+    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v1.schema.json``.
+    Raises nothing."""
     schema = PrunePlan.model_json_schema()
     schema["$id"] = f"https://pruneplan.dev/schemas/pruneplan.v{VERSION}.schema.json"
     schema["title"] = f"PrunePlan v{VERSION}"
@@ -1003,7 +1017,8 @@ def json_schema() -> str:
 
 
 def state_dict_digest(shapes: Mapping[str, Sequence[int]]) -> str:
-    """sha256 of the sorted names and shapes of a whole state dict (no values)."""
+    """sha256 of the sorted names and shapes of a whole state dict (no values; for the content,
+    see `pruneplan.weights_digest`). Raises nothing."""
     text = "\n".join(f"{k}:{','.join(str(int(d)) for d in shapes[k])}" for k in sorted(shapes))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -1052,7 +1067,11 @@ class PlanDiff:
 
 
 def diff_plans(a: PrunePlan, b: PrunePlan) -> PlanDiff:
-    """Per group: removed indices only in ``a``, only in ``b``; groups only in one plan."""
+    """Per group: removed indices only in ``a``, only in ``b``; groups only in one plan.
+
+    Groups are listed in ``a``'s order (execution order), then the groups only in ``b``.
+    Raises nothing.
+    """
     ga = {g.name: g for g in a.groups}
     gb = {g.name: g for g in b.groups}
     out = []

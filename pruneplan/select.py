@@ -48,6 +48,20 @@ def select_indices(
         round_to: kept counts are rounded up to a multiple of this (8 for hardware-friendly
             channel counts); a group too small for the next multiple keeps all its units.
         min_keep: every group keeps at least this many units (and never loses all).
+
+    How counts are rounded:
+
+    * ``scope="layer"``: a group of ``n`` units is asked to lose ``floor(ratio * n)`` (so
+      ``ratio=0.3`` of 16 units asks for 4, not 4.8). The kept count ``n - floor(ratio * n)`` is
+      then raised to ``min_keep`` (and to 1), rounded *up* to a multiple of ``round_to``, and
+      capped at ``n``. Rounding only ever keeps more: 30% of 32 with ``round_to=8`` keeps 24
+      (floor(9.6) = 9 asked, 23 kept rounds up to 24), so 8 go, not 9.
+    * ``scope="global"``: ``floor(ratio * total)`` units are asked for over all groups; they are
+      taken in the order of the normalised scores (ties: lower group name, then lower unit
+      index), skipping a group once it is down to ``min_keep`` units. Then each group's kept
+      count is rounded up to a multiple of ``round_to`` as above, which can return units: the
+      result may remove noticeably fewer than asked (`pruneplan.plan_from_metric` reports the
+      requested and the achieved fraction and warns below 90%).
         normalize: per-group scaling before the global ranking: divide by the ``"mean"``
             absolute score (the default: a typical unit scores 1 in every group, whatever its
             size), the ``"l2"`` norm, the ``"l1"`` norm or the ``"max"`` absolute value;
@@ -105,8 +119,9 @@ def select_indices(
 def keep_count(size: int, wanted: int, round_to: int = 1, min_keep: int = 1) -> int:
     """Units a group of ``size`` keeps when ``wanted`` should stay, after rounding and floors.
 
-    ``wanted`` is rounded up to a multiple of ``round_to`` and raised to ``min_keep``; the result
-    never exceeds ``size`` and is never 0.
+    ``wanted`` is raised to ``min_keep`` (and 1), then rounded up to a multiple of ``round_to``;
+    the result never exceeds ``size`` and is never 0. E.g. ``keep_count(32, 22, 8)`` is 24 and
+    ``keep_count(12, 11, 8)`` is 12 (16 is more than the group has). Raises nothing.
     """
     kept = max(wanted, min_keep, 1)
     kept = -(-kept // round_to) * round_to
@@ -118,7 +133,12 @@ def aggregate_scores(
     groups: Mapping[str, Sequence[str]] | Iterable[Any] | None = None,
     aggregate: str = "mean",
 ) -> dict[str, np.ndarray]:
-    """Group name -> one float score per unit, combining the members of coupled groups."""
+    """Group name -> one float score per unit, combining the members of coupled groups.
+
+    Raises:
+        PlanningError: unknown ``aggregate``, scores that are not a non-empty 1-D finite array,
+            members of one group with different unit counts, or ``groups`` of the wrong form.
+    """
     if aggregate not in _AGGREGATES:
         raise PlanningError(f"aggregate must be one of {_AGGREGATES}, got {aggregate!r}")
     arrays = {str(k): _as_scores(k, v) for k, v in scores.items()}

@@ -227,3 +227,38 @@ def test_the_library_refuses_ignored_options_too() -> None:
         pp.plan_from_metric(model, x, "fpgm", 0.5, seed=1)
     with pytest.raises(pp.PlanningError, match=r"metric 'lp_norm' has no parameter 'sv_samples' \(its parameters: p\)"):
         pp.plan_from_metric(model, x, "lp_norm", 0.5, metric_params={"sv_samples": 3})
+
+
+def test_select_indices_rounds_as_its_docstring_says() -> None:
+    import numpy as np
+
+    # per layer: 30% of 32 asks floor(9.6) = 9; 23 kept rounds up to 24 with round_to=8: 8 go
+    assert len(pp.select_indices({"a": np.arange(32.0)}, 0.3, round_to=8)["a"]) == 8
+    # a group too small for the next multiple keeps everything: 12 units, 11 kept -> 16 > 12
+    assert pp.select_indices({"a": np.arange(12.0)}, 0.1, round_to=8) == {}
+    # the lowest scores go, ties to the lower index
+    assert pp.select_indices({"a": [3.0, 1.0, 1.0, 2.0]}, 0.5) == {"a": [1, 2]}
+
+
+def test_kind_ratios_read_the_groups_kind_attribute() -> None:
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from pruneplan.loading import _select_ratio
+
+    @dataclass
+    class G:  # what discovery gives, with the `kind` of DESIGN "Group kinds"
+        name: str
+        size: int
+        kind: str = "channels"
+
+    groups = [G("a", 8), G("h", 4, "heads"), G("b", 10)]
+    table = {g.name: np.arange(float(g.size)) for g in groups}
+    removed, asked = _select_ratio(groups, table, 0.5, "layer", None, {"heads": 0.25}, 1, 1, "mean",
+                                   lambda r: r)
+    # channels at 0.5: 4 of 8 and 5 of 10; heads at 0.25: floor(1.0) = 1 of 4 (the lowest)
+    assert removed == {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3, 4], "h": [0]} and asked == 10
+    # global scope ranks each kind separately with its own ratio
+    removed, _ = _select_ratio(groups, table, 0.5, "global", None, {"heads": 0.5}, 1, 1, "mean", lambda r: r)
+    assert len(removed["h"]) == 2 and len(removed.get("a", [])) + len(removed.get("b", [])) == 9

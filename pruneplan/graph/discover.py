@@ -243,7 +243,8 @@ def left_out_summary(groups: GroupList, shown: int = 3) -> str:
 
 def describe_groups(groups: list[Group]) -> str:
     """A plain-text table of groups: name, size, roots, tensor count (for the CLI); for a
-    `GroupList` with roots left out, then one line per such root: its name and the reason."""
+    `GroupList` with roots left out, then one line per such root: its name and the reason.
+    Raises nothing."""
     lines = []
     width = max([len("group"), *(len(g.name) for g in groups)])
     lines.append(f"{'group':<{width}}  {'size':>6}  {'tensors':>7}  roots")
