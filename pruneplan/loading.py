@@ -391,8 +391,10 @@ def score_groups(
 ) -> dict[str, np.ndarray]:
     """Scores of every root module of ``groups`` with the named metric (member name -> array).
 
-    Members whose score count differs from their group's size (a metric that scores another
-    axis, e.g. the vocabulary of an Embedding) are left out with a warning, and so are, for
+    A metric scores the output rows of a root; where a unit spans several rows (an attention
+    head: ``head_dim`` rows of ``q_proj``), a unit's score is the mean of its rows' scores.
+    Members whose scores still do not fit their group (a metric that scores another axis, e.g.
+    the vocabulary of an Embedding) are left out with a warning, and so are, for
     ``bn_scale``, roots that no BatchNorm follows; aggregate what remains with
     `select_indices(..., groups=groups)`.
 
@@ -435,16 +437,38 @@ def score_groups(
                 log.warning("leaving %r out: %s", name, exc)
     else:
         raw = scorer.run_all(members)
-    sizes = {r: g.size for g in groups for r in g.roots}
+    by_root = {r: g for g in groups for r in g.roots}
     out = {}
     for name, s in raw.items():
-        s = np.asarray(s).reshape(-1)
-        if s.size != sizes[name]:
-            log.warning("ignoring %s scores of %r: %d scores for %d units", metric, name, s.size,
-                        sizes[name])
-            continue
+        s = np.asarray(s, dtype=np.float64).reshape(-1)
+        g = by_root[name]
+        if s.size != g.size:
+            pooled = _pool_rows(name, s, g)
+            if pooled is None:
+                log.warning("ignoring %s scores of %r: %d scores for %d units", metric, name, s.size,
+                            g.size)
+                continue
+            log.info("%s: the %d row scores of %r averaged into its %d %s", metric, s.size, name, g.size,
+                     _kind(g))
+            s = pooled
         out[name] = s
     return out
+
+
+def _pool_rows(name: str, s: np.ndarray, g: GroupSpec) -> np.ndarray | None:
+    """One score per unit when a metric scored every output row of a root whose units span
+    several rows (an attention head is ``head_dim`` rows of ``q_proj``): the mean of the unit's
+    rows, as the group's slice of ``<root>.weight`` (axis 0) places them. ``None`` when the
+    group has no such slice or it does not fit the score count."""
+    from pruneplan.plan import IndexMap
+
+    for sl in g.slices:
+        if sl.tensor == f"{name}.weight" and sl.axis == 0 and sl.modulo is None:
+            m = IndexMap(**sl.map_fields())
+            if m.extent(g.size) > s.size:
+                return None
+            return np.array([s[m.unit(u)].mean() for u in range(g.size)])
+    return None
 
 
 def plan_from_metric(

@@ -137,3 +137,29 @@ def test_cli_device_and_progress_bar(tmp_path: Path) -> None:
     assert quiet.exit_code == loud.exit_code == 0, loud.output
     assert "TaylorAttributionMetric" not in quiet.stderr and "TaylorAttributionMetric" in loud.stderr
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_kind_ratio_on_attention_heads_of_a_real_transformer() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    plan = pp.plan_from_metric(model, (ids,), "lp_norm", 0.25, kind_ratios={"heads": 0.5})
+    kinds = {g.name: g.kind for g in pp.prunable_groups(model, (ids,))}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}.self_attn."
+        assert kinds[p + "q_proj"] == "heads"
+        # a head is 16 rows of q, k and v: its score is the mean L2 norm of its rows in each
+        # projection, averaged over the three; the two lowest of the four heads go (0.5 * 4)
+        norms = [model.get_submodule(p + n).weight.detach().norm(dim=1).reshape(4, 16).mean(1)
+                 for n in ("q_proj", "k_proj", "v_proj")]
+        head_scores = torch.stack(norms).double().mean(0)
+        assert plan.group(p + "q_proj").removed == sorted(torch.argsort(head_scores)[:2].tolist())
+    # channel groups keep the plain ratio: the MLP (128 units) loses floor(0.25 * 128) = 32
+    mlp = [g for g in plan.groups if kinds[g.name] == "channels" and g.size == 128]
+    assert mlp and all(len(g.removed) == 32 for g in mlp)
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        assert pruned(ids).logits.shape == (2, 8, 128)
