@@ -13,7 +13,7 @@ from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin
 
 __all__ = ["BlockModuleRule", "BlockRule"]
 
-BLOCKING_TYPES = (nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
+BLOCKING_TYPES = (nn.RNNBase, nn.TransformerEncoderLayer,
                   nn.TransformerDecoderLayer, nn.Transformer, nn.Bilinear, nn.PixelShuffle,
                   nn.PixelUnshuffle, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
 BLOCK_OPS = ("mm", "einsum", "baddbmm", "addmm", "addbmm",
@@ -53,3 +53,10 @@ class BlockRule(FunctionRule):
 
 builtin(BLOCKING_TYPES, rule=BlockModuleRule())
 builtin(names=BLOCK_OPS, rule=BlockRule())
+
+#: Why ``nn.MultiheadAttention`` keeps its heads and the width it reads (see the README).
+MHA_WHY = ("nn.MultiheadAttention computes head_dim = embed_dim // num_heads from the width of "
+           "its input, so removing heads (packed in_proj_weight rows) or input channels would "
+           "change the head size of the heads that stay; write the attention with separate "
+           "q/k/v Linear layers and F.scaled_dot_product_attention to prune it")
+builtin([nn.MultiheadAttention], rule=BlockModuleRule(MHA_WHY))

@@ -89,14 +89,28 @@ class SplitRule(FunctionRule):
             return [x] * len(outs)
         sizes = [m[dim] for m in outs]
         how = call.arg(1, "sections")
-        fixed = name in ("unbind", "split_with_sizes", "split") or (
+        # split(n): equal parts of n, n from an attribute of the module (GPT-2's split_size)
+        by_size = name == "split" and isinstance(how, int) and not isinstance(how, bool)
+        fixed = name in ("unbind", "split_with_sizes") or (name == "split" and not by_size) or (
             name == "tensor_split" and not isinstance(how, int))
         if x.axes != (dim,) or fixed or len(set(sizes)) != 1:
             call.block(x, f"{call.where} splits them into fixed-size parts")
             return None
         rows = x.arr.reshape(len(sizes), -1)
-        for i in range(1, len(sizes)):
-            call.couple(rows[0], rows[i])
+        if not by_size:
+            for i in range(1, len(sizes)):
+                call.couple(rows[0], rows[i])
+            return [Lab((dim,), rows[i].copy()) for i in range(len(sizes))]
+        # the parts lose the same positions (query/key/value of a packed projection: a unit
+        # then owns one position in each part)
+        if call.tie(list(rows)) is None:
+            return None
+        rows = call.fresh(rows)
+        if by_size:
+            from pruneplan.graph.rules.reshape import attribute_size
+
+            if not attribute_size(call, Lab((dim,), rows[0]), how):
+                return None
         return [Lab((dim,), rows[i].copy()) for i in range(len(sizes))]
 
 

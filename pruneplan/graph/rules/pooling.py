@@ -56,7 +56,15 @@ class SpatialRule(FunctionRule):
             k: int | None = len(call.xmeta) - 2
         elif name == "pad":
             pad = call.arg(1, "pad")
-            k = len(pad) // 2 if isinstance(pad, tuple | list) else None
+            if not isinstance(pad, tuple | list):
+                return call.unsupported()
+            # pairs run from the last axis backwards; a (0, 0) pair leaves its axis alone
+            nd = len(call.xmeta)
+            padded = {nd - 1 - j for j in range(len(pad) // 2) if pad[2 * j] or pad[2 * j + 1]}
+            if padded & set(x.axes):
+                call.block(x, f"{call.where} acts on their axis")
+                return None
+            return x
         else:
             k = int(m.group(1)) if m else None
         if k is None:

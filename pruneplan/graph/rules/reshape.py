@@ -105,6 +105,13 @@ def fixed_sizes(call: Call, lab: Lab) -> Lab | None:
     v = args[lab.axes[0]]
     if not isinstance(v, int) or isinstance(v, bool) or v == -1:
         return lab
+    return lab if attribute_size(call, lab, v) else None
+
+
+def attribute_size(call: Call, lab: Lab, v: int) -> bool:
+    """The size ``v``, written as a number where labels ``lab`` (one axis) lie, is an attribute
+    of the module running the call: edit it with the units (``False``: blocked, no such
+    attribute or several)."""
     mod = call.scope_module
     names = [n for n, val in (vars(mod).items() if mod is not None else ())
              if type(val) is int and val == v and not n.startswith("_")
@@ -116,10 +123,10 @@ def fixed_sizes(call: Call, lab: Lab) -> Lab | None:
         why = "no attribute of its module holds it" if not pick else \
             f"several attributes of its module hold it ({', '.join(sorted(pick))})"
         call.block(lab, f"{call.where} writes the size {v} of their axis as a number and "
-                   f"{why}, so the view would not follow pruned heads")
-        return None
+                   f"{why}, so it would not follow pruned units")
+        return False
     call.edit(pick[0], v, lab.arr, module=call.node.scope)
-    return lab
+    return True
 
 
 def _view_dims(x: PView, a: Any, out: Any) -> PView | None:
@@ -131,6 +138,8 @@ def _view_dims(x: PView, a: Any, out: Any) -> PView | None:
         big_i = [d for d in gi if a[d] != 1]
         big_o = [d for d in go if out[d] != 1]
         if len(big_i) > 1 or len(big_o) > 1:
+            if all(x.dims[d] is None for d in big_i):
+                continue  # dims that are no parameter axis anyway (gathered rows)
             return None
         if big_i and big_o:
             dims[big_o[0]] = x.dims[big_i[0]]
@@ -270,7 +279,15 @@ class GetitemRule(FunctionRule):
 
     def params(self, call: Call) -> PView | None:
         x = _param(call)
-        if x is None or not _trivial(call.node.args[1]):
+        if x is None:
+            return None
+        idx = call.node.args[1]
+        if isinstance(idx, Ref) and tensorish(call.meta(idx)):
+            # table[index]: rows gathered by a tensor of indices (a relative position bias
+            # table indexed per pair of positions); the other dims stay the table's
+            lead = len(call.out) - (len(call.xmeta) - 1)
+            return PView(x.key, (None,) * lead + x.dims[1:])
+        if not _trivial(idx):
             return None
         return _view_dims(x, call.xmeta, call.out)
 
