@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.14.1
 TORCHVISION_VERSION ?= 0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo docs lint schema bench clean
+.PHONY: venv test test-core coverage demo docs lint schema bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m real tests/test_real_models.py
+
+# the core suite alone (no torchvision/timm models): what to run while developing
+test-core: $(STAMP)
+	$(PY) -m pytest -q
+
+coverage: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/coverage.py -o docs/coverage.md
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
