@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pruneplan.compose import compose
 from pruneplan.errors import (
     AlreadyPrunedError,
+    ConfigError,
     CoupledGroupError,
     OptimizerStateError,
     OutputFileError,
@@ -29,6 +30,8 @@ from pruneplan.errors import (
 from pruneplan.plan import (
     FORMAT,
     VERSION,
+    ConfigChange,
+    ConfigEdits,
     DropoutChange,
     Group,
     IndexMap,
@@ -45,11 +48,13 @@ from pruneplan.plan import (
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from pruneplan.apply import (
         apply_plan,
+        apply_to_checkpoint,
         apply_to_safetensors,
         apply_to_sharded_safetensors,
         apply_to_state_dict,
         check_sharded_weights,
         check_weights,
+        is_hf_checkpoint,
         load_pruned,
         weights_digest,
     )
@@ -67,6 +72,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it; imported (with torch) on first access
 _LAZY: dict[str, str] = {
     "apply_plan": "pruneplan.apply",
+    "apply_to_checkpoint": "pruneplan.apply",
+    "is_hf_checkpoint": "pruneplan.apply",
     "apply_to_safetensors": "pruneplan.apply",
     "apply_to_sharded_safetensors": "pruneplan.apply",
     "apply_to_state_dict": "pruneplan.apply",
@@ -115,6 +122,9 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "AlreadyPrunedError",
+    "ConfigChange",
+    "ConfigEdits",
+    "ConfigError",
     "CoupledGroupError",
     "DropoutChange",
     "ExampleInputs",
@@ -141,6 +151,7 @@ __all__ = [
     "WeightsFileError",
     "__version__",
     "apply_plan",
+    "apply_to_checkpoint",
     "apply_to_safetensors",
     "apply_to_sharded_safetensors",
     "apply_to_state_dict",
@@ -150,6 +161,7 @@ __all__ = [
     "count",
     "describe_groups",
     "diff_plans",
+    "is_hf_checkpoint",
     "json_schema",
     "load_pruned",
     "plan_from_metric",

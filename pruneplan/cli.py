@@ -189,9 +189,17 @@ def apply(plan: Path, weights: Path, output: str | None, force: bool, no_digest_
 
     WEIGHTS is a safetensors file, or a sharded checkpoint: its folder (holding one
     *.safetensors.index.json) or its index file. A sharded checkpoint is pruned shard by shard
-    into a new folder holding the pruned shards and index only (no config or other files).
+    into a new folder holding the pruned shards and index only. A Hugging Face checkpoint folder
+    (one holding config.json, with sharded or single-file safetensors weights) becomes a folder
+    with the pruned weights, the rewritten config.json and a copy of the other files; a plan
+    whose widths the config cannot express is refused before anything is written.
     """
-    apply_to = pruneplan.apply_to_sharded_safetensors if _sharded(weights) else pruneplan.apply_to_safetensors
+    if pruneplan.is_hf_checkpoint(weights):
+        apply_to = pruneplan.apply_to_checkpoint
+    elif _sharded(weights):
+        apply_to = pruneplan.apply_to_sharded_safetensors
+    else:
+        apply_to = pruneplan.apply_to_safetensors
     target, folder = _output_path(output)
     if target is None:
         target = _default_output(weights)
@@ -247,11 +255,14 @@ def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: 
     known = loaded.buffers_known
     pcol = "parameters" if known else "params+bufs"
     width = max([len("group"), *(len(r["group"]) for r in rows)])
-    head = f"{'group':<{width}}  {'kept/size':>11}  {'removed':>8}  {pcol:>12}"
+    kinds = any(r["kind"] != "channels" for r in rows)  # a kind column for plans with heads
+    kind_head = f"  {'kind':<12}" if kinds else ""
+    head = f"{'group':<{width}}{kind_head}  {'kept/size':>11}  {'removed':>8}  {pcol:>12}"
     click.echo(head + (f"  {'buffers':>8}" if known else ""))
     for r in rows:
         kept = f"{r['kept']}/{r['size']}"
-        line = f"{r['group']:<{width}}  {kept:>11}  {r['fraction']:>8.1%}  {r['parameters']:>12,}"
+        kind = f"  {r['kind']:<12}" if kinds else ""
+        line = f"{r['group']:<{width}}{kind}  {kept:>11}  {r['fraction']:>8.1%}  {r['parameters']:>12,}"
         click.echo(line + (f"  {r['buffers']:>8,}" if known else ""))
     total = loaded.parameters_touched()
     removed = loaded.parameters_removed()
@@ -271,6 +282,11 @@ def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: 
     if "target" in sel and "achieved" in sel:
         for key, want in sel["target"].items():
             click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'].get(key, 0):.1%}")
+    if loaded.config is not None:
+        for change in loaded.config.changes:
+            click.echo(f"config {change.describe()}")
+        for problem in loaded.config.problems():
+            click.echo(f"config cannot express the pruned model: {problem}")
     if model_spec is not None:
         from pruneplan import loading  # imports torch: only with --model
 
@@ -298,6 +314,8 @@ def diff(a: Path, b: Path) -> None:
         return
     if result.model_differs:
         click.echo("model fingerprints differ")
+    if result.config_differs:
+        click.echo("config changes differ")
     for g in result:
         if g.size_a is None:
             click.echo(f"{g.name}: only in B (removes {len(g.only_in_b)})")

@@ -26,7 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pruneplan.errors import PlanMismatchError, PlanValidationError
-from pruneplan.plan import FORMAT, VERSION, IndexMap, Provenance, PrunePlan
+from pruneplan.plan import (
+    FORMAT,
+    ConfigChange,
+    ConfigEdits,
+    Group,
+    IndexMap,
+    Provenance,
+    PrunePlan,
+    required_version,
+)
 
 __all__ = ["compose"]
 
@@ -51,6 +60,7 @@ class _Group:
     name: str
     size: int
     order: int | None = None
+    kind: str = "channels"
     removed: set[int] = field(default_factory=set)
     slices: dict[Key, _Slice] = field(default_factory=dict)
     edits: dict[tuple[str, str], int] = field(default_factory=dict)  # -> summed delta
@@ -136,13 +146,15 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
             }
             cg = groups.get(g.name)
             if cg is None:
-                cg = groups[g.name] = _Group(name=g.name, size=g.size, order=g.order)
+                cg = groups[g.name] = _Group(name=g.name, size=g.size, order=g.order, kind=g.kind)
                 for key, (m, units) in mapped.items():
                     modulo = None if m.modulo is None else original[key[0]][key[1]]
                     cg.slices[key] = _Slice(first=m, modulo=modulo, units=units)
                 cg.removed.update(g.removed)
             else:
                 kept = cg.kept()
+                if g.kind != cg.kind:
+                    raise PlanMismatchError(f"{gw}: is of kind {g.kind!r}, the plans before it say {cg.kind!r}")
                 if g.size != len(kept):
                     raise PlanMismatchError(
                         f"{gw}: has {g.size} units, but the plans before it leave {len(kept)}"
@@ -181,6 +193,7 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
             continue
         out_groups.append({
             "name": cg.name,
+            "kind": cg.kind,
             "size": cg.size,
             "order": cg.order,
             "removed": sorted(cg.removed),
@@ -207,18 +220,48 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
         torch=first.torch,
         notes=f"composed of {len(plans)} plans: " + ", ".join(p.digest()[:12] for p in plans),
     )
+    config = _compose_config(plans)
     try:
+        built = [Group.model_validate(g) for g in out_groups]
         result = PrunePlan.from_dict({
             "format": FORMAT,
-            "version": VERSION,
+            "version": required_version(built, config),
             "model": {"tensors": original, "digest": plans[0].model.digest, "buffers": buffers},
             "groups": out_groups,
             "provenance": provenance.model_dump(),
+            **({"config": config.model_dump()} if config is not None else {}),
         })
     except PlanValidationError as exc:
         raise PlanValidationError(f"the composed plan is invalid: {exc}") from None
     log.info("composed %d plans into %d groups", len(plans), len(result.groups))
     return result
+
+
+def _compose_config(plans: Sequence[PrunePlan]) -> ConfigEdits | None:
+    """Config changes of plans applied in order: each key's first ``before``, last value."""
+    parts = [(i, p.config) for i, p in enumerate(plans) if p.config is not None]
+    if not parts:
+        return None
+    changes: dict[str, ConfigChange] = {}
+    unsupported: list[str] = []
+    tied: dict[str, str] = {}
+    for i, part in parts:
+        for c in part.changes:
+            prev = changes.get(c.key)
+            if prev is not None:
+                if prev.after != c.before:
+                    now = prev.after if prev.after is not None else "different per layer"
+                    raise PlanMismatchError(
+                        f"plan {i}: expects config {c.key} = {c.before}, but the plans before it "
+                        f"leave {now}"
+                    )
+                c = c.model_copy(update={"before": prev.before})
+            changes[c.key] = c
+        unsupported += part.unsupported
+        tied.update(part.tied)
+    kept = [c for c in changes.values() if c.per_layer or c.after != c.before]
+    model_type = next((p.model_type for _, p in parts if p.model_type), None)
+    return ConfigEdits(model_type=model_type, changes=kept, unsupported=unsupported, tied=tied)
 
 
 def _fit(s: _Slice, size: int) -> IndexMap:

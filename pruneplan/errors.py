@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyPrunedError",
+    "ConfigError",
     "CoupledGroupError",
     "OptimizerStateError",
     "OutputFileError",
@@ -95,3 +96,8 @@ class CoupledGroupError(PlanningError):
 
 class UnexecutedModuleError(PlanningError):
     """Strict discovery: a module holding parameters was not executed by any example call."""
+
+
+class ConfigError(PlanError):
+    """A plan's widths break a model's config: grouped-query attention left uneven, or widths a
+    Hugging Face config cannot express (one value for all layers, a derived head size)."""

@@ -3,9 +3,12 @@
 A plan is data, not code: it names every tensor slice, module attribute edit and dropout
 change that one pruning step implies. This module knows nothing of torch.
 
-Format (version 1), in prose; ``schemas/pruneplan.v1.schema.json`` is the generated schema.
+Format (version 2), in prose; ``schemas/pruneplan.v2.schema.json`` is the generated schema
+(``schemas/pruneplan.v1.schema.json`` is the frozen schema of version 1).
 
-* ``format`` is ``"pruneplan"`` and ``version`` is ``1``.
+* ``format`` is ``"pruneplan"`` and ``version`` is ``1`` or ``2``. Version 2 adds group ``kind``
+  and the ``config`` part; a plan is written with the lowest version that can hold it, so a plan
+  that uses neither is still a version-1 document, byte for byte as before.
 * ``model`` fingerprints the source weights: ``tensors`` maps every state-dict key the plan
   touches to its original shape, ``digest`` is :func:`state_dict_digest` of the whole state dict,
   ``buffers`` (optional; absent in older plans) lists the touched tensors that are buffers
@@ -21,6 +24,16 @@ Format (version 1), in prose; ``schemas/pruneplan.v1.schema.json`` is the genera
   dropout rates. When several groups edit the same attribute, their deltas add up.
 * Slices of different groups on the same (tensor, axis) cover disjoint positions, so the order
   of groups never changes the result.
+* ``kind`` (version 2) says what a group's units are: ``"channels"`` (output channels or
+  neurons, the default, omitted from the JSON), ``"heads"`` (attention heads: a unit is every
+  position of one head) or ``"query_groups"`` (a key/value head of grouped-query attention with
+  its query heads).
+* ``config`` (version 2, optional) records the changes to a Hugging Face ``config.json`` that the
+  pruned widths imply: per key, the value before and after, or, where the config holds one value
+  for all layers but the plan leaves layers of different widths, the width of every layer
+  (``per_layer``); ``unsupported`` lists other reasons the config cannot describe the pruned
+  model. Applying to a checkpoint folder rewrites ``config.json`` from it and refuses a plan whose
+  widths the config cannot express (see `ConfigEdits.problems`).
 * ``provenance`` is informative only; the applier ignores it.
 
 Loading is bounded and total: :meth:`PrunePlan.load` and :meth:`PrunePlan.from_json` raise
@@ -40,7 +53,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -55,11 +68,15 @@ from pruneplan.errors import PlanValidationError, quote
 
 __all__ = [
     "FORMAT",
+    "KINDS",
     "MAX_DEPTH",
     "MAX_INT",
     "MAX_PLAN_BYTES",
     "MAX_RANGES",
+    "SUPPORTED_VERSIONS",
     "VERSION",
+    "ConfigChange",
+    "ConfigEdits",
     "DropoutChange",
     "Group",
     "GroupDiff",
@@ -74,11 +91,18 @@ __all__ = [
     "diff_plans",
     "json_schema",
     "removed_positions",
+    "required_version",
     "state_dict_digest",
 ]
 
 FORMAT = "pruneplan"
-VERSION = 1
+#: the newest plan format version this library reads and writes
+VERSION = 2
+#: every version this library reads
+SUPPORTED_VERSIONS = (1, 2)
+#: what the units of a group are (`Group.kind`)
+KINDS = ("channels", "heads", "query_groups")
+Kind = Literal["channels", "heads", "query_groups"]
 
 #: largest plan file (or text) that `PrunePlan.load` / `PrunePlan.from_json` read, in bytes
 MAX_PLAN_BYTES = 256 * 1024 * 1024
@@ -232,6 +256,8 @@ class Group(_Strict):
     #: rank of the group's first root in the model's execution order (lower runs first); groups
     #: are listed by it. ``None`` (plans written before it existed): listed last, by name.
     order: int | None = Field(None, ge=0)
+    #: what a unit is (version 2): ``"channels"``, ``"heads"`` or ``"query_groups"``
+    kind: Kind = "channels"
 
     @field_validator("slices")
     @classmethod
@@ -350,6 +376,106 @@ class Provenance(_Strict):
         return _json_value(v)
 
 
+class ConfigChange(_Strict):
+    """One key of a Hugging Face ``config.json`` that the pruned widths change.
+
+    ``before`` is the value in the source config (``None``: absent or null, e.g. GPT-2's
+    ``n_inner``). Exactly one of ``after`` (the new value) and ``per_layer`` (layer -> width,
+    where the layers end up with different widths that the one key cannot hold) is given.
+    """
+
+    key: str = Field(min_length=1)
+    before: int | None
+    after: int | None = Field(None, ge=1)
+    per_layer: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("per_layer")
+    @classmethod
+    def _layers(cls, v: dict[str, int]) -> dict[str, int]:
+        for layer, width in v.items():
+            if width < 1:
+                raise ValueError(f"layer {layer!r} has width {width}; every layer keeps a unit")
+        return dict(sorted(v.items()))
+
+    @model_validator(mode="after")
+    def _check(self) -> ConfigChange:
+        if (self.after is None) == (not self.per_layer):
+            raise ValueError(f"config key {self.key!r}: give exactly one of after and per_layer")
+        if self.per_layer and len(set(self.per_layer.values())) < 2:
+            raise ValueError(
+                f"config key {self.key!r}: every layer has the same width; record it as after"
+            )
+        return self
+
+    def describe(self) -> str:
+        """``key: before -> after``, or the per-layer widths."""
+        if self.after is not None:
+            return f"{self.key}: {self.before} -> {self.after}"
+        by_width: dict[int, list[str]] = {}
+        for layer, width in self.per_layer.items():
+            by_width.setdefault(width, []).append(layer)
+        parts = [f"{width} in {', '.join(layers)}" for width, layers in sorted(by_width.items())]
+        return f"{self.key} (one value for all layers, {self.before} before): " + "; ".join(parts)
+
+
+class ConfigEdits(_Strict):
+    """What a plan changes in a Hugging Face ``config.json`` (plan format version 2).
+
+    ``changes`` holds one entry per key; ``unsupported`` the reasons, other than differing
+    layer widths, why the config cannot describe the pruned model (e.g. a head count the
+    config derives the head size from). ``tied`` maps state-dict keys that share their tensor
+    with an earlier key (a tied ``lm_head``) to that key: ``save_pretrained`` stores only the
+    latter, and applying to a checkpoint folder counts the alias with the stored tensor's
+    shape. ``model_type`` is the config's, informative.
+    """
+
+    model_type: str | None = None
+    changes: list[ConfigChange] = Field(default_factory=list)
+    unsupported: list[str] = Field(default_factory=list)
+    tied: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("tied")
+    @classmethod
+    def _tied(cls, v: dict[str, str]) -> dict[str, str]:
+        for alias, source in v.items():
+            if alias == source or source in v:
+                raise ValueError(f"tied key {alias!r} -> {source!r}: the source must be a stored key")
+        return dict(sorted(v.items()))
+
+    @field_validator("changes")
+    @classmethod
+    def _sort(cls, v: list[ConfigChange]) -> list[ConfigChange]:
+        keys = [c.key for c in v]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"config key {dup[0]!r} is changed twice")
+        return sorted(v, key=lambda c: c.key)
+
+    @field_validator("unsupported")
+    @classmethod
+    def _sort_reasons(cls, v: list[str]) -> list[str]:
+        return sorted(set(v))
+
+    def problems(self) -> list[str]:
+        """Why the config cannot express the pruned model; empty when it can."""
+        out = [
+            f"{c.describe()}; the config holds one value for all layers"
+            for c in self.changes if c.per_layer
+        ]
+        return out + list(self.unsupported)
+
+    def values(self) -> dict[str, int]:
+        """key -> new value, for the keys every layer agrees on."""
+        return {c.key: c.after for c in self.changes if c.after is not None}
+
+
+def required_version(groups: Iterable[Group], config: ConfigEdits | None) -> int:
+    """The lowest format version that holds these groups and config part."""
+    if config is not None or any(g.kind != "channels" for g in groups):
+        return 2
+    return 1
+
+
 class PrunePlan(_Strict):
     """A versioned, validated pruning plan (see the module docstring for the format)."""
 
@@ -358,6 +484,8 @@ class PrunePlan(_Strict):
     model: ModelFingerprint
     groups: list[Group]
     provenance: Provenance = Field(default_factory=Provenance)
+    #: Hugging Face config changes (version 2)
+    config: ConfigEdits | None = None
 
     @field_validator("format")
     @classmethod
@@ -369,8 +497,11 @@ class PrunePlan(_Strict):
     @field_validator("version")
     @classmethod
     def _version(cls, v: int) -> int:
-        if v != VERSION:
-            raise ValueError(f"unsupported plan version {v}: this pruneplan reads version {VERSION}")
+        if v not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"unsupported plan version {v}: this pruneplan reads versions "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
+            )
         return v
 
     @field_validator("groups")
@@ -380,6 +511,12 @@ class PrunePlan(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PrunePlan:
+        if self.version < 2:
+            kinds = sorted({g.kind for g in self.groups if g.kind != "channels"})
+            if kinds:
+                raise ValueError(f"groups of kind {kinds[0]!r} need plan version 2, this plan says 1")
+            if self.config is not None:
+                raise ValueError("a config part needs plan version 2, this plan says 1")
         seen: set[str] = set()
         for g in self.groups:
             if g.name in seen:
@@ -613,6 +750,7 @@ class PrunePlan(_Strict):
         return [
             {
                 "group": g.name,
+                "kind": g.kind,
                 "size": g.size,
                 "kept": g.size - len(g.removed),
                 "removed": len(g.removed),
@@ -1008,8 +1146,10 @@ def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
 
 
 def json_schema() -> str:
-    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v1.schema.json``.
-    Raises nothing."""
+    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v2.schema.json``.
+
+    It validates plans of every supported version (``version`` is 1 or 2). Raises nothing.
+    """
     schema = PrunePlan.model_json_schema()
     schema["$id"] = f"https://pruneplan.dev/schemas/pruneplan.v{VERSION}.schema.json"
     schema["title"] = f"PrunePlan v{VERSION}"
@@ -1058,9 +1198,10 @@ class PlanDiff:
 
     groups: list[GroupDiff]
     model_differs: bool
+    config_differs: bool = False
 
     def __bool__(self) -> bool:
-        return self.model_differs or bool(self.groups)
+        return self.model_differs or self.config_differs or bool(self.groups)
 
     def __iter__(self) -> Iterator[GroupDiff]:
         return iter(self.groups)
@@ -1093,8 +1234,8 @@ def diff_plans(a: PrunePlan, b: PrunePlan) -> PlanDiff:
                     structure_differs=structure,
                 )
             )
-    return PlanDiff(groups=out, model_differs=a.model != b.model)
+    return PlanDiff(groups=out, model_differs=a.model != b.model, config_differs=a.config != b.config)
 
 
 def _shape(g: Group) -> tuple:
-    return (tuple((e.module, e.attribute) for e in g.edits), tuple(d.module for d in g.dropout))
+    return (g.kind, tuple((e.module, e.attribute) for e in g.edits), tuple(d.module for d in g.dropout))

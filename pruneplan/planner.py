@@ -14,9 +14,10 @@ from pruneplan.errors import CoupledGroupError, PlanningError
 from pruneplan.graph.discover import prunable_groups
 from pruneplan.graph.explicit import explicit_groups
 from pruneplan.graph.spec import Group as GroupSpec
+from pruneplan.hf_config import config_edits
 from pruneplan.plan import (
     FORMAT,
-    VERSION,
+    ConfigEdits,
     DropoutChange,
     Group,
     IndexMap,
@@ -25,10 +26,12 @@ from pruneplan.plan import (
     Provenance,
     PrunePlan,
     TensorSlice,
+    required_version,
     state_dict_digest,
 )
 
-__all__ = ["build_plan", "execution_order", "normalize_indices", "plan_pruning"]
+__all__ = ["build_plan", "execution_order", "hf_config_edits", "normalize_indices", "plan_pruning",
+           "tied_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +216,7 @@ def build_plan(
             for d in spec.dropouts
         ]
         groups.append(Group(name=spec.name, size=spec.size, removed=rem, slices=slices,
-                            edits=edits, dropout=dropout, order=order.get(spec.name)))
+                            edits=edits, dropout=dropout, order=order.get(spec.name), kind=spec.kind))
     if provenance is None:
         provenance = Provenance()
     elif not isinstance(provenance, Provenance):
@@ -223,14 +226,22 @@ def build_plan(
 
         provenance = provenance.model_copy(update={"library": f"pruneplan {__version__}",
                                                    "torch": torch.__version__})
-    plan = PrunePlan.from_dict({
+    document = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": required_version(groups, None),
         "model": ModelFingerprint(tensors=touched, digest=state_dict_digest(shapes),
                                   buffers=sorted(k for k in touched if k in buffer_names)).model_dump(),
         "groups": [g.model_dump() for g in groups],
         "provenance": provenance.model_dump(),
-    })
+    }
+    plan = PrunePlan.from_dict(document)
+    config = hf_config_edits(model, plan)
+    if config is not None:
+        plan = PrunePlan.from_dict({**document, "version": required_version(groups, config),
+                                    "config": config.model_dump()})
+        for problem in config.problems():
+            log.warning("the model's config cannot express this plan (applying it to a checkpoint "
+                        "folder will be refused): %s", problem)
     log.info("planned %d groups touching %d tensors", len(plan.groups), len(touched))
     return plan
 
@@ -239,3 +250,30 @@ def _buffer_keys(model: nn.Module) -> set[str]:
     """State-dict keys that are buffers (running statistics), not parameters."""
     params = {id(p) for p in model.parameters()}
     return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in params}
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """State-dict keys whose tensor is also held under an earlier key (alias -> that key)."""
+    first: dict[int, str] = {}
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            out[key] = first[id(t)]
+        else:
+            first[id(t)] = key
+    return out
+
+
+def hf_config_edits(model: nn.Module, plan: PrunePlan) -> ConfigEdits | None:
+    """The config changes of ``plan`` for a model with a Hugging Face-style ``config``.
+
+    Duck-typed: a model whose ``config`` has ``to_dict()`` (every `transformers` model); other
+    models give ``None``. See `pruneplan.hf_config.config_edits`.
+
+    Raises:
+        ConfigError: the plan leaves grouped-query attention uneven (naming the layer).
+    """
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return None
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return config_edits(to_dict(), shapes, plan, tied=tied_keys(model))

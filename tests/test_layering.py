@@ -40,6 +40,8 @@ def forbidden(path: Path, prefixes: tuple[str, ...]) -> list[str]:
 
 RULES = [
     ("plan.py", ("torch", "numpy", "safetensors")),
+    ("hf_config.py", ("torch", "numpy", "safetensors", "transformers", "pruneplan.graph",
+                      "pruneplan.apply", "pruneplan.planner")),
     ("compose.py", ("torch", "numpy", "safetensors", "pruneplan.graph", "pruneplan.apply",
                     "pruneplan.planner")),
     ("errors.py", ("torch", "numpy", "pydantic", "pruneplan.")),

@@ -147,7 +147,7 @@ def _overlap(d: dict) -> None:
 
 
 INVALID = [
-    ("unknown version", _mutate("version", 2), "unsupported plan version 2: this pruneplan reads version 1"),
+    ("unknown version", _mutate("version", 3), "unsupported plan version 3: this pruneplan reads versions 1, 2"),
     ("wrong format", _mutate("format", "torchpruner"), "format is 'torchpruner', expected 'pruneplan'"),
     ("unknown field", _mutate("extra", 1), "extra: Extra inputs are not permitted"),
     ("unknown group field", _mutate("groups/0/colour", "red"), "groups[0].colour"),
@@ -194,7 +194,7 @@ def test_malformed_json_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_schema_file_has_not_drifted() -> None:
-    committed = (ROOT / "schemas" / "pruneplan.v1.schema.json").read_text()
+    committed = (ROOT / "schemas" / "pruneplan.v2.schema.json").read_text()
     assert committed == json_schema(), "regenerate with `pruneplan schema -o schemas/...`"
     schema = json.loads(committed)
     assert schema["additionalProperties"] is False
@@ -219,3 +219,83 @@ def test_diff_plans_reports_indices_per_group() -> None:
     (g,) = diff.groups
     assert (g.name, g.only_in_a, g.only_in_b) == ("a", [3], [0])
     assert not diff_plans(a, a)
+
+
+# ---- version 2: group kinds and the Hugging Face config part ----------------------------------
+
+
+def v2_dict() -> dict:
+    d = base_dict()
+    d["version"] = 2
+    d["groups"][0]["kind"] = "heads"
+    d["config"] = {
+        "model_type": "llama",
+        "changes": [
+            {"key": "num_attention_heads", "before": 4, "after": 2},
+            {"key": "intermediate_size", "before": 128, "per_layer": {"l.1": 64, "l.0": 96}},
+        ],
+        "tied": {"lm_head.weight": "embed.weight"},
+    }
+    return d
+
+
+def test_version_2_round_trip_and_canonical_order() -> None:
+    plan = PrunePlan.from_dict(v2_dict())
+    again = PrunePlan.from_json(plan.to_json())
+    assert again == plan and again.digest() == plan.digest()
+    data = json.loads(plan.to_json())
+    assert data["version"] == 2 and data["groups"][0]["kind"] == "heads"
+    # changes sorted by key, per-layer widths by layer; absent defaults omitted
+    assert data["config"]["changes"] == [
+        {"before": 128, "key": "intermediate_size", "per_layer": {"l.0": 96, "l.1": 64}},
+        {"after": 2, "before": 4, "key": "num_attention_heads"},
+    ]
+    assert plan.config.values() == {"num_attention_heads": 2}
+    assert plan.config.problems() == [
+        "intermediate_size (one value for all layers, 128 before): 64 in l.1; 96 in l.0; the config "
+        "holds one value for all layers"]
+    assert plan.summary()[0]["kind"] == "heads"
+
+
+def test_version_1_documents_still_load_and_keep_their_bytes() -> None:
+    plan = PrunePlan.from_dict(base_dict())
+    assert plan.version == 1 and plan.groups[0].kind == "channels" and plan.config is None
+    # the default kind is not written: a version-1 plan's canonical text (and digest) is unchanged
+    assert '"kind"' not in plan.to_json() and '"config"' not in plan.to_json()
+
+
+V2_INVALID = [
+    ("kind in a v1 plan", lambda d: d.update(version=1, config=None) or d.pop("config"),
+     "groups of kind 'heads' need plan version 2, this plan says 1"),
+    ("config in a v1 plan", lambda d: d.update(version=1) or d["groups"][0].pop("kind"),
+     "a config part needs plan version 2, this plan says 1"),
+    ("unknown kind", lambda d: d["groups"][0].update(kind="experts"), "groups[0].kind"),
+    ("both after and per layer", lambda d: d["config"]["changes"][0].update(per_layer={"a": 1, "b": 2}),
+     "config key 'num_attention_heads': give exactly one of after and per_layer"),
+    ("uniform per layer", lambda d: d["config"]["changes"][1].update(per_layer={"a": 3, "b": 3}),
+     "config key 'intermediate_size': every layer has the same width; record it as after"),
+    ("zero width", lambda d: d["config"]["changes"][1].update(per_layer={"a": 0, "b": 3}),
+     "layer 'a' has width 0; every layer keeps a unit"),
+    ("key twice", lambda d: d["config"]["changes"].append({"key": "num_attention_heads", "before": 4, "after": 3}),
+     "config key 'num_attention_heads' is changed twice"),
+    ("tied chain", lambda d: d["config"].update(tied={"a": "b", "b": "c"}),
+     "tied key 'a' -> 'b': the source must be a stored key"),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "message"), V2_INVALID, ids=[c[0] for c in V2_INVALID])
+def test_invalid_version_2_plans_are_rejected(case, mutate, message) -> None:
+    d = v2_dict()
+    mutate(d)
+    with pytest.raises(PlanValidationError) as info:
+        PrunePlan.from_json(json.dumps(d))
+    assert message in str(info.value)
+
+
+def test_diff_reports_config_and_kind_changes() -> None:
+    a = PrunePlan.from_dict(v2_dict())
+    d = v2_dict()
+    d["config"]["changes"][0]["after"] = 3
+    d["groups"][0]["kind"] = "query_groups"
+    result = diff_plans(a, PrunePlan.from_dict(d))
+    assert result.config_differs and [g.structure_differs for g in result] == [True]

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
+from pruneplan.apply._hf import config_changes, stage_cached_sizes
+from pruneplan.apply._slicing import check_fingerprint, keep_indices, kept_shape, slice_tensor
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import needs_content, weights_digest
 from pruneplan.errors import OptimizerStateError, PlanMismatchError, quote
@@ -29,6 +30,8 @@ class _Staged:
     buffers: list[tuple[nn.Module, str, torch.Tensor]] = field(default_factory=list)
     state: list[tuple[dict, str, torch.Tensor]] = field(default_factory=list)
     attrs: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+    config: list[tuple[object, str, int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def apply_plan(
@@ -42,9 +45,16 @@ def apply_plan(
     """Prune ``model`` (and ``optimizer``'s state) in place as ``plan`` says; return ``model``.
 
     Every check runs before the first change: on any error the model and optimizer are as
-    before. ``nn.Parameter`` objects are kept (optimizer references stay valid); their ``.grad``
-    and every optimizer state tensor shaped like them are sliced the same way, in every param
-    group; scalar state such as ``step`` is kept.
+    before. Besides the plan's edits, the sizes that attention and MLP modules cache
+    (``num_heads``, ``num_key_value_groups``, ``all_head_size``, GPT-2's ``split_size``,
+    ``intermediate_size``...) are recomputed from the pruned weights, and a model with a Hugging
+    Face ``config`` (duck-typed: ``config.to_dict``) gets the config changes the plan records
+    (or, for a plan without them, the ones measured by `pruneplan.hf_config.config_edits`), so
+    that ``save_pretrained`` writes a config ``from_pretrained`` loads. Widths the config cannot
+    express (different per layer) are logged as a warning; the model itself is pruned.
+    ``nn.Parameter`` objects are kept (optimizer references stay valid); their ``.grad`` and
+    every optimizer state tensor shaped like them are sliced the same way, in every param group;
+    scalar state such as ``step`` is kept.
 
     Under ``DistributedDataParallel``, apply the plan to ``ddp.module`` on every rank and wrap
     the pruned module in a new ``DistributedDataParallel``: the old wrapper's gradient buckets
@@ -62,6 +72,7 @@ def apply_plan(
         PlanError: ``check_content`` is not ``"warn"``, ``"error"`` or ``"off"``.
         OptimizerStateError: the optimizer holds state for a pruned parameter that is not
             shaped like the parameter.
+        ConfigError: the plan leaves grouped-query attention uneven (naming the layer).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise PlanMismatchError(
@@ -82,6 +93,11 @@ def apply_plan(
             state[key] = value
         for module, attr, value in staged.attrs:
             setattr(module, attr, value)
+        for config, key, value in staged.config:
+            setattr(config, key, value)
+    for problem in staged.warnings:
+        log.warning("model.config cannot express the pruned model, so save_pretrained will write "
+                    "a config that from_pretrained cannot load: %s", problem)
     log.info("applied plan %s: %d groups", digest[:12], len(plan.groups))
     return model
 
@@ -141,6 +157,7 @@ def _stage(
                 f"model: dropout {mod_name!r} has rate {p!r}, the plan expects {before}"
             )
         staged.attrs.append((module, "p", after))
+    _stage_derived(model, plan, sd, keeps, staged)
     _check_flat_state(optimizer, [p for p, _, _ in staged.params])
     _check_consistent(modules, {k.rpartition(".")[0] for k in keeps} | {m for m, _ in plan.edits()},
                       staged, plan)
@@ -274,6 +291,25 @@ def _check_consistent(modules: dict[str, nn.Module], touched: set[str], staged: 
                         f"{what}: {tensor} would have shape {final[tensor]} but its attributes say "
                         f"{shape} (a slice or an edit is missing from the plan)"
                     )
+def _stage_derived(model: nn.Module, plan: PrunePlan, sd: dict, keeps: dict, staged: _Staged) -> None:
+    """Stage the sizes modules cache and, for a Hugging Face model, the ``config`` changes."""
+    old = {k: list(v.shape) for k, v in sd.items()}
+    new = {k: kept_shape(old[k], keeps.get(k, ())) for k in old}
+    planned = {(id(m), a): v for m, a, v in staged.attrs}
+    for module, attr, value, name in stage_cached_sizes(model, old, new):
+        key = (id(module), attr)
+        if key in planned:
+            if planned[key] != value:
+                raise PlanMismatchError(
+                    f"model: the plan sets {name}.{attr} to {planned[key]}, the pruned weights "
+                    f"imply {value}"
+                )
+            continue
+        planned[key] = value
+        staged.attrs.append((module, attr, value))
+    config, values, problems = config_changes(model, plan, old)
+    staged.config = [(config, key, value) for key, value in values.items()]
+    staged.warnings = problems
 
 
 def _check_flat_state(optimizer: torch.optim.Optimizer | None, pruned: list[nn.Parameter]) -> None:

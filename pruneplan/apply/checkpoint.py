@@ -1,0 +1,185 @@
+"""Apply a plan to a Hugging Face checkpoint folder: weights, ``config.json`` and the rest.
+
+A Hugging Face checkpoint folder holds ``config.json``, the weights (one ``model.safetensors``,
+or shards and a ``model.safetensors.index.json``) and other files (tokenizer, generation
+config...). The pruned folder holds the pruned weights (same file names), ``config.json`` with
+the plan's config changes, and a copy of every other file. No model code is needed: the config
+changes come from the plan's ``config`` part, or, for a plan without one, are measured from
+``config.json`` and the weight shapes (`pruneplan.hf_config.config_edits`).
+
+Every check runs before the first byte is written: a plan whose widths the config cannot
+express (one value for all layers, but layers pruned differently; a head size the config
+derives) is refused naming the layers and their sizes. The output is built in a temporary
+sibling folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pruneplan._io import atomic_write_bytes
+from pruneplan.apply._slicing import check_fingerprint, keep_indices
+from pruneplan.apply.safetensors_io import DIGEST_KEY, prune_file, read_header
+from pruneplan.apply.sharded import (
+    INDEX_SUFFIX,
+    _check_output,
+    _fsync,
+    _index_bytes,
+    _move_into_place,
+    read_sharded,
+)
+from pruneplan.errors import PlanMismatchError, WeightsFileError
+from pruneplan.hf_config import apply_config_edits, config_edits
+from pruneplan.plan import PrunePlan
+
+__all__ = ["CONFIG_NAME", "apply_to_checkpoint", "is_hf_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+#: weight files of other formats: copied unpruned they would contradict the pruned config
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def is_hf_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a ``config.json`` (a Hugging Face checkpoint)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise WeightsFileError(f"{path}: cannot read the config ({exc.strerror})") from None
+    except ValueError as exc:
+        raise WeightsFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsFileError(f"{path}: not a JSON object")
+    return data
+
+
+def apply_to_checkpoint(
+    plan: PrunePlan,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    check_digest: bool = True,
+    progress: bool = False,
+) -> Path:
+    """Write the pruned copy of the Hugging Face checkpoint folder ``src`` into the folder ``dst``.
+
+    ``AutoModel*.from_pretrained(dst)`` then loads the pruned model with no missing, unexpected
+    or mismatched keys. Weights keep their file names; shards and the index are written as by
+    `apply_to_sharded_safetensors`, a single ``model.safetensors`` as by `apply_to_safetensors`;
+    every file gains the plan digest in its metadata. ``config.json`` is rewritten with the
+    config changes (JSON with sorted keys and an indentation of 2, like ``save_pretrained``);
+    every other file and folder is copied, except weight files of other formats (``*.bin``...),
+    which would contradict the pruned config: they are left out with a warning.
+
+    Keys that the plan records as tied (``plan.config.tied``, e.g. a ``lm_head.weight`` sharing
+    the embedding) and that the folder does not store count with the stored tensor's shape for
+    the fingerprint check; the plan must slice them like the stored tensor.
+
+    Args:
+        src: the checkpoint folder (``config.json`` plus safetensors weights).
+        dst: the output folder; its parent must exist.
+        overwrite: replace an existing ``dst`` folder.
+        check_digest: also compare the digest of all names and shapes.
+        progress: show a tqdm bar per weights file.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        ConfigError: the config cannot express the pruned widths (naming layers and sizes), or
+            the plan leaves grouped-query attention uneven.
+        WeightsFileError: the folder has no config, no safetensors weights, or unreadable ones.
+        OutputFileError: ``dst`` is or contains the source folder, or exists without
+            ``overwrite``.
+        PlanMismatchError: the weights or config do not fit the plan.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise WeightsFileError(f"{src}: not a checkpoint folder")
+    config_path = src / CONFIG_NAME
+    if not config_path.is_file():
+        raise WeightsFileError(f"{src}: no {CONFIG_NAME} in this folder (not a Hugging Face checkpoint)")
+    _check_output(src, dst, overwrite)
+    config = _read_config(config_path)
+
+    indexes = sorted(src.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
+        raise WeightsFileError(f"{src}: several index files ({', '.join(p.name for p in indexes)})")
+    if indexes:
+        ckpt = read_sharded(indexes[0])
+        shapes = ckpt.shapes()
+        weight_files = {indexes[0].name, *(s.file for s in ckpt.shards)}
+    else:
+        single = sorted(src.glob("*.safetensors"))
+        if len(single) != 1:
+            what = "no safetensors weights" if not single else "several safetensors files and no index"
+            raise WeightsFileError(f"{src}: {what}")
+        header, metadata, start = read_header(single[0])
+        shapes = {k: e["shape"] for k, e in header.items()}
+        weight_files = {single[0].name}
+
+    tied = plan.config.tied if plan.config is not None else {}
+    full = {k: list(v) for k, v in shapes.items()}
+    aliases = [a for a, s in tied.items() if a not in full and s in full]
+    for alias in aliases:
+        full[alias] = list(full[tied[alias]])
+    check_fingerprint(plan, full, str(src), check_digest)
+    keeps = keep_indices(plan)
+    for alias in aliases:
+        if keeps.get(alias, []) != keeps.get(tied[alias], []):
+            raise PlanMismatchError(
+                f"{src}: the plan slices {alias!r} and {tied[alias]!r} differently, but the "
+                f"checkpoint stores them as one tied tensor"
+            )
+        keeps.pop(alias, None)
+    edits = plan.config if plan.config is not None else config_edits(config, full, plan)
+    new_config = apply_config_edits(config, edits, str(config_path)) if edits is not None else config
+    skipped = sorted(p.name for p in src.iterdir() if p.is_file() and p.suffix in _OTHER_WEIGHTS)
+    digest = plan.digest()
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if indexes:
+            for shard in ckpt.shards:
+                prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps,
+                           {**shard.metadata, DIGEST_KEY: digest}, progress)
+            atomic_write_bytes(tmp / indexes[0].name, _index_bytes(ckpt, keeps, digest))
+        else:
+            prune_file(single[0], header, start, tmp / single[0].name, keeps,
+                       {**metadata, DIGEST_KEY: digest}, progress)
+        text = json.dumps(new_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        atomic_write_bytes(tmp / CONFIG_NAME, text.encode("utf-8"))
+        for p in sorted(src.iterdir()):
+            if p.name in weight_files or p.name == CONFIG_NAME or p.name in skipped:
+                continue
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name, symlinks=True)
+            else:
+                shutil.copy2(p, tmp / p.name, follow_symlinks=False)
+        _fsync(tmp)
+        _move_into_place(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if skipped:
+        log.warning("left out weight files of other formats, which the pruned config would "
+                    "contradict: %s", ", ".join(skipped))
+    changed = ", ".join(c.describe() for c in edits.changes) if edits is not None else "none"
+    log.info("wrote %s (config changes: %s; plan %s)", dst, changed, digest[:12])
+    return dst

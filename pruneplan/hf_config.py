@@ -1,0 +1,301 @@
+"""Hugging Face configs: which ``config.json`` keys a plan's pruned widths change.
+
+This module knows nothing of torch or transformers: it reads a config as a plain mapping
+(``config.to_dict()`` or the parsed ``config.json``) and the tensor shapes before and after a
+plan, and measures, per layer, the widths a config describes:
+
+=================  ==========================================================  ==============
+width              measured on (state-dict key, axis)                          config keys
+=================  ==========================================================  ==============
+hidden size        ``*embed_tokens/word_embeddings/wte/shared.weight`` axis 1,  ``hidden_size``
+                   ``*patch_embeddings.projection.weight`` axis 0               ``n_embd``
+                                                                                ``d_model`` ``dim``
+MLP width          ``*.up_proj/gate_proj/fc1/dense_h_to_4h.weight`` axis 0,     ``intermediate_size``
+                   ``*.c_fc.weight`` axis 1 (GPT-2 ``Conv1D``),                 ``n_inner`` ``d_ff``
+                   ``*.intermediate.dense.weight``, ``*.DenseReluDense.wi*``,   ``hidden_dim``
+                   ``*.ffn.lin1.weight`` axis 0                                 ``ffn_dim``
+query heads        ``*.q_proj/query/q/q_lin.weight`` axis 0, ``*.c_attn.weight``  ``num_attention_heads``
+                   axis 1 / 3, divided by the head size                         ``n_head`` ``num_heads``
+                                                                                ``n_heads``
+key/value heads    ``*.k_proj.weight`` axis 0 / head size                       ``num_key_value_heads``
+=================  ==========================================================  ==============
+
+The head size is the config's ``head_dim`` (``d_kv`` for T5), or ``hidden / heads``. A width that
+is the same in every layer becomes a `ConfigChange` with ``after``; widths that differ between
+layers are recorded per layer (the config cannot hold them). When the hidden size changes and
+the config has (or, for Llama-style configs with ``num_key_value_heads``, reads) ``head_dim``,
+``head_dim`` is written explicitly, because those models derive it from the hidden size when it
+is absent. Configs that derive the head size from ``hidden / heads`` with no ``head_dim`` (BERT,
+GPT-2, ViT, DistilBERT) cannot describe pruned heads or a hidden size that no longer equals
+``heads * head size``: that is recorded in ``unsupported``.
+
+Grouped-query attention is checked here too: every key/value head must keep the same number of
+query heads, and a removed key/value head takes all its query heads with it; otherwise
+`ConfigError` names the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pruneplan.errors import ConfigError, PlanMismatchError
+from pruneplan.plan import ConfigChange, ConfigEdits, PrunePlan
+
+__all__ = ["HIDDEN_KEYS", "INTERMEDIATE_KEYS", "apply_config_edits", "config_edits", "layer_widths"]
+
+log = logging.getLogger(__name__)
+
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "hidden_dim", "ffn_dim")
+HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+KV_KEYS = ("num_key_value_heads",)
+HEAD_DIM_KEYS = ("head_dim", "d_kv")
+
+# (pattern, axis, divisor): the named group "layer" is the module the width belongs to
+_Pattern = tuple[re.Pattern[str], int, int]
+
+
+def _p(text: str, axis: int, div: int = 1) -> _Pattern:
+    return re.compile(text), axis, div
+
+
+_HIDDEN = [
+    _p(r"^(?P<layer>(?:.+\.)?(?:embed_tokens|word_embeddings|wte|shared))\.weight$", 1),
+    _p(r"^(?P<layer>(?:.+\.)?patch_embeddings\.projection)\.weight$", 0),
+]
+_INTERMEDIATE = [
+    _p(r"^(?P<layer>.+)\.(?:up_proj|gate_proj|fc1|dense_h_to_4h)\.weight$", 0),
+    _p(r"^(?P<layer>.+)\.c_fc\.weight$", 1),
+    _p(r"^(?P<layer>.+)\.intermediate\.dense\.weight$", 0),
+    _p(r"^(?P<layer>.+)\.DenseReluDense\.wi(?:_0|_1)?\.weight$", 0),
+    _p(r"^(?P<layer>.+)\.ffn\.lin1\.weight$", 0),
+]
+_QUERY = [
+    _p(r"^(?P<layer>.+)\.(?:q_proj|query|q|q_lin)\.weight$", 0),
+    _p(r"^(?P<layer>.+)\.c_attn\.weight$", 1, 3),
+]
+_KEY = [_p(r"^(?P<layer>.+)\.k_proj\.weight$", 0)]
+
+
+def _key(config: Mapping[str, Any], names: Sequence[str]) -> str | None:
+    """The first of ``names`` present in ``config`` (even with a null value)."""
+    return next((n for n in names if n in config), None)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def layer_widths(
+    patterns: Sequence[_Pattern], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, str]]:
+    """Layer -> (width, the tensor it was read from) for every tensor matching ``patterns``.
+
+    Raises:
+        ConfigError: two tensors of one layer disagree (e.g. ``gate_proj`` and ``up_proj``).
+    """
+    out: dict[str, tuple[int, str]] = {}
+    for key in sorted(shapes):
+        for pattern, axis, div in patterns:
+            m = pattern.match(key)
+            if m is None or len(shapes[key]) <= axis:
+                continue
+            width, rest = divmod(int(shapes[key][axis]), div)
+            if rest:
+                raise ConfigError(f"tensor {key!r} axis {axis} has length {shapes[key][axis]}, "
+                                  f"not a multiple of {div}")
+            layer = m.group("layer")
+            if layer in out and out[layer][0] != width:
+                raise ConfigError(
+                    f"layer {layer!r}: {out[layer][1]!r} is {out[layer][0]} wide but {key!r} is "
+                    f"{width}; the config cannot hold both"
+                )
+            out.setdefault(layer, (width, key))
+            break
+    return out
+
+
+def config_edits(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    plan: PrunePlan,
+    tied: Mapping[str, str] | None = None,
+) -> ConfigEdits | None:
+    """The config changes ``plan`` implies for a model with this ``config`` and these weights.
+
+    Args:
+        config: the Hugging Face config as a mapping (``config.to_dict()``, or ``config.json``).
+        shapes: every tensor of the source weights, state-dict key -> shape.
+        plan: the plan; its pruned shapes are measured against ``shapes``.
+        tied: state-dict keys sharing their tensor with an earlier key (alias -> source),
+            recorded in the result.
+
+    Returns:
+        The changes, or ``None`` when the plan changes no width the config describes (and no
+        tied keys are given).
+
+    Raises:
+        ConfigError: grouped-query attention left uneven by the removed heads (the message
+            names the layer), or the tensors of one layer disagree on a width.
+    """
+    pruned = {**{k: list(v) for k, v in shapes.items()}, **plan.pruned_shapes()}
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    changes: list[ConfigChange] = []
+    unsupported: list[str] = []
+
+    def uniform(key: str, role: str, before_cfg: Any, widths: dict[str, tuple[int, int]]) -> int | None:
+        """Record the change of ``key``; return the new common width (None: unchanged/per layer)."""
+        if not widths or all(b == a for b, a in widths.values()):
+            return None
+        expected = _int(before_cfg)
+        wrong = {layer: b for layer, (b, _) in widths.items() if expected is not None and b != expected}
+        if wrong:
+            layer, b = next(iter(sorted(wrong.items())))
+            unsupported.append(
+                f"{key}: the config says {expected} but layer {layer!r} has {role} {b} before "
+                "pruning; the config does not describe this model's layers"
+            )
+            return None
+        after = {layer: a for layer, (_, a) in widths.items()}
+        if len(set(after.values())) == 1:
+            value = next(iter(after.values()))
+            changes.append(ConfigChange(key=key, before=expected, after=value))
+            return value
+        changes.append(ConfigChange(key=key, before=expected, per_layer=after))
+        return None
+
+    def measure(patterns: Sequence[_Pattern], div: int = 1) -> dict[str, tuple[int, int]]:
+        before = layer_widths(patterns, shapes)
+        after = layer_widths(patterns, pruned)
+        out = {}
+        for layer, (b, key) in before.items():
+            a = after[layer][0]
+            if b % div or a % div:
+                raise ConfigError(
+                    f"layer {layer!r}: {key!r} keeps {a} of {b} positions, not whole heads of {div}; "
+                    "the config cannot describe a pruned head dimension"
+                )
+            out[layer] = (b // div, a // div)
+        return out
+
+    hidden_key = _key(config, HIDDEN_KEYS)
+    inter_key = _key(config, INTERMEDIATE_KEYS)
+    heads_key = _key(config, HEADS_KEYS)
+    kv_key = _key(config, KV_KEYS)
+    hd_key = _key(config, HEAD_DIM_KEYS)
+
+    hidden_before = _int(config.get(hidden_key)) if hidden_key else None
+    hidden_after = hidden_before
+    if hidden_key is not None:
+        widths = measure(_HIDDEN)
+        # one hidden size for the whole model: every embedding is a "layer" of the same key
+        new = uniform(hidden_key, "hidden size", hidden_before, widths)
+        if new is not None:
+            hidden_after = new
+        elif any(b != a for b, a in widths.values()):
+            hidden_after = None  # per layer or unsupported: recorded above
+    if inter_key is not None:
+        uniform(inter_key, "MLP width", config.get(inter_key), measure(_INTERMEDIATE))
+
+    heads_before = _int(config.get(heads_key)) if heads_key else None
+    head_dim = _int(config.get(hd_key)) if hd_key else None
+    if head_dim is None and hidden_before and heads_before and hidden_before % heads_before == 0:
+        head_dim = hidden_before // heads_before
+    heads_after = heads_before
+    if heads_key is not None and head_dim:
+        q = measure(_QUERY, head_dim)
+        new = uniform(heads_key, "query heads", heads_before, q)
+        if new is not None:
+            heads_after = new
+        k = measure(_KEY, head_dim) if kv_key else {}
+        if kv_key is not None:
+            uniform(kv_key, "key/value heads", config.get(kv_key), k)
+        _check_gqa(plan, shapes, q, k, head_dim)
+
+    hidden_changed = hidden_after != hidden_before
+    heads_changed = heads_after != heads_before
+    if (hidden_changed or heads_changed) and hidden_after and heads_after and head_dim:
+        derived = hidden_after // heads_after if hidden_after % heads_after == 0 else None
+        if hd_key is None or _int(config.get(hd_key)) is None:  # the head size is derived
+            if hd_key is not None or kv_key is not None:
+                # Llama-style models read head_dim when present (getattr(config, "head_dim", ...))
+                if hidden_changed or derived != head_dim:
+                    changes.append(ConfigChange(key=hd_key or "head_dim", before=None, after=head_dim))
+            elif derived != head_dim:
+                unsupported.append(
+                    f"{heads_key}/{hidden_key}: the {model_type or 'model'} config has no head_dim "
+                    f"and derives the head size as {hidden_key} / {heads_key} = {hidden_after} / "
+                    f"{heads_after}, but the pruned attention keeps heads of {head_dim}"
+                )
+
+    if not changes and not unsupported and not tied:
+        return None
+    return ConfigEdits(model_type=model_type, changes=changes, unsupported=unsupported,
+                       tied=dict(tied or {}))
+
+
+def _check_gqa(
+    plan: PrunePlan,
+    shapes: Mapping[str, Sequence[int]],
+    q: Mapping[str, tuple[int, int]],
+    k: Mapping[str, tuple[int, int]],
+    head_dim: int,
+) -> None:
+    """Every kept key/value head keeps the same number of query heads; removed ones keep none."""
+    removed = plan.removed_by_axis()
+    for layer in sorted(set(q) & set(k)):
+        (hq, hq_after), (hk, hk_after) = q[layer], k[layer]
+        if hk == hq or hk == 0 or hq % hk:
+            continue  # not grouped-query attention (or not one we understand)
+        per = hq // hk
+        q_key = layer_widths(_QUERY, {t: v for t, v in shapes.items() if t.startswith(layer + ".")})[
+            layer][1]
+        k_key = f"{layer}.k_proj.weight"
+        q_gone = {p // head_dim for p in removed.get((q_key, 0), [])}
+        k_gone = {p // head_dim for p in removed.get((k_key, 0), [])}
+        kept_per_group = {
+            g: sum(1 for h in range(g * per, (g + 1) * per) if h not in q_gone) for g in range(hk)
+        }
+        orphans = sorted(g for g in k_gone if kept_per_group[g])
+        if orphans:
+            g = orphans[0]
+            raise ConfigError(
+                f"layer {layer!r}: key/value head {g} is removed but its query heads "
+                f"{[h for h in range(g * per, (g + 1) * per) if h not in q_gone]} are kept; remove "
+                "a key/value head together with all its query heads (a query group)"
+            )
+        counts = {g: n for g, n in kept_per_group.items() if g not in k_gone}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{g}: {n}" for g, n in sorted(counts.items()))
+            raise ConfigError(
+                f"layer {layer!r}: grouped-query attention needs every key/value head to keep the "
+                f"same number of query heads, this plan leaves {detail} (key/value head: query "
+                f"heads kept; {hq_after} query heads for {hk_after} key/value heads)"
+            )
+
+
+def apply_config_edits(config: Mapping[str, Any], edits: ConfigEdits, where: str = "config") -> dict:
+    """A copy of ``config`` with the plan's changes; nothing is changed on error.
+
+    Raises:
+        ConfigError: the config cannot express the pruned widths (different widths per layer,
+            or ``edits.unsupported``); the message names the layers and their sizes.
+        PlanMismatchError: a key does not hold the value the plan was made for.
+    """
+    problems = edits.problems()
+    if problems:
+        raise ConfigError(f"{where} cannot express the pruned model: " + "; ".join(problems))
+    out = copy.deepcopy(dict(config))
+    for c in edits.changes:
+        current = out.get(c.key)
+        if _int(current) != c.before or (c.before is None and current is not None):
+            raise PlanMismatchError(
+                f"{where}: {c.key} is {current!r}, the plan expects {c.before!r} (was the model "
+                "already pruned?)"
+            )
+        out[c.key] = c.after
+    return out
