@@ -190,12 +190,13 @@ def apply(plan: Path, weights: Path, output: str | None, force: bool, no_digest_
     WEIGHTS is a safetensors file, or a sharded checkpoint: its folder (holding one
     *.safetensors.index.json) or its index file. A sharded checkpoint is pruned shard by shard
     into a new folder holding the pruned shards and index only. A Hugging Face checkpoint folder
-    (one holding config.json, with sharded or single-file safetensors weights) becomes a folder
-    with the pruned weights, the rewritten config.json and a copy of the other files; a plan
+    (one holding config.json, with sharded or single-file safetensors weights; or its index)
+    becomes a folder with the pruned weights, the rewritten config.json and a copy of the other files; a plan
     whose widths the config cannot express is refused before anything is written.
     """
-    if pruneplan.is_hf_checkpoint(weights):
-        apply_to = pruneplan.apply_to_checkpoint
+    folder = weights.parent if weights.name.endswith(".index.json") else weights
+    if pruneplan.is_hf_checkpoint(folder):
+        apply_to, weights = pruneplan.apply_to_checkpoint, folder
     elif _sharded(weights):
         apply_to = pruneplan.apply_to_sharded_safetensors
     else:

@@ -154,7 +154,9 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
             else:
                 kept = cg.kept()
                 if g.kind != cg.kind:
-                    raise PlanMismatchError(f"{gw}: is of kind {g.kind!r}, the plans before it say {cg.kind!r}")
+                    raise PlanMismatchError(
+                        f"{gw}: is of kind {g.kind!r}, the plans before it say {cg.kind!r}"
+                    )
                 if g.size != len(kept):
                     raise PlanMismatchError(
                         f"{gw}: has {g.size} units, but the plans before it leave {len(kept)}"

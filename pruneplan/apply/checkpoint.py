@@ -80,7 +80,8 @@ def apply_to_checkpoint(
     or mismatched keys. Weights keep their file names; shards and the index are written as by
     `apply_to_sharded_safetensors`, a single ``model.safetensors`` as by `apply_to_safetensors`;
     every file gains the plan digest in its metadata. ``config.json`` is rewritten with the
-    config changes (JSON with sorted keys and an indentation of 2, like ``save_pretrained``);
+    config changes (JSON with sorted keys and an indentation of 2, like ``save_pretrained``;
+    copied as it is when the plan changes no key);
     every other file and folder is copied, except weight files of other formats (``*.bin``...),
     which would contradict the pruned config: they are left out with a warning.
 
@@ -163,8 +164,11 @@ def apply_to_checkpoint(
         else:
             prune_file(single[0], header, start, tmp / single[0].name, keeps,
                        {**metadata, DIGEST_KEY: digest}, progress)
-        text = json.dumps(new_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        atomic_write_bytes(tmp / CONFIG_NAME, text.encode("utf-8"))
+        if edits is None or not edits.changes:  # nothing to change: the file as it was
+            shutil.copy2(config_path, tmp / CONFIG_NAME)
+        else:
+            text = json.dumps(new_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            atomic_write_bytes(tmp / CONFIG_NAME, text.encode("utf-8"))
         for p in sorted(src.iterdir()):
             if p.name in weight_files or p.name == CONFIG_NAME or p.name in skipped:
                 continue
