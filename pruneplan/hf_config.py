@@ -45,7 +45,14 @@ from typing import Any
 from pruneplan.errors import ConfigError, PlanMismatchError
 from pruneplan.plan import ConfigChange, ConfigEdits, PrunePlan
 
-__all__ = ["HIDDEN_KEYS", "INTERMEDIATE_KEYS", "apply_config_edits", "config_edits", "layer_widths"]
+__all__ = [
+    "HIDDEN_KEYS",
+    "INTERMEDIATE_KEYS",
+    "apply_config_edits",
+    "config_edits",
+    "config_role",
+    "layer_widths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,16 @@ _QUERY = [
     _p(r"^(?P<layer>.+)\.c_attn\.weight$", 1, 3),
 ]
 _KEY = [_p(r"^(?P<layer>.+)\.k_proj\.weight$", 0)]
+
+
+def config_role(tensor: str) -> str | None:
+    """Which config width a weight's output belongs to: ``"hidden"``, ``"intermediate"``,
+    ``"heads"`` or ``"kv_heads"`` (by the patterns of the module docstring), else ``None``."""
+    for role, patterns in (("hidden", _HIDDEN), ("intermediate", _INTERMEDIATE), ("heads", _QUERY),
+                           ("kv_heads", _KEY)):
+        if any(p.match(tensor) for p, _, _ in patterns):
+            return role
+    return None
 
 
 def _key(config: Mapping[str, Any], names: Sequence[str]) -> str | None:
@@ -231,6 +248,13 @@ def config_edits(
                     f"and derives the head size as {hidden_key} / {heads_key} = {hidden_after} / "
                     f"{heads_after}, but the pruned attention keeps heads of {head_dim}"
                 )
+
+    if ((hidden_changed or heads_changed) and hidden_after and heads_after and hd_key != "d_kv"
+            and hidden_after % heads_after):
+        unsupported.append(
+            f"{hidden_key} {hidden_after} is not a multiple of {heads_key} {heads_after}: "
+            "transformers refuses such a config (it validates hidden size % heads == 0)"
+        )
 
     if not changes and not unsupported and not tied:
         return None

@@ -38,6 +38,7 @@ __all__ = [
     "METRICS",
     "check_criterion",
     "check_example",
+    "config_count_sets",
     "example_input",
     "load_data",
     "load_factory",
@@ -63,13 +64,27 @@ METRICS = {
     "sensitivity": "SensitivityAttributionMetric",
     "taylor": "TaylorAttributionMetric",
     "shapley": "ShapleyAttributionMetric",
+    "activation": "ActivationMagnitudeAttributionMetric",
 }
 DATA_FREE_METRICS = ("weight_norm", "lp_norm", "bn_scale", "fpgm", "lamp", "random")
 #: metrics that draw random numbers: ``seed`` reaches them (and only them)
 RANDOM_METRICS = ("random", "shapley")
 #: metric -> its parameters (beyond ``criterion`` and ``seed``) with their defaults
 METRIC_PARAMS: dict[str, dict[str, Any]] = {"lp_norm": {"p": 2.0}, "shapley": {"sv_samples": 5}}
-CRITERIA: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+
+
+def _causal_lm(output: Any, target: Any, reduction: str = "mean") -> torch.Tensor:
+    from pruneplan.attributions.criteria import causal_lm_loss
+
+    return causal_lm_loss(output, target, reduction=reduction)
+
+
+_causal_lm.accepts_model_output = True  # type: ignore[attr-defined]
+
+#: criterion name (CLI spelling) -> loss; ``causal_lm`` is next-token cross-entropy on
+#: ``(input_ids, input_ids)`` batches (`pruneplan.attributions.causal_lm_loss`)
+CRITERIA: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy, "mse": F.mse_loss, "causal_lm": _causal_lm}
 TARGETS = ("macs", "params")
 
 
@@ -392,7 +407,9 @@ def score_groups(
     """Scores of every root module of ``groups`` with the named metric (member name -> array).
 
     A metric scores the output rows of a root; where a unit spans several rows (an attention
-    head: ``head_dim`` rows of ``q_proj``), a unit's score is the mean of its rows' scores.
+    head: ``head_dim`` rows of ``q_proj``; three blocks of them in GPT-2's fused ``c_attn``,
+    whose ``Conv1D`` weight is (in, out)), a unit's score is the mean of its rows' scores, as
+    the group's slices of the root's weight place them.
     Members whose scores still do not fit their group (a metric that scores another axis, e.g.
     the vocabulary of an Embedding) are left out with a warning, and so are, for
     ``bn_scale``, roots that no BatchNorm follows; aggregate what remains with
@@ -437,38 +454,46 @@ def score_groups(
                 log.warning("leaving %r out: %s", name, exc)
     else:
         raw = scorer.run_all(members)
-    by_root = {r: g for g in groups for r in g.roots}
+    owner = {r: g for g in groups for r in g.roots}
     out = {}
     for name, s in raw.items():
         s = np.asarray(s, dtype=np.float64).reshape(-1)
-        g = by_root[name]
+        g = owner[name]
         if s.size != g.size:
-            pooled = _pool_rows(name, s, g)
-            if pooled is None:
+            units = _unit_positions(model, g, name, s.size)
+            if units is None:
                 log.warning("ignoring %s scores of %r: %d scores for %d units", metric, name, s.size,
                             g.size)
                 continue
             log.info("%s: the %d row scores of %r averaged into its %d %s", metric, s.size, name, g.size,
                      _kind(g))
-            s = pooled
+            s = np.array([s[pos].mean() for pos in units])
         out[name] = s
     return out
 
 
-def _pool_rows(name: str, s: np.ndarray, g: GroupSpec) -> np.ndarray | None:
-    """One score per unit when a metric scored every output row of a root whose units span
-    several rows (an attention head is ``head_dim`` rows of ``q_proj``): the mean of the unit's
-    rows, as the group's slice of ``<root>.weight`` (axis 0) places them. ``None`` when the
-    group has no such slice or it does not fit the score count."""
+def _unit_positions(model: nn.Module, group: GroupSpec, root: str, n: int) -> list[list[int]] | None:
+    """Positions of the root's ``n`` output units that each unit of ``group`` owns, or None.
+
+    A unit of a ``"heads"`` group owns ``head_dim`` outputs of its query projection (three
+    blocks of them in a fused q/k/v projection): the unit's score is the mean of theirs, as
+    `select_indices` aggregates the members of a group.
+    """
     from pruneplan.plan import IndexMap
 
-    for sl in g.slices:
-        if sl.tensor == f"{name}.weight" and sl.axis == 0 and sl.modulo is None:
-            m = IndexMap(**sl.map_fields())
-            if m.extent(g.size) > s.size:
-                return None
-            return np.array([s[m.unit(u)].mean() for u in range(g.size)])
-    return None
+    try:
+        module = model.get_submodule(root)
+    except AttributeError:
+        return None
+    axis = 1 if isinstance(getattr(module, "nf", None), int) else 0  # Conv1D stores (in, out)
+    maps = [IndexMap(**sl.map_fields()) for sl in group.slices
+            if sl.tensor == f"{root}.weight" and sl.axis == axis and sl.modulo is None]
+    if not maps:
+        return None
+    units = [sorted({p for m in maps for p in m.unit(u)}) for u in range(group.size)]
+    if any(not pos or pos[-1] >= n for pos in units):
+        return None
+    return units
 
 
 def plan_from_metric(
@@ -493,6 +518,7 @@ def plan_from_metric(
     metric_params: Mapping[str, Any] | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    same_count: Iterable[Iterable[str]] | str | None = "auto",
 ) -> PrunePlan:
     """Discover groups, score them, select units and plan: the whole ``pruneplan plan`` command.
 
@@ -517,6 +543,15 @@ def plan_from_metric(
       target is met: the smallest prefix of the ranking that meets it, found by bisection, so
       the result overshoots by less than one unit (one block of ``round_to`` units). If even
       removing every removable unit misses it, the plan removes them all and a warning says so.
+
+    For a model with a Hugging Face ``config`` (``same_count="auto"``), the groups whose width
+    the config holds once for all layers (MLP width, query heads, key/value heads: the
+    `pruneplan.hf_config.config_role` of the root's weight) lose the same number of units in
+    every layer (the smallest count selected for any of them), a group with ``blocks > 1`` (the
+    query heads of grouped-query attention) loses the same number in every block, and the hidden
+    group keeps a multiple of ``num_attention_heads`` channels, so that the pruned model stays
+    expressible; ``same_count=None`` leaves per-layer counts free, explicit sets of group names
+    equalise those sets.
 
     ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
     ``n_steps > 1`` the model is pruned in steps, a copy is re-scored after each step and the
@@ -596,6 +631,7 @@ def plan_from_metric(
                                           round_to, min_keep, normalize, step_ratio)
             if step == 1:
                 requested = want
+        removed = _config_fit(current, groups, table, removed, same_count)
         by_name = {g.name: g for g in groups}
         made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
         plans.append(made)
@@ -830,3 +866,87 @@ def _select_target(
             lo = mid + 1
     log.info("target: %d of %d removable units in the ranking", lo, len(eligible))
     return removed_for(lo)
+
+
+def _config_fit(
+    model: nn.Module, groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray],
+    removed: dict[str, list[int]], same_count: Iterable[Iterable[str]] | str | None,
+) -> dict[str, list[int]]:
+    """Equal counts in ``same_count`` sets, whole rounds over GQA blocks, hidden % heads."""
+    if same_count == "auto":
+        sets = config_count_sets(model, groups)
+    elif isinstance(same_count, str):
+        raise PlanningError(f"same_count must be 'auto', None or sets of group names, got {same_count!r}")
+    else:
+        sets = [list(s) for s in same_count or ()]
+    counts = {n: len(v) for n, v in removed.items()}
+    sizes = {g.name: g.size for g in groups}
+    for members in sets:
+        present = [m for m in dict.fromkeys(members) if m in table]
+        if present:
+            k = min(counts.get(m, 0) for m in present)
+            counts.update({m: k for m in present})
+    fitted = select_indices({n: table[n] for n in table if counts.get(n)},
+                            {n: (counts[n] + 0.5) / sizes[n] for n in table if counts.get(n)},
+                            normalize=None, groups=[g for g in groups if counts.get(g.name)],
+                            min_keep=1)
+    # select_indices rounds GQA blocks down; keep the original choice where the count is unchanged
+    out = {n: (removed[n] if len(removed.get(n, ())) == len(v) else v) for n, v in fitted.items()}
+    if same_count == "auto":
+        out = _hidden_multiple_of_heads(model, groups, table, out)
+    return out
+
+
+def config_count_sets(model: nn.Module, groups: Sequence[GroupSpec]) -> list[list[str]]:
+    """Sets of groups that must lose equal counts so that the model's config can hold them.
+
+    Empty unless ``model`` has a Hugging Face-style ``config`` (``to_dict``): then the groups of
+    each kind, size and config role (`pruneplan.hf_config.config_role` of their first root's
+    weight: MLP width, query heads, key/value heads) form one set.
+    """
+    from pruneplan.hf_config import config_role
+
+    if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
+        return []
+    sets: dict[tuple, list[str]] = {}
+    for g in groups:
+        role = config_role(f"{g.roots[0]}.weight")
+        if role is not None and role != "hidden":
+            sets.setdefault((role, getattr(g, "kind", "channels"), g.size), []).append(g.name)
+    return [names for _, names in sorted(sets.items()) if len(names) > 1]
+
+
+def _hidden_multiple_of_heads(
+    model: nn.Module, groups: Sequence[GroupSpec], scores: Mapping[str, Any],
+    removed: dict[str, list[int]],
+) -> dict[str, list[int]]:
+    """For a Hugging Face model, keep a multiple of ``num_attention_heads`` hidden channels.
+
+    transformers validates ``hidden_size % num_attention_heads == 0`` when a config is loaded;
+    the hidden group (roots whose weight is an embedding, `config_role` ``"hidden"``) gets back
+    its highest-scored removed units until its kept count is a multiple of the head count.
+    """
+    from pruneplan.hf_config import HEADS_KEYS, config_role
+    from pruneplan.select import aggregate_scores
+
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_dict", None)):
+        return removed
+    values = config.to_dict()
+    heads = next((values[k] for k in HEADS_KEYS if isinstance(values.get(k), int)), None)
+    if not heads or heads < 2:
+        return removed
+    table = aggregate_scores(scores, groups)
+    out = dict(removed)
+    for g in groups:
+        if g.name not in out or not any(config_role(f"{r}.weight") == "hidden" for r in g.roots):
+            continue
+        kept = g.size - len(out[g.name])
+        extra = -kept % heads
+        if extra:
+            rem = out[g.name]
+            back = set(sorted(rem, key=lambda u: (-table[g.name][u], u))[:extra])
+            out[g.name] = [u for u in rem if u not in back]
+            log.info("group %r keeps %d hidden channels, a multiple of %d heads", g.name,
+                     kept + extra, heads)
+    return {k: v for k, v in out.items() if v}

@@ -33,6 +33,8 @@ def select_indices(
     normalize: str | None = "mean",
     groups: Mapping[str, Sequence[str]] | Iterable[Any] | None = None,
     aggregate: str = "mean",
+    *,
+    same_count: Iterable[Iterable[str]] | None = None,
 ) -> dict[str, list[int]]:
     """Indices to remove per group, lowest scores first.
 
@@ -41,8 +43,10 @@ def select_indices(
             ``groups``, keys may instead be member module names: the members' scores are
             combined with ``aggregate``.
         ratio: fraction of units to remove, in ``[0, 1)``: of every group (``scope="layer"``;
-            a mapping gives one ratio per group, missing groups keep everything) or of all units
-            together (``scope="global"``).
+            a mapping gives one ratio per group name or per group kind -- ``"channels"``,
+            ``"heads"``, ``"query_groups"``, read from the ``groups`` objects' ``kind`` -- a
+            group name winning over its kind; groups it does not cover keep everything) or of
+            all units together (``scope="global"``).
         scope: ``"layer"`` or ``"global"``. Global ranking compares units across groups after
             per-group normalisation, so a layer whose scores are large overall is not spared.
         round_to: kept counts are rounded up to a multiple of this (8 for hardware-friendly
@@ -70,6 +74,13 @@ def select_indices(
         groups: the coupled groups, as group name -> member names, or objects with ``name`` and
             ``roots`` (what `prunable_groups` returns). Needed only when scores are per member.
         aggregate: ``"mean"``, ``"sum"`` or ``"max"`` over a group's members.
+        same_count: sets of group names that must lose the same number of units (the layers
+            of a model whose config holds one width for all of them): each set loses, in every
+            member, the smallest count any member would lose alone. Groups whose ``blocks``
+            attribute is above 1 (the key/value heads of grouped-query attention: units come in
+            that many equal contiguous blocks) lose the same number of units in every block.
+        ``round_to`` and ``min_keep`` count units of the group, so for a ``"heads"`` group they
+        count heads (``round_to=2``: an even number of heads stays).
 
     Returns:
         group name -> sorted indices to remove (groups that lose nothing are left out), ready
@@ -88,7 +99,17 @@ def select_indices(
     norm = "none" if normalize is None else normalize
     if norm not in _NORMS:
         raise PlanningError(f"normalize must be one of {_NORMS} or None, got {normalize!r}")
+    if groups is not None and not isinstance(groups, Mapping):
+        groups = list(groups)  # read twice: members, then kinds and blocks
     table = aggregate_scores(scores, groups, aggregate)
+    kinds, blocks = _structure(groups)
+    if isinstance(ratio, Mapping):
+        by_name = {n: ratio[n] for n in table if n in ratio}
+        by_name.update({n: ratio[kinds[n]] for n in table if n not in ratio and kinds.get(n) in ratio})
+        unknown = sorted(k for k in ratio if k not in table and k not in set(kinds.values()))
+        if unknown:
+            raise PlanningError(f"ratio given for {unknown[0]!r}, which has no scores")
+        ratio = by_name
     if scope == "global":
         if isinstance(ratio, Mapping):
             raise PlanningError("scope='global' takes one ratio for all groups, not a mapping")
@@ -102,16 +123,25 @@ def select_indices(
             _check_ratio(r, f"ratio for group {name!r}")
             counts[name] = s.size - keep_count(s.size, s.size - math.floor(r * s.size + 1e-9),
                                                round_to, min_keep)
-        if isinstance(ratio, Mapping):
-            unknown = sorted(set(ratio) - set(table))
-            if unknown:
-                raise PlanningError(f"ratio given for {unknown[0]!r}, which has no scores")
         normed = table
+    for name, b in blocks.items():
+        if name in counts and b > 1:
+            counts[name] -= counts[name] % b  # whole rounds: one unit from every block
+    for members in same_count or ():
+        present = [m for m in dict.fromkeys(members) if m in table]
+        if present:
+            k = min(counts.get(m, 0) for m in present)
+            for m in present:
+                counts[m] = k
     out = {}
     for name in sorted(table):
         k = counts.get(name, 0)
         if k > 0:
-            out[name] = sorted(_lowest(normed[name], k).tolist())
+            b = blocks.get(name, 1)
+            if b > 1:
+                out[name] = _lowest_per_block(normed[name], k, b)
+            else:
+                out[name] = sorted(_lowest(normed[name], k).tolist())
     log.info("selected %d units in %d groups (%s scope)", sum(map(len, out.values())), len(out), scope)
     return out
 
@@ -161,6 +191,34 @@ def aggregate_scores(
         stack = np.stack([arrays[m] for m in present])
         out[g] = getattr(stack, aggregate)(axis=0)
     return out
+
+
+def _structure(groups: Mapping[str, Sequence[str]] | Iterable[Any] | None) -> tuple[dict, dict]:
+    """(group name -> kind, group name -> blocks) from group objects (empty for a mapping)."""
+    if groups is None or isinstance(groups, Mapping):
+        return {}, {}
+    kinds, blocks = {}, {}
+    for g in groups:
+        name = getattr(g, "name", None)
+        if name is None:
+            continue
+        kinds[name] = getattr(g, "kind", "channels")
+        b = getattr(g, "blocks", 1)
+        size = getattr(g, "size", None)
+        if isinstance(b, int) and b > 1:
+            if isinstance(size, int) and size % b:
+                raise PlanningError(f"group {name!r}: {size} units do not form {b} equal blocks")
+            blocks[name] = b
+    return kinds, blocks
+
+
+def _lowest_per_block(s: np.ndarray, k: int, blocks: int) -> list[int]:
+    """The ``k / blocks`` lowest-scored units of each of ``blocks`` equal contiguous blocks."""
+    per, each = s.size // blocks, k // blocks
+    out: list[int] = []
+    for b in range(blocks):
+        out += (b * per + _lowest(s[b * per:(b + 1) * per], each)).tolist()
+    return sorted(out)
 
 
 def _members(groups: Mapping[str, Sequence[str]] | Iterable[Any]) -> dict[str, tuple[str, ...]]:

@@ -435,3 +435,28 @@ def test_t5_heads_and_mlp_reload(tmp_path: Path) -> None:
                                rtol=1e-5, atol=1e-5)
     got = roundtrip(model, tmp_path, x, auto="T5ForConditionalGeneration", decoder_input_ids=y)
     torch.testing.assert_close(got, logits(model, x, decoder_input_ids=y), rtol=0, atol=0)
+
+
+def test_show_and_compose_carry_kinds_and_config(tmp_path: Path) -> None:
+    model = llama_like()
+    x = ids()
+    first = build_plan(model, [(llama_heads(model, i, "query_groups"), [0]) for i in (0, 1)])
+    first.save(tmp_path / "a.json")
+    shown = CliRunner().invoke(cli, ["show", str(tmp_path / "a.json")])
+    assert shown.exit_code == 0
+    assert "model.layers.0.self_attn.query_groups  query_groups          1/2" in shown.output
+    assert "config num_attention_heads: 4 -> 2\nconfig num_key_value_heads: 2 -> 1\n" in shown.output
+    pp.apply_plan(model, first)
+    # a second step on the pruned model: MLP 128 -> 96 in both layers
+    second = pp.plan_pruning(model, {g: range(32) for g in mlp_groups(model)}, example_inputs=x)
+    composed = pp.compose([first, second])
+    assert composed.version == 2
+    assert {g.name: g.kind for g in composed.groups}["model.layers.1.self_attn.query_groups"] == "query_groups"
+    assert {c.key: (c.before, c.after) for c in composed.config.changes} == {
+        "intermediate_size": (128, 96), "num_attention_heads": (4, 2), "num_key_value_heads": (2, 1)}
+    # the composed plan on a fresh copy gives the two steps' model
+    fresh = llama_like()
+    pp.apply_plan(fresh, composed)
+    pp.apply_plan(model, second)
+    assert fresh.config.intermediate_size == 96 and fresh.config.num_key_value_heads == 1
+    torch.testing.assert_close(logits(fresh, x), logits(model, x), rtol=0, atol=0)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from pruneplan._io import atomic_write_bytes
-from pruneplan.apply._slicing import check_fingerprint, keep_indices
-from pruneplan.apply.safetensors_io import DIGEST_KEY, prune_file, read_header
+from pruneplan.apply._slicing import keep_indices
+from pruneplan.apply.safetensors_io import DIGEST_KEY, check_file, prune_file, read_header
 from pruneplan.apply.sharded import (
     INDEX_SUFFIX,
     _check_output,
@@ -72,6 +72,7 @@ def apply_to_checkpoint(
     *,
     overwrite: bool = False,
     check_digest: bool = True,
+    check_content: str = "warn",
     progress: bool = False,
 ) -> Path:
     """Write the pruned copy of the Hugging Face checkpoint folder ``src`` into the folder ``dst``.
@@ -94,6 +95,7 @@ def apply_to_checkpoint(
         dst: the output folder; its parent must exist.
         overwrite: replace an existing ``dst`` folder.
         check_digest: also compare the digest of all names and shapes.
+        check_content: as in `pruneplan.check_weights` (the content of all weight files).
         progress: show a tqdm bar per weights file.
 
     Returns:
@@ -137,7 +139,10 @@ def apply_to_checkpoint(
     aliases = [a for a, s in tied.items() if a not in full and s in full]
     for alias in aliases:
         full[alias] = list(full[tied[alias]])
-    check_fingerprint(plan, full, str(src), check_digest)
+    if indexes:
+        check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, full)
+    else:
+        check_file(plan, header, metadata, single[0], check_digest, check_content, full)
     keeps = keep_indices(plan)
     for alias in aliases:
         if keeps.get(alias, []) != keeps.get(tied[alias], []):

@@ -9,9 +9,11 @@ Every metric has the call signature of the original TorchPruner::
 This package imports only torch, numpy, tqdm and the standard library.
 """
 
+from .activation import ActivationMagnitudeAttributionMetric
 from .apoz import APoZAttributionMetric
 from .base import AttributionMetric, Reduction
 from .bn_scale import BNScaleAttributionMetric
+from .criteria import causal_lm_loss
 from .fpgm import FPGMAttributionMetric
 from .lamp import LAMPAttributionMetric
 from .lp_norm import LpNormAttributionMetric
@@ -23,6 +25,7 @@ from .weight_norm import WeightNormAttributionMetric
 
 __all__ = [
     "APoZAttributionMetric",
+    "ActivationMagnitudeAttributionMetric",
     "AttributionMetric",
     "BNScaleAttributionMetric",
     "FPGMAttributionMetric",
@@ -34,5 +37,6 @@ __all__ = [
     "ShapleyAttributionMetric",
     "TaylorAttributionMetric",
     "WeightNormAttributionMetric",
+    "causal_lm_loss",
     "permutation_samples",
 ]

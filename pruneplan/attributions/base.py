@@ -151,8 +151,13 @@ def per_example_loss(criterion: Callable[..., torch.Tensor], output: Any, target
     """Per-example losses, shape ``(N,)``: ``criterion(..., reduction="none")``, extra axes averaged.
 
     Averaging the extra axes makes an example's loss equal to ``criterion(..., reduction="mean")``
-    on a batch holding that example alone.
+    on a batch holding that example alone. A model output with a ``logits`` tensor (a Hugging
+    Face ``ModelOutput``) is passed as its logits, unless the criterion has a true
+    ``accepts_model_output`` attribute.
     """
+    if not isinstance(output, torch.Tensor) and isinstance(getattr(output, "logits", None), torch.Tensor) \
+            and not getattr(criterion, "accepts_model_output", False):
+        output = output.logits  # a Hugging Face ModelOutput: the criterion sees the logits
     loss = criterion(output, target, reduction="none")
     if not isinstance(loss, torch.Tensor) or loss.dim() == 0:
         raise ValueError(
@@ -162,6 +167,27 @@ def per_example_loss(criterion: Callable[..., torch.Tensor], output: Any, target
     if loss.dim() > 1:
         loss = loss.reshape(loss.shape[0], -1).mean(1)
     return loss
+
+
+def unit_axis(module: nn.Module) -> int:
+    """The axis of a module's output that holds its units: 1, or -1 for channels-last modules.
+
+    ``Linear``, ``Embedding``, ``LayerNorm``, RMSNorms (by class name) and GPT-2's ``Conv1D``
+    (duck-typed: an integer ``nf``) put their features on the last axis, so on a sequence
+    ``(N, T, features)`` the units are the last axis; convolutions put them on axis 1.
+    """
+    if isinstance(module, nn.Linear | nn.Embedding | nn.LayerNorm | nn.Bilinear):
+        return -1
+    if isinstance(getattr(module, "nf", None), int) or "RMSNorm" in type(module).__name__:
+        return -1
+    return 1
+
+
+def channels_first(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` with its unit axis moved to axis 1 (a view; unchanged when already there)."""
+    if axis == 1 or t.dim() <= 2:
+        return t
+    return t.movedim(axis, 1)
 
 
 def unit_sum(t: torch.Tensor) -> torch.Tensor:
@@ -380,6 +406,8 @@ class AttributionMetric:
         """The ``(N, units)`` score matrices of this process's batches (in ``preserved_state``)."""
         batches = self._batches()
         targets = [m for _, m in resolved]
+        # the unit axis is the scored module's, also where an activation after it is evaluated
+        self._unit_axes = [unit_axis(m) for m in targets]
         if find_best_evaluation_module:
             first = next(batches, None)
             if first is not None:  # None: a rank without batches in a distributed run
@@ -459,6 +487,13 @@ class AttributionMetric:
     def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
         """Scores of a data-free metric, shape ``(units,)``."""
         raise NotImplementedError
+
+    def _axes(self, modules: list[nn.Module]) -> list[int]:
+        """The unit axis of each evaluation module's output (see `unit_axis`)."""
+        axes = getattr(self, "_unit_axes", None)
+        if axes is not None and len(axes) == len(modules):
+            return list(axes)
+        return [unit_axis(m) for m in modules]
 
     def _resolve(self, module: ModuleRef) -> tuple[str, nn.Module]:
         """Dotted name and module object of a module reference."""
@@ -630,10 +665,12 @@ class ForwardAttributionMetric(AttributionMetric):
         if kwargs:
             raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
         scores: list[list[torch.Tensor]] = [[] for _ in modules]
+        axes = self._axes(modules)
 
         # scores are computed inside the hook, before any in-place operation downstream
         def on_output(i: int, z: torch.Tensor) -> None:
-            scores[i].append(self._unit_scores(z.detach()).to("cpu", torch.float64))
+            z = channels_first(z.detach(), axes[i])
+            scores[i].append(self._unit_scores(z).to("cpu", torch.float64))
 
         capture = ActivationCapture(modules, on_output=on_output)
         bar = self._progress(self._n_batches())
@@ -667,6 +704,7 @@ class GradientAttributionMetric(AttributionMetric):
         if kwargs:
             raise TypeError(f"{type(self).__name__}.run got unexpected arguments: {sorted(kwargs)}")
         scores: list[list[torch.Tensor]] = [[] for _ in modules]
+        axes = self._axes(modules)
         clone = False
         capture = ActivationCapture(modules, grad=True)
         bar = self._progress(self._n_batches())
@@ -688,6 +726,7 @@ class GradientAttributionMetric(AttributionMetric):
                         grads = tuple(torch.zeros_like(z) for z in zs)
                     with torch.no_grad():
                         for i, (z, g) in enumerate(zip(zs, grads)):
+                            z, g = channels_first(z, axes[i]), channels_first(g, axes[i])
                             scores[i].append(self._unit_scores(z, g).to("cpu", torch.float64))
                     del loss, zs, grads
                     capture.reset()

@@ -49,7 +49,7 @@ class RandomAttributionMetric(AttributionMetric):
         return self._module_rng(module, self.seed).random(self._unit_count(module))
 
     def _unit_count(self, module: nn.Module) -> int:
-        for attr in ("out_features", "out_channels", "num_features"):
+        for attr in ("out_features", "out_channels", "num_features", "nf", "embedding_dim"):
             n = getattr(module, attr, None)
             if isinstance(n, int):
                 return n

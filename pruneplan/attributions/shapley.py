@@ -51,6 +51,7 @@ from .base import (
     repeat_batch,
     slice_batch,
     stack_rows,
+    unit_axis,
 )
 
 __all__ = ["ShapleyAttributionMetric", "permutation_samples"]
@@ -242,6 +243,7 @@ class ShapleyAttributionMetric(AttributionMetric):
     # ------------------------------------------------------------------ engines
 
     def _engine(self, module: nn.Module, x: Any, y: Any) -> _Engine:
+        self._axis = unit_axis(module)
         if self.split in ("auto", "fx"):
             try:
                 split = fx_split(self.model, module)
@@ -266,8 +268,19 @@ class _Engine:
     def __init__(self, metric: ShapleyAttributionMetric) -> None:
         self.metric = metric
         self.model = metric.model
+        # the module's unit axis: -1 for a Linear on a sequence (N, T, features). The engine
+        # works on z with the units on axis 1 and moves them back before the rest of the model.
+        self.axis = getattr(metric, "_axis", 1)
         self.budget = metric.memory_budget
         self.bytes_per_example: float | None = None
+
+    def fwd(self, z: torch.Tensor) -> torch.Tensor:
+        """The module's output with its units on axis 1."""
+        return z.movedim(self.axis, 1) if self.axis != 1 and z.dim() > 2 else z
+
+    def back(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `fwd`: the layout the rest of the model reads."""
+        return z.movedim(1, self.axis) if self.axis != 1 and z.dim() > 2 else z
 
     def loss(self, out: Any, y: Any, times: int) -> torch.Tensor:
         y_rep = repeat_batch(y, times) if times > 1 else y
@@ -318,19 +331,19 @@ class _FxEngine(_Engine):
     def __init__(self, metric: ShapleyAttributionMetric, split: Split) -> None:
         super().__init__(metric)
         self.split = split
-        self.shortcut = split.shortcut if metric.linear_shortcut else None
+        self.shortcut = split.shortcut if metric.linear_shortcut and self.axis == 1 else None
         self.path = "fx+shortcut" if self.shortcut is not None else "fx"
         self.sc_sizes: tuple[int, int] | None = None
 
     def prefix(self, x: Any, y: Any) -> tuple[torch.Tensor, list[Any], None]:
         z, *extras = self.split.prefix(x)
-        return z, extras, None
+        return self.fwd(z), extras, None
 
     def _extras(self, extras: list[Any], times: int, batch: int) -> list[Any]:
         return [_repeat_extra(e, times, batch) for e in extras]
 
     def _measure(self, z: torch.Tensor, extras: list[Any], x: Any) -> float:
-        return activation_bytes(self.split.suffix, z, *extras)
+        return activation_bytes(self.split.suffix, self.back(z), *extras)
 
     def run_masked(
         self, z: torch.Tensor, extras: list[Any], x: Any, y: Any, masks: torch.Tensor
@@ -338,7 +351,7 @@ class _FxEngine(_Engine):
         k, batch = masks.shape[0], z.shape[0]
         shape = (k, 1, masks.shape[1]) + (1,) * (z.dim() - 2)
         zs = (z.unsqueeze(0) * masks.reshape(shape)).reshape(k * batch, *z.shape[1:])
-        out = self.split.suffix(zs, *self._extras(extras, k, batch))
+        out = self.split.suffix(self.back(zs), *self._extras(extras, k, batch))
         return self.loss(out, y, k).reshape(k, batch)
 
     def verify(self, x: Any, y: Any, module: nn.Module) -> None:
@@ -531,7 +544,7 @@ class _HookEngine(_Engine):
                 f"{type(self.module).__name__} module ran {len(captured)} times in one forward "
                 "pass; Shapley values need a module that runs exactly once"
             )
-        return captured[0], [], loss
+        return self.fwd(captured[0]), [], loss
 
     def _measure(self, z: torch.Tensor, extras: list[Any], x: Any) -> float:
         total = 0
@@ -555,7 +568,7 @@ class _HookEngine(_Engine):
     ) -> torch.Tensor:
         k, batch = masks.shape[0], z.shape[0]
         shape = (k, 1, masks.shape[1]) + (1,) * (z.dim() - 2)
-        zs = (z.unsqueeze(0) * masks.reshape(shape)).reshape(k * batch, *z.shape[1:])
+        zs = self.back((z.unsqueeze(0) * masks.reshape(shape)).reshape(k * batch, *z.shape[1:]))
 
         def substitute(m: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
             if output.shape != zs.shape:

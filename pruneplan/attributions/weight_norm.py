@@ -15,8 +15,10 @@ __all__ = ["WeightNormAttributionMetric"]
 class WeightNormAttributionMetric(AttributionMetric):
     """The L1 norm of the module's ``weight`` over every axis but the output axis.
 
-    The output axis is 0, or 1 for transposed convolutions. No data is read; the result is a
-    single row, so ``reduction="none"`` returns a ``(1, units)`` matrix.
+    The output axis is 0, or 1 for transposed convolutions, ``Embedding`` (its units are the
+    embedding features) and GPT-2's ``Conv1D`` (duck-typed by ``nf``; its weight is (in, out)).
+    No data is read; the result is a single row, so ``reduction="none"`` returns a
+    ``(1, units)`` matrix.
     ``find_best_evaluation_module`` is ignored.
     """
 
@@ -27,7 +29,9 @@ class WeightNormAttributionMetric(AttributionMetric):
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor")
         axis = 0
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        if isinstance(module, nn.Embedding) or isinstance(getattr(module, "nf", None), int):
+            axis = 1  # an Embedding's units are its features; GPT-2's Conv1D stores (in, out)
+        elif isinstance(module, nn.modules.conv._ConvTransposeNd):
             if module.groups != 1:
                 raise ValueError(f"module {name!r}: grouped transposed convolution not supported")
             axis = 1

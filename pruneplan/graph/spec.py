@@ -71,6 +71,9 @@ class Group:
         kind: what a unit is: ``"channels"`` (an output channel or neuron), ``"heads"`` (every
             position of one attention head) or ``"query_groups"`` (a key/value head of
             grouped-query attention with its query heads); see `pruneplan.plan.KINDS`.
+        blocks: the units form this many equal contiguous blocks that must each lose the
+            same number of units (the key/value heads of a ``"heads"`` group in grouped-query
+            attention); 1 otherwise. `pruneplan.select_indices` honours it.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Group:
     dropouts: tuple[DropoutSpec, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
     kind: str = "channels"
+    blocks: int = 1
 
     @property
     def tensors(self) -> list[str]:
