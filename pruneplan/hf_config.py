@@ -250,7 +250,7 @@ def config_edits(
                 )
 
     if ((hidden_changed or heads_changed) and hidden_after and heads_after and hd_key != "d_kv"
-            and hidden_after % heads_after):
+            and hidden_after % heads_after and not any(r.startswith(f"{heads_key}/") for r in unsupported)):
         unsupported.append(
             f"{hidden_key} {hidden_after} is not a multiple of {heads_key} {heads_after}: "
             "transformers refuses such a config (it validates hidden size % heads == 0)"
