@@ -460,3 +460,105 @@ def test_show_and_compose_carry_kinds_and_config(tmp_path: Path) -> None:
     pp.apply_plan(model, second)
     assert fresh.config.intermediate_size == 96 and fresh.config.num_key_value_heads == 1
     torch.testing.assert_close(logits(fresh, x), logits(model, x), rtol=0, atol=0)
+
+
+# ---- the config measurements on plain data (no model code) -------------------------------------
+
+
+def _plan_removing(shapes: dict, slices: list[tuple[str, int, int]], removed: list[int], size: int):
+    """A plan over ``shapes`` whose one group removes ``removed`` of ``size`` units, each unit
+    covering ``repeat`` positions of every (tensor, axis, repeat) in ``slices``."""
+    from pruneplan.plan import state_dict_digest
+
+    return pp.PrunePlan.from_dict({
+        "format": "pruneplan", "version": 1,
+        "model": {"tensors": {t: shapes[t] for t, _, _ in slices}, "digest": state_dict_digest(shapes)},
+        "groups": [{"name": "g", "size": size, "removed": removed,
+                    "slices": [{"tensor": t, "axis": a, "map": {"repeat": r}} for t, a, r in slices]}],
+    })
+
+
+LLAMA_SHAPES = {
+    "model.embed_tokens.weight": [128, 64], "lm_head.weight": [128, 64],
+    **{f"model.layers.{i}.{k}": s for i in (0, 1) for k, s in {
+        "self_attn.q_proj.weight": [64, 64], "self_attn.k_proj.weight": [32, 64],
+        "self_attn.v_proj.weight": [32, 64], "self_attn.o_proj.weight": [64, 64],
+        "mlp.up_proj.weight": [128, 64], "mlp.gate_proj.weight": [128, 64],
+        "mlp.down_proj.weight": [64, 128]}.items()},
+}
+LLAMA_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16}
+
+
+def test_config_edits_from_plain_data_hidden_not_a_multiple_of_heads() -> None:
+    from pruneplan.hf_config import apply_config_edits, config_edits
+
+    emb = [("model.embed_tokens.weight", 1, 1), ("lm_head.weight", 1, 1)]
+    plan = _plan_removing(LLAMA_SHAPES, emb, list(range(9)), 64)  # 55 channels stay
+    edits = config_edits(LLAMA_CONFIG, LLAMA_SHAPES, plan)
+    assert [(c.key, c.before, c.after) for c in edits.changes] == [("hidden_size", 64, 55)]
+    assert edits.problems() == ["hidden_size 55 is not a multiple of num_attention_heads 4: transformers "
+                                "refuses such a config (it validates hidden size % heads == 0)"]
+    with pytest.raises(pp.ConfigError, match="config.json cannot express the pruned model: hidden_size 55"):
+        apply_config_edits(LLAMA_CONFIG, edits, "config.json")
+    # 8 removed: 56 = 4 * 14 stays expressible (head_dim is explicit in this config)
+    ok = config_edits(LLAMA_CONFIG, LLAMA_SHAPES, _plan_removing(LLAMA_SHAPES, emb, list(range(8)), 64))
+    assert apply_config_edits(LLAMA_CONFIG, ok) == {**LLAMA_CONFIG, "hidden_size": 56}
+    assert LLAMA_CONFIG["hidden_size"] == 64  # the input is not modified
+
+
+def test_config_edits_gate_and_up_must_agree() -> None:
+    from pruneplan.hf_config import config_edits
+
+    plan = _plan_removing(LLAMA_SHAPES, [("model.layers.0.mlp.up_proj.weight", 0, 1)], [0], 128)
+    with pytest.raises(pp.ConfigError, match=r"layer 'model\.layers\.0\.mlp': 'model\.layers\.0\.mlp\.gate_proj"
+                       r"\.weight' is 128 wide but 'model\.layers\.0\.mlp\.up_proj\.weight' is 127"):
+        config_edits(LLAMA_CONFIG, LLAMA_SHAPES, plan)
+
+
+def _mlp_spec(p: str, up: str, down: str) -> GroupSpec:
+    return GroupSpec(name=f"{p}.{up}", size=128, roots=(f"{p}.{up}",), slices=(
+        SliceSpec(f"{p}.{up}.weight", 0), SliceSpec(f"{p}.{up}.bias", 0), SliceSpec(f"{p}.{down}.weight", 1)))
+
+
+@pytest.mark.parametrize("family", ["distilbert", "vit"])
+def test_distilbert_and_vit_mlp_reload(tmp_path: Path, family: str) -> None:
+    torch.manual_seed(0)
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=V)
+        model, x = transformers.DistilBertModel(cfg).eval(), ids()
+        specs = [_mlp_spec(f"transformer.layer.{i}.ffn", "lin1", "lin2") for i in (0, 1)]
+        key = "hidden_dim"
+    else:
+        cfg = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, image_size=16, patch_size=8)
+        model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        specs = [_mlp_spec(f"layers.{i}.mlp", "fc1", "fc2") for i in (0, 1)]  # transformers 5 layout
+        key = "intermediate_size"
+    plan = build_plan(model, [(s, range(0, 128, 4)) for s in specs])
+    assert [(c.key, c.before, c.after) for c in plan.config.changes] == [(key, 128, 96)]
+    pp.apply_plan(model, plan)
+    d = tmp_path / family
+    model.save_pretrained(d)
+    loaded = type(model).from_pretrained(d).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state, rtol=0, atol=0)
+
+
+def test_discovered_query_groups_reach_the_config_and_the_checkpoint(tmp_path: Path) -> None:
+    model = llama_like()
+    x = ids()
+    src = tmp_path / "ckpt"
+    model.save_pretrained(src)
+    groups = {g.name: g for g in pp.prunable_groups(model, x)}
+    attn = [n for n in groups if n.endswith("self_attn.q_proj")]
+    assert [groups[n].kind for n in attn] == ["query_groups", "query_groups"]
+    plan = pp.plan_pruning(model, {attn[0]: [1], attn[1]: [0]}, example_inputs=x)
+    assert {c.key: (c.before, c.after) for c in plan.config.changes} == {
+        "num_attention_heads": (4, 2), "num_key_value_heads": (2, 1)}
+    out = pp.apply_to_checkpoint(plan, src, tmp_path / "out")
+    pp.apply_plan(model, plan)
+    assert [layer.self_attn.num_key_value_groups for layer in model.model.layers] == [2, 2]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), rtol=0, atol=0)
