@@ -499,7 +499,7 @@ def test_config_edits_from_plain_data_hidden_not_a_multiple_of_heads() -> None:
     assert [(c.key, c.before, c.after) for c in edits.changes] == [("hidden_size", 64, 55)]
     assert edits.problems() == ["hidden_size 55 is not a multiple of num_attention_heads 4: transformers "
                                 "refuses such a config (it validates hidden size % heads == 0)"]
-    with pytest.raises(pp.ConfigError, match="config.json cannot express the pruned model: hidden_size 55"):
+    with pytest.raises(pp.ConfigError, match=r"config\.json cannot express the pruned model: hidden_size 55"):
         apply_config_edits(LLAMA_CONFIG, edits, "config.json")
     # 8 removed: 56 = 4 * 14 stays expressible (head_dim is explicit in this config)
     ok = config_edits(LLAMA_CONFIG, LLAMA_SHAPES, _plan_removing(LLAMA_SHAPES, emb, list(range(8)), 64))
