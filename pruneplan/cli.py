@@ -194,9 +194,9 @@ def apply(plan: Path, weights: Path, output: str | None, force: bool, no_digest_
     becomes a folder with the pruned weights, the rewritten config.json and a copy of the other files; a plan
     whose widths the config cannot express is refused before anything is written.
     """
-    folder = weights.parent if weights.name.endswith(".index.json") else weights
-    if pruneplan.is_hf_checkpoint(folder):
-        apply_to, weights = pruneplan.apply_to_checkpoint, folder
+    ckpt = weights.parent if weights.name.endswith(".index.json") else weights
+    if pruneplan.is_hf_checkpoint(ckpt):
+        apply_to, weights = pruneplan.apply_to_checkpoint, ckpt
     elif _sharded(weights):
         apply_to = pruneplan.apply_to_sharded_safetensors
     else:
