@@ -3,9 +3,10 @@
 The output is written by a small streaming writer that follows the safetensors format exactly
 (8-byte little-endian header length, JSON header padded with spaces to a multiple of 8, then the
 raw little-endian data, tensors ordered by dtype then name, as `safetensors.torch.save_file`
-orders them). Each tensor is read with a plain positioned read (no memory map, so pages of the
-source do not stay resident), sliced, written and dropped: peak memory is about one source
-tensor plus its pruned copy.
+orders them). Each tensor's kept rows are read with positioned reads (no memory map, so pages of
+the source do not stay in the process), its inner axes gathered into buffers reused from tensor
+to tensor, and the result written with one large ``write``: peak memory is about the largest
+tensor plus its pruned copy (see `pruneplan.apply._stream` for what was measured).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer, check_regular
-from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape, slice_tensor
+from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape
+from pruneplan.apply._stream import Buffers, TensorJob, stream_jobs, write_all
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import file_digest, needs_content
 from pruneplan.apply.model import apply_plan
@@ -162,6 +164,21 @@ def write_safetensors(
         metadata: string metadata stored under ``__metadata__``.
         progress: show a tqdm bar over the bytes written.
     """
+
+    def data(name: str) -> Iterable[memoryview]:
+        t = produce(name)
+        dtype, shape = entries[name]
+        if list(t.shape) != list(shape) or _NAMES[t.dtype] != dtype:
+            raise WeightsFileError(f"internal: tensor {name!r} does not match its header")
+        return [memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())]
+
+    _write(Path(path), entries, data, metadata, progress)
+
+
+def _layout(entries: Mapping[str, tuple[str, list[int]]], metadata: Mapping[str, str] | None
+            ) -> tuple[list[str], bytes, int]:
+    """(tensor order, header bytes with their 8-byte length prefix, bytes of data), as
+    `safetensors.torch.save_file` lays them out: dtype rank descending, then name."""
     order = sorted(entries, key=lambda k: (-_RANK[entries[k][0]], k))
     header: dict[str, Any] = {}
     if metadata:
@@ -174,19 +191,32 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    bar = tqdm(total=offset, unit="B", unit_scale=True, desc=Path(path).name, disable=not progress,
-               leave=False)
-    with bar, atomic_writer(Path(path)) as out:
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
+    return order, struct.pack("<Q", len(raw)) + raw, offset
+
+
+def _write(
+    path: Path,
+    entries: Mapping[str, tuple[str, list[int]]],
+    data: Callable[[str], Iterable[memoryview]],
+    metadata: Mapping[str, str] | None,
+    progress: bool,
+) -> None:
+    """Write the header, then the raw bytes of every tensor in file order (``data(name)`` yields
+    them in pieces), each piece with one large ``write`` on the file descriptor (no buffering
+    layer, no copy); atomically."""
+    order, head, total = _layout(entries, metadata)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False)
+    with bar, atomic_writer(path) as out:
+        fd = out.fileno()
+        write_all(fd, memoryview(head))
         for name in order:
-            t = produce(name)
-            bar.update(t.numel() * t.element_size())
-            dtype, shape = entries[name]
-            if list(t.shape) != list(shape) or _NAMES[t.dtype] != dtype:
+            written = 0
+            for view in data(name):
+                write_all(fd, view)
+                written += len(view)
+                bar.update(len(view))
+            if written != tensor_nbytes(*entries[name]):
                 raise WeightsFileError(f"internal: tensor {name!r} does not match its header")
-            if t.numel():
-                out.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def apply_to_safetensors(
@@ -256,33 +286,38 @@ def prune_file(
     keeps: KeepMap,
     metadata: Mapping[str, str],
     progress: bool = False,
+    buffers: Buffers | None = None,
 ) -> None:
     """Stream the pruned copy of one checked safetensors file to ``dst``, one tensor at a time.
+
+    Only the kept rows of each tensor are read; inner axes are gathered into two buffers reused
+    for every tensor (see `pruneplan.apply._stream`): peak memory is about the largest tensor's
+    kept rows plus its pruned copy.
 
     Args:
         header, start: what `read_header` returned for ``src`` (tensor entries, data offset).
         keeps: the plan's `keep_indices`.
         metadata: the output's complete metadata.
+        buffers: reuse these buffers (across the shards of a checkpoint); default: new ones.
     """
     entries = {k: (e["dtype"], kept_shape(e["shape"], keeps.get(k, ()))) for k, e in header.items()}
+    order, _, _ = _layout(entries, metadata)
+    jobs = [
+        TensorJob(name, start + header[name]["data_offsets"][0], _DTYPES[header[name]["dtype"]].itemsize,
+                  tuple(int(d) for d in header[name]["shape"]),
+                  tuple((axis, tuple(keep)) for axis, keep in keeps.get(name, ())))
+        for name in order
+    ]
     with open(src, "rb") as fh:
-        fd = fh.fileno()
+        stream = stream_jobs(fh.fileno(), jobs, buffers or Buffers(), str(src))
 
-        def produce(name: str) -> torch.Tensor:
-            e = header[name]
-            begin, end = e["data_offsets"]
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < end - begin:
-                n = os.preadv(fd, [view[got:]], start + begin + got)
-                if n <= 0:
-                    raise WeightsFileError(f"{src}: truncated while reading tensor {name!r}")
-                got += n
-            t = buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
-            return slice_tensor(t, keeps[name]) if name in keeps else t
+        def data(name: str) -> Iterator[memoryview]:
+            job, pieces = next(stream)
+            if job.name != name:  # the jobs are in file order by construction
+                raise WeightsFileError(f"internal: tensor {name!r} out of order")
+            return pieces
 
-        write_safetensors(dst, entries, produce, metadata, progress=progress)
+        _write(dst, entries, data, metadata, progress)
 
 
 def check_recorded_digest(where: str | Path, recorded: object, plan: PrunePlan) -> None:

@@ -7,9 +7,9 @@ and an index ``<name>.safetensors.index.json``::
 
 The index and every shard header are read and cross-checked before anything is written; the
 plan's fingerprint is checked against the union of all shards. Each shard is then pruned with the
-same streaming writer as a single file (one tensor at a time), into a temporary sibling folder of
-the output that is renamed to the output at the end: the output folder appears complete or not
-at all.
+same streaming writer as a single file (one chunk of rows at a time, through buffers shared by
+all shards), into a temporary sibling folder of the output that is renamed to the output at the
+end: the output folder appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from pruneplan._io import atomic_write_bytes, locked_temp_folder, read_regular_file
 from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape
+from pruneplan.apply._stream import Buffers
 from pruneplan.apply.safetensors_io import (
     DIGEST_KEY,
     check_file,
@@ -220,9 +221,11 @@ def apply_to_sharded_safetensors(
     index_bytes = _index_bytes(ckpt, keeps, digest)
 
     with locked_temp_folder(dst) as tmp:  # .NAME.<random>.tmp; a killed run's are cleared
+        buffers = Buffers()  # allocated once, for the largest chunk of any shard
         for shard in ckpt.shards:
             metadata = {**shard.metadata, DIGEST_KEY: digest}
-            prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps, metadata, progress)
+            prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps, metadata, progress,
+                       buffers)
         atomic_write_bytes(tmp / ckpt.index.name, index_bytes)
         _fsync(tmp)
         _move_into_place(tmp, dst, overwrite)
