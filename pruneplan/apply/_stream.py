@@ -44,7 +44,8 @@ CHUNK_BYTES = 16 << 20
 # tiny rows would cost more than reading the removed ones
 MIN_ROW_BYTES = 512
 # gaps of removed rows up to this size are read into a scratch buffer instead of starting a new
-# read: a system call costs about as much as copying this many bytes from the page cache
+# read: an estimate, not tuned (a system call costs a few microseconds, about what copying this
+# many bytes from the page cache costs)
 MAX_SKIP_READ = 32 * 1024
 _IOV_MAX = 1024  # iovecs per preadv (Linux's limit)
 _MAX_CHUNK = 1 << 30  # bytes per read/write call (Linux caps one call at 0x7ffff000)
