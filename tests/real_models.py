@@ -85,36 +85,6 @@ SWIN_OP = XFail("item 3: torchvision's fx-wrapped 'shifted_window_attention' is 
 SWIN2_OP = XFail("item 3: torchvision's fx-wrapped '_get_relative_position_bias' (Swin V2) is an "
                  "operation discovery does not know", "UnsupportedOperationError")
 
-# timm: what discovery cannot do yet on timm's building blocks (items of issue 11, or limits)
-NORM_FN = XFail("item 2: timm's norm layers (BatchNormAct2d, LayerNorm, LayerNorm2d, GroupNorm "
-                "subclasses) call F.batch_norm / F.layer_norm / F.group_norm in their own "
-                "forward; discovery reads the functional norm as mixing the channels and leaves "
-                "the roots before it out: < 20% fewer parameters")
-NORM_HEADS = XFail("item 2 (timm's LayerNorm calls F.layer_norm: the patch embedding and the "
-                   "residual stream are left out) and attention heads, no unit yet (DESIGN "
-                   "'Group kinds'): < 20% fewer parameters")
-PAD_HEADS = XFail("attention heads, no unit yet (DESIGN 'Group kinds'), and F.pad of a "
-                  "channels-last window partition read as acting on the channels: < 20% fewer "
-                  "parameters")
-STD_CONV = XFail("item 2: timm's ScaledStdConv2d (a Conv2d subclass with its own forward: "
-                 "F.conv2d of a standardised weight) is traced through and its conv2d blocks the "
-                 "roots: < 20% fewer parameters")
-EMPTY_SHORTCUT = XFail("item 3: an empty nn.Sequential() used as a shortcut is a module "
-                       "discovery does not know", "UnsupportedOperationError")
-SPLIT = XFail("item 5: a split of a root's output into fixed-size parts (partial conv, "
-              "selective-kernel paths) leaves its roots out: < 20% fewer parameters")
-RNN = XFail("item 5: nn.LSTM blocks the roots that reach it: < 20% fewer parameters")
-TABLE = XFail("item 5: a table indexed with tensors (relative position bias) on a root's "
-              "channels", "UnsupportedOperationError")
-UNEQUAL = XFail("discovery couples roots of unequal sizes through a cat/add of differently "
-                "sized channel blocks", "UnsupportedOperationError")
-MATMUL = XFail("item 3: a lambda layer's matmul receives a root's channels in an argument "
-               "discovery does not follow", "UnsupportedOperationError")
-CAT_SPLIT_BUG = XFail("bug: IndexError in the cat/split rule (pruneplan/graph/rules/cat_split.py) "
-                      "on this model", "IndexError")
-MISSED_WIDTH = XFail("bug: the plan applies but the pruned model fails in forward (a reshape "
-                     "with a width discovery did not see)", "RuntimeError")
-
 _TV: list[tuple[str, tuple[int, ...], dict, XFail | None]] = [
     ("alexnet", (2, 3, 64, 64), {}, None),
     ("vgg11", (2, 3, 32, 32), {}, None),
@@ -149,7 +119,134 @@ TORCHVISION = [RealModel("torchvision", n, s, k, n, x)
 # Not tried: nasnet/pnasnet (331x331 NAS cells, minutes per model), mobilenetv5 (300M),
 # vision_transformer_sam (1024x1024 SAM encoders), the VLM encoders (deepseek_vit, gemma4_vit,
 # qwen3_vit, naflexvit) and hieradet_sam2.
-_TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = []  # see below
+_TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
+    ("beit", "beit_base_patch16_224", (2, 3, 32, 32), {'img_size': 32}, XFail(
+        "limit: 19.7% fewer parameters (< 20%); e.g. they reach operation 'linear' in module 'blocks.0.attn'")),
+    ("byoanet", "lambda_resnet26t", (2, 3, 64, 64), {}, None),
+    ("byobnet", "repvgg_a0", (2, 3, 32, 32), {}, None),
+    ("cait", "cait_xxs24_224", (2, 3, 32, 32), {'img_size': 32}, XFail(
+        "limit: 19.3% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'blocks.0.attn'")),
+    ("coat", "coat_lite_tiny", (2, 3, 64, 64), {'img_size': 64}, XFail(
+        "item 5: 17.6% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'serial_blocks1.0.factoratt_crpe'")),
+    ("convit", "convit_tiny", (2, 3, 32, 32), {'img_size': 32}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[2, 4, 2, 3, 45]' is invalid for input of size 2304", "RuntimeError")),
+    ("convmixer", "convmixer_768_32", (2, 3, 32, 32), {}, None),
+    ("convnext", "convnext_atto", (2, 3, 32, 32), {}, None),
+    ("cpubone", "cpubone_nano", (2, 3, 32, 32), {}, XFail(
+        "item 4: PlanValidationError: invalid plan: tensor 'stages.0.0.main.spatial_conv.conv.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [0, 1, 2] but ", "PlanValidationError")),
+    ("crossvit", "crossvit_tiny_240", (1, 3, 240, 240), {}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[1, 1, 3, 45]' is invalid for input of size 192", "RuntimeError")),
+    ("csatv2", "csatv2", (2, 3, 64, 64), {}, XFail(
+        "bug: IndexError: tuple index out of range", "IndexError")),
+    ("cspnet", "cspresnet50", (2, 3, 32, 32), {}, None),
+    ("cspnext", "cspnext_tiny", (2, 3, 32, 32), {}, XFail(
+        "discovery refuses: UnsupportedOperationError: operation 'mul' in module 'stages.0.1.attention' couples 'stages.0.1.blocks.0.conv2.pointwise_conv.conv' (24 units) with 'stages.0.1.attention.fc' (48 units); c", "UnsupportedOperationError")),
+    ("davit", "davit_tiny", (2, 3, 64, 64), {}, XFail(
+        "limit: 18.2% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'stages.0.blocks.0.0.attn'")),
+    ("deit", "deit_tiny_patch16_224", (2, 3, 32, 32), {'img_size': 32}, None),
+    ("densenet", "densenet121", (2, 3, 32, 32), {}, None),
+    ("dla", "dla34", (2, 3, 32, 32), {}, None),
+    ("dpn", "dpn48b", (2, 3, 32, 32), {}, XFail(
+        "item 4: PlanValidationError: invalid plan: tensor 'features.conv2_1.c3x3_b.conv.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [2] but block 0 los", "PlanValidationError")),
+    ("edgenext", "edgenext_xx_small", (2, 3, 64, 64), {}, XFail(
+        "limit: 19.9% fewer parameters (< 20%); e.g. coupled to other units in another order at operation 'chunk' in module 'stages.1.blocks.1'")),
+    ("efficientformer", "efficientformer_l1", (1, 3, 224, 224), {}, None),
+    ("efficientformer_v2", "efficientformerv2_s0", (1, 3, 224, 224), {}, None),
+    ("efficientnet", "efficientnet_b0", (2, 3, 32, 32), {}, None),
+    ("efficientvim", "efficientvim_m1", (2, 3, 64, 64), {}, None),
+    ("efficientvit_mit", "efficientvit_b0", (2, 3, 64, 64), {}, XFail(
+        "item 4: PlanValidationError: invalid plan: tensor 'stages.2.blocks.1.context_module.main.aggreg.0.1.weight' axis 1 belongs to a grouped convolution: group block 3 would lose local positions", "PlanValidationError")),
+    ("efficientvit_msra", "efficientvit_m0", (1, 3, 224, 224), {}, None),
+    ("eva", "eva02_tiny_patch14_224", (2, 3, 28, 28), {'img_size': 28}, XFail(
+        "limit: 0.0% fewer parameters (< 20%); e.g. they reach operation 'linear' in module 'blocks.0.attn'")),
+    ("fasternet", "fasternet_t0", (2, 3, 32, 32), {}, None),
+    ("fastvit", "fastvit_t8", (2, 3, 64, 64), {}, XFail(
+        "discovery refuses: UnsupportedOperationError: operation 'add' in module 'stages.1.downsample.proj.1' couples 'stem.0.conv_scale.conv' (48 units) with 'stages.1.downsample.proj.1.conv_kxk.0.conv' (96 units);", "UnsupportedOperationError")),
+    ("focalnet", "focalnet_tiny_srf", (2, 3, 64, 64), {}, None),
+    ("gcvit", "gcvit_xxtiny", (1, 3, 224, 224), {}, XFail(
+        "item 3: UnsupportedOperationError: operation 'repeat_interleave' in module 'stages.0.blocks.1.attn' is not an operation pruneplan knows how to follow", "UnsupportedOperationError")),
+    ("ghostnet", "ghostnet_050", (2, 3, 32, 32), {}, XFail(
+        "item 3: UnsupportedOperationError: module 'blocks.0.0.shortcut' (Sequential) is not a module pruneplan knows how to follow", "UnsupportedOperationError")),
+    ("hardcorenas", "hardcorenas_a", (2, 3, 32, 32), {}, None),
+    ("hgnet", "hgnetv2_b0", (2, 3, 32, 32), {}, None),
+    ("hiera", "hiera_tiny_224", (1, 3, 224, 224), {}, None),
+    ("hrnet", "hrnet_w18_small", (2, 3, 64, 64), {}, None),
+    ("iformer", "iformer_s", (2, 3, 64, 64), {}, None),
+    ("inception_next", "inception_next_atto", (2, 3, 64, 64), {}, None),
+    ("inception_resnet_v2", "inception_resnet_v2", (1, 3, 75, 75), {}, XFail(
+        "discovery refuses: UnsupportedOperationError: operation 'add' in module 'repeat.0' couples 'repeat.0.conv2d' (320 units) with 'mixed_5b.branch0.conv' (96 units); coupled groups need equal sizes", "UnsupportedOperationError")),
+    ("inception_v3", "inception_v3", (1, 3, 75, 75), {}, None),
+    ("inception_v4", "inception_v4", (1, 3, 75, 75), {}, None),
+    ("lcnetv2", "lcnetv2_small", (2, 3, 32, 32), {}, None),
+    ("levit", "levit_128s", (1, 3, 224, 224), {}, None),
+    ("lowformer", "lowformer_b0", (2, 3, 64, 64), {}, None),
+    ("mambaout", "mambaout_femto", (2, 3, 64, 64), {}, None),
+    ("maxxvit", "coatnet_nano_rw_224", (1, 3, 224, 224), {}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[196, 196, 4]' is invalid for input of size 115248", "RuntimeError")),
+    ("metaformer", "poolformer_s12", (2, 3, 32, 32), {}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[64, 1, 1]' is invalid for input of size 45", "RuntimeError")),
+    ("mlp_mixer", "mixer_s32_224", (2, 3, 64, 64), {'img_size': 64}, None),
+    ("mobilenetv3", "mobilenetv3_small_050", (2, 3, 32, 32), {}, None),
+    ("mobilevit", "mobilevit_xxs", (2, 3, 64, 64), {}, None),
+    ("mvitv2", "mvitv2_tiny", (1, 3, 224, 224), {}, None),
+    ("nest", "nest_tiny", (2, 3, 64, 64), {'img_size': 64}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[2, 16, 16, 3, 3, 22]' is invalid for input of size 147456", "RuntimeError")),
+    ("nextvit", "nextvit_small", (2, 3, 64, 64), {}, XFail(
+        "discovery refuses: UnsupportedOperationError: operation 'add' in module 'stages.1.blocks.3' couples 'stages.1.blocks.0.patch_embed.conv' (192 units) with 'stages.1.blocks.3.mlp.fc2' (256 units); coupled gro", "UnsupportedOperationError")),
+    ("nfnet", "nf_regnet_b0", (2, 3, 32, 32), {}, XFail(
+        "limit: 12.3% fewer parameters (< 20%); e.g. combined with a tensor no prunable layer owns at operation 'mul' in module 'stages.0.0.attn'")),
+    ("pit", "pit_ti_224", (2, 3, 64, 64), {'img_size': 64}, XFail(
+        "discovery refuses: UnsupportedOperationError: operation 'cat' in module 'transformers.1' couples 'transformers.1.pool.fc' (128 units) with 'patch_embed.conv' (64 units); coupled groups need equal sizes", "UnsupportedOperationError")),
+    ("pvt_v2", "pvt_v2_b0", (2, 3, 64, 64), {}, XFail(
+        "limit: 13.7% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'stages.0.blocks.0.attn'")),
+    ("rdnet", "rdnet_tiny", (2, 3, 64, 64), {}, None),
+    ("regnet", "regnety_002", (2, 3, 32, 32), {}, XFail(
+        "item 4: PlanValidationError: invalid plan: tensor 's1.b1.conv2.conv.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [1, 2, 7] but block 0 loses [0,", "PlanValidationError")),
+    ("repghost", "repghostnet_050", (2, 3, 32, 32), {}, XFail(
+        "item 3: UnsupportedOperationError: module 'blocks.0.0.shortcut' (Sequential) is not a module pruneplan knows how to follow", "UnsupportedOperationError")),
+    ("repvit", "repvit_m0_9", (2, 3, 64, 64), {}, None),
+    ("res2net", "res2net50_14w_8s", (2, 3, 32, 32), {}, None),
+    ("resnest", "resnest14d", (2, 3, 32, 32), {}, XFail(
+        "item 4: PlanValidationError: invalid plan: tensor 'layer1.0.conv2.conv.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [0, 3, 5, 10, 12, 15, 16, 21", "PlanValidationError")),
+    ("resnet", "resnet18", (2, 3, 32, 32), {}, None),
+    ("resnetv2", "resnetv2_50", (2, 3, 32, 32), {}, None),
+    ("rexnet", "rexnet_100", (2, 3, 32, 32), {}, None),
+    ("selecsls", "selecsls42b", (2, 3, 32, 32), {}, None),
+    ("senet", "legacy_seresnet18", (2, 3, 32, 32), {}, None),
+    ("sequencer", "sequencer2d_s", (2, 3, 64, 64), {}, XFail(
+        "item 5: 14.4% fewer parameters (< 20%); e.g. they reach module 'stages.0.blocks.0.rnn_tokens.rnn_v' (LSTM)")),
+    ("shvit", "shvit_s1", (2, 3, 64, 64), {}, None),
+    ("sknet", "skresnet18", (2, 3, 32, 32), {}, XFail(
+        "limit: 0.6% fewer parameters (< 20%); e.g. operation 'split' in module 'layer1.0.conv1' writes the size 32 of their axis as a number and no attribute of its module holds it, so it wou")),
+    ("starnet", "starnet_s050", (2, 3, 32, 32), {}, None),
+    ("swiftformer", "swiftformer_xs", (2, 3, 64, 64), {}, None),
+    ("swin_transformer", "swin_tiny_patch4_window7_224", (1, 3, 224, 224), {}, None),
+    ("swin_transformer_v2", "swinv2_tiny_window8_256", (2, 3, 64, 64), {'img_size': 64}, XFail(
+        "item 5: UnsupportedOperationError: operation 'getitem' in module 'layers.0.blocks.0.attn' indexes them with tensors", "UnsupportedOperationError")),
+    ("swin_transformer_v2_cr", "swinv2_cr_tiny_ns_224", (1, 3, 224, 224), {}, XFail(
+        "limit: 18.3% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'view' in module 'stages.0.blocks.0.attn'")),
+    ("tiny_vit", "tiny_vit_5m_224", (1, 3, 224, 224), {}, None),
+    ("tnt", "tnt_s_patch16_224", (2, 3, 32, 32), {'img_size': 32}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[8, 24, -1]' is invalid for input of size 2176", "RuntimeError")),
+    ("tresnet", "tresnet_m", (2, 3, 64, 64), {}, None),
+    ("twins", "twins_svt_small", (2, 3, 64, 64), {}, XFail(
+        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[2, 9, 49, 3, 2, 22]' is invalid for input of size 169344", "RuntimeError")),
+    ("vgg", "vgg11", (2, 3, 32, 32), {}, None),
+    ("visformer", "visformer_tiny", (1, 3, 224, 224), {}, XFail(
+        "item 4: PlanValidationError: invalid plan: tensor 'stage1.0.mlp.conv2.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [3, 13, 15, 18, 19, 20] but b", "PlanValidationError")),
+    ("vision_transformer", "vit_tiny_patch16_224", (2, 3, 32, 32), {'img_size': 32}, None),
+    ("vision_transformer_hybrid", "vit_tiny_r_s16_p8_224", (2, 3, 64, 64), {'img_size': 64}, None),
+    ("vision_transformer_relpos", "vit_relpos_small_patch16_224", (2, 3, 32, 32), {'img_size': 32}, XFail(
+        "item 5: UnsupportedOperationError: operation 'getitem' in module 'blocks.0.attn' indexes them with tensors", "UnsupportedOperationError")),
+    ("vitamin", "vitamin_small_224", (1, 3, 224, 224), {}, None),
+    ("volo", "volo_d1_224", (2, 3, 64, 64), {'img_size': 64}, XFail(
+        "limit: 17.3% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'network.0.0.attn'")),
+    ("vovnet", "ese_vovnet19b_slim_dw", (2, 3, 32, 32), {}, None),
+    ("xception", "legacy_xception", (1, 3, 96, 96), {}, None),
+    ("xception_aligned", "xception41", (2, 3, 64, 64), {}, None),
+    ("xcit", "xcit_nano_12_p16_224", (2, 3, 32, 32), {'img_size': 32}, XFail(
+        "limit: 19.1% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'blocks.0.attn'")),
+]
 
 TIMM = [RealModel("timm", n, s, k, fam, x) for fam, n, s, k, x in _TIMM]
 
