@@ -230,7 +230,8 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
         "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[8, 24, -1]' is invalid for input of size 2176", "RuntimeError")),
     ("tresnet", "tresnet_m", (2, 3, 64, 64), {}, None),
     ("twins", "twins_svt_small", (2, 3, 64, 64), {}, XFail(
-        "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[2, 9, 49, 3, 2, 22]' is invalid for input of size 169344", "RuntimeError")),
+        "bug: the plan's attribute edits disagree with its slices: the plan sets "
+        "blocks.1.1.attn.dim to 96, the pruned weights imply 90", "PlanMismatchError")),
     ("vgg", "vgg11", (2, 3, 32, 32), {}, None),
     ("visformer", "visformer_tiny", (1, 3, 224, 224), {}, XFail(
         "item 4: PlanValidationError: invalid plan: tensor 'stage1.0.mlp.conv2.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [3, 13, 15, 18, 19, 20] but b", "PlanValidationError")),
