@@ -16,10 +16,10 @@ from pruneplan.apply import apply_plan
 from pruneplan.errors import (
     CoupledGroupError,
     PlanningError,
-    PlanValidationError,
     UnsupportedOperationError,
 )
 from pruneplan.graph.discover import build_graph, describe_groups, prunable_groups
+from pruneplan.graph.spec import EditSpec
 from pruneplan.planner import plan_pruning
 from pruneplan.select import select_indices
 
@@ -132,7 +132,7 @@ def test_unknown_op_on_a_pruned_path_is_an_error_naming_op_and_module(tracer: st
     assert [g.name for g in groups] == ["side"]
 
 
-def test_coupled_roots_of_different_sizes_are_an_error() -> None:
+def test_coupled_roots_of_different_sizes_tied_unevenly_are_left_out() -> None:
     class Unequal(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -142,13 +142,18 @@ def test_coupled_roots_of_different_sizes_are_an_error() -> None:
             self.head = nn.Conv2d(8, 2, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # positions 0..3 hold unit u of both a (4 units) and c (8 units)
+            # positions 0..3 hold unit u of both a (4 units) and c (8 units), positions 4..7
+            # unit u of b and u + 4 of c: a unit of c goes with one of a or one of b, so a
+            # removal of k units cannot say how many channels a loses
             return self.head(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
 
-    with pytest.raises(UnsupportedOperationError) as err:
-        prunable_groups(Unequal(), torch.randn(1, 3, 4, 4))
-    assert "couples 'a' (4 units) with 'c' (8 units)" in str(err.value)
-    assert "operation 'add' in module '<top level>'" in str(err.value)
+    groups = prunable_groups(Unequal(), torch.randn(1, 3, 4, 4))
+    assert list(groups) == []
+    reasons = {lo.name: lo.reason for lo in groups.left_out}
+    assert reasons["a"] == (
+        "its units are tied unevenly (by add in <top level>): some sets of units that must go "
+        "together hold 0 units of 'a', others 1, which no unit count can express "
+        "(coupled with 'b', 'c')")
 
 
 def test_member_of_coupled_group_needs_the_group_name_or_expand() -> None:
@@ -231,7 +236,7 @@ def test_channel_shuffle_gives_interleaved_positions() -> None:
     assert (conv5.axis, conv5.repeat) == (1, 2)
 
 
-def test_grouped_conv_input_uses_modulo_and_refuses_uneven_removal() -> None:
+def test_grouped_conv_units_are_local_positions_of_every_conv_group() -> None:
     class Grouped(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -244,14 +249,21 @@ def test_grouped_conv_input_uses_modulo_and_refuses_uneven_removal() -> None:
 
     model, x = Grouped().eval(), torch.randn(1, 3, 6, 6)
     groups = {g.name: g for g in prunable_groups(model, x)}
-    assert list(groups) == ["a"]  # a grouped conv's outputs are tied to its inputs
+    # g reads 2 blocks of 4 channels: a's unit j is channels {j, j + 4} (4 units); g's own
+    # outputs are 2 blocks of 3: its unit j is output channels {j, j + 3} (3 units)
+    assert {n: g.size for n, g in groups.items()} == {"a": 4, "g": 3}
     s = next(s for s in groups["a"].slices if s.tensor == "g.weight")
-    assert (s.axis, s.modulo) == (1, 4)
-    # the same local position in both blocks of 4: valid, in_channels drops 8 -> 6
-    pruned, _ = _prune_and_run(model, {"a": [1, 5]}, x)
-    assert pruned.g.weight.shape[1] == 3 and pruned.g.in_channels == 6
-    with pytest.raises(PlanValidationError, match="every block must lose the same ones"):
-        plan_pruning(model, {"a": [1, 2]}, example_inputs=x)
+    assert (s.axis, s.modulo, s.tiles, s.tile_stride) == (1, 4, 2, 4)
+    s = next(s for s in groups["g"].slices if s.tensor == "g.weight")
+    assert (s.axis, s.modulo, s.tiles, s.tile_stride) == (0, None, 2, 3)
+    assert EditSpec("a", "out_channels", 8, 2) in groups["a"].edits
+    pruned, plan = _prune_and_run(model, {"a": [1], "g": [0, 2]}, x)
+    # a loses channels 1 and 5; g keeps groups=2 with 3 inputs and 1 output per group
+    assert plan.group("a").slices[0].map.unit(1) == [1, 5]
+    assert pruned.a.out_channels == 6 and pruned.g.in_channels == 6 and pruned.g.groups == 2
+    assert tuple(pruned.g.weight.shape) == (2, 3, 3, 3) and pruned.head.in_channels == 2
+    torch.testing.assert_close(pruned.g.weight[1, :, 0, 0],
+                               model.g.weight[4, [0, 2, 3], 0, 0].detach())
 
 
 def test_layer_scale_and_position_parameters_are_sliced() -> None:
@@ -426,7 +438,7 @@ def test_indexing_other_axes_keeps_labels_and_slicing_the_channels_blocks() -> N
         assert names == ["embed", "mid", "conv_head"], tracer
 
 
-def test_stack_couples_branches_and_recurrent_layers_block() -> None:
+def test_stack_couples_branches_after_a_recurrent_layer() -> None:
     class Stacked(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -442,9 +454,10 @@ def test_stack_couples_branches_and_recurrent_layers_block() -> None:
 
     model, ids = Stacked().eval(), torch.randint(0, 10, (2, 5))
     for tracer in ("fx", "record"):
-        # the embedding width feeds an LSTM (not followed); a and b are summed position-wise
+        # the embedding width feeds the LSTM's input, its hidden units feed a and b, which
+        # are summed position-wise
         assert [(g.name, g.roots) for g in prunable_groups(model, ids, tracer=tracer)] == [
-            ("a", ("a", "b"))]
+            ("e", ("e",)), ("rnn", ("rnn",)), ("a", ("a", "b"))]
     plan = plan_pruning(model, {"a": [1]}, example_inputs=ids)
     pruned = apply_plan(copy.deepcopy(model), plan)
     assert pruned.a.out_features == pruned.b.out_features == pruned.o.in_features == 3

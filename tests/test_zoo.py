@@ -70,9 +70,11 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
            ("b1.0", "b2.0.0", "b2.1.0", "b3.0.0", "b3.1.0", "b3.2.0", "b4.1.0")},
     },
     "shufflenet_v2": {
-        # the split unit's chunk ties the first unit's outputs in another unit order and its
-        # own output meets the identity half in the shuffle: those roots are not prunable
+        # the stride-1 unit's chunk ties channel j of the previous shuffle's output with
+        # channel j + 8, and its shuffle ties its own branch with the identity half: stage 0's
+        # roots (8 channels each) form one group of 4 units, each 2 channels of every root
         "stem.0": ["stem.0"],
+        "stage.0.branch1.1.0": ["stage.0.branch1.1.0", "stage.0.branch2.2.0", "stage.1.branch2.2.0"],
         "stage.0.branch2.0.0": ["stage.0.branch2.0.0"],
         "stage.1.branch2.0.0": ["stage.1.branch2.0.0"],
         "stage.2.branch1.1.0": ["stage.2.branch1.1.0", "stage.2.branch2.2.0"],

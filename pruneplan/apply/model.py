@@ -344,6 +344,10 @@ def _replace_data(p: nn.Parameter, data: torch.Tensor) -> None:
     try:
         torch.utils.swap_tensors(p, fresh)
     except RuntimeError as exc:
+        if "weakref" in str(exc):  # a module's own weak references (nn.LSTM/GRU/RNN keep them)
+            p.grad = None
+            p.data = data
+            return
         warnings.warn(
             f"pruneplan: a parameter of shape {list(p.shape)} is still held by a graph built "
             f"before pruning ({exc}); assigning .data instead. Drop outputs/losses computed "

@@ -60,14 +60,30 @@ class _Root:
 
 @dataclass
 class _State:
-    """Union-find over roots with per-class block reasons and notes."""
+    """Union-find over roots with per-class block reasons and notes, and the ties between units.
+
+    Every class has a *space* of unit places: by default the units of its roots, shared (unit
+    ``u`` of every coupled root is place ``u``: they lose the same indices). Roots coupled in
+    another layout (a root meeting two copies of another's channels, as in GhostNet) get their
+    own places (``emb``), and ``part`` records which places must go together; a group's unit
+    is then one set of tied places (see `Engine.groups`).
+    """
 
     parent: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     blocked: dict[int, list[str]] = field(default_factory=dict)
     notes: dict[int, list[str]] = field(default_factory=dict)
+    #: class -> partition of its places (place -> smallest place it must go with), only for
+    #: classes whose units were tied together (grouped convs, splits, pixel shuffles)
+    part: dict[int, np.ndarray] = field(default_factory=dict)
+    #: root -> place of each of its units (absent: unit u is place u)
+    emb: dict[int, np.ndarray] = field(default_factory=dict)
+    #: class -> number of places (absent: its representative root's size)
+    space: dict[int, int] = field(default_factory=dict)
 
-    def add(self) -> None:
+    def add(self, size: int) -> None:
         self.parent.append(len(self.parent))
+        self.sizes.append(size)
 
     def find(self, r: int) -> int:
         p = self.parent
@@ -76,20 +92,93 @@ class _State:
             r = p[r]
         return r
 
-    def union(self, a: int, b: int, note: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
+    def places(self, r: int, units: np.ndarray | None = None) -> np.ndarray:
+        """Places of ``units`` (default: all) of root ``r`` in its class's space."""
+        e = self.emb.get(r)
+        if units is None:
+            return e if e is not None else np.arange(self.sizes[r], dtype=np.int64)
+        return e[units] if e is not None else units
+
+    def extent(self, c: int) -> int:
+        return self.space.get(c, self.sizes[c])
+
+    def relate(self, p: int, up: np.ndarray, q: int, uq: np.ndarray, note: str) -> None:
+        """Units ``up[i]`` of root ``p`` and ``uq[i]`` of root ``q`` go together."""
+        cp, cq = self.find(p), self.find(q)
+        a, b = self.places(p, up), self.places(q, uq)
+        if cp == cq:
+            if not np.array_equal(a, b):
+                self._tie(cp, a, b)
+                self.notes.setdefault(cp, []).append(note)
             return
-        if rb < ra:
-            ra, rb = rb, ra
+        na, nb = self.extent(cp), self.extent(cq)
+        if cq < cp:
+            cp, cq, a, b, na, nb = cq, cp, b, a, nb, na
+        if na == nb and np.array_equal(a, b):  # the same places: one shared space
+            self._merge(cp, cq, note)
+            other = self.part.pop(cq, None)
+            if other is not None:
+                mine = self.part.get(cp)
+                self.part[cp] = other if mine is None else _components(
+                    na, np.concatenate([np.arange(na), np.arange(na)]), np.concatenate([mine, other]))
+            return
+        # another layout: the second class's places follow the first's, then tie the pairs
+        for r in range(len(self.parent)):
+            if self.find(r) == cq:
+                self.emb[r] = self.places(r) + na
+        first = self.part.get(cp, np.arange(na, dtype=np.int64))
+        second = self.part.pop(cq, np.arange(nb, dtype=np.int64)) + na
+        self._merge(cp, cq, note)
+        self.space[cp] = na + nb
+        self.space.pop(cq, None)
+        self.part[cp] = np.concatenate([first, second])
+        self._tie(cp, a, b + na)
+
+    def _merge(self, ra: int, rb: int, note: str) -> None:
         self.parent[rb] = ra
         for d in (self.blocked, self.notes):
             if rb in d:
                 d.setdefault(ra, []).extend(d.pop(rb))
         self.notes.setdefault(ra, []).append(note)
 
+    def _tie(self, c: int, a: np.ndarray, b: np.ndarray) -> None:
+        n = self.extent(c)
+        base = self.part.get(c)
+        if base is None:
+            base = np.arange(n, dtype=np.int64)
+        self.part[c] = _components(n, np.concatenate([np.arange(n), a]), np.concatenate([base, b]))
+
+    def tied(self, p: int, up: np.ndarray, q: int, uq: np.ndarray) -> bool:
+        """Whether those units are already known to go together."""
+        c = self.find(p)
+        if c != self.find(q) or c not in self.part:
+            return np.array_equal(self.places(p, up), self.places(q, uq)) and c == self.find(q)
+        part = self.part[c]
+        return bool(np.array_equal(part[self.places(p, up)], part[self.places(q, uq)]))
+
     def is_blocked(self, r: int) -> bool:
         return self.find(r) in self.blocked
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the graph on ``range(n)`` with edges ``a[i] -- b[i]``: each
+    node's smallest fellow (label propagation with pointer jumping, vectorised)."""
+    comp = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    while True:
+        m = np.minimum(comp[a], comp[b])
+        new = comp.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        while True:
+            nxt = new[new]
+            if np.array_equal(nxt, new):
+                break
+            new = nxt
+        if np.array_equal(new, comp):
+            return comp
+        comp = new
 
 
 class Engine:
@@ -110,6 +199,8 @@ class Engine:
         self.holders: dict[int, set[int]] = {}  # root -> nodes whose info holds its labels
         self.regroups: list[tuple[frozenset[int], np.ndarray]] = []  # (roots, old -> new unit)
         self.heads: dict[int, int] = {}  # root -> attention heads per unit on a head axis
+        #: (node, root) -> positions per unit where only some units reach (see `_partial`)
+        self.partial: dict[tuple[int, int], np.ndarray] = {}
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -168,14 +259,36 @@ class Engine:
     def stream(self, arr: np.ndarray, r: int, node: Node) -> Stream | None:
         pos = unit_positions(arr, r, self.roots[r].size)
         if pos is None:
+            if self.uf.find(r) in self.uf.part:
+                return self._partial(arr, r, node)
             self.block([r], f"only some of its units reach {node.where()}")
             return None
         return affine_stream(pos)
 
+    def _partial(self, arr: np.ndarray, r: int, node: Node) -> Stream:
+        """Units of a root whose units are tied: some may reach ``node`` only through the
+        units they are tied to (a pixel shuffle keeps one label per ``r * r`` channels). The
+        positions are explicit (empty for a unit that does not reach); whether every set of
+        tied units holds as many positions is checked when the group is assembled."""
+        size = self.roots[r].size
+        sel = np.flatnonzero((arr >= 0) & ((arr >> SHIFT) == r))
+        units = arr[sel] & MASK
+        order = np.argsort(units, kind="stable")
+        sel, units = sel[order], units[order]
+        counts = np.bincount(units, minlength=size)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        positions = tuple(tuple(int(p) for p in sel[bounds[u]:bounds[u + 1]]) for u in range(size))
+        self.partial[(node.idx, r)] = counts
+        return Stream(positions=positions)
+
     # ---- coupling ------------------------------------------------------------------------
 
-    def couple(self, a: np.ndarray, b: np.ndarray, node: Node) -> np.ndarray:
-        """Positions of ``a`` and ``b`` are tied one to one: couple their roots."""
+    def couple(self, a: np.ndarray, b: np.ndarray, node: Node, tie: bool = True) -> np.ndarray:
+        """Positions of ``a`` and ``b`` are tied one to one: couple their roots.
+
+        Positions holding different units tie those units (they can only go together; the
+        roots may even differ in size); with ``tie=False`` that blocks the roots instead,
+        unless the units are tied already."""
         la, lb = a >= 0, b >= 0
         lonely = (la & ~lb, a), (lb & ~la, b)
         for mask, arr in lonely:
@@ -186,20 +299,20 @@ class Engine:
         if both.any():
             x, y = a[both], b[both]
             rx, ry, ux, uy = x >> SHIFT, y >> SHIFT, x & MASK, y & MASK
-            bad = ux != uy
-            if bad.any():
-                self.block(sorted(set(rx[bad].tolist()) | set(ry[bad].tolist())),
-                           f"coupled to other units in another order at {node.where()}")
-            pairs = np.unique(np.stack([rx[~bad], ry[~bad]], axis=1), axis=0)
-            for p, q in pairs.tolist():
-                if p == q:
+            note = f"{node.target} in {node.scope or '<top level>'}"
+            pairs, inverse = np.unique(np.stack([rx, ry], axis=1), axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            for k, (p, q) in enumerate(pairs.tolist()):
+                sel = inverse == k
+                up, uq = ux[sel], uy[sel]
+                if p == q and np.array_equal(up, uq):
                     continue
-                if self.roots[p].size != self.roots[q].size:
-                    self.error(node, [p, q], f"couples {self.roots[p].name!r} "
-                               f"({self.roots[p].size} units) with {self.roots[q].name!r} "
-                               f"({self.roots[q].size} units); coupled groups need equal sizes")
+                if tie or self.uf.tied(p, up, q, uq):
+                    self.uf.relate(p, up, q, uq, note)
+                elif self.roots[p].size == self.roots[q].size and np.array_equal(up, uq):
+                    self.uf.relate(p, up, q, uq, note)
                 else:
-                    self.uf.union(p, q, f"{node.target} in {node.scope or '<top level>'}")
+                    self.block([p, q], f"coupled to other units in another order at {node.where()}")
         return np.where(la, a, b)
 
     def merge(self, node: Node, operands: list[tuple[Any, Any]]) -> Lab | None:
@@ -267,6 +380,16 @@ class Engine:
         k = old // new
         order = np.argsort(mapping, kind="stable")
         members = frozenset(roots)
+        c = self.uf.find(roots[0])
+        if c in self.uf.part:  # units tied into sets already: both at once are not supported
+            self.block(list(roots), "their units are both tied into sets of channels and "
+                       "gathered into heads, which pruneplan does not combine")
+            self.uf.part.pop(c)
+            self.uf.space.pop(c, None)
+            for r in roots:
+                self.uf.emb.pop(r, None)
+        for r in roots:
+            self.uf.sizes[r] = new
         for r in roots:
             root = self.roots[r]
             root.size = new
@@ -288,7 +411,7 @@ class Engine:
             arr = _remap(arr, members, mapping)
         return arr
 
-    def tie(self, arrs: list[np.ndarray], node: Node) -> np.ndarray | None:
+    def tie(self, arrs: list[np.ndarray], node: Node, lazy: bool = False) -> np.ndarray | None:
         """Tie equally long 1-D label arrays position by position, regrouping units when the
         ties join several units of a root into one (attention: the rows of a head, the query
         heads sharing a key/value head). Returns the tied labels (``None`` when blocked).
@@ -346,6 +469,11 @@ class Engine:
             if any(not np.array_equal(s[0], first) or len(set(s[1].tolist())) != 1 for s in sets):
                 bad = f"{node.where()} ties their units unevenly"
         if bad is not None:
+            if lazy:  # tie the units where they meet; the sets are checked at assembly
+                out = arrs[0]
+                for a in arrs[1:]:
+                    out = self.couple(out, a, node)
+                return out
             self.block(roots, bad)
             return None
         # new unit ids: the components in the order of the first class's lowest unit
@@ -460,11 +588,16 @@ class Engine:
 
     # ---- roots ---------------------------------------------------------------------------
 
-    def new_root(self, node: Node, axis: int,
-                 spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]],
-                 name: str | None = None, module: nn.Module | None = None) -> Lab | None:
-        if name is None:
-            name, module = node.target, node.module
+    def new_units(self, node: Node,
+                  spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> np.ndarray | None:
+        """Register the called module as a root; its labels, for a rule to place (or ``None``)."""
+        r = self._register(node.target, node.module, spec)
+        if r is None or self.uf.is_blocked(r):
+            return None
+        return self.roots[r].labels
+
+    def _register(self, name: str, module: nn.Module | None,
+                  spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> int | None:
         r = self.by_name.get(name)
         if r is None:
             try:
@@ -476,8 +609,18 @@ class Engine:
             self.roots.append(_Root(r, name, module, size, list(slices), list(edits),
                                     make_labels(r, size)))
             self.by_name[name] = r
-            self.uf.add()
+            self.uf.add(size)
             self.effects.append([])
+        return r
+
+    def new_root(self, node: Node, axis: int,
+                 spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]],
+                 name: str | None = None, module: nn.Module | None = None) -> Lab | None:
+        if name is None:
+            name, module = node.target, node.module
+        r = self._register(name, module, spec)
+        if r is None:
+            return None
         meta = node.meta
         if not isinstance(meta, torch.Size) or len(meta) < (-axis if axis < 0 else axis + 1):
             self.block([r], f"{node.where()} returns no batched tensor")
@@ -536,42 +679,79 @@ class Engine:
         out = GroupList()
         left: list[tuple[int, LeftOut]] = []
         for rep, members in sorted(classes.items()):
-            if rep in self.uf.blocked:
-                reason = self.uf.blocked[rep][0]
-                for r in members:
-                    others = [self.roots[o].name for o in members if o != r]
-                    why = reason
-                    if others:
-                        shown = ", ".join(repr(o) for o in others[:3])
-                        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-                        why = f"{reason} (coupled with {shown}{more})"
-                    left.append((r, LeftOut(self.roots[r].name, why)))
-                continue
-            out.append(self.assemble(members, self.uf.notes.get(rep, [])))
+            notes = self.uf.notes.get(rep, [])
+            reason = self.uf.blocked[rep][0] if rep in self.uf.blocked else None
+            if reason is None:
+                try:
+                    blocks = self._blocks(rep, members, notes) if rep in self.uf.part else None
+                    out.append(self.assemble(members, notes, blocks))
+                    continue
+                except PlanningError as exc:
+                    reason = str(exc)
+            for r in members:
+                others = [self.roots[o].name for o in members if o != r]
+                why = reason
+                if others:
+                    shown = ", ".join(repr(o) for o in others[:3])
+                    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+                    why = f"{reason} (coupled with {shown}{more})"
+                left.append((r, LeftOut(self.roots[r].name, why)))
         out.left_out = [lo for _, lo in sorted(left, key=lambda t: t[0])]
         out.left_out += [LeftOut(n, why) for n, why in self.refused.items()
                          if n not in self.by_name]
         return out
 
-    def assemble(self, members: list[int], notes: list[str]) -> Group:
+    def _blocks(self, rep: int, members: list[int], notes: list[str]) -> dict[int, np.ndarray]:
+        """For each root of a class whose units are tied: which of its units make each unit of
+        the group (``(group units, k)``); a `PlanningError` when the sets are uneven."""
+        by = ", ".join(dict.fromkeys(notes[-3:])) or "their layers"
+        part = self.uf.part[rep]
+        reps, inverse = np.unique(part, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        if len(reps) == 1:
+            raise PlanningError(f"all of its units are tied together (by {by}), so none can be "
+                                "removed on its own")
+        out = {}
+        for r in members:
+            bid = inverse[self.uf.places(r)]
+            counts = np.bincount(bid, minlength=len(reps))
+            if counts.min() != counts.max():
+                raise PlanningError(
+                    f"its units are tied unevenly (by {by}): some sets of units that must go "
+                    f"together hold {int(counts.min())} units of {self.roots[r].name!r}, others "
+                    f"{int(counts.max())}, which no unit count can express")
+            out[r] = np.argsort(bid, kind="stable").reshape(len(reps), -1)
+        return out
+
+    def assemble(self, members: list[int], notes: list[str],
+                 blocks: dict[int, np.ndarray] | None = None) -> Group:
+        """One group from the roots of a class. ``blocks`` (from `_blocks`) lists, per root,
+        the units that make each unit of the group when units are tied together; a
+        `PlanningError` says why such a class cannot be a group after all."""
         first = self.roots[members[0]]
-        size = first.size
-        slices: dict[tuple[str, int], dict[Any, list[SliceSpec]]] = {}
-        edits: dict[tuple[str, str], dict[Any, list[EditSpec]]] = {}
+        size = first.size if blocks is None else len(blocks[members[0]])
+        slices: dict[tuple[str, int], dict[Any, list[tuple[int, SliceSpec]]]] = {}
+        edits: dict[tuple[str, str], dict[Any, list[tuple[int, EditSpec]]]] = {}
         drops: dict[str, DropoutSpec] = {}
         for r in members:
             root = self.roots[r]
             items = [(("root", r), s) for s in root.slices + root.edits] + self.effects[r]
             for where, item in items:
                 if isinstance(item, SliceSpec):
-                    slices.setdefault((item.tensor, item.axis), {}).setdefault(where, []).append(item)
+                    slices.setdefault((item.tensor, item.axis), {}).setdefault(
+                        where, []).append((r, item))
                 elif isinstance(item, EditSpec):
-                    edits.setdefault((item.module, item.attribute), {}).setdefault(where, []).append(item)
+                    edits.setdefault((item.module, item.attribute), {}).setdefault(
+                        where, []).append((r, item))
                 else:
                     drops.setdefault(item.module, item)
         final_slices = []
         for key, by_node in sorted(slices.items()):
-            merged = {_merge_slices(specs, size) for specs in by_node.values()}
+            if blocks is None:
+                merged = {_merge_slices([sp for _, sp in specs], size) for specs in by_node.values()}
+            else:
+                merged = {_coarse_slice([(sp, blocks[r]) for r, sp in specs])
+                          for specs in by_node.values()}
             if len(merged) > 1:
                 raise UnsupportedOperationError(
                     f"tensor {key[0]!r} axis {key[1]} is reached by the units of {first.name!r} "
@@ -579,8 +759,9 @@ class Engine:
             final_slices.append(merged.pop())
         final_edits = []
         for (mod, attr), by_node in sorted(edits.items()):
-            merged_e = {EditSpec(mod, attr, specs[0].before, sum(e.per_unit for e in specs))
-                        for specs in by_node.values()}
+            merged_e = {EditSpec(mod, attr, specs[0][1].before,
+                                 sum(self._coarse_per(where, r, e, blocks) for r, e in specs))
+                        for where, specs in by_node.items()}
             if len(merged_e) > 1:
                 raise UnsupportedOperationError(
                     f"{mod}.{attr} shrinks by different amounts per unit of {first.name!r} "
@@ -598,6 +779,38 @@ class Engine:
             dropouts=tuple(drops[k] for k in sorted(drops)),
             notes=tuple(dict.fromkeys(f"coupled by {n}" for n in notes)),
         )
+
+    def _coarse_per(self, where: Any, r: int, e: EditSpec,
+                    per_root: dict[int, np.ndarray] | None) -> int:
+        """How much ``e`` shrinks per unit of the group (``e.per_unit`` per root unit)."""
+        if per_root is None:
+            return e.per_unit
+        blocks = per_root[r]
+        counts = self.partial.get((where, r)) if isinstance(where, int) else None
+        if counts is None:
+            return e.per_unit * blocks.shape[1]
+        # a partial stream: e.per_unit is per position of its widest unit
+        widest = int(counts.max())
+        held = counts[blocks].sum(axis=1) * e.per_unit
+        if (held % widest).any() or len(set((held // widest).tolist())) != 1:
+            raise PlanningError(f"{e.module}.{e.attribute} would shrink by different amounts "
+                                "for different units")
+        return int(held[0] // widest)
+
+
+def _coarse_slice(specs: list[tuple[SliceSpec, np.ndarray]]) -> SliceSpec:
+    """The slice of one tensor axis at one call when each group unit is a set of root units
+    (each spec comes with its root's ``(group units, k)`` blocks)."""
+    first = specs[0][0]
+    parts = [(Stream(s.offset, s.repeat, s.tiles, s.tile_stride, s.positions), blk)
+             for s, blk in specs]
+    n = len(specs[0][1])
+    rows = [sorted(p for st, blk in parts for u in blk[i].tolist() for p in st.unit(u))
+            for i in range(n)]
+    if len({len(row) for row in rows}) != 1 or not rows[0]:
+        raise PlanningError(f"tensor {first.tensor!r} axis {first.axis}: its tied units hold "
+                            "different numbers of positions there")
+    return affine_stream(np.array(rows)).slice(first.tensor, first.axis, first.modulo)
 
 
 def _info_roots(v: Any) -> set[int]:

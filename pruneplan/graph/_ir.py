@@ -14,10 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Graph", "Node", "Ref", "is_leaf", "mark_leaf", "meta_of", "op_name"]
+__all__ = ["Graph", "Node", "Ref", "is_leaf", "mark_leaf", "mark_leaf_name", "meta_of", "op_name",
+           "qualified_name"]
 
 #: Module types recorded as one node whatever library defines them (types given a rule by users).
 _LEAF_TYPES: set[type] = set()
+#: The same by ``"module.Class"`` name, for types of optional libraries (never imported here).
+_LEAF_NAMES: set[str] = set()
+_named_leaf: dict[type, bool] = {}
 _TORCH_OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 
 _REVERSED_OR_INPLACE = {
@@ -132,6 +136,26 @@ def mark_leaf(cls: type) -> None:
     _LEAF_TYPES.add(cls)
 
 
+def qualified_name(cls: type) -> str:
+    """``"package.module.Class"`` of a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def mark_leaf_name(qualified: str) -> None:
+    """Record calls of modules whose type (or a base) is named ``qualified`` as single nodes."""
+    _LEAF_NAMES.add(qualified)
+    _named_leaf.clear()
+
+
+def _leaf_by_name(cls: type) -> bool:
+    try:
+        return _named_leaf[cls]
+    except KeyError:
+        found = any(qualified_name(c) in _LEAF_NAMES for c in cls.__mro__)
+        _named_leaf[cls] = found
+        return found
+
+
 def is_leaf(m: nn.Module) -> bool:
     """A module recorded as one node: a built-in ``torch.nn`` layer, or a type given a rule.
 
@@ -140,6 +164,8 @@ def is_leaf(m: nn.Module) -> bool:
     projection is not a child module) stays one node.
     """
     if _LEAF_TYPES and any(c in _LEAF_TYPES for c in type(m).__mro__):
+        return True
+    if _LEAF_NAMES and _leaf_by_name(type(m)):
         return True
     mod = type(m).__module__
     builtin = mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")

@@ -41,7 +41,8 @@ class Stream:
     def per_unit(self) -> int:
         """Positions each unit occupies."""
         if self.positions is not None:
-            return len(self.positions[0])
+            # a unit of a tied set may hold no position here (see the engine's partial streams)
+            return max(len(p) for p in self.positions)
         return self.repeat * self.tiles
 
     def unit(self, u: int) -> list[int]:

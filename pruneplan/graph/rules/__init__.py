@@ -14,7 +14,11 @@ graph and asks, for every call, the rule registered for the module type or funct
 ``cat_split``             cat, stack, chunk/split, channel shuffle
 ``reduce``                reductions and softmax
 ``attention``             scaled_dot_product_attention, matmul/bmm: heads and query groups
-``blocking``              recurrent layers, MultiheadAttention, mm & co.: their roots are left out
+``grouped``               grouped convolutions: units are local positions in every conv group
+``recurrent``             LSTM / GRU / RNN: input width and hidden units
+``pixel``                 pixel shuffle / unshuffle (one unit is ``r * r`` channels before it)
+``hf``                    Hugging Face ``Conv1D`` (by class name: transformers is optional)
+``blocking``              MultiheadAttention, mm & co.: their roots are left out
 ========================  =====================================================================
 
 Users add their own with `register_module_rule` / `register_function_rule` (re-exported as
@@ -31,9 +35,13 @@ from pruneplan.graph.rules import (
     blocking,
     cat_split,
     dropout,
+    grouped,
+    hf,
     linear_conv,
     norms,
+    pixel,
     pooling,
+    recurrent,
     reduce,
     reshape,
 )
@@ -84,13 +92,17 @@ __all__ = [
     "consumer_slices",
     "dropout",
     "function_rule",
+    "grouped",
+    "hf",
     "is_depthwise",
     "iter_refs",
     "linear_conv",
     "module_rule",
     "norm_slices",
     "norms",
+    "pixel",
     "pooling",
+    "recurrent",
     "reduce",
     "register_function_rule",
     "register_module_rule",

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pruneplan.errors import PlanningError
-from pruneplan.graph._ir import Node, Ref, mark_leaf, op_name
+from pruneplan.graph._ir import Node, Ref, mark_leaf, mark_leaf_name, op_name, qualified_name
 from pruneplan.graph._labels import Lab, PView, roots_of
 from pruneplan.graph._streams import Stream
 from pruneplan.graph.spec import DropoutSpec, EditSpec, SliceSpec
@@ -166,13 +166,19 @@ class Call:
         """What happens to a call no rule knows (the engine's default)."""
         return self._engine.unknown(self)
 
-    def couple(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def couple(self, a: np.ndarray, b: np.ndarray, tie: bool = True) -> np.ndarray:
         """Tie two equally long 1-D label arrays position by position; returns their union.
 
         Roots met position by position are coupled (they lose the same units); a labelled
-        position meeting an unlabelled one, or another unit, blocks the roots involved.
+        position meeting an unlabelled one blocks the roots involved. Positions holding
+        different units tie those units: the group's unit becomes the whole set of tied units
+        (a local position in every block of a grouped conv, the halves of a chunk, the ``r * r``
+        channels of a pixel shuffle, a channel and its ghost copy); roots of different sizes
+        can be coupled that way. All sets must come out equally large for every root, else the
+        roots are left out with the reason. ``tie=False`` blocks the roots instead of tying
+        units that are not tied already.
         """
-        return self._engine.couple(a, b, self.node)
+        return self._engine.couple(a, b, self.node, tie)
 
     def merge(self, operands: list[tuple[Any, Any]]) -> Lab | None:
         """Element-wise combination with broadcasting of ``(info, shape)`` operands: labels on
@@ -228,13 +234,15 @@ class Call:
         """
         return self._engine.new_root(self.node, axis, spec, name, module)
 
-    def tie(self, arrs: list[np.ndarray]) -> np.ndarray | None:
+    def tie(self, arrs: list[np.ndarray], lazy: bool = False) -> np.ndarray | None:
         """Tie equally long 1-D label arrays position by position (see `couple`), gathering
         the units of a root into coarser units where the ties join several of them into one
         (the query heads that share a key/value head). Each new unit must gather the same
         number of old units of every root involved, else those roots are blocked. Returns the
-        tied labels in the new units, or ``None`` when blocked."""
-        return self._engine.tie(arrs, self.node)
+        tied labels in the new units, or ``None`` when blocked. With ``lazy``, ties that cannot
+        gather whole units now (a root only part of whose units meet here) are kept as ties
+        between units instead (as `couple` does), checked when the group is assembled."""
+        return self._engine.tie(arrs, self.node, lazy)
 
     def coarsen_rows(self, rows: np.ndarray) -> bool:
         """Channels viewed as ``(rows, row length)`` (a 2-D label array): a root whose units
@@ -268,6 +276,12 @@ class Call:
             return self._engine.model.get_submodule(self.node.scope)
         except AttributeError:
             return None
+
+    def units(self, spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> np.ndarray | None:
+        """Make the called module a root (as `root`) whose output is no single batched tensor
+        (a recurrent layer's tuple): returns the fresh 1-D labels of its units for the rule to
+        place on its outputs, or ``None`` when it is not a root."""
+        return self._engine.new_units(self.node, spec)
 
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land
@@ -389,8 +403,24 @@ def module_rule(module_type: type) -> Rule | None:
     except KeyError:
         pass
     found = next((_MODULE[c] for c in module_type.__mro__ if c in _MODULE), None)
+    if found is None and _BY_NAME:
+        found = next((_BY_NAME[qualified_name(c)] for c in module_type.__mro__
+                      if qualified_name(c) in _BY_NAME), None)
     _module_cache[module_type] = found
     return found
+
+
+_BY_NAME: dict[str, Rule] = {}
+
+
+def builtin_by_name(qualified: str, rule: Rule) -> None:
+    """A rule shipped with pruneplan for a module type of an optional library, named
+    ``"package.module.Class"``: nothing is imported; the rule applies when a module of that
+    type (or a subclass) is met, and such modules are recorded as single nodes."""
+    _check(rule)
+    _BY_NAME[qualified] = rule
+    _module_cache.clear()
+    mark_leaf_name(qualified)
 
 
 def function_rule(name: str) -> Rule | None:

@@ -13,13 +13,12 @@ from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin
 
 __all__ = ["BlockModuleRule", "BlockRule"]
 
-BLOCKING_TYPES = (nn.RNNBase, nn.TransformerEncoderLayer,
-                  nn.TransformerDecoderLayer, nn.Transformer, nn.Bilinear, nn.PixelShuffle,
-                  nn.PixelUnshuffle, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
+BLOCKING_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer,
+                  nn.Bilinear, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
 BLOCK_OPS = ("mm", "einsum", "baddbmm", "addmm", "addbmm",
              "bilinear", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d", "multi_head_attention_forward",
-             "pixel_shuffle", "pixel_unshuffle", "outer", "cross", "kron", "cosine_similarity",
+             "outer", "cross", "kron", "cosine_similarity",
              "normalize")
 
 
@@ -41,14 +40,13 @@ class BlockModuleRule(ModuleRule):
 
 
 class BlockRule(FunctionRule):
-    """An operation whose labelled input roots are blocked, when they come on its main input."""
+    """An operation whose labelled input roots are blocked, on whichever input they come."""
 
     def __init__(self, why: str | None = None) -> None:
         self.why = why
 
     def labels(self, call: Call) -> None:
-        if self.main(call) is not None:
-            call.block_all(_reason(call, self.why))
+        call.block_all(_reason(call, self.why))
 
 
 builtin(BLOCKING_TYPES, rule=BlockModuleRule())

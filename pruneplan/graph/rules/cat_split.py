@@ -72,8 +72,9 @@ class StackRule(FunctionRule):
 
 
 class SplitRule(FunctionRule):
-    """chunk / split / tensor_split / unbind: equal parts of the labelled axis are coupled
-    position by position; fixed-size parts block."""
+    """chunk / split / tensor_split / unbind: equal parts of the labelled axis are tied
+    position by position (a unit of the group is position ``j`` of every part, so the parts stay
+    equal: CSP / C2f blocks, GLU); fixed-size parts block."""
 
     def labels(self, call: Call) -> Any:
         x = self.main(call)
@@ -122,7 +123,7 @@ def shuffle(call: Call, x: Lab, groups: int) -> Lab | None:
         return None
     g = x.arr.reshape(groups, -1)
     for i in range(1, groups):
-        call.couple(g[0], g[i])
+        call.couple(g[0], g[i], tie=True)
     return Lab((1,), np.ascontiguousarray(g.T).reshape(-1))
 
 

@@ -15,6 +15,7 @@ from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab, PView
 from pruneplan.graph.rules.base import Call, FunctionRule, Rule, builtin
 from pruneplan.graph.rules.blocking import BlockRule
+from pruneplan.graph.rules.grouped import grouped_root, is_grouped, tie_blocks
 from pruneplan.graph.rules.layers import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
@@ -57,11 +58,16 @@ def _linear(call: Call, m: nn.Module, name: str) -> Lab | None:
 
 
 def _conv(call: Call, m: nn.Module, name: str) -> Lab | None:
-    out = call.root(1, lambda: root_slices(name, m), name, m) if m.groups == 1 else None
+    if m.groups == 1:
+        out = call.root(1, lambda: root_slices(name, m), name, m)
+    else:
+        out = grouped_root(call, m, name) if is_grouped(m) else None
     if isinstance(call.x, Lab):
         dw = consume(call, call.x, 1, m, name)
         if is_depthwise(m):
             return dw
+        if is_grouped(m) and call.x.axes == (1,):
+            tie_blocks(call, call.x.arr, m.groups)
     return out
 
 
@@ -74,7 +80,8 @@ class LinearRule(Rule):
 
 class ConvRule(Rule):
     """Conv / ConvTranspose: a root on axis 1 when ``groups == 1``; consumes input axis 1; a
-    depthwise conv's output follows its input channels."""
+    depthwise conv's output follows its input channels; a grouped conv ties local positions
+    across its groups on both sides (`grouped`)."""
 
     def propagate(self, call: Call) -> Lab | None:
         return _conv(call, call.module, call.name)

@@ -57,7 +57,7 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     if len(axes) > 1 and call.coarsen_rows(g.reshape(-1, g.shape[-1])):
         g, axes = _squeeze(call.fresh(full), go)
     if len(axes) > 1:
-        if call.tie(list(g.reshape(-1, g.shape[-1]))) is None:
+        if call.tie(list(g.reshape(-1, g.shape[-1])), lazy=True) is None:
             return None
         g, axes = _squeeze(call.fresh(full), go)
     if not axes:
@@ -287,9 +287,9 @@ class GetitemRule(FunctionRule):
             # table indexed per pair of positions); the other dims stay the table's
             lead = len(call.out) - (len(call.xmeta) - 1)
             return PView(x.key, (None,) * lead + x.dims[1:])
-        if not _trivial(idx):
-            return None
-        return _view_dims(x, call.xmeta, call.out)
+        if _trivial(idx):
+            return _view_dims(x, call.xmeta, call.out)
+        return _sliced_dims(x, idx, call.xmeta, call.out)
 
     def labels(self, call: Call) -> Lab | None:
         x = self.main(call)
@@ -330,6 +330,33 @@ class GetitemRule(FunctionRule):
             i += 1
             o += 1
         return Lab(tuple(where[a] for a in x.axes), x.arr)
+
+
+def _sliced_dims(x: PView, idx: Any, xmeta: Any, out: Any) -> PView | None:
+    """A parameter indexed with ints, slices, ``None`` and ``...`` (a positional table cut to
+    the sequence length at run time, ``pos[:, :T]``): a dim taken whole keeps its parameter
+    dim; a dim cut short or picked from maps to none (labels there cannot slice it)."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if not all(it is None or it is Ellipsis or isinstance(it, int | slice) for it in items):
+        return None
+    nd = len(xmeta)
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        used = sum(1 for it in items if it is not None and it is not Ellipsis)
+        items[k:k + 1] = [slice(None)] * (nd - used)
+    items += [slice(None)] * (nd - sum(1 for it in items if it is not None))
+    dims: list[int | None] = []
+    i = 0
+    for it in items:
+        if it is None:
+            dims.append(None)
+            continue
+        if isinstance(it, slice):
+            o = len(dims)
+            whole = o < len(out) and out[o] == xmeta[i] and it.step in (None, 1)
+            dims.append(x.dims[i] if whole else None)
+        i += 1
+    return PView(x.key, tuple(dims)) if len(dims) == len(out) else None
 
 
 class SizeRule(FunctionRule):
