@@ -19,6 +19,7 @@ from torch import nn
 
 from pruneplan import apply_plan, apply_to_safetensors, apply_to_state_dict, load_pruned
 from pruneplan.graph.discover import prunable_groups
+from pruneplan.graph.spec import EditSpec
 from pruneplan.planner import plan_pruning
 
 
@@ -314,10 +315,62 @@ def test_gpt2_mlp_hidden_units(tmp_path) -> None:
 
     ids = torch.randint(0, 40, (2, 7))
     groups = prunable_groups(Wrapped().eval(), ids, on_unsupported="skip")
-    # each block's MLP hidden units (c_fc -> gelu -> c_proj, Conv1D layers) are offered
-    assert [(g.name, g.size) for g in groups] == [("gpt.h.0.mlp.c_fc", 64), ("gpt.h.1.mlp.c_fc", 64)]
+    # each block's MLP hidden units (c_fc -> gelu -> c_proj, Conv1D layers) are offered, and
+    # its attention heads (c_attn, a Conv1D split into query/key/value) as heads
+    kinds = {g.name: (g.size, g.kind) for g in groups}
+    assert kinds["gpt.h.0.mlp.c_fc"] == kinds["gpt.h.1.mlp.c_fc"] == (64, "channels")
+    assert kinds["gpt.h.0.attn.c_attn"] == kinds["gpt.h.1.attn.c_attn"] == (2, "heads")
     removed = {"gpt.h.0.mlp.c_fc": [0, 9, 63], "gpt.h.1.mlp.c_fc": list(range(0, 64, 2))}
     zero = {"gpt.h.0.mlp.c_proj": removed["gpt.h.0.mlp.c_fc"],
             "gpt.h.1.mlp.c_proj": removed["gpt.h.1.mlp.c_fc"]}
     pruned, _ = _check(Wrapped, ids, removed, tmp_path, zero=lambda m, p: _zero_last(m, zero))
     assert pruned.gpt.h[1].mlp.c_fc.nf == 32 and pruned.gpt.h[1].mlp.c_proj.nx == 32
+
+
+class CrossStage(nn.Module):
+    """timm's CrossStage: ``split`` at a size written as a number (``self.expand_chs // 2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand_chs = 8
+        self.conv_exp = nn.Conv2d(3, self.expand_chs, 1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.transition = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = torch.relu(self.conv_exp(x)).split(self.expand_chs // 2, dim=1)
+        return self.transition(torch.cat([xs, self.block(xb)], dim=1))
+
+
+def test_split_at_a_written_size_moves_the_split_point(tmp_path) -> None:
+    x = torch.randn(2, 3, 6, 6)
+    groups = {g.name: g for g in prunable_groups(CrossStage().eval(), x)}
+    # the pairs (j, j + 4) of conv_exp go together, and expand_chs (8) drops by 2 per pair
+    assert groups["conv_exp"].size == 4
+    assert EditSpec("", "expand_chs", 8, 2) in groups["conv_exp"].edits
+    pruned, _ = _check(CrossStage, x, {"conv_exp": [0, 3]}, tmp_path)
+    # transition reads the 2 kept channels of xs and the block's 4 outputs
+    assert pruned.expand_chs == 4 and pruned.transition.in_channels == 2 + 4
+
+    class Ambiguous(CrossStage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out_chs = 4  # a second attribute holding the split size: no guess
+
+    groups = prunable_groups(Ambiguous().eval(), x)
+    assert "conv_exp" not in {g.name for g in groups}
+    reason = next(lo.reason for lo in groups.left_out if lo.name == "conv_exp")
+    assert reason.startswith("operation 'split' in module '<top level>' splits them at the size 4 "
+                             "written as a number and several attributes of its module could "
+                             "hold it (expand_chs, out_chs)")
+
+
+def test_timm_cspnet_prunes_through_its_split() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("cspresnet50", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    groups = prunable_groups(model, x)
+    names = {g.name for g in groups}
+    assert {f"stages.{i}.conv_exp.conv" for i in range(4)} <= names
+    assert [lo.name for lo in groups.left_out] == ["head.fc"]

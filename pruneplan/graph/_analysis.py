@@ -791,6 +791,8 @@ class Engine:
             return e.per_unit * blocks.shape[1]
         # a partial stream: e.per_unit is per position of its widest unit
         widest = int(counts.max())
+        if widest == 0:  # none of this root's units reach that call
+            return 0
         held = counts[blocks].sum(axis=1) * e.per_unit
         if (held % widest).any() or len(set((held // widest).tolist())) != 1:
             raise PlanningError(f"{e.module}.{e.attribute} would shrink by different amounts "

@@ -13,7 +13,7 @@ from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab, PView
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs
 
-__all__ = ["CatRule", "ShuffleRule", "SplitRule", "StackRule", "sequence", "shuffle"]
+__all__ = ["CatRule", "ShuffleRule", "SplitRule", "StackRule", "sequence", "shuffle", "split_attribute"]
 
 
 def sequence(call: Call, arg: Any) -> list[tuple[Any, Any]]:
@@ -74,7 +74,8 @@ class StackRule(FunctionRule):
 class SplitRule(FunctionRule):
     """chunk / split / tensor_split / unbind: equal parts of the labelled axis are tied
     position by position (a unit of the group is position ``j`` of every part, so the parts stay
-    equal: CSP / C2f blocks, GLU); fixed-size parts block."""
+    equal: CSP / C2f blocks, GLU). A split size written as a number moves with the units when
+    one attribute of the module holds it (`split_attribute`); other fixed-size parts block."""
 
     def labels(self, call: Call) -> Any:
         x = self.main(call)
@@ -99,20 +100,54 @@ class SplitRule(FunctionRule):
             return None
         rows = x.arr.reshape(len(sizes), -1)
         if not by_size:
-            for i in range(1, len(sizes)):
+            for i in range(1, len(sizes)):  # the parts must stay equal: position j of each part
                 call.couple(rows[0], rows[i])
             return [Lab((dim,), rows[i].copy()) for i in range(len(sizes))]
-        # the parts lose the same positions (query/key/value of a packed projection: a unit
-        # then owns one position in each part)
-        if call.tie(list(rows)) is None:
+        # the parts lose the same positions (query/key/value of a packed projection, the halves
+        # of a CSP stage: a unit then owns one position in each part)
+        if call.tie(list(rows), lazy=True) is None:
             return None
         rows = call.fresh(rows)
-        if by_size:
-            from pruneplan.graph.rules.reshape import attribute_size
-
-            if not attribute_size(call, Lab((dim,), rows[0]), how):
-                return None
+        attr = split_attribute(call, x, how, len(sizes))
+        if attr is None:
+            return None
+        key, value = attr
+        call.edit(key, value, rows[0] if value == how else rows.reshape(-1), module=call.node.scope)
         return [Lab((dim,), rows[i].copy()) for i in range(len(sizes))]
+
+
+#: Words in attribute names that are no channel widths.
+_NOT_WIDTHS = ("idx", "index", "layer", "num", "stride", "kernel", "group", "head", "depth",
+               "step", "seed", "dilation", "padding")
+
+
+def split_attribute(call: Call, x: Lab, size: int, parts: int) -> tuple[str, int] | None:
+    """``split(size)`` / ``split([size, size])`` of the labelled axis with the size written as a
+    number: the attribute of the module running the split that holds it (``size``, or the
+    whole width ``parts * size``, as timm's ``CrossStage.expand_chs``), which the plan then
+    edits so that the split point moves with the pruned units. Exactly one public int
+    attribute must match, else the roots are blocked (``None``)."""
+    from pruneplan.graph.rules.reshape import _HEAD_WORDS, _WIDTH_WORDS
+
+    mod = call.scope_module
+    ints = {n: v for n, v in (vars(mod).items() if mod is not None else ())
+            if type(v) is int and not n.startswith("_")}
+    # the size itself under a width name, preferably a split/head name (GPT-2's split_size)
+    named = [n for n, v in ints.items() if v == size and any(w in n.lower() for w in
+             _HEAD_WORDS + _WIDTH_WORDS) and not any(w in n.lower() for w in ("idx", "index", "layer"))]
+    preferred = [n for n in named if any(w in n.lower() for w in _HEAD_WORDS)]
+    names = sorted(preferred or named)
+    if len(names) != 1:  # else the size or the whole width under any name that is no count
+        names = sorted(n for n, v in ints.items() if v in (size, size * parts)
+                       and not any(w in n.lower() for w in _NOT_WIDTHS))
+    if len(names) != 1:
+        why = "no attribute of its module holds it" if not names else \
+            f"several attributes of its module could hold it ({', '.join(names)})"
+        call.block(x, f"{call.where} splits them at the size {size} written as a number and "
+                   f"{why}, so the split point would not follow pruned channels (register a "
+                   "rule for the module)")
+        return None
+    return names[0], getattr(mod, names[0])
 
 
 def shuffle(call: Call, x: Lab, groups: int) -> Lab | None:
