@@ -75,9 +75,6 @@ class XFail:
 
 STOCHASTIC_DEPTH = XFail("item 3: torchvision.ops.stochastic_depth is an operation discovery "
                          "does not know", "UnsupportedOperationError")
-GROUPED = XFail("item 4: grouped convolutions: prunable_groups offers units whose subsets are "
-                "not valid on a grouped conv (the plan's validator refuses the 30% subset)",
-                "PlanValidationError")
 HEADS = XFail("nn.MultiheadAttention blocks the roots that reach it (the heads of the built-in "
               "module are no unit yet): 19.7% fewer parameters, < 20%")
 SWIN_OP = XFail("item 3: torchvision's fx-wrapped 'shifted_window_attention' is an operation "
@@ -89,7 +86,7 @@ _TV: list[tuple[str, tuple[int, ...], dict, XFail | None]] = [
     ("alexnet", (2, 3, 64, 64), {}, None),
     ("vgg11", (2, 3, 32, 32), {}, None),
     ("resnet18", (2, 3, 32, 32), {}, None),
-    ("resnext50_32x4d", (2, 3, 32, 32), {}, GROUPED),
+    ("resnext50_32x4d", (2, 3, 32, 32), {}, None),
     ("wide_resnet50_2", (2, 3, 32, 32), {}, None),
     ("squeezenet1_1", (2, 3, 64, 64), {}, None),
     ("densenet121", (2, 3, 32, 32), {}, None),
@@ -102,8 +99,8 @@ _TV: list[tuple[str, tuple[int, ...], dict, XFail | None]] = [
     ("shufflenet_v2_x0_5", (2, 3, 32, 32), {}, None),
     ("efficientnet_b0", (2, 3, 32, 32), {}, STOCHASTIC_DEPTH),
     ("efficientnet_v2_s", (2, 3, 32, 32), {}, STOCHASTIC_DEPTH),
-    ("regnet_x_400mf", (2, 3, 32, 32), {}, GROUPED),
-    ("regnet_y_400mf", (2, 3, 32, 32), {}, GROUPED),
+    ("regnet_x_400mf", (2, 3, 32, 32), {}, None),
+    ("regnet_y_400mf", (2, 3, 32, 32), {}, None),
     ("convnext_tiny", (2, 3, 32, 32), {}, STOCHASTIC_DEPTH),
     ("vit_b_16", (2, 3, 32, 32), {"image_size": 32}, HEADS),
     ("swin_t", (2, 3, 64, 64), {}, SWIN_OP),
