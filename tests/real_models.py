@@ -136,8 +136,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
     ("csatv2", "csatv2", (2, 3, 64, 64), {}, XFail(
         "bug: IndexError: tuple index out of range", "IndexError")),
     ("cspnet", "cspresnet50", (2, 3, 32, 32), {}, None),
-    ("cspnext", "cspnext_tiny", (2, 3, 32, 32), {}, XFail(
-        "discovery refuses: UnsupportedOperationError: operation 'mul' in module 'stages.0.1.attention' couples 'stages.0.1.blocks.0.conv2.pointwise_conv.conv' (24 units) with 'stages.0.1.attention.fc' (48 units); c", "UnsupportedOperationError")),
+    ("cspnext", "cspnext_tiny", (2, 3, 32, 32), {}, None),
     ("davit", "davit_tiny", (2, 3, 64, 64), {}, XFail(
         "limit: 18.2% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'stages.0.blocks.0.0.attn'")),
     ("deit", "deit_tiny_patch16_224", (2, 3, 32, 32), {'img_size': 32}, None),
@@ -197,8 +196,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
     ("pvt_v2", "pvt_v2_b0", (2, 3, 64, 64), {}, XFail(
         "limit: 13.7% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'stages.0.blocks.0.attn'")),
     ("rdnet", "rdnet_tiny", (2, 3, 64, 64), {}, None),
-    ("regnet", "regnety_002", (2, 3, 32, 32), {}, XFail(
-        "item 4: PlanValidationError: invalid plan: tensor 's1.b1.conv2.conv.weight' axis 1 belongs to a grouped convolution: group block 1 would lose local positions [1, 2, 7] but block 0 loses [0,", "PlanValidationError")),
+    ("regnet", "regnety_002", (2, 3, 32, 32), {}, None),
     ("repghost", "repghostnet_050", (2, 3, 32, 32), {}, XFail(
         "item 3: UnsupportedOperationError: module 'blocks.0.0.shortcut' (Sequential) is not a module pruneplan knows how to follow", "UnsupportedOperationError")),
     ("repvit", "repvit_m0_9", (2, 3, 64, 64), {}, None),
