@@ -41,16 +41,19 @@ def _net() -> tuple[GatedNet, torch.Tensor]:
     return m, torch.randn(2, 3, 9, 9)
 
 
-def test_unknown_operator_names_itself_and_the_remedy(registry) -> None:
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_without_rules_the_stem_is_left_out_with_reasons(registry, tracer: str) -> None:
     m, x = _net()
-    # the norm without its rule is traced through: its parameter arithmetic blocks the stem,
-    # and the gate, an operator nobody knows, errors naming itself, its module and the remedy
-    with pytest.raises(pp.UnsupportedOperationError) as err:
-        prunable_groups(m, x)
-    msg = str(err.value)
-    assert "operation 'pruneplan_example::gate' in module '<top level>'" in msg
-    assert "register_function_rule" in msg and "on_unsupported='skip'" in msg
-    assert [g.name for g in prunable_groups(m, x, on_unsupported="skip")] == ["head"]
+    # the norm without its rule is traced through: its parameter arithmetic blocks the stem;
+    # the gate, an operator nobody knows, is examined on its example (per channel: followed),
+    # so gate_conv meets the stem's dropped channels there and is left out too
+    groups = prunable_groups(m, x, tracer=tracer)
+    assert [g.name for g in groups] == ["head"]
+    assert [(lo.name, lo.reason) for lo in groups.left_out] == [
+        ("stem", "combined with a tensor no prunable layer owns at operation 'mul' in module 'norm'"),
+        ("gate_conv", "combined with a tensor no prunable layer owns at operation "
+                      "'pruneplan_example::gate' in module '<top level>'"),
+        ("fc", "its units reach the model output (include_output=True allows pruning it)")]
 
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])

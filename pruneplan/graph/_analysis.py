@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pruneplan.errors import PlanningError, UnsupportedOperationError
+from pruneplan.graph._examine import examine
 from pruneplan.graph._ir import Graph, Node, Ref
 from pruneplan.graph._labels import (
     MASK,
@@ -571,19 +572,49 @@ class Engine:
             return self.unknown(call)
         return rule.propagate(call)
 
-    def unknown(self, call: Call) -> None:
-        """A call no rule knows: an error if labelled channels reach it."""
+    def unknown(self, call: Call) -> Any:
+        """A call no rule knows, reached by labelled channels: examined on its recorded example
+        (followed when it acts on each channel alone, its roots left out when it mixes them);
+        an error when it cannot be examined."""
         if not call.labelled:
             return None
-        if call.node.kind == "op" and not tensorish(call.out):
+        node = call.node
+        is_module = node.kind == "module"
+        if not is_module and not tensorish(call.out):
             return None
-        is_module = call.node.kind == "module"
+        what = "a module" if is_module else "an operation"
+        reason = self.examinable(call)
+        if reason is None:
+            labelled = [(k, i) for k, i in enumerate(call.infos) if isinstance(i, Lab)]
+            found = examine(node.recorded, call.refs, labelled, call.out, seed=node.idx)
+            if found is None:
+                log.info("%s is not %s pruneplan knows; re-run with single channels perturbed, "
+                         "it acts on each channel alone: channels follow it", node.where(), what)
+                return call.merge([(i, self.meta(r)) for i, r in zip(call.infos, call.refs, strict=True)])
+            call.block_all(f"{node.where()}, which no rule describes, {found} (seen by running "
+                           "it again with single channels perturbed); register a rule for it "
+                           "(pruneplan.register_module_rule / register_function_rule) to prune "
+                           "through it")
+            return None
         follows = call.x_only if is_module else isinstance(call.x, Lab)
         if not follows:
             call.error("receives them in an argument pruneplan does not follow")
         else:
-            what = "a module" if is_module else "an operation"
-            call.error(f"is not {what} pruneplan knows how to follow")
+            call.error(f"is not {what} pruneplan knows how to follow ({reason})")
+        return None
+
+    def examinable(self, call: Call) -> str | None:
+        """Why a call no rule knows cannot be examined on its example (``None``: it can)."""
+        node = call.node
+        if not isinstance(node.meta, torch.Size):
+            return "it does not return one tensor"
+        if node.recorded is None:
+            return "no example of the call was kept"
+        if node.module is not None and next(iter(node.module.state_dict()), None) is not None:
+            return "it holds parameters or buffers that may follow the channels"
+        for info in call.infos:
+            if isinstance(info, list) or (isinstance(info, Lab) and len(info.axes) != 1):
+                return "their labels are not on one axis of a tensor argument"
         return None
 
     # ---- roots ---------------------------------------------------------------------------

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from pruneplan.graph._ir import Graph, Node, Ref, is_leaf, meta_of, op_name
+from pruneplan.graph._ir import Graph, Node, Recorded, Ref, copy_args, is_leaf, meta_of, op_name
+from pruneplan.graph.rules.base import function_rule, module_rule
 
 __all__ = ["trace_fx"]
 
@@ -65,10 +67,12 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
             node = Node(len(nodes), kind, key or str(n.target), meta=meta_of(value), scope=scope)
         elif n.op == "call_module":
             m = modules[str(n.target)]
-            value = m(*load(n.args), **load(n.kwargs))
+            args, kwargs = load(n.args), load(n.kwargs)
+            value = m(*args, **kwargs)
+            kept = _keep(m, args, kwargs, value, module_rule(type(m)) is None)
             scope = str(n.target)
             node = Node(len(nodes), "module", str(n.target), refs(n.args), refs(n.kwargs),
-                        meta_of(value), scope, m)
+                        meta_of(value), scope, m, kept)
         elif n.op == "call_function" and _is_namedtuple(n.target):
             # a container such as torchvision's InceptionOutputs(logits, aux_logits): not an
             # operation, its fields are the values it packs
@@ -76,14 +80,19 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
             packed[n] = (*refs(tuple(n.args)), *refs(tuple(n.kwargs.values())))
             continue
         elif n.op == "call_function":
-            value = n.target(*load(n.args), **load(n.kwargs))
-            node = Node(len(nodes), "op", op_name(n.target), refs(n.args), refs(n.kwargs),
-                        meta_of(value), scope)
+            name = op_name(n.target)
+            args, kwargs = load(n.args), load(n.kwargs)
+            value = n.target(*args, **kwargs)
+            kept = _keep(n.target, args, kwargs, value, function_rule(name) is None)
+            node = Node(len(nodes), "op", name, refs(n.args), refs(n.kwargs), meta_of(value),
+                        scope, recorded=kept)
         elif n.op == "call_method":
-            self_obj, *rest = load(n.args)
-            value = getattr(self_obj, str(n.target))(*rest, **load(n.kwargs))
-            node = Node(len(nodes), "op", op_name(str(n.target)), refs(n.args), refs(n.kwargs),
-                        meta_of(value), scope)
+            name = op_name(str(n.target))
+            args, kwargs = load(n.args), load(n.kwargs)
+            value = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+            kept = _keep(_Method(str(n.target)), args, kwargs, value, function_rule(name) is None)
+            node = Node(len(nodes), "op", name, refs(n.args), refs(n.kwargs), meta_of(value),
+                        scope, recorded=kept)
         elif n.op == "output":
             node = Node(len(nodes), "output", "output", refs(n.args), meta=None)
             value = None
@@ -101,6 +110,23 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
 
 def _is_namedtuple(target: Any) -> bool:
     return isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields")
+
+
+def _keep(fn: Any, args: Any, kwargs: Any, value: Any, unknown: bool) -> Recorded | None:
+    """The call, kept to be examined, when no rule knows it and it produced a tensor."""
+    if not unknown or meta_of(value) is None or not isinstance(meta_of(value), torch.Size):
+        return None
+    return Recorded(fn, copy_args(args), copy_args(kwargs))
+
+
+class _Method:
+    """Calls method ``name`` of its first argument (a recorded ``call_method``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(obj, self.name)(*args, **kwargs)
 
 
 def _fetch(model: nn.Module, target: str) -> Any:

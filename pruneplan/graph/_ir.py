@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Graph", "Node", "Ref", "is_leaf", "mark_leaf", "mark_leaf_name", "meta_of", "op_name",
-           "qualified_name"]
+__all__ = ["Graph", "Node", "Recorded", "Ref", "copy_args", "is_leaf", "mark_leaf", "mark_leaf_name",
+           "meta_of", "op_name", "qualified_name"]
 
 #: Module types recorded as one node whatever library defines them (types given a rule by users).
 _LEAF_TYPES: set[type] = set()
@@ -54,6 +54,28 @@ class Ref:
 
 
 @dataclass
+class Recorded:
+    """A call kept to be run again: the callable and a copy of its example arguments."""
+
+    fn: Any
+    args: tuple
+    kwargs: dict
+
+
+def copy_args(a: Any) -> Any:
+    """``a`` with every tensor replaced by a detached copy (later in-place ops cannot touch it)."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().clone()
+    if isinstance(a, tuple):
+        return tuple(copy_args(x) for x in a)
+    if isinstance(a, list):
+        return [copy_args(x) for x in a]
+    if isinstance(a, dict):
+        return {k: copy_args(v) for k, v in a.items()}
+    return a
+
+
+@dataclass
 class Node:
     """One executed operation.
 
@@ -67,6 +89,7 @@ class Node:
         meta: shape of the produced value (``torch.Size``), a list of metas, or ``None``.
         scope: path of the innermost module whose ``forward`` executed the operation.
         module: the called module for ``module`` nodes.
+        recorded: for a call no rule knew when it was traced, the call itself (to examine it).
     """
 
     idx: int
@@ -77,6 +100,7 @@ class Node:
     meta: Any = None
     scope: str = ""
     module: nn.Module | None = None
+    recorded: Recorded | None = None
 
     def where(self) -> str:
         """A human description for messages: the op and the module path it ran in."""

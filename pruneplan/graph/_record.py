@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pruneplan.graph._ir import Graph, Node, Ref, is_leaf, meta_of, op_name
+from pruneplan.graph._ir import Graph, Node, Recorded, Ref, copy_args, is_leaf, meta_of, op_name
+from pruneplan.graph.rules.base import function_rule, module_rule
 
 __all__ = ["trace_record"]
 
@@ -91,8 +92,11 @@ class _Mode(TorchFunctionMode):
         if b.active and not b.in_leaf and _has_tensor(out):
             b.active = False
             try:
-                node = b.add("op", op_name(func), b.ref(tuple(args)), b.ref(dict(kwargs)),
-                             meta_of(out))
+                name = op_name(func)
+                node = b.add("op", name, b.ref(tuple(args)), b.ref(dict(kwargs)), meta_of(out))
+                if isinstance(out, torch.Tensor) and function_rule(name) is None:
+                    # kept to be examined (no rule: rare by construction)
+                    node.recorded = Recorded(func, copy_args(tuple(args)), copy_args(dict(kwargs)))
                 b.produced(node, out)
             finally:
                 b.active = True
@@ -130,6 +134,8 @@ def trace_record(model: nn.Module, inputs: tuple) -> Graph:
             try:
                 node = b.add("module", name, b.ref(tuple(args)), b.ref(dict(kwargs)), meta_of(out),
                              m, scope=name)
+                if module_rule(type(m)) is None:
+                    node.recorded = Recorded(m, copy_args(tuple(args)), copy_args(dict(kwargs)))
                 b.produced(node, out)
             finally:
                 b.active = True

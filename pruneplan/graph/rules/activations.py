@@ -113,6 +113,8 @@ class ConversionRule(FunctionRule):
 
 
 builtin(ACTIVATION_TYPES, rule=ActivationRule())
+# an empty nn.Sequential() (a no-op shortcut) is the only Sequential recorded as one call
+builtin([nn.Sequential], rule=ActivationRule())
 builtin([nn.PReLU], rule=PReLURule())
 builtin(names=(*UNARY, *BINARY), rule=ElementwiseRule())
 builtin(names=("to", "type_as", "type", "new_zeros", "new_ones", "new_empty", "new_full"),

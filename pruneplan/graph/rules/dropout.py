@@ -1,4 +1,8 @@
-"""Dropout: channels pass unchanged; a dropout layer's rate follows the unit count."""
+"""Dropout and drop-path: channels pass unchanged; a dropout layer's rate follows the unit count.
+
+``torchvision.ops.stochastic_depth`` (and timm's ``drop_path``, traced through) multiply whole
+samples or rows by one random factor: per channel, followed like any element-wise operation.
+"""
 
 from __future__ import annotations
 
@@ -20,4 +24,4 @@ class DropoutRule(ModuleRule):
 
 builtin(DROPOUT_TYPES, rule=DropoutRule())
 builtin(names=("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-               "feature_alpha_dropout"), rule=ElementwiseRule())
+               "feature_alpha_dropout", "stochastic_depth", "drop_path"), rule=ElementwiseRule())
