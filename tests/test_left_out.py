@@ -18,8 +18,8 @@ from pruneplan.graph.discover import left_out_summary
 from pruneplan.graph.spec import GroupList, LeftOut
 
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
-CUMSUM = ("operation 'cumsum' in module 'mix' is not an operation pruneplan knows how to follow "
-          "(channels of 'body.0')")
+UNKNOWN = ("operation 'sort' in module 'mix' is not an operation pruneplan knows how to follow "
+          "(it does not return one tensor) (channels of 'body.0')")
 
 
 def _mlp() -> nn.Module:
@@ -39,12 +39,13 @@ def test_result_is_a_list_with_the_classifier_left_out_and_why() -> None:
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])
 def test_blocked_and_coupled_roots_each_carry_a_reason(tracer: str) -> None:
-    # body.0 feeds cumsum (unknown, mixes channels); head + side2 are summed into the output
+    # body.0 feeds sort (no rule; its tuple output cannot be examined); head + side2 are
+    # summed into the output
     groups = pp.prunable_groups(UnknownOp().eval(), torch.randn(1, 3, 8, 8), tracer=tracer,
                                 on_unsupported="skip")
     assert [g.name for g in groups] == ["side"]
     assert groups.left_out == [
-        LeftOut("body.0", CUMSUM),
+        LeftOut("body.0", UNKNOWN),
         LeftOut("head", f"{OUTPUT} (coupled with 'side2')"),
         LeftOut("side2", f"{OUTPUT} (coupled with 'head')"),
     ]
@@ -52,13 +53,13 @@ def test_blocked_and_coupled_roots_each_carry_a_reason(tracer: str) -> None:
 
 def test_plan_pruning_takes_on_unsupported_and_names_the_reason() -> None:
     model, x = UnknownOp().eval(), torch.randn(1, 3, 8, 8)
-    with pytest.raises(UnsupportedOperationError, match="'cumsum' in module 'mix'"):
+    with pytest.raises(UnsupportedOperationError, match="'sort' in module 'mix'"):
         pp.plan_pruning(model, {"side": [0]}, example_inputs=x)
     plan = pp.plan_pruning(model, {"side": [0, 5]}, example_inputs=x, on_unsupported="skip")
     assert [(g.name, g.removed) for g in plan.groups] == [("side", [0, 5])]
     with pytest.raises(PlanningError) as err:
         pp.plan_pruning(model, {"body.0": [0]}, example_inputs=x, on_unsupported="skip")
-    assert str(err.value) == f"'body.0' is not prunable: {CUMSUM}"
+    assert str(err.value) == f"'body.0' is not prunable: {UNKNOWN}"
     with pytest.raises(PlanningError, match="on_unsupported must be 'error' or 'skip', got 'x'"):
         pp.plan_pruning(model, {"side": [0]}, example_inputs=x, on_unsupported="x")
 
