@@ -14,11 +14,14 @@ import re
 import pytest
 import torch
 from custom_rules_example import FrozenChannelNorm, GatedNet, gate, register
+from torch import nn
 
 import pruneplan as pp
 from pruneplan.graph import _ir
+from pruneplan.graph._labels import Lab
 from pruneplan.graph.discover import prunable_groups
-from pruneplan.graph.rules import ChannelRule, ElementwiseRule, base
+from pruneplan.graph.rules import Call, ChannelRule, ElementwiseRule, Rule, base
+from pruneplan.graph.spec import EditSpec, SliceSpec
 
 
 @pytest.fixture
@@ -137,3 +140,56 @@ def test_readme_rules_example_runs(registry) -> None:
     namespace: dict = {}
     exec(compile(block, "README rules example", "exec"), namespace)
     assert [g.size for g in namespace["groups"]] == [8]
+
+
+class TwoGate(nn.Module):
+    """A packed gated unit: ``a, b = (x @ w.T).chunk(2, -1); y = a * sigmoid(b)`` (``w``: 2H x C).
+
+    Unit u of its output owns two rows of ``w``: u (value) and H + u (gate).
+    """
+
+    def __init__(self, c: int, h: int) -> None:
+        super().__init__()
+        self.h = h
+        self.w = nn.Parameter(torch.randn(2 * h, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = (x @ self.w.T).chunk(2, -1)
+        return a * torch.sigmoid(b)
+
+
+class TwoGateRule(Rule):
+    """Root of H units (rows u and H + u of ``w``); consumer of its input's last axis."""
+
+    def propagate(self, call: Call):
+        m, name = call.module, call.name
+        out = call.root(-1, lambda: (m.h, [SliceSpec(f"{name}.w", 0, tiles=2, tile_stride=m.h)],
+                                     [EditSpec(name, "h", m.h)]))
+        x = call.x
+        if isinstance(x, Lab):
+            if x.axes != (len(call.xmeta) - 1,):
+                call.block(x, f"{call.where} reads them on another axis")
+            else:
+                call.own(f"{name}.w", 1, x.arr)  # columns of w: one per input feature
+        return out
+
+
+def test_a_rule_with_several_positions_per_unit(registry) -> None:
+    pp.register_module_rule(TwoGate, TwoGateRule())
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), TwoGate(6, 4), nn.Linear(4, 3)).eval()
+    x = torch.randn(7, 5)
+    groups = {g.name: g for g in prunable_groups(m, x)}
+    assert sorted(groups) == ["0", "2"]
+    w_slice = next(s for s in groups["2"].slices if s.tensor == "2.w")
+    assert (w_slice.axis, w_slice.tiles, w_slice.tile_stride) == (0, 2, 4)
+    plan = pp.plan_pruning(m, {"0": [1, 4], "2": [2]}, example_inputs=x)
+    pruned = pp.apply_plan(copy.deepcopy(m), plan)
+    # rows 2 and 6 (unit 2's value and gate) and columns 1, 4 (group 0's units) are gone
+    torch.testing.assert_close(pruned[2].w, m[2].w[[0, 1, 3, 4, 5, 7]][:, [0, 2, 3, 5]], rtol=0, atol=0)
+    assert pruned[2].h == 3
+    ref = copy.deepcopy(m)
+    ref[2].register_forward_pre_hook(lambda _m, a: (a[0].index_fill(1, torch.tensor([1, 4]), 0),))
+    ref[3].register_forward_pre_hook(lambda _m, a: (a[0].index_fill(1, torch.tensor([2]), 0),))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-5, atol=1e-6)
