@@ -100,7 +100,7 @@ class Node:
     meta: Any = None
     scope: str = ""
     module: nn.Module | None = None
-    recorded: Recorded | None = None
+    recorded: Recorded | None = field(default=None, compare=False)
 
     def where(self) -> str:
         """A human description for messages: the op and the module path it ran in."""

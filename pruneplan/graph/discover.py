@@ -108,7 +108,7 @@ def merge_graphs(graphs: list[Graph]) -> Graph:
         off = len(nodes)
         for n in g.nodes:
             nodes.append(Node(n.idx + off, n.kind, n.target, _shift(n.args, off),
-                              _shift(n.kwargs, off), n.meta, n.scope, n.module))
+                              _shift(n.kwargs, off), n.meta, n.scope, n.module, n.recorded))
     return Graph(nodes, "+".join(dict.fromkeys(g.source for g in kept)))
 
 
