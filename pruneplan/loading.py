@@ -556,8 +556,9 @@ def plan_from_metric(
     ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
     ``n_steps > 1`` the model is pruned in steps, a copy is re-scored after each step and the
     step plans are composed into one plan relative to ``model``: the target grows linearly
-    (step ``s`` of ``n`` removes up to ``f * s / n`` of the original amount), a ratio
-    geometrically (each step removes ``1 - (1 - ratio) ** (1 / n)`` of what is left).
+    (step ``s`` of ``n`` removes up to ``f * s / n`` of the original amount), and so does a
+    ratio (after step ``s`` a group has lost ``floor(ratio * size * s / n)`` of its original
+    units; with ``scope="global"``, the kind's units together).
 
     Args:
         model: the model (not modified); it must already be on ``device``.
@@ -609,6 +610,7 @@ def plan_from_metric(
     plans: list[PrunePlan] = []
     requested = 0
     units = 0
+    original: dict[str, int] = {}  # group -> unit count before the first step
     for step in range(1, n_steps + 1):
         found = prunable_groups(current, example_inputs)
         if step == 1:
@@ -617,6 +619,7 @@ def plan_from_metric(
         groups = _included(found, exclude)
         if step == 1:
             units = sum(g.size for g in groups)
+            original = {g.name: g.size for g in groups}
         scores = score_groups(current, groups, metric, data, criterion, device, seed,
                               metric_params=params, max_batches=max_batches, progress=progress,
                               example_inputs=example_inputs)
@@ -626,7 +629,17 @@ def plan_from_metric(
             removed = _select_target(current, example_inputs, groups, table, what, goal, round_to,
                                      min_keep, normalize, order)
         else:
-            step_ratio = (lambda r: r) if n_steps == 1 else (lambda r: 1 - (1 - r) ** (1 / n_steps))
+            def step_ratio(r: float, members: Sequence[GroupSpec], step: int = step,
+                           original: dict[str, int] = original) -> float:
+                """The ratio of what is left that brings ``members`` to ``floor(r * s / n)`` of
+                their original units removed after step ``s`` of ``n``."""
+                if n_steps == 1:
+                    return r
+                start = sum(original.get(g.name, g.size) for g in members)
+                now = sum(g.size for g in members)
+                due = math.floor(r * start * step / n_steps + 1e-9) - (start - now)
+                return min(max(due, 0) / now, r) if now else 0.0
+
             removed, want = _select_ratio(groups, table, ratio or 0.0, scope, layer_ratios, kind_ratios,
                                           round_to, min_keep, normalize, step_ratio)
             if step == 1:
@@ -764,7 +777,7 @@ def _kind(g: GroupSpec) -> str:
 def _select_ratio(
     groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray], ratio: float, scope: str,
     layer_ratios: Mapping[str, float] | None, kind_ratios: Mapping[str, float] | None, round_to: int,
-    min_keep: int, normalize: str | None, step: Callable[[float], float],
+    min_keep: int, normalize: str | None, step: Callable[[float, Sequence[GroupSpec]], float],
 ) -> tuple[dict[str, list[int]], int]:
     """Indices per group by ratio, and the number of units asked for (before rounding/floors)."""
     present = [g for g in groups if g.name in table]
@@ -787,7 +800,8 @@ def _select_ratio(
         if missing:
             raise PlanningError(f"layer_ratios pattern {missing[0]!r} matches no prunable group")
         asked = sum(math.floor(per[g.name] * g.size + 1e-9) for g in present if _valid(per[g.name]))
-        return select_indices({n: table[n] for n in per}, {n: step(r) for n, r in per.items()},
+        by_name = {g.name: g for g in present}
+        return select_indices({n: table[n] for n in per}, {n: step(r, [by_name[n]]) for n, r in per.items()},
                               scope="layer", round_to=round_to, min_keep=min_keep,
                               normalize=normalize), asked
     out: dict[str, list[int]] = {}
@@ -799,7 +813,7 @@ def _select_ratio(
         r = kinds.get(kind, ratio)
         if _valid(r):
             asked += math.floor(r * sum(g.size for g in members) + 1e-9)
-        out.update(select_indices({g.name: table[g.name] for g in members}, step(r), scope="global",
+        out.update(select_indices({g.name: table[g.name] for g in members}, step(r, members), scope="global",
                                   round_to=round_to, min_keep=min_keep, normalize=normalize))
     return out, asked
 

@@ -388,3 +388,18 @@ def test_bad_checkpoint(ckpt: Ckpt, case: str, breaks, words: list[str]) -> None
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0] == f"error: {message}", result.stderr
         assert not dst.exists() and hashes(ckpt.root) == before
+
+
+def test_content_digest_and_check_over_all_shards(ckpt: Ckpt) -> None:
+    # the content digest of a sharded checkpoint is that of the model it was saved from
+    assert pp.weights_digest(ckpt.dir) == pp.weights_digest(ckpt.model) == pp.weights_digest(ckpt.state)
+    scored = ckpt.plan.model_copy(update={"provenance": ckpt.plan.provenance.model_copy(
+        update={"weights_digest": pp.weights_digest(ckpt.model)})})
+    pp.check_sharded_weights(scored, ckpt.dir)  # same content: silent
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt.state.items()}
+    write_checkpoint(ckpt.dir, changed)
+    with pytest.warns(pp.WeightsContentWarning, match="content differs"):
+        pp.check_sharded_weights(scored, ckpt.dir)
+    with pytest.raises(pp.PlanMismatchError, match="content differs"):
+        pp.apply_to_sharded_safetensors(scored, ckpt.dir, ckpt.root / "out", check_content="error")
+    assert not (ckpt.root / "out").exists()

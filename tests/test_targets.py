@@ -163,3 +163,18 @@ def test_kind_ratio_on_attention_heads_of_a_real_transformer() -> None:
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
     with torch.no_grad():
         assert pruned(ids).logits.shape == (2, 8, 128)
+
+
+def test_a_ratio_in_steps_ends_at_the_asked_counts() -> None:
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    plan = pp.plan_from_metric(model, x, "weight_norm", 0.5, n_steps=2)
+    # step 1 removes floor(0.5 * n / 2) of each group, step 2 the rest of floor(0.5 * n):
+    # 8 -> 2 then 4 in all; 12 -> 3 then 6; 6 -> 1 then 3 (the same counts as in one step)
+    assert [(g.name, len(g.removed)) for g in plan.groups] == [("0", 4), ("3", 6), ("7", 3)]
+    assert plan.provenance.selection["n_steps"] == 2
+    assert plan.provenance.selection["achieved_fraction"] == plan.provenance.selection["requested_fraction"]
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert pruned(x).shape == (1, 3)
+    # globally: floor(0.5 * 26) = 13 units in all
+    glob = pp.plan_from_metric(model, x, "weight_norm", 0.5, n_steps=3, scope="global")
+    assert sum(len(g.removed) for g in glob.groups) == 13
