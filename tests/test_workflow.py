@@ -256,9 +256,10 @@ def test_kind_ratios_read_the_groups_kind_attribute() -> None:
     groups = [G("a", 8), G("h", 4, "heads"), G("b", 10)]
     table = {g.name: np.arange(float(g.size)) for g in groups}
     removed, asked = _select_ratio(groups, table, 0.5, "layer", None, {"heads": 0.25}, 1, 1, "mean",
-                                   lambda r: r)
+                                   lambda r, members: r)
     # channels at 0.5: 4 of 8 and 5 of 10; heads at 0.25: floor(1.0) = 1 of 4 (the lowest)
     assert removed == {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3, 4], "h": [0]} and asked == 10
     # global scope ranks each kind separately with its own ratio
-    removed, _ = _select_ratio(groups, table, 0.5, "global", None, {"heads": 0.5}, 1, 1, "mean", lambda r: r)
+    removed, _ = _select_ratio(groups, table, 0.5, "global", None, {"heads": 0.5}, 1, 1, "mean",
+                                 lambda r, members: r)
     assert len(removed["h"]) == 2 and len(removed.get("a", [])) + len(removed.get("b", [])) == 9
