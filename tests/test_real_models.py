@@ -7,11 +7,8 @@ training mode.
 
 Deselected by default (``-m "not real"`` in pyproject); ``make test`` runs them after the core
 suite: ``pytest -m real``. Skipped when torchvision / timm are not installed. A model marked
-xfail failed, when it was last measured, for the reason given. The marks are not strict for
-now: the discovery work that landed last in the session (grouped-conv units, tied unit sets)
-makes some of them pass (timm cpubone_nano at least), and the list was not re-measured in time.
-`pytest -m real -rxX` lists them as XPASS; re-measure and remove those marks (then make the
-marks strict again, with the exception each raises).
+xfail fails today for the reason given, raising the exception named there; the marks are strict, so
+a model that starts passing must lose its mark.
 """
 
 from __future__ import annotations
@@ -27,7 +24,8 @@ pytestmark = pytest.mark.real
 def _param(spec: RealModel):
     marks = []
     if spec.xfail:
-        marks = [pytest.mark.xfail(strict=False, reason=spec.xfail.reason)]
+        marks = [pytest.mark.xfail(strict=True, raises=spec.xfail.exception(),
+                                   reason=spec.xfail.reason)]
     return pytest.param(spec, id=spec.id, marks=marks)
 
 
