@@ -265,13 +265,13 @@ def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: 
         kind = f"  {r['kind']:<12}" if kinds else ""
         line = f"{r['group']:<{width}}{kind}  {kept:>11}  {r['fraction']:>8.1%}  {r['parameters']:>12,}"
         click.echo(line + (f"  {r['buffers']:>8,}" if known else ""))
-    total = loaded.parameters_touched()
-    removed = loaded.parameters_removed()
+    totals = loaded.totals()
+    total, removed = totals["parameters_touched"], totals["parameters_removed"]
     units = sum(r["size"] for r in rows)
     gone = sum(r["removed"] for r in rows)
     if known:
         what = (f"{removed:,} of {total:,} parameters in touched tensors removed "
-                f"({removed / max(total, 1):.1%}), and {loaded.buffers_removed():,} buffer values")
+                f"({removed / max(total, 1):.1%}), and {totals['buffers_removed']:,} buffer values")
     else:
         what = (f"{removed:,} of {total:,} scalars (parameters and buffers: this plan does not record "
                 f"which are buffers) in touched tensors removed ({removed / max(total, 1):.1%})")

@@ -724,6 +724,9 @@ class PrunePlan(_Strict):
         """Whether the plan records which touched tensors are buffers (``model.buffers``)."""
         return self.model.buffers is not None
 
+    def _buffer_names(self) -> frozenset[str]:
+        return frozenset(self.model.buffers or ())
+
     def _is_buffer(self, tensor: str) -> bool:
         return tensor in (self.model.buffers or ())
 
@@ -734,41 +737,58 @@ class PrunePlan(_Strict):
         not record which tensors are buffers (`buffers_known` is false) every tensor counts as
         a parameter.
         """
-        g = self._group(name)
-        shapes = {s.tensor: list(self.model.tensors[s.tensor]) for s in g.slices
-                  if self._is_buffer(s.tensor) == buffers}
-        before = sum(math.prod(s) for s in shapes.values())
+        return self._group_removed(self._group(name), self._buffer_names())[int(buffers)]
+
+    def _group_removed(self, g: Group, buffer_names: frozenset[str]) -> tuple[int, int]:
+        """(parameter scalars, buffer scalars) group ``g`` alone would delete."""
+        shapes = {s.tensor: list(self.model.tensors[s.tensor]) for s in g.slices}
+        before = [0, 0]
+        for k, shape in shapes.items():
+            before[k in buffer_names] += math.prod(shape)
         for s in g.slices:
-            if s.tensor in shapes:
-                shapes[s.tensor][s.axis] -= _count(_removed_ranges(s, g.removed))
-        return before - sum(math.prod(s) for s in shapes.values())
+            shapes[s.tensor][s.axis] -= _count(_removed_ranges(s, g.removed))
+        after = [0, 0]
+        for k, shape in shapes.items():
+            after[k in buffer_names] += math.prod(shape)
+        return before[0] - after[0], before[1] - after[1]
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per group, in execution order: name, size, kept, removed, fraction removed,
         parameters removed, buffer scalars removed (``None`` when the plan does not record which
-        tensors are buffers)."""
-        return [
-            {
+        tensors are buffers). One pass over the slices: linear in the size of the plan."""
+        buffer_names = self._buffer_names()
+        rows = []
+        for g in self.groups:
+            params, bufs = self._group_removed(g, buffer_names)
+            rows.append({
                 "group": g.name,
                 "kind": g.kind,
                 "size": g.size,
                 "kept": g.size - len(g.removed),
                 "removed": len(g.removed),
                 "fraction": len(g.removed) / g.size,
-                "parameters": self.group_parameters_removed(g.name),
-                "buffers": self.group_parameters_removed(g.name, buffers=True)
-                if self.buffers_known else None,
-            }
-            for g in self.groups
-        ]
+                "parameters": params,
+                "buffers": bufs if self.buffers_known else None,
+            })
+        return rows
 
-    def _scalars(self, shapes: Mapping[str, Sequence[int]], buffers: bool | None) -> int:
-        return sum(math.prod(s) for k, s in shapes.items()
-                   if buffers is None or self._is_buffer(k) == buffers)
+    def totals(self) -> dict[str, int]:
+        """Scalar counts over the touched tensors, from one pass over the plan:
+        ``parameters_touched``, ``parameters_removed``, ``buffers_touched`` and
+        ``buffers_removed`` (buffers count as parameters when `buffers_known` is false)."""
+        buffer_names = self._buffer_names()
+        before, after = [0, 0], [0, 0]
+        for k, shape in self.model.tensors.items():
+            before[k in buffer_names] += math.prod(shape)
+        for k, shape in self.pruned_shapes().items():
+            after[k in buffer_names] += math.prod(shape)
+        return {"parameters_touched": before[0], "parameters_removed": before[0] - after[0],
+                "buffers_touched": before[1], "buffers_removed": before[1] - after[1]}
 
     def scalars_removed(self) -> int:
         """Scalars the plan deletes from the touched tensors, parameters and buffers together."""
-        return self._scalars(self.model.tensors, None) - self._scalars(self.pruned_shapes(), None)
+        t = self.totals()
+        return t["parameters_removed"] + t["buffers_removed"]
 
     def parameters_removed(self) -> int:
         """Parameter scalars the plan deletes (buffers such as running statistics excluded).
@@ -776,15 +796,15 @@ class PrunePlan(_Strict):
         When the plan does not record which tensors are buffers (`buffers_known` is false),
         this is `scalars_removed`.
         """
-        return self._scalars(self.model.tensors, False) - self._scalars(self.pruned_shapes(), False)
+        return self.totals()["parameters_removed"]
 
     def buffers_removed(self) -> int:
         """Buffer scalars (running statistics) the plan deletes; 0 when buffers are not known."""
-        return self._scalars(self.model.tensors, True) - self._scalars(self.pruned_shapes(), True)
+        return self.totals()["buffers_removed"]
 
     def parameters_touched(self) -> int:
         """Parameter scalars of the touched tensors before pruning (buffers excluded if known)."""
-        return self._scalars(self.model.tensors, False)
+        return self.totals()["parameters_touched"]
 
 
 # ---- positions ---------------------------------------------------------------------------

@@ -91,6 +91,29 @@ def test_removed_positions_affine_and_explicit() -> None:
     assert plan.parameters_removed() == 6 + 2 + 8
 
 
+def test_totals_and_summary_split_parameters_and_buffers() -> None:
+    d = base_dict()
+    # a running-statistics buffer of "a" (4 values, one per unit) recorded as a buffer
+    d["model"]["tensors"]["a.running_mean"] = [4]
+    d["model"]["buffers"] = ["a.running_mean"]
+    d["groups"][0]["slices"].append({"tensor": "a.running_mean", "axis": 0})
+    plan = PrunePlan.from_dict(d)
+    # touched parameters: 4*3 + 4 + 2*8 = 32; removed 6 + 2 + 8 = 16 (as above); the buffer has
+    # 4 values and loses units 1 and 3
+    assert plan.totals() == {"parameters_touched": 32, "parameters_removed": 16,
+                             "buffers_touched": 4, "buffers_removed": 2}
+    assert (plan.parameters_removed(), plan.buffers_removed(), plan.scalars_removed(),
+            plan.parameters_touched()) == (16, 2, 18, 32)
+    [row] = plan.summary()
+    assert (row["parameters"], row["buffers"], row["kept"], row["fraction"]) == (16, 2, 2, 0.5)
+    assert plan.group_parameters_removed("a", buffers=True) == 2
+    # without the buffer list every tensor counts as a parameter, and buffers are unknown
+    del d["model"]["buffers"]
+    plan = PrunePlan.from_dict(d)
+    assert plan.totals()["parameters_removed"] == 18 and plan.buffers_removed() == 0
+    assert plan.summary()[0]["buffers"] is None
+
+
 def test_tiles_for_channels_last_flatten() -> None:
     d = base_dict()
     # channels-last flatten of 4 channels x 2 positions: unit u owns u and u + 4
