@@ -129,8 +129,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
     ("cpubone", "cpubone_nano", (2, 3, 32, 32), {}, None),
     ("crossvit", "crossvit_tiny_240", (1, 3, 240, 240), {}, XFail(
         "bug: the plan applies but the pruned model fails in forward: RuntimeError: shape '[1, 1, 3, 45]' is invalid for input of size 192", "RuntimeError")),
-    ("csatv2", "csatv2", (2, 3, 64, 64), {}, XFail(
-        "bug: IndexError: tuple index out of range", "IndexError")),
+    ("csatv2", "csatv2", (2, 3, 64, 64), {}, None),
     ("cspnet", "cspresnet50", (2, 3, 32, 32), {}, None),
     ("cspnext", "cspnext_tiny", (2, 3, 32, 32), {}, None),
     ("davit", "davit_tiny", (2, 3, 64, 64), {}, XFail(

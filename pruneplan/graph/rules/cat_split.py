@@ -89,11 +89,15 @@ class SplitRule(FunctionRule):
             if name == "unbind":
                 return [Lab(tuple(a - (a > dim) for a in x.axes), x.arr)] * len(outs)
             return [x] * len(outs)
+        if name == "unbind":  # one part per position, the axis itself goes away
+            call.block(x, f"{call.where} takes their axis apart into one tensor per position, "
+                       "so the number of parts would change with the units")
+            return None
         sizes = [m[dim] for m in outs]
         how = call.arg(1, "sections")
         # split(n): equal parts of n, n from an attribute of the module (GPT-2's split_size)
         by_size = name == "split" and isinstance(how, int) and not isinstance(how, bool)
-        fixed = name in ("unbind", "split_with_sizes") or (name == "split" and not by_size) or (
+        fixed = name == "split_with_sizes" or (name == "split" and not by_size) or (
             name == "tensor_split" and not isinstance(how, int))
         if x.axes != (dim,) or fixed or len(set(sizes)) != 1:
             call.block(x, f"{call.where} splits them into fixed-size parts")
