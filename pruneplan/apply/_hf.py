@@ -18,10 +18,10 @@ from typing import Any
 from torch import nn
 
 from pruneplan.errors import ConfigError, PlanMismatchError
-from pruneplan.hf_config import config_edits
+from pruneplan.hf_config import HIDDEN_KEYS, config_edits
 from pruneplan.plan import ConfigEdits, PrunePlan
 
-__all__ = ["config_changes", "hf_config_of", "stage_cached_sizes"]
+__all__ = ["config_changes", "hf_config_of", "stage_cached_sizes", "stage_model_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,28 @@ def stage_cached_sizes(
             if u_old is not None and u_new is not None:
                 sync("intermediate_size", u_old[0], u_new[0])
                 sync("hidden_size", u_old[1], u_new[1])
+    return out
+
+
+#: sizes a model caches from its config's hidden size outside attention and MLP modules
+_MODEL_DIM = ("model_dim",)
+
+
+def stage_model_dims(model: nn.Module, config: Any, values: Mapping[str, int]
+                     ) -> list[tuple[nn.Module, str, int, str]]:
+    """(module, attribute, new value, module name) for the copies of the config's hidden size
+    that modules keep for their forward (T5's ``model_dim``, which scales the decoder output
+    by ``model_dim ** -0.5`` before a tied ``lm_head``: the pruned model uses the new size,
+    as a model built from the rewritten config does)."""
+    key = next((k for k in HIDDEN_KEYS if k in values), None)
+    before = _int(getattr(config, key, None)) if key is not None else None
+    if before is None:
+        return []
+    out = []
+    for name, module in model.named_modules():
+        for attr in _MODEL_DIM:
+            if _int(getattr(module, attr, None)) == before:
+                out.append((module, attr, values[key], name))
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pruneplan.apply._hf import config_changes, stage_cached_sizes
+from pruneplan.apply._hf import config_changes, stage_cached_sizes, stage_model_dims
 from pruneplan.apply._slicing import check_fingerprint, keep_indices, kept_shape, slice_tensor
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import needs_content, weights_digest
@@ -308,6 +308,9 @@ def _stage_derived(model: nn.Module, plan: PrunePlan, sd: dict, keeps: dict, sta
         planned[key] = value
         staged.attrs.append((module, attr, value))
     config, values, problems = config_changes(model, plan, old)
+    for module, attr, value, _ in stage_model_dims(model, config, values):
+        if (id(module), attr) not in planned:
+            staged.attrs.append((module, attr, value))
     staged.config = [(config, key, value) for key, value in values.items()]
     staged.warnings = problems
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -678,6 +678,23 @@ class Engine:
             for item in (*slices, *edits):
                 self.effect(r, node, item)
 
+    def relabel(self, idxs: list[int], labs: list[Lab], until: int) -> bool:
+        """Give the values of nodes ``idxs`` (computed earlier, unlabelled) the labels ``labs``,
+        so that calls from ``until`` on read them. Refused (``False``) when a call before
+        ``until`` outside ``idxs`` already read one of them unlabelled."""
+        chosen = set(idxs)
+        if any(self.info[i] is not None for i in chosen):
+            return False
+        for node in self.nodes[min(chosen) + 1:until]:
+            if node.idx in chosen:
+                continue
+            if any(r.node in chosen for r in iter_refs((node.args, node.kwargs))):
+                return False
+        for i, lab in zip(idxs, labs, strict=True):
+            self.info[i] = lab
+            self._index(i)
+        return True
+
     # ---- sizes read as Python ints -------------------------------------------------------
 
     def check_widths(self, node: Node, out: Any, args: tuple) -> None:
@@ -692,13 +709,68 @@ class Engine:
 
     def finish(self) -> None:
         """A width used as a fixed size must land on an axis carrying the same coupled units
-        (checked once all couplings are known: an SE gate is coupled after its reshape)."""
+        (checked once all couplings are known: an SE gate is coupled after its reshape).
+        Parameters held under several state-dict keys are coupled first (`couple_tied`)."""
+        self.couple_tied()
         for node, dim_roots, on_axis in self.widths:
             want = {self.uf.find(r) for r in dim_roots}
             have = {self.uf.find(r) for r in on_axis}
             if want != have:
                 self.block(list(dim_roots) + list(on_axis),
                            f"their width is used as a fixed size at {node.where()}")
+
+    def couple_tied(self) -> None:
+        """One parameter held under several state-dict keys (tied embeddings: T5's ``shared``,
+        ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``): the roots slicing
+        it under any key are coupled position by position, and every key is sliced alike, so
+        that the plan names all of them and a state dict holding them apart stays consistent."""
+        aliases: dict[int, list[str]] = {}
+        for key, t in self.model.state_dict(keep_vars=True).items():
+            aliases.setdefault(id(t), []).append(key)
+        alias_of = {k: ks for ks in aliases.values() if len(ks) > 1 for k in ks}
+        if not alias_of:
+            return
+        found: dict[tuple[str, int], list[tuple[int, SliceSpec]]] = {}
+        for r, root in enumerate(self.roots):
+            for item in [*root.slices, *(it for _, it in self.effects[r])]:
+                if isinstance(item, SliceSpec) and item.tensor in alias_of and item.modulo is None:
+                    found.setdefault((alias_of[item.tensor][0], item.axis), []).append((r, item))
+        shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
+        for (first, axis), items in sorted(found.items()):
+            keys = alias_of[first]
+            length = int(shapes[first][axis])
+            per_key: dict[str, np.ndarray] = {}
+            for r, sp in items:
+                arr = per_key.setdefault(sp.tensor, np.full(length, -1, dtype=np.int64))
+                st = Stream(sp.offset, sp.repeat, sp.tiles, sp.tile_stride, sp.positions)
+                for u in range(self.roots[r].size):
+                    arr[list(st.unit(u))] = (np.int64(r) << SHIFT) | u
+            present = [k for k in keys if k in per_key]
+            base = per_key[present[0]]
+            node = Node(-1, "param", f"tied parameter {present[0]!r}")
+            for k in present[1:]:
+                other = per_key[k]
+                if not np.array_equal(base >= 0, other >= 0):
+                    self.block(roots_of(base) + roots_of(other),
+                               f"{k!r} is the same tensor as {present[0]!r}, but they are sliced "
+                               "at different positions")
+                    continue
+                self.couple(base, other, node)
+            owner = present[0].rpartition(".")[0]
+            for k in keys:
+                if k in per_key:
+                    continue
+                module = k.rpartition(".")[0]
+                for r, sp in items:
+                    if sp.tensor != present[0]:
+                        continue
+                    self.effects[r].append((-1, replace(sp, tensor=k)))
+                    # the alias's module caches the same sizes as the sliced one's
+                    root = self.roots[r]
+                    for e in [*root.edits, *(it for _, it in self.effects[r])]:
+                        if isinstance(e, EditSpec) and e.module == owner and _attr(
+                                self.model, module, e.attribute) == e.before:
+                            self.effects[r].append((-1, replace(e, module=module)))
 
     # ---- result --------------------------------------------------------------------------
 
@@ -844,6 +916,14 @@ def _coarse_slice(specs: list[tuple[SliceSpec, np.ndarray]]) -> SliceSpec:
         raise PlanningError(f"tensor {first.tensor!r} axis {first.axis}: its tied units hold "
                             "different numbers of positions there")
     return affine_stream(np.array(rows)).slice(first.tensor, first.axis, first.modulo)
+
+
+def _attr(model: nn.Module, module: str, attribute: str) -> Any:
+    """``model.<module>.<attribute>`` (``None`` when there is no such module or attribute)."""
+    try:
+        return getattr(model.get_submodule(module), attribute, None)
+    except AttributeError:
+        return None
 
 
 def _info_roots(v: Any) -> set[int]:

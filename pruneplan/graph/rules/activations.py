@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pruneplan.graph._labels import Dim, Lab, PView
+from pruneplan.graph.rules.attention import label_uniform_operands
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs, tensorish
 
 __all__ = ["ActivationRule", "ConversionRule", "ElementwiseRule", "PReLURule"]
@@ -88,7 +89,8 @@ class ElementwiseRule(FunctionRule):
         return x if others is None else None
 
     def labels(self, call: Call) -> Lab | None:
-        return call.merge([(i, call.meta(r)) for i, r in zip(call.infos, call.refs, strict=True)])
+        infos = label_uniform_operands(call)
+        return call.merge([(i, call.meta(r)) for i, r in zip(infos, call.refs, strict=True)])
 
 
 class ConversionRule(FunctionRule):

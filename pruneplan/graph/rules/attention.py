@@ -9,7 +9,9 @@ the query projection's units then gather ``rep`` query heads each (a *query grou
 contraction runs over ``head_dim``, which carries no labels, so rotary embeddings and any other
 per-position work on it stay untouched. The output carries the query's units on its head
 axis, down to the output projection that reads them. A per-head additive mask (a relative
-position bias table) is sliced with the heads; one that no prunable layer owns blocks them.
+position bias table) is sliced with the heads; one holding the same values for every head,
+built from constants (T5's cross-attention bias), takes the heads' labels, so that every
+attention reading it keeps the same heads; any other blocks them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab, PView, roots_of
-from pruneplan.graph.rules.base import Call, FunctionRule, builtin
+from pruneplan.graph.rules.base import Call, FunctionRule, builtin, iter_refs
 
-__all__ = ["MatmulRule", "SDPARule"]
+__all__ = ["MatmulRule", "SDPARule", "label_uniform_operands"]
 
 
 def _on(lab: Any, shift: int) -> tuple[int, ...] | None:
@@ -43,8 +47,87 @@ def _mask(call: Call, mask: Any, head: int, nd: int, labels: np.ndarray) -> bool
     if isinstance(info, PView) and info.dims[d] is not None:
         call.own(info.key, info.dims[d], labels)
         return True
+    chain: list[tuple[Ref, int]] = []
+    if info is None and _uniform(call, mask, d, chain):
+        # the same values for every head (T5's cross-attention bias: zeros of (1, n_heads, L, S)
+        # built from the module's head count): nothing to slice, but every attention reading
+        # it must keep the same heads, so it carries these heads' labels from here on
+        refs = [r for r, _ in chain]
+        if call.relabel(refs, [Lab((a,), labels) for _, a in chain]):
+            return True
+        call.block(roots_of(labels), f"{call.where} adds a per-head tensor that other "
+                   "operations read before it")
+        return False
     call.block(roots_of(labels), f"{call.where} adds a per-head tensor no prunable layer owns")
     return False
+
+
+def label_uniform_operands(call: Call) -> list[Any]:
+    """An element-wise call (scores + bias) where attention heads meet an unlabelled tensor
+    holding the same values for every head (T5's cross-attention bias in eager attention):
+    that tensor takes the heads' labels (see `_mask`). Returns the call's infos, re-read."""
+    out = call.out
+    if not isinstance(out, torch.Size):
+        return call.infos
+    nd = len(out)
+    heads = None
+    for info, ref in zip(call.infos, call.refs, strict=True):
+        meta = call.meta(ref)
+        if isinstance(info, Lab) and len(info.axes) == 1 and call.is_heads(info) \
+                and isinstance(meta, torch.Size):
+            heads = (info.axes[0] + nd - len(meta), info.arr)
+            break
+    if heads is None:
+        return call.infos
+    axis, arr = heads
+    for info, ref in zip(call.infos, call.refs, strict=True):
+        meta = call.meta(ref)
+        if info is not None or not isinstance(meta, torch.Size):
+            continue
+        d = axis - (nd - len(meta))
+        chain: list[tuple[Ref, int]] = []
+        if d >= 0 and meta[d] == len(arr) and _uniform(call, ref, d, chain) and chain:
+            call.relabel([r for r, _ in chain], [Lab((a,), arr) for _, a in chain])
+    return [call.read(r) for r in call.refs]
+
+
+#: operations whose output holds one value everywhere (whatever the sizes they are given)
+_CONSTANT = frozenset({"zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
+                       "new_zeros", "new_ones", "new_full"})
+#: element-wise operations (with broadcasting) and copies: uniform along an axis when every
+#: tensor they read is
+_ELEMENTWISE = frozenset({"contiguous", "clone", "detach", "to", "float", "half", "bfloat16",
+                          "type_as", "add", "sub", "mul", "div", "neg", "where", "masked_fill",
+                          "maximum", "minimum", "clamp"})
+
+
+def _uniform(call: Call, ref: Any, d: int, chain: list[tuple[Ref, int]], depth: int = 0) -> bool:
+    """Whether the value ``ref`` is the same at every position of its axis ``d``, by
+    construction: built from constants by element-wise operations, every operand either
+    broadcast along the axis (length 1) or uniform itself. ``chain`` collects (value, axis)
+    for the values that have the axis at full length (they get labelled)."""
+    node = call.producer(ref)
+    meta = call.meta(ref)
+    if node is None or not isinstance(meta, torch.Size) or depth > 32:
+        return False
+    if d < 0 or meta[d] == 1:
+        return True
+    if node.kind != "op" or node.target not in _CONSTANT | _ELEMENTWISE:
+        return False
+    chain.append((ref, d))
+    if node.target in _CONSTANT and not node.target.endswith("_like"):
+        return True
+    operands = list(iter_refs((node.args, node.kwargs)))
+    if node.target in _CONSTANT:  # *_like: only the first operand's shape is read
+        return True
+    nd = len(meta)
+    for r in operands:
+        m = call.meta(r)
+        if not isinstance(m, torch.Size):
+            continue
+        if not _uniform(call, r, d - (nd - len(m)), chain, depth + 1):
+            return False
+    return True
 
 
 class SDPARule(FunctionRule):

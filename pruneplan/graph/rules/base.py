@@ -283,6 +283,17 @@ class Call:
         place on its outputs, or ``None`` when it is not a root."""
         return self._engine.new_units(self.node, spec)
 
+    def producer(self, ref: Any) -> Node | None:
+        """The node that produced a graph value (``None`` for a non-`Ref`)."""
+        return self._engine.nodes[ref.node] if isinstance(ref, Ref) else None
+
+    def relabel(self, refs: list[Ref], labs: list[Lab]) -> bool:
+        """Label values computed before this call, that no other call has read since, so that
+        later calls reading them see ``labs`` (a mask built once and shared by the attention
+        of every layer ties their heads). Returns ``False``, changing nothing, when a call
+        other than the producers listed or this one read one of them already."""
+        return self._engine.relabel([r.node for r in refs], labs, self.node.idx)
+
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land
         on an output axis carrying the same coupled units (checked once everything is known)."""
