@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pruneplan.graph._ir import Ref
-from pruneplan.graph._labels import Lab, PView, roots_of
+from pruneplan.graph._labels import Lab, PView, reshape_groups, roots_of
 from pruneplan.graph.rules.base import Call, FunctionRule, builtin, iter_refs
 
 __all__ = ["MatmulRule", "SDPARule", "label_uniform_operands"]
@@ -101,6 +101,55 @@ _ELEMENTWISE = frozenset({"contiguous", "clone", "detach", "to", "float", "half"
                           "maximum", "minimum", "clamp"})
 
 
+#: layout operations: axis ``d`` of the output comes from axes of the first argument
+_LAYOUT = frozenset({"expand", "view", "reshape", "transpose", "permute", "unsqueeze", "getitem"})
+
+
+def _layout_source(call: Call, node: Any, d: int) -> list[int] | None:
+    """The axes of ``node``'s first argument that its output axis ``d`` is made of (all of
+    them must be uniform), or ``None`` when the operation mixes it with other axes."""
+    x = node.args[0] if node.args else None
+    m_in, out = call.meta(x), node.meta
+    if not isinstance(m_in, torch.Size) or not isinstance(out, torch.Size):
+        return None
+    t, args = node.target, node.args[1:]
+    if t == "expand":  # new leading axes are broadcast copies
+        din = d - (len(out) - len(m_in))
+        return [] if din < 0 else [din]
+    if t in ("view", "reshape"):
+        groups = reshape_groups(tuple(m_in), tuple(out))
+        found = next((gi for gi, go in (groups or []) if d in go), None)
+        if found is None or [o for gi, go in groups if gi == found for o in go] != [d]:
+            return None
+        return found
+    if t == "transpose" and len(args) == 2 and all(isinstance(a, int) for a in args):
+        a, b = (v % len(out) for v in args)
+        return [b if d == a else a if d == b else d]
+    if t == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args
+        return [int(dims[d]) % len(out)] if all(isinstance(v, int) for v in dims) else None
+    if t == "unsqueeze" and len(args) == 1 and isinstance(args[0], int):
+        at = args[0] % len(out)
+        return [] if d == at else [d if d < at else d - 1]
+    if t == "getitem" and len(args) == 1:
+        index = args[0] if isinstance(args[0], tuple) else (args[0],)
+        if not all(i is None or i is Ellipsis or i == slice(None) for i in index):
+            return None
+        if sum(i is Ellipsis for i in index) > 1:
+            return None
+        if Ellipsis in index:
+            k = index.index(Ellipsis)
+            fill = len(m_in) - sum(i is not None for i in index if i is not Ellipsis)
+            index = (*index[:k], *([slice(None)] * fill), *index[k + 1:])
+        src, pos = [], 0
+        for i in index:
+            src.append(None if i is None else pos)
+            pos += i is not None
+        src += list(range(pos, len(m_in)))
+        return [] if src[d] is None else [src[d]]
+    return None
+
+
 def _uniform(call: Call, ref: Any, d: int, chain: list[tuple[Ref, int]], depth: int = 0) -> bool:
     """Whether the value ``ref`` is the same at every position of its axis ``d``, by
     construction: built from constants by element-wise operations, every operand either
@@ -112,7 +161,15 @@ def _uniform(call: Call, ref: Any, d: int, chain: list[tuple[Ref, int]], depth: 
         return False
     if d < 0 or meta[d] == 1:
         return True
-    if node.kind != "op" or node.target not in _CONSTANT | _ELEMENTWISE:
+    if node.kind != "op":
+        return False
+    if node.target in _LAYOUT:
+        src = _layout_source(call, node, d)
+        if src is None:
+            return False
+        chain.append((ref, d))
+        return all(_uniform(call, node.args[0], a, chain, depth + 1) for a in src)
+    if node.target not in _CONSTANT | _ELEMENTWISE:
         return False
     chain.append((ref, d))
     if node.target in _CONSTANT and not node.target.endswith("_like"):
@@ -155,6 +212,11 @@ class SDPARule(FunctionRule):
         arrs = [i.arr if isinstance(i, Lab) else np.full(m[head], -1, dtype=np.int64)
                 for i, m in zip(infos, metas, strict=True)]
         tied_in = [arrs[0], np.repeat(arrs[1], rep), np.repeat(arrs[2], rep)]
+        if isinstance(infos[0], Lab) and all(
+                not isinstance(infos[i], Lab) and _uniform(call, refs[i], head, []) for i in (1, 2)):
+            # one key/value head for all query heads (multi-query attention, with enable_gqa
+            # or its copies): the query heads are independent of each other
+            tied_in = [arrs[0]]
         mask = call.arg(3, "attn_mask")
         minfo = call.read(mask)
         if isinstance(minfo, Lab):
@@ -204,8 +266,14 @@ class MatmulRule(FunctionRule):
             call.mark_heads(tied)
             return Lab(axa, tied)
         lab, ax, other, shift = (ia, axa, mb, sb) if axa else (ib, axb, ma, sa)
+        other_ref = b if axa else a
         for d in ax:
             if d in batch and d - shift >= 0 and other[d - shift] != 1:
+                if len(ax) == 1 and _uniform(call, other_ref, d - shift, []):
+                    # the copies of one key/value head for every query head (multi-query
+                    # attention through repeat_kv): the query heads stay independent
+                    call.mark_heads(lab.arr)
+                    continue
                 call.block(lab, f"{call.where} meets them with a tensor no prunable layer owns")
                 return None
         return Lab(ax, lab.arr)
