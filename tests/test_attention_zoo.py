@@ -123,34 +123,4 @@ def test_removing_a_head_equals_zeroing_its_output_columns(name: str) -> None:
         torch.testing.assert_close(run(model, x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which", ["torchvision_vit", "transformer_encoder"])
-def test_multihead_attention_keeps_its_heads_with_a_reason_and_the_mlp_prunes(which: str) -> None:
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    if which == "torchvision_vit":
-        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
-                                                     num_heads=4, hidden_dim=64, mlp_dim=128,
-                                                     num_classes=10)
-        x, fc1, width_root = _image(32), "encoder.layers.encoder_layer_0.mlp.0", "conv_proj"
-    else:
-        layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 64),
-                                    torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
-        x, fc1, width_root = torch.randn(2, 8, 16), "1.layers.0.linear1", "0"
-    model.eval()
-    groups = prunable_groups(model, x)
-    left = {lo.name: lo.reason for lo in groups.left_out}
-    assert "head_dim = embed_dim // num_heads" in left[width_root]
-    g = next(g for g in groups if g.name == fc1)
-    assert (g.kind, g.size) == ("channels", 128)
-    # MLP hidden units: removing them equals zeroing them after the activation, i.e. zeroing
-    # the matching input columns of the second MLP layer
-    fc2 = fc1.replace("mlp.0", "mlp.3").replace("linear1", "linear2")
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        reference.get_submodule(fc2).weight[:, [3, 70]] = 0
-        expected = reference(x)
-    pruneplan.apply_plan(model, pruneplan.plan_pruning(model, {fc1: [3, 70]}, example_inputs=x))
-    assert model.get_submodule(fc1).out_features == 126
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+# torchvision ViT and nn.TransformerEncoder (nn.MultiheadAttention): tests/test_mha.py

@@ -183,7 +183,7 @@ def test_output_roots_only_with_include_output() -> None:
         plan_pruning(model, {"classifier.6": [0]}, example_inputs=x)
 
 
-def test_multihead_attention_blocks_the_width_it_reads() -> None:
+def test_multihead_attention_heads_and_the_width_it_reads() -> None:
     class WithMHA(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -197,9 +197,11 @@ def test_multihead_attention_blocks_the_width_it_reads() -> None:
             h = self.mha(h, h, h, need_weights=False)[0]
             return self.out(F.relu(self.fc(h)))
 
-    # MHA's packed in_proj needs embed_dim == query width: proj cannot shrink, fc can
+    # proj's width is read by MHA's packed in_proj (columns) and written by its out_proj
+    # (rows); the heads are a group of their own (tests/test_mha.py checks the values)
     groups = prunable_groups(WithMHA(), torch.randn(2, 5, 4))
-    assert [g.name for g in groups] == ["fc"]
+    assert [(g.name, g.kind, g.size) for g in groups] == [
+        ("proj", "channels", 8), ("mha", "heads", 2), ("fc", "channels", 16)]
 
 
 # ---- index mappings ------------------------------------------------------------------------
@@ -471,7 +473,7 @@ def test_stack_couples_branches_after_a_recurrent_layer() -> None:
 def test_builtin_transformer_encoder_layers_are_traced_through() -> None:
     # nn.TransformerEncoder is a built-in module made of other modules: discovery looks inside
     # it, so each layer's MLP hidden units (linear1 -> activation -> dropout -> linear2) are
-    # prunable, while the model width, read by MultiheadAttention, is left out
+    # prunable (and so are the heads of its MultiheadAttention, tests/test_mha.py)
     torch.manual_seed(0)
 
     class Net(nn.Module):
@@ -487,7 +489,9 @@ def test_builtin_transformer_encoder_layers_are_traced_through() -> None:
 
     model, x = Net().eval(), torch.randn(3, 5, 8)
     groups = prunable_groups(model, x)
-    assert [(g.name, g.size) for g in groups] == [("enc.layers.0.linear1", 32), ("enc.layers.1.linear1", 32)]
+    assert [(g.name, g.size) for g in groups] == [
+        ("emb", 16), ("enc.layers.0.self_attn", 2), ("enc.layers.0.linear1", 32),
+        ("enc.layers.1.self_attn", 2), ("enc.layers.1.linear1", 32)]
     removed = {"enc.layers.0.linear1": [0, 5, 31], "enc.layers.1.linear1": [2]}
     # reference: the original with those hidden units zeroed where they enter linear2
     handles = []

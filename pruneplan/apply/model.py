@@ -15,6 +15,7 @@ from pruneplan.apply._slicing import check_fingerprint, keep_indices, kept_shape
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import needs_content, weights_digest
 from pruneplan.errors import OptimizerStateError, PlanMismatchError, quote
+from pruneplan.modules import PrunedMultiheadAttention, prune_ready
 from pruneplan.plan import PrunePlan
 
 __all__ = ["apply_plan"]
@@ -31,6 +32,7 @@ class _Staged:
     state: list[tuple[dict, str, torch.Tensor]] = field(default_factory=list)
     attrs: list[tuple[nn.Module, str, object]] = field(default_factory=list)
     config: list[tuple[object, str, int]] = field(default_factory=list)
+    swaps: list[nn.Module] = field(default_factory=list)  # become PrunedMultiheadAttention
     warnings: list[str] = field(default_factory=list)
 
 
@@ -95,6 +97,8 @@ def apply_plan(
             setattr(module, attr, value)
         for config, key, value in staged.config:
             setattr(config, key, value)
+        for module in staged.swaps:
+            prune_ready(module)
     for problem in staged.warnings:
         log.warning("model.config cannot express the pruned model, so save_pretrained will write "
                     "a config that from_pretrained cannot load: %s", problem)
@@ -157,11 +161,43 @@ def _stage(
                 f"model: dropout {mod_name!r} has rate {p!r}, the plan expects {before}"
             )
         staged.attrs.append((module, "p", after))
+    _stage_swaps(model, modules, plan, staged)
     _stage_derived(model, plan, sd, keeps, staged)
     _check_flat_state(optimizer, [p for p, _, _ in staged.params])
     _check_consistent(modules, {k.rpartition(".")[0] for k in keeps} | {m for m, _ in plan.edits()},
                       staged, plan)
     return staged
+
+
+_MHA_SIZES = ("num_heads", "embed_dim", "kdim", "vdim")
+
+
+def _stage_swaps(model: nn.Module, modules: dict[str, nn.Module], plan: PrunePlan,
+                 staged: _Staged) -> None:
+    """``nn.MultiheadAttention`` modules whose heads or widths the plan changes cannot run
+    torch's forward afterwards (it needs ``num_heads * head_dim == embed_dim``): they become
+    `PrunedMultiheadAttention` (same object and parameters), and an ``nn.TransformerEncoder``
+    holding one stops converting its input to nested tensors (its fused path reads the sizes
+    the same way)."""
+    names = sorted({m for m, a in plan.edits() if a in _MHA_SIZES})
+    for name in names:
+        module = modules.get(name)
+        if not isinstance(module, nn.MultiheadAttention) or isinstance(module, PrunedMultiheadAttention):
+            continue
+        if type(module) is not nn.MultiheadAttention:
+            raise PlanMismatchError(
+                f"model: module {quote(name)} ({type(module).__name__}) subclasses "
+                "nn.MultiheadAttention; only nn.MultiheadAttention itself can run with fewer heads "
+                "or a smaller width after pruning"
+            )
+        staged.swaps.append(module)
+    if not staged.swaps:
+        return
+    swapped = {id(m) for m in staged.swaps}
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) \
+                and any(id(x) in swapped for x in m.modules()):
+            staged.attrs.append((m, "use_nested_tensor", False))
 
 
 def _int_attribute(name: str, module: nn.Module, attr: str) -> tuple[int, bool]:

@@ -202,6 +202,7 @@ class Engine:
         self.heads: dict[int, int] = {}  # root -> attention heads per unit on a head axis
         #: (node, root) -> positions per unit where only some units reach (see `_partial`)
         self.partial: dict[tuple[int, int], np.ndarray] = {}
+        self._users: dict[int, list[int]] | None = None  # node -> nodes reading it (`used`)
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -523,6 +524,21 @@ class Engine:
         for r in roots_of(arr):
             per = int(np.count_nonzero((arr >> SHIFT == r) & (arr >= 0))) // self.roots[r].size
             self.heads[r] = max(self.heads.get(r, 1), per)
+
+    def used(self, idx: int, item: int | None) -> bool:
+        """Whether node ``idx``'s output (element ``item`` of it) is read by a later node."""
+        if self._users is None:
+            self._users = {}
+            for n in self.nodes:
+                for ref in iter_refs((n.args, n.kwargs)):
+                    self._users.setdefault(ref.node, []).append(n.idx)
+        for u in self._users.get(idx, ()):
+            n = self.nodes[u]
+            if item is None or n.target != "getitem" or n.kind != "op":
+                return True
+            if len(n.args) > 1 and n.args[1] == item and self._users.get(u):
+                return True
+        return False
 
     # ---- driver --------------------------------------------------------------------------
 

@@ -58,7 +58,12 @@ def as_inputs(example_inputs: Any) -> tuple:
 
 
 class frozen_mode:
-    """Context: eval mode and no grad, restoring every module's ``training`` flag on exit."""
+    """Context: eval mode and no grad, restoring every module's ``training`` flag on exit.
+
+    Torch's fused attention paths (``torch.backends.mha`` fast path of ``nn.MultiheadAttention``
+    and ``nn.TransformerEncoderLayer``, taken in eval mode without grad) are switched off inside,
+    so the layers a ``TransformerEncoderLayer`` is made of run and are seen one by one.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -69,9 +74,12 @@ class frozen_mode:
         self.model.eval()
         self._grad = torch.no_grad()
         self._grad.__enter__()
+        self._fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         return self.model
 
     def __exit__(self, *exc: object) -> None:
+        torch.backends.mha.set_fastpath_enabled(self._fast)
         self._grad.__exit__(*exc)
         for m, flag in self.flags:
             m.training = flag

@@ -18,7 +18,8 @@ graph and asks, for every call, the rule registered for the module type or funct
 ``recurrent``             LSTM / GRU / RNN: input width and hidden units
 ``pixel``                 pixel shuffle / unshuffle (one unit is ``r * r`` channels before it)
 ``hf``                    Hugging Face ``Conv1D`` (by class name: transformers is optional)
-``blocking``              MultiheadAttention, mm & co.: their roots are left out
+``mha``                   nn.MultiheadAttention: heads, and the widths it reads
+``blocking``              mm, einsum & co.: their roots are left out
 ========================  =====================================================================
 
 Users add their own with `register_module_rule` / `register_function_rule` (re-exported as
@@ -38,6 +39,7 @@ from pruneplan.graph.rules import (
     grouped,
     hf,
     linear_conv,
+    mha,
     norms,
     pixel,
     pooling,
@@ -97,6 +99,7 @@ __all__ = [
     "is_depthwise",
     "iter_refs",
     "linear_conv",
+    "mha",
     "module_rule",
     "norm_slices",
     "norms",

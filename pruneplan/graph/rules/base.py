@@ -294,6 +294,11 @@ class Call:
         other than the producers listed or this one read one of them already."""
         return self._engine.relabel([r.node for r in refs], labs, self.node.idx)
 
+    def used(self, item: int | None = None) -> bool:
+        """Whether a later call (or the model output) reads this call's output, or, with
+        ``item``, element ``item`` of its tuple output (reading the whole tuple counts)."""
+        return self._engine.used(self.node.idx, item)
+
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land
         on an output axis carrying the same coupled units (checked once everything is known)."""

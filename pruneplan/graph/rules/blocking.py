@@ -1,5 +1,5 @@
-"""Layers and operations that tie channels to something else (attention heads, time steps,
-matrix shapes): every root whose channels reach them is left out, with the reason.
+"""Layers and operations that tie channels to something else (time steps, matrix
+shapes): every root whose channels reach them is left out, with the reason.
 
 (``F.linear`` / ``F.convNd`` block too unless called with a layer's own weights: see
 `linear_conv.FunctionalLayerRule`.)"""
@@ -51,10 +51,3 @@ class BlockRule(FunctionRule):
 
 builtin(BLOCKING_TYPES, rule=BlockModuleRule())
 builtin(names=BLOCK_OPS, rule=BlockRule())
-
-#: Why ``nn.MultiheadAttention`` keeps its heads and the width it reads (see the README).
-MHA_WHY = ("nn.MultiheadAttention computes head_dim = embed_dim // num_heads from the width of "
-           "its input, so removing heads (packed in_proj_weight rows) or input channels would "
-           "change the head size of the heads that stay; write the attention with separate "
-           "q/k/v Linear layers and F.scaled_dot_product_attention to prune it")
-builtin([nn.MultiheadAttention], rule=BlockModuleRule(MHA_WHY))

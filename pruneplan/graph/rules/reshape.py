@@ -66,6 +66,7 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     lab = Lab(axes, g)
     if call.regrouped or call.is_heads(lab):
         return fixed_sizes(call, lab)
+    literal_width(call, lab)
     return lab
 
 
@@ -108,15 +109,37 @@ def fixed_sizes(call: Call, lab: Lab) -> Lab | None:
     return lab if attribute_size(call, lab, v) else None
 
 
+def literal_width(call: Call, lab: Lab) -> None:
+    """Channels landing on an output axis whose size the code wrote as a number taken from
+    its module (torchvision's ViT: ``x.reshape(n, self.hidden_dim, n_h * n_w)``): when exactly
+    one integer attribute of the module running the view holds that number under a width name,
+    the plan edits it with the units. Otherwise nothing is assumed (a number such as
+    ``16 * 5 * 5`` is not an attribute)."""
+    args = shape_args(call)
+    if args is None or len(lab.axes) != 1:
+        return
+    v = args[lab.axes[0]]
+    if not isinstance(v, int) or isinstance(v, bool) or v == -1:
+        return
+    names = _attributes(call, v)
+    if len(names) == 1:
+        call.edit(names[0], v, lab.arr, module=call.node.scope)
+
+
+def _attributes(call: Call, v: int) -> list[str]:
+    """Integer attributes of the module running the call equal to ``v`` with a width name."""
+    mod = call.scope_module
+    return [n for n, val in (vars(mod).items() if mod is not None else ())
+            if type(val) is int and val == v and not n.startswith("_")
+            and any(w in n.lower() for w in _HEAD_WORDS + _WIDTH_WORDS)
+            and not any(w in n.lower() for w in ("idx", "index", "layer"))]
+
+
 def attribute_size(call: Call, lab: Lab, v: int) -> bool:
     """The size ``v``, written as a number where labels ``lab`` (one axis) lie, is an attribute
     of the module running the call: edit it with the units (``False``: blocked, no such
     attribute or several)."""
-    mod = call.scope_module
-    names = [n for n, val in (vars(mod).items() if mod is not None else ())
-             if type(val) is int and val == v and not n.startswith("_")
-             and any(w in n.lower() for w in _HEAD_WORDS + _WIDTH_WORDS)
-             and not any(w in n.lower() for w in ("idx", "index", "layer"))]
+    names = _attributes(call, v)
     preferred = [n for n in names if any(w in n.lower() for w in _HEAD_WORDS)]
     pick = preferred or names
     if len(pick) != 1:
