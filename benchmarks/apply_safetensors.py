@@ -11,7 +11,9 @@ first and the last loses rows and columns:
 For each plan prints, as ratios measured in the same run (commands run alternately, apply of
 each plan then the copy, --repeat rounds, medians):
   * time(pruneplan apply) / time(safetensors load_file + save_file of the same file)   target <= 1.0
-    (wall time, and CPU time user+sys, which the other load of a shared machine disturbs less)
+    (wall time, and CPU time user+sys, which the other load of a shared machine disturbs less;
+    apply's time includes the fsync of its output before the rename, the copy does not fsync;
+    every command starts after an untimed ``sync``)
   * peak RSS of the apply process / (output size + largest tensor)          target <= 1.3 + interpreter
     (also with the peak RSS of an interpreter that only imported what `apply` imports subtracted)
 Then the wall time of `pruneplan show` on a plan of a ResNet-50 (see plan_commands.py).
@@ -42,7 +44,12 @@ PATTERNS = ("strided", "random", "block")
 
 
 def run_measured(cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[float, float, int]:
-    """Run ``cmd``; return (wall seconds, CPU seconds user+sys, peak RSS bytes) of that child alone."""
+    """Run ``cmd``; return (wall seconds, CPU seconds user+sys, peak RSS bytes) of that child alone.
+
+    Dirty pages of the previous command are flushed first (``os.sync``, not timed): otherwise
+    the kernel throttles the next command's writes while it writes back the last one's output,
+    and the command that follows one which did not ``fsync`` (the plain copy) pays for it."""
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

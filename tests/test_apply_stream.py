@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,7 +20,7 @@ from torch import nn
 import pruneplan as pp
 from pruneplan.apply import _stream
 from pruneplan.apply._slicing import keep_indices
-from pruneplan.apply._stream import Buffers, kept_runs, preadv_exactly
+from pruneplan.apply._stream import Buffers, gather_axis, kept_runs, preadv_exactly, selector
 from pruneplan.apply.safetensors_io import DIGEST_KEY, prune_file, read_header
 from pruneplan.errors import WeightsFileError
 
@@ -143,10 +144,32 @@ def test_buffers_are_bounded_by_the_chunk_not_the_tensor(tmp_path: Path, monkeyp
     bufs = Buffers()
     prune_file(src, header, start, tmp_path / "out.safetensors", keep_indices(plan),
                {DIGEST_KEY: plan.digest()}, buffers=bufs)
-    assert [b.numel() for b in bufs._bufs] == [64 * 1024, 64 * 1024]
+    assert [b.size for b in bufs._bufs] == [64 * 1024, 64 * 1024]
     expected = pp.apply_to_state_dict(plan, dict(model.state_dict()))
     save_file(expected, str(tmp_path / "ref.safetensors"), metadata={DIGEST_KEY: plan.digest()})
     assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("keep", [[5], [2, 3, 4, 5], [0, 3, 6, 9], [1, 4], [0, 1, 3, 8, 9],
+                                  list(range(12)), [11], [0, 11]])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_gather_axis_equals_fancy_indexing(keep: list[int], axis: int) -> None:
+    # reference: numpy's own fancy indexing of the same positions
+    src = np.arange(12 * 12 * 12, dtype=np.int32).reshape(12, 12, 12)
+    dims = [12, 12, 12]
+    dims[axis] = len(keep)
+    out = np.full(dims, -1, dtype=np.int32)
+    gather_axis(src, axis, selector(keep), out)
+    np.testing.assert_array_equal(out, np.take(src, keep, axis=axis))
+
+
+def test_selector_takes_views_for_runs_and_even_steps() -> None:
+    assert selector([4, 5, 6]) == slice(4, 7, 1)
+    assert selector([0, 2, 4, 6]) == slice(0, 7, 2)
+    assert selector([7]) == slice(7, 8, 1)
+    # uneven: an index array
+    sel = selector([0, 1, 3])
+    assert isinstance(sel, np.ndarray) and sel.tolist() == [0, 1, 3]
 
 
 def test_kept_runs() -> None:
