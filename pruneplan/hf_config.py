@@ -216,13 +216,21 @@ def config_edits(
         elif any(b != a for b, a in widths.values()):
             hidden_after = None  # per layer or unsupported: recorded above
     if inter_key is not None:
-        uniform(inter_key, "MLP width", config.get(inter_key), measure(_INTERMEDIATE))
+        inter = measure(_INTERMEDIATE)
+        uniform(inter_key, "MLP width", config.get(inter_key), inter)
+        after_widths = {a for _, a in inter.values()}
+        if (config.get(inter_key) is None and hidden_after != hidden_before and len(after_widths) == 1
+                and not any(c.key == inter_key for c in changes)):
+            # a null MLP width is derived from the hidden size (GPT-2: n_inner = 4 * n_embd):
+            # with the hidden size pruned, the width the MLP keeps is written explicitly
+            changes.append(ConfigChange(key=inter_key, before=None, after=after_widths.pop()))
 
     heads_before = _int(config.get(heads_key)) if heads_key else None
     head_dim = _int(config.get(hd_key)) if hd_key else None
     if head_dim is None and hidden_before and heads_before and hidden_before % heads_before == 0:
         head_dim = hidden_before // heads_before
     heads_after = heads_before
+    q: dict[str, tuple[int, int]] = {}
     if heads_key is not None and head_dim:
         q = measure(_QUERY, head_dim)
         new = uniform(heads_key, "query heads", heads_before, q)
@@ -243,10 +251,18 @@ def config_edits(
                 if hidden_changed or derived != head_dim:
                     changes.append(ConfigChange(key=hd_key or "head_dim", before=None, after=head_dim))
             elif derived != head_dim:
+                pruned = sorted(layer for layer, (b, a) in q.items() if b != a)
+                where = (f"; layers {', '.join(pruned[:4])}{' ...' if len(pruned) > 4 else ''} "
+                         f"keep {q[pruned[0]][1]} of {q[pruned[0]][0]} heads") if pruned else ""
+                keep = hidden_before // heads_before * heads_after if heads_before else None
                 unsupported.append(
                     f"{heads_key}/{hidden_key}: the {model_type or 'model'} config has no head_dim "
                     f"and derives the head size as {hidden_key} / {heads_key} = {hidden_after} / "
-                    f"{heads_after}, but the pruned attention keeps heads of {head_dim}"
+                    f"{heads_after}, but the pruned attention keeps heads of {head_dim}{where}. "
+                    f"What works: prune only MLP and hidden channels for a checkpoint, or prune the "
+                    f"hidden size with the heads so that {hidden_key} / {heads_key} stays {head_dim} "
+                    f"({hidden_key} {keep} for {heads_after} heads), or use apply_plan on the live "
+                    "model (its modules keep their own sizes; save_pretrained cannot reload it)"
                 )
 
     if ((hidden_changed or heads_changed) and hidden_after and heads_after and hd_key != "d_kv"

@@ -360,7 +360,11 @@ def test_gpt2_heads_prune_the_live_model_but_its_config_cannot_say_so(tmp_path: 
     plan = build_plan(model, [(spec, [1]) for spec in specs])
     assert plan.config.problems() == [
         "n_head/n_embd: the gpt2 config has no head_dim and derives the head size as n_embd / n_head "
-        "= 64 / 3, but the pruned attention keeps heads of 16"]
+        "= 64 / 3, but the pruned attention keeps heads of 16; layers transformer.h.0.attn, "
+        "transformer.h.1.attn keep 3 of 4 heads. What works: prune only MLP and hidden channels for "
+        "a checkpoint, or prune the hidden size with the heads so that n_embd / n_head stays 16 "
+        "(n_embd 48 for 3 heads), or use apply_plan on the live model (its modules keep their own "
+        "sizes; save_pretrained cannot reload it)"]
     ref = zero_heads(zero_heads(model, "transformer.h.0.attn.c_proj.weight", [1], 16, axis=0),
                      "transformer.h.1.attn.c_proj.weight", [1], 16, axis=0)
     pp.apply_plan(model, plan)
