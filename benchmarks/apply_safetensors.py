@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 save_file(load_file(sys.argv[1]), sys.argv[2])
 """
 # what the apply command imports before it reads anything: its peak RSS is the interpreter's
-IDLE = "import pruneplan.cli, pruneplan, safetensors.torch; pruneplan.apply_to_safetensors"
+IDLE = "import pruneplan.cli, pruneplan; pruneplan.apply_to_safetensors"
 PATTERNS = ("strided", "random", "block")
 
 

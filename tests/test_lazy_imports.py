@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import pruneplan as pp
@@ -138,3 +140,70 @@ def test_subpackages_reachable_as_attributes_after_import_pruneplan() -> None:
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "TaylorAttributionMetric .safetensors.index.json Pruner\n"
+
+
+def _model_and_plan() -> tuple[nn.Module, pp.PrunePlan]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return model, pp.plan_pruning(model, {"0": [1, 2, 9]}, cascades={"0": ["2"]})
+
+
+def test_apply_and_validate_on_files_never_import_torch(tmp_path: Path) -> None:
+    # `apply` on a file moves bytes: the command must not pay torch's import (seconds); its
+    # output is byte for byte the output of the same applier run in this process (with torch)
+    model, plan = _model_and_plan()
+    plan_file = plan.save(tmp_path / "plan.json")
+    src = tmp_path / "model.safetensors"
+    save_file(dict(model.state_dict()), str(src))
+    # a sharded copy: the first layer in one shard, the second in another, and the index
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    state = dict(model.state_dict())
+    weight_map = {}
+    for i, prefix in enumerate(("0.", "2.")):
+        part = {k: v for k, v in state.items() if k.startswith(prefix)}
+        save_file(part, str(shards / f"model-{i + 1:05d}-of-00002.safetensors"))
+        weight_map.update({k: f"model-{i + 1:05d}-of-00002.safetensors" for k in part})
+    (shards / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    reference = pp.apply_to_safetensors(plan, src, tmp_path / "ref.safetensors")
+    pp.apply_to_sharded_safetensors(plan, shards, tmp_path / "ref_sharded")
+    cases = [
+        (["apply", str(plan_file), str(src), "-o", str(tmp_path / "out.safetensors")],
+         f"wrote {tmp_path / 'out.safetensors'}"),
+        (["apply", str(plan_file), str(shards), "-o", str(tmp_path / "out_sharded")], "wrote"),
+        (["validate", str(plan_file), str(src)], f"ok: 1 groups, digest {plan.digest()}; fits {src}"),
+        (["validate", str(plan_file), str(shards)], "ok: 1 groups"),
+    ]
+    for args, out in cases:
+        proc, names = imported(["-m", "pruneplan.cli", *args])
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert out in proc.stdout, (args, proc.stdout)
+        assert "safetensors" in names and "pruneplan" in names, args  # the detector saw them
+        assert "torch" not in names, args
+    assert (tmp_path / "out.safetensors").read_bytes() == Path(reference).read_bytes()
+    for f in sorted((tmp_path / "ref_sharded").iterdir()):
+        assert (tmp_path / "out_sharded" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_apply_to_a_checkpoint_folder_never_imports_torch(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    src = tmp_path / "ckpt"
+    model.save_pretrained(src)
+    x = torch.randint(0, 64, (1, 5))
+    mlp = [g for g in pp.prunable_groups(model, x) if ".mlp." in g.name]
+    plan = pp.plan_pruning(model, {g.name: [0, 3, 7] for g in mlp}, example_inputs=x)
+    plan_file = plan.save(tmp_path / "plan.json")
+    pp.apply_to_checkpoint(plan, src, tmp_path / "ref")
+    proc, names = imported(["-m", "pruneplan.cli", "apply", str(plan_file), str(src), "-o",
+                            str(tmp_path / "out")])
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" not in names and "transformers" not in names
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ref
+    for name in ref:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from pruneplan.errors import PlanMismatchError, quote
 from pruneplan.plan import PrunePlan, state_dict_digest
+
+if TYPE_CHECKING:  # the file appliers use this module without torch
+    import torch
 
 __all__ = ["KeepMap", "check_fingerprint", "keep_indices", "kept_shape", "slice_tensor"]
 
@@ -67,6 +69,8 @@ def kept_shape(shape: Sequence[int], keeps: Sequence[tuple[int, Sequence[int]]])
 
 def slice_tensor(t: torch.Tensor, keeps: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
     """A new contiguous tensor holding only the kept positions along each axis."""
+    import torch
+
     out = t
     for axis, keep in keeps:
         if len(keep) == out.shape[axis]:

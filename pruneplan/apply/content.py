@@ -17,12 +17,14 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pruneplan.errors import PlanError, PlanMismatchError, WeightsContentWarning, WeightsFileError
 from pruneplan.plan import PrunePlan
+
+if TYPE_CHECKING:  # torch is imported only to digest tensors, never for files
+    import torch
+    from torch import nn
 
 __all__ = ["CHECK_CONTENT", "check_content", "file_digest", "weights_digest"]
 
@@ -46,6 +48,8 @@ def _combine(lines: Iterable[tuple[str, bytes]]) -> str:
 
 
 def _tensor_chunks(t: torch.Tensor) -> Iterator[memoryview]:
+    import torch
+
     flat = t.detach().reshape(-1)
     step = max(1, CHUNK // max(flat.element_size(), 1))
     for i in range(0, flat.numel(), step):
@@ -70,14 +74,17 @@ def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor] | str | Path)
     """
     if isinstance(weights, str | Path):
         return file_digest(weights)
-    from pruneplan.apply.safetensors_io import _NAMES
+    from torch import nn
 
+    from pruneplan.apply.safetensors_io import safetensors_names
+
+    names = safetensors_names()
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     lines = []
     for name, t in state.items():
-        if t.dtype not in _NAMES:
+        if t.dtype not in names:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which has no safetensors name")
-        lines.append((name, _line(name, _NAMES[t.dtype], t.shape, _tensor_chunks(t))))
+        lines.append((name, _line(name, names[t.dtype], t.shape, _tensor_chunks(t))))
     return _combine(lines)
 
 

@@ -17,12 +17,11 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer, check_regular
@@ -30,9 +29,12 @@ from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, k
 from pruneplan.apply._stream import Buffers, TensorJob, stream_jobs, write_all
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import file_digest, needs_content
-from pruneplan.apply.model import apply_plan
 from pruneplan.errors import AlreadyPrunedError, OutputFileError, PlanMismatchError, WeightsFileError, quote
 from pruneplan.plan import PrunePlan
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "DIGEST_KEY",
@@ -51,26 +53,32 @@ log = logging.getLogger(__name__)
 
 DIGEST_KEY = "pruneplan.plan_digest"
 
-# safetensors dtype names, in the order of the format's Dtype enum (the writer sorts by it)
-_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-}
-_RANK = {name: i for i, name in enumerate(_DTYPES)}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+# safetensors dtype names, in the order of the format's Dtype enum (the writer sorts by it).
+# Files are read, sliced and written as bytes: this module imports torch only for the functions
+# that take or give torch tensors (`write_safetensors`, `load_pruned`), so `pruneplan apply` on
+# files never pays torch's import.
+_DTYPE_NAMES = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
+                "U32", "F32", "F64", "I64", "U64")
+_RANK = {name: i for i, name in enumerate(_DTYPE_NAMES)}
+# bytes per element of each dtype
+ITEMSIZE = dict(zip(_DTYPE_NAMES, (1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 8, 8, 8), strict=True))
+
+
+@cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype (imports torch)."""
+    import torch
+
+    return dict(zip(_DTYPE_NAMES, (
+        torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16,
+        torch.uint16, torch.float16, torch.bfloat16, torch.int32, torch.uint32, torch.float32,
+        torch.float64, torch.int64, torch.uint64), strict=True))
+
+
+@cache
+def safetensors_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype name (imports torch)."""
+    return {dtype: name for name, dtype in torch_dtypes().items()}
 
 
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -82,7 +90,9 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]
     path = Path(path)
     check_regular(path, "weights file", WeightsFileError)  # a FIFO would block, /dev/zero never end
     try:
-        with safe_open(str(path), framework="pt") as f:  # validates header and file size
+        # validates header and file size; the numpy framework spares the torch import (no
+        # tensor is read through it)
+        with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
     except FileNotFoundError:
         raise WeightsFileError(f"{path}: no such file") from None
@@ -93,14 +103,14 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]
         header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
     for key, entry in header.items():
-        if entry["dtype"] not in _DTYPES:
+        if entry["dtype"] not in _RANK:
             raise WeightsFileError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
     return header, metadata, 8 + n
 
 
 def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
     """Bytes of data of a tensor of safetensors dtype ``dtype`` (e.g. ``"F32"``) and ``shape``."""
-    return _DTYPES[dtype].itemsize * _numel(shape)
+    return ITEMSIZE[dtype] * _numel(shape)
 
 
 def check_weights(plan: PrunePlan, path: str | Path, *, check_digest: bool = True,
@@ -165,10 +175,14 @@ def write_safetensors(
         progress: show a tqdm bar over the bytes written.
     """
 
+    import torch
+
+    names = safetensors_names()
+
     def data(name: str) -> Iterable[memoryview]:
         t = produce(name)
         dtype, shape = entries[name]
-        if list(t.shape) != list(shape) or _NAMES[t.dtype] != dtype:
+        if list(t.shape) != list(shape) or names[t.dtype] != dtype:
             raise WeightsFileError(f"internal: tensor {name!r} does not match its header")
         return [memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())]
 
@@ -303,7 +317,7 @@ def prune_file(
     entries = {k: (e["dtype"], kept_shape(e["shape"], keeps.get(k, ()))) for k, e in header.items()}
     order, _, _ = _layout(entries, metadata)
     jobs = [
-        TensorJob(name, start + header[name]["data_offsets"][0], _DTYPES[header[name]["dtype"]].itemsize,
+        TensorJob(name, start + header[name]["data_offsets"][0], ITEMSIZE[header[name]["dtype"]],
                   tuple(int(d) for d in header[name]["shape"]),
                   tuple((axis, tuple(keep)) for axis, keep in keeps.get(name, ())))
         for name in order
@@ -363,6 +377,8 @@ def load_pruned(
             state = load_file(str(path))
     else:
         state = dict(weights)
+    from pruneplan.apply.model import apply_plan
+
     _check_pruned_state(model, plan, state, check_digest)
     apply_plan(model, plan, check_digest=check_digest, check_content="off")  # fresh weights
     # a file holds no module versions: give the tensors the model's own state-dict metadata, so
@@ -383,6 +399,8 @@ def _check_pruned_state(
 ) -> None:
     """Before `load_pruned` touches ``model``: the model is the one the plan was made for, and
     ``state`` holds exactly its tensors, each with its pruned shape (untouched ones included)."""
+    import torch
+
     current = {k: list(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     check_fingerprint(plan, current, "model", check_digest)
     expected = {**current, **plan.pruned_shapes()}

@@ -22,9 +22,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pruneplan._io import atomic_write_bytes, locked_temp_folder, read_regular_file
 from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape
@@ -39,6 +37,9 @@ from pruneplan.apply.safetensors_io import (
 )
 from pruneplan.errors import OutputFileError, WeightsFileError, quote
 from pruneplan.plan import PrunePlan
+
+if TYPE_CHECKING:  # only `load_sharded_state` gives tensors; the file appliers need no torch
+    import torch
 
 __all__ = [
     "INDEX_SUFFIX",
