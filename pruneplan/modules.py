@@ -8,17 +8,26 @@ hidden size is removed ``embed_dim`` is smaller than the inner width. Neither ru
 `apply_plan` turns such a module into a `PrunedMultiheadAttention` (the same object, its class
 changed: parameters, their names and the optimizer's references stay), whose ``forward`` does
 what torch's does with the inner width taken from ``num_heads * head_dim``.
+
+torchvision's Swin attention (``ShiftedWindowAttention`` and its V2) calls the fx-wrapped
+function ``shifted_window_attention``, which takes the head size and the output width from the
+input width (``C // num_heads``, ``C``); a pruned one becomes ``PrunedShiftedWindowAttention``
+(``...V2``), whose forward calls `pruned_shifted_window_attention`, which reads them from the
+weights. Those two classes subclass torchvision's and are made on first use (torchvision is
+optional), as attributes of this module (so pickling finds them).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PrunedMultiheadAttention"]
+__all__ = ["PrunedMultiheadAttention", "make_pruned", "prune_ready", "pruned_class",
+           "pruned_shifted_window_attention"]
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype, what: str) -> Tensor | None:
@@ -169,7 +178,148 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 
 
 def prune_ready(module: nn.Module) -> None:
-    """Turn an ``nn.MultiheadAttention`` into a `PrunedMultiheadAttention` in place (the
-    object, its parameters and their names stay)."""
-    module.__class__ = PrunedMultiheadAttention
-    module._qkv_same_embed_dim = False
+    """Turn ``module`` into its `pruned_class` in place (the object, its parameters and their
+    names stay); nothing for a module without one."""
+    cls = pruned_class(module)
+    if cls is not None:
+        make_pruned(module, cls)
+
+
+def make_pruned(module: nn.Module, cls: type) -> None:
+    """Give ``module`` the class ``cls`` (from `pruned_class`) in place."""
+    module.__class__ = cls
+    if cls is PrunedMultiheadAttention:
+        module._qkv_same_embed_dim = False
+
+
+def _regions(ph: int, pw: int, wh: int, ww: int, sh: int, sw: int, like: Tensor) -> Tensor:
+    """Region id of every position of a ``(ph, pw)`` map rolled by ``(-sh, -sw)``: tokens of a
+    window attend only to tokens of their own region. Rows ``[0, ph-wh)``, ``[ph-wh, ph-sh)``
+    and ``[ph-sh, ph)`` are regions 0, 1, 2 (one region when ``sh == 0``), columns alike."""
+    ids = like.new_zeros((ph, pw))
+    rows = [0, ph - wh, ph - sh, ph] if sh else [0, ph]
+    cols = [0, pw - ww, pw - sw, pw] if sw else [0, pw]
+    for i in range(len(rows) - 1):
+        for j in range(len(cols) - 1):
+            ids[rows[i]:rows[i + 1], cols[j]:cols[j + 1]] = i * 3 + j
+    return ids
+
+
+def pruned_shifted_window_attention(
+    input: Tensor,
+    qkv_weight: Tensor,
+    proj_weight: Tensor,
+    relative_position_bias: Tensor,
+    window_size: list[int],
+    num_heads: int,
+    shift_size: list[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    logit_scale: Tensor | None = None,
+    training: bool = True,
+) -> Tensor:
+    """Swin's (shifted) window attention, as torchvision's ``shifted_window_attention``, with
+    the widths read from the weights instead of the input: inner width ``I =
+    qkv_weight.shape[0] // 3``, ``head_dim = I // num_heads``, output width
+    ``proj_weight.shape[0]``.
+
+    Args:
+        input: ``(B, H, W, C)``; qkv_weight ``(3I, C)``; proj_weight ``(C_out, I)``;
+        relative_position_bias: ``(1, num_heads, T, T)`` with ``T`` tokens per window;
+        logit_scale: Swin V2's cosine attention scale ``(num_heads, 1, 1)`` (its key bias is
+            zeroed as in V2).
+
+    Returns:
+        ``(B, H, W, C_out)``.
+    """
+    b, h, w, _ = input.shape
+    wh, ww = window_size
+    inner = qkv_weight.shape[0] // 3
+    hd = inner // num_heads
+    x = F.pad(input, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+    ph, pw = x.shape[1], x.shape[2]
+    sh = 0 if wh >= ph else shift_size[0]
+    sw = 0 if ww >= pw else shift_size[1]
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    nh, nw, tokens = ph // wh, pw // ww, wh * ww
+    x = x.view(b, nh, wh, nw, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, tokens, -1)
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = torch.cat([qkv_bias[:inner], torch.zeros_like(qkv_bias[inner:2 * inner]),
+                              qkv_bias[2 * inner:]])
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(x.shape[0], tokens, 3, num_heads, hd)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * hd ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + relative_position_bias
+    if sh or sw:
+        ids = _regions(ph, pw, wh, ww, sh, sw, x)
+        ids = ids.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, tokens)
+        same = ids.unsqueeze(1) == ids.unsqueeze(2)
+        mask = torch.zeros_like(same, dtype=attn.dtype).masked_fill(~same, -100.0)
+        attn = attn.view(b, nh * nw, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = (attn @ v).transpose(1, 2).reshape(x.shape[0], tokens, inner)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    x = x.view(b, nh, nw, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
+    if sh or sw:
+        x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
+torch.fx.wrap("pruned_shifted_window_attention")
+
+_SWIN = "torchvision.models.swin_transformer"
+_SWIN_CLASSES = {"PrunedShiftedWindowAttention": "ShiftedWindowAttention",
+                 "PrunedShiftedWindowAttentionV2": "ShiftedWindowAttentionV2"}
+_built: dict[str, type] = {}
+
+
+def _swin_forward(self: Any, x: Tensor) -> Tensor:
+    """``(B, H, W, C) -> (B, H, W, C_out)`` with `pruned_shifted_window_attention`."""
+    return pruned_shifted_window_attention(
+        x, self.qkv.weight, self.proj.weight, self.get_relative_position_bias(), self.window_size,
+        self.num_heads, shift_size=self.shift_size, attention_dropout=self.attention_dropout,
+        dropout=self.dropout, qkv_bias=self.qkv.bias, proj_bias=self.proj.bias,
+        logit_scale=getattr(self, "logit_scale", None), training=self.training)
+
+
+def _swin_class(name: str) -> type:
+    cls = _built.get(name)
+    if cls is None:
+        import importlib
+
+        base = getattr(importlib.import_module(_SWIN), _SWIN_CLASSES[name])
+        cls = type(name, (base,), {
+            "forward": _swin_forward, "__module__": __name__,
+            "__doc__": f"torchvision's ``{base.__name__}`` with its heads or widths pruned: "
+                       "its forward calls `pruned_shifted_window_attention`."})
+        _built[name] = cls
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    if name in _SWIN_CLASSES:
+        return _swin_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def pruned_class(module: nn.Module) -> type | None:
+    """The class `apply_plan` gives ``module`` once its heads or widths are pruned (``None``:
+    it keeps its own; the class itself when it is one already)."""
+    t = type(module)
+    if t in (nn.MultiheadAttention, PrunedMultiheadAttention):
+        return PrunedMultiheadAttention
+    if t in _built.values():
+        return t
+    if t.__module__ == _SWIN:
+        for pruned, base in _SWIN_CLASSES.items():
+            if t.__qualname__ == base:
+                return _swin_class(pruned)
+    return None

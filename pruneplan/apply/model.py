@@ -15,7 +15,7 @@ from pruneplan.apply._slicing import check_fingerprint, keep_indices, kept_shape
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import needs_content, weights_digest
 from pruneplan.errors import OptimizerStateError, PlanMismatchError, quote
-from pruneplan.modules import PrunedMultiheadAttention, prune_ready
+from pruneplan.modules import PrunedMultiheadAttention, make_pruned, pruned_class
 from pruneplan.plan import PrunePlan
 
 __all__ = ["apply_plan"]
@@ -32,7 +32,7 @@ class _Staged:
     state: list[tuple[dict, str, torch.Tensor]] = field(default_factory=list)
     attrs: list[tuple[nn.Module, str, object]] = field(default_factory=list)
     config: list[tuple[object, str, int]] = field(default_factory=list)
-    swaps: list[nn.Module] = field(default_factory=list)  # become PrunedMultiheadAttention
+    swaps: list[tuple[nn.Module, type]] = field(default_factory=list)  # (module, new class)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -97,8 +97,8 @@ def apply_plan(
             setattr(module, attr, value)
         for config, key, value in staged.config:
             setattr(config, key, value)
-        for module in staged.swaps:
-            prune_ready(module)
+        for module, cls in staged.swaps:
+            make_pruned(module, cls)
     for problem in staged.warnings:
         log.warning("model.config cannot express the pruned model, so save_pretrained will write "
                     "a config that from_pretrained cannot load: %s", problem)
@@ -169,31 +169,32 @@ def _stage(
     return staged
 
 
-_MHA_SIZES = ("num_heads", "embed_dim", "kdim", "vdim")
-
-
 def _stage_swaps(model: nn.Module, modules: dict[str, nn.Module], plan: PrunePlan,
                  staged: _Staged) -> None:
-    """``nn.MultiheadAttention`` modules whose heads or widths the plan changes cannot run
-    torch's forward afterwards (it needs ``num_heads * head_dim == embed_dim``): they become
-    `PrunedMultiheadAttention` (same object and parameters), and an ``nn.TransformerEncoder``
-    holding one stops converting its input to nested tensors (its fused path reads the sizes
-    the same way)."""
-    names = sorted({m for m, a in plan.edits() if a in _MHA_SIZES})
-    for name in names:
+    """Attention modules whose own forward cannot run once their heads or widths are pruned
+    (``nn.MultiheadAttention`` needs ``num_heads * head_dim == embed_dim``; torchvision's Swin
+    attention takes the head size from the input width) become the class
+    `pruneplan.modules.pruned_class` names (same object and parameters), when the plan edits
+    them or their child layers; an ``nn.TransformerEncoder`` holding a pruned
+    ``nn.MultiheadAttention`` stops converting its input to nested tensors (its fused path
+    reads the sizes the same way)."""
+    edited = {m for m, _ in plan.edits()}
+    for name in sorted(edited | {n.rpartition(".")[0] for n in edited}):
         module = modules.get(name)
-        if not isinstance(module, nn.MultiheadAttention) or isinstance(module, PrunedMultiheadAttention):
+        if module is None:
             continue
-        if type(module) is not nn.MultiheadAttention:
+        cls = pruned_class(module)
+        if cls is None and isinstance(module, nn.MultiheadAttention):
             raise PlanMismatchError(
                 f"model: module {quote(name)} ({type(module).__name__}) subclasses "
                 "nn.MultiheadAttention; only nn.MultiheadAttention itself can run with fewer heads "
                 "or a smaller width after pruning"
             )
-        staged.swaps.append(module)
-    if not staged.swaps:
+        if cls is not None and type(module) is not cls:
+            staged.swaps.append((module, cls))
+    swapped = {id(m) for m, cls in staged.swaps if cls is PrunedMultiheadAttention}
+    if not swapped:
         return
-    swapped = {id(m) for m in staged.swaps}
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) \
                 and any(id(x) in swapped for x in m.modules()):

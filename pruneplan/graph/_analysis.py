@@ -636,9 +636,13 @@ class Engine:
     # ---- roots ---------------------------------------------------------------------------
 
     def new_units(self, node: Node,
-                  spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> np.ndarray | None:
-        """Register the called module as a root; its labels, for a rule to place (or ``None``)."""
-        r = self._register(node.target, node.module, spec)
+                  spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]],
+                  name: str | None = None, module: nn.Module | None = None) -> np.ndarray | None:
+        """Register the called module (or ``module`` at ``name``) as a root; its labels, for a
+        rule to place (or ``None``)."""
+        if name is None:
+            name, module = node.target, node.module
+        r = self._register(name, module, spec)
         if r is None or self.uf.is_blocked(r):
             return None
         return self.roots[r].labels

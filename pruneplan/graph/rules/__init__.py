@@ -19,6 +19,7 @@ graph and asks, for every call, the rule registered for the module type or funct
 ``pixel``                 pixel shuffle / unshuffle (one unit is ``r * r`` channels before it)
 ``hf``                    Hugging Face ``Conv1D`` (by class name: transformers is optional)
 ``mha``                   nn.MultiheadAttention: heads, and the widths it reads
+``torchvision_ops``       torchvision's Swin window attention functions: heads and widths
 ``blocking``              mm, einsum & co.: their roots are left out
 ========================  =====================================================================
 
@@ -46,6 +47,7 @@ from pruneplan.graph.rules import (
     recurrent,
     reduce,
     reshape,
+    torchvision_ops,
 )
 from pruneplan.graph.rules.activations import ElementwiseRule
 from pruneplan.graph.rules.base import (
@@ -112,4 +114,5 @@ __all__ = [
     "reshape",
     "root_slices",
     "tensorish",
+    "torchvision_ops",
 ]

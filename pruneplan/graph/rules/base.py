@@ -277,11 +277,13 @@ class Call:
         except AttributeError:
             return None
 
-    def units(self, spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]]) -> np.ndarray | None:
-        """Make the called module a root (as `root`) whose output is no single batched tensor
-        (a recurrent layer's tuple): returns the fresh 1-D labels of its units for the rule to
-        place on its outputs, or ``None`` when it is not a root."""
-        return self._engine.new_units(self.node, spec)
+    def units(self, spec: Callable[[], tuple[int, list[SliceSpec], list[EditSpec]]],
+              name: str | None = None, module: nn.Module | None = None) -> np.ndarray | None:
+        """Make the called module (or ``module`` at path ``name``: the module whose weights a
+        function was called with) a root (as `root`) whose units are no single axis of the
+        call's output (a recurrent layer's tuple, attention heads): returns the fresh 1-D labels
+        of its units for the rule to place, or ``None`` when it is not a root."""
+        return self._engine.new_units(self.node, spec, name, module)
 
     def producer(self, ref: Any) -> Node | None:
         """The node that produced a graph value (``None`` for a non-`Ref`)."""
