@@ -195,7 +195,11 @@ class Engine:
         self.uf = _State()
         self.effects: list[list[tuple[int, Any]]] = []
         self.errors: list[tuple[str, list[int]]] = []
-        self.widths: list[tuple[Node, tuple[int, ...], tuple[int, ...]]] = []
+        self.widths: list[tuple[Node, Dim, Lab | None]] = []
+        #: widths divided by a literal (``C // num_heads``) sizing an axis with no labels:
+        #: checked on the assembled groups (see `_derived`)
+        self.derived: list[tuple[Node, Dim]] = []
+        self.later: list[Callable[[], None]] = []  # checks run by `finish` (see `Call.later`)
         self.refused: dict[str, str] = {}  # module path -> why it cannot be a root
         self.holders: dict[int, set[int]] = {}  # root -> nodes whose info holds its labels
         self.regroups: list[tuple[frozenset[int], np.ndarray]] = []  # (roots, old -> new unit)
@@ -238,9 +242,8 @@ class Engine:
             return Lab(v.axes, arr)
         if isinstance(v, list):
             return [self._filter(x) for x in v]
-        if isinstance(v, Dim):
-            rs = tuple(r for r in v.roots if not self.uf.is_blocked(r))
-            return Dim(rs) if rs else None
+        if isinstance(v, Dim):  # kept whole: a blocked width still sizes what it sizes
+            return v
         if isinstance(v, Sizes):
             lab = self._filter(v.lab)
             return Sizes(lab, v.ndim) if lab is not None else None
@@ -722,22 +725,64 @@ class Engine:
         if len(args) == 1 and isinstance(args[0], tuple | list):
             args = args[0]
         for i, a in enumerate(args):
-            dim = self.read(a)
+            dim = self.info[a.node] if isinstance(a, Ref) else None
             if isinstance(dim, Dim):
-                on_axis = tuple(out.roots) if isinstance(out, Lab) and i in out.axes else ()
-                self.widths.append((node, dim.roots, on_axis))
+                lab = out if isinstance(out, Lab) and i in out.axes else None
+                self.widths.append((node, dim, lab))
 
     def finish(self) -> None:
         """A width used as a fixed size must land on an axis carrying the same coupled units
         (checked once all couplings are known: an SE gate is coupled after its reshape).
+
+        Where it lands on an axis of other units, as many positions as long (the hidden width
+        ``C`` of a block sizing its attention output, ``reshape(B, N, C)``), the two are tied
+        position by position: each keeps exactly as many positions as the other, so the size
+        read at run time stays right (heads of ``head_dim`` positions are then tied to
+        ``head_dim`` channels of the hidden width each). A width divided by a literal sizing an
+        axis with no units (``C // num_heads``) is checked on the groups (`_derived`).
         Parameters held under several state-dict keys are coupled first (`couple_tied`)."""
         self.couple_tied()
-        for node, dim_roots, on_axis in self.widths:
-            want = {self.uf.find(r) for r in dim_roots}
-            have = {self.uf.find(r) for r in on_axis}
-            if want != have:
-                self.block(list(dim_roots) + list(on_axis),
-                           f"their width is used as a fixed size at {node.where()}")
+        for check in self.later:
+            check()
+        for node, dim, lab in self.widths:
+            want = {self.uf.find(r) for r in dim.roots}
+            have = {self.uf.find(r) for r in lab.roots} if lab is not None else set()
+            if want == have:
+                continue
+            if dim.div == 1 and dim.arr is not None and lab is not None and lab.arr.ndim == 1 \
+                    and len(lab.arr) == len(dim.arr) and (lab.arr >= 0).all() \
+                    and (dim.arr >= 0).all():
+                self.couple(self.refresh(dim.arr, dim.since), lab.arr, node)
+                continue
+            if dim.div > 1 and dim.arr is not None and lab is None:
+                self.derived.append((node, dim))
+                continue
+            self.block(list(dim.roots) + (list(lab.roots) if lab is not None else []),
+                       f"their width is used as a fixed size at {node.where()}")
+
+    def _derived(self, groups: list[Group]) -> dict[int, str]:
+        """Groups (by index) that would change a width divided by a literal ``k`` sizing an
+        axis with no units (``C // num_heads`` as head_dim), with the reason. The quotient
+        stays only when the width's group also edits the module's attribute holding ``k``
+        (``num_heads``) by ``k / size`` per unit: both then shrink in proportion."""
+        bad: dict[int, str] = {}
+        owner = {r: gi for gi, g in enumerate(groups) for r in g.roots}
+        for node, dim in self.derived:
+            names = {self.roots[r].name for r in dim.roots}
+            hit = {owner[n] for n in names if n in owner}
+            k = dim.div
+            editing = {gi for gi, g in enumerate(groups) for e in g.edits
+                       if e.module == node.scope and e.before == k}
+            why = (f"their width divided by {k} is used as a fixed size at {node.where()}, "
+                   "which would not follow pruned units")
+            for gi in hit:
+                g = groups[gi]
+                if not any(e.module == node.scope and e.before == k and e.per_unit * g.size == k
+                           for e in g.edits):
+                    bad[gi] = why
+            for gi in editing - hit:
+                bad[gi] = why
+        return bad
 
     def couple_tied(self) -> None:
         """One parameter held under several state-dict keys (tied embeddings: T5's ``shared``,
@@ -819,6 +864,16 @@ class Engine:
                     more = f" and {len(others) - 3} more" if len(others) > 3 else ""
                     why = f"{reason} (coupled with {shown}{more})"
                 left.append((r, LeftOut(self.roots[r].name, why)))
+        if self.derived:
+            bad = self._derived(out)
+            for gi in sorted(bad, reverse=True):
+                g = out.pop(gi)
+                for n in g.roots:
+                    others = [o for o in g.roots if o != n]
+                    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+                    shown = ", ".join(repr(o) for o in others[:3])
+                    why = f"{bad[gi]} (coupled with {shown}{more})" if others else bad[gi]
+                    left.append((self.by_name[n], LeftOut(n, why)))
         out.left_out = [lo for _, lo in sorted(left, key=lambda t: t[0])]
         out.left_out += [LeftOut(n, why) for n, why in self.refused.items()
                          if n not in self.by_name]

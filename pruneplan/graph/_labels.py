@@ -7,7 +7,7 @@ the graph and reads them at every layer that owns a tensor slice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -48,9 +48,17 @@ class PView:
 
 @dataclass(frozen=True)
 class Dim:
-    """A Python int (fx graphs only) that is the width of labelled channels of ``roots``."""
+    """A Python int (fx graphs only) that is the width of labelled channels of ``roots``.
+
+    ``arr`` holds the labels along that axis (1-D, ``None`` when they lay on several axes),
+    as they were after ``since`` regroups of units; ``div`` is a literal the width was divided
+    by (``C // num_heads``: 1 for the width itself).
+    """
 
     roots: tuple[int, ...]
+    arr: np.ndarray | None = field(default=None, compare=False, repr=False)
+    since: int = field(default=0, compare=False)
+    div: int = 1
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,15 @@ class ElementwiseRule(FunctionRule):
 
     def propagate(self, call: Call) -> Any:
         if call.name in ARITH and not tensorish(call.out):
-            dims = [i for i in (call.read(r) for r in iter_refs(call.node.args)) if isinstance(i, Dim)]
-            if dims:
-                return Dim(tuple(sorted({r for d in dims for r in d.roots})))
+            dims = [d for d in (call.dim(r) for r in iter_refs(call.node.args)) if d is not None]
+            if not dims:
+                return None
+            args = call.node.args
+            if call.name == "floordiv" and len(args) == 2 and call.dim(args[0]) is not None \
+                    and type(args[1]) is int and args[1] > 0:
+                d = dims[0]  # a width divided by a literal (C // num_heads): kept exact
+                return Dim(d.roots, d.arr, d.since, d.div * args[1])
+            return Dim(tuple(sorted({r for d in dims for r in d.roots})))
         return super().propagate(call)
 
     def params(self, call: Call) -> PView | None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from pruneplan.errors import PlanningError
 from pruneplan.graph._ir import Node, Ref, mark_leaf, mark_leaf_name, op_name, qualified_name
-from pruneplan.graph._labels import Lab, PView, roots_of
+from pruneplan.graph._labels import Dim, Lab, PView, roots_of
 from pruneplan.graph._streams import Stream
 from pruneplan.graph.spec import DropoutSpec, EditSpec, SliceSpec
 
@@ -141,6 +141,19 @@ class Call:
     def meta(self, ref: Any) -> Any:
         """Shape of a graph value (``None`` for a non-`Ref`)."""
         return self._engine.meta(ref)
+
+    def dim(self, ref: Any) -> Dim | None:
+        """The `Dim` a graph value holds, blocked roots included (a width read off channels
+        stays a constraint on the axes it sizes even when its own roots are left out)."""
+        v = self._engine.info[ref.node] if isinstance(ref, Ref) else None
+        return v if isinstance(v, Dim) else None
+
+    def width(self, lab: Lab, axis: int) -> Dim | None:
+        """The width of ``axis`` of a tensor labelled ``lab``, read as a Python int (fx)."""
+        if axis not in lab.axes:
+            return None
+        arr = lab.arr if lab.axes == (axis,) else None
+        return Dim(tuple(lab.roots), arr, len(self._engine.regroups))
 
     def labelled_in(self, infos: Iterable[Any]) -> list[int]:
         """Sorted roots labelled in the given infos."""
@@ -266,8 +279,11 @@ class Call:
         self._engine.mark_heads(arr)
 
     def is_heads(self, lab: Lab) -> bool:
-        """Whether a root of ``lab`` has units that attention made heads."""
-        return any(r in self._engine.heads for r in lab.roots)
+        """Whether a root of ``lab`` has units that attention made heads (or is coupled to
+        one that has: a per-head bias, a talking-heads projection)."""
+        eng = self._engine
+        heads = {eng.uf.find(h) for h in eng.heads}
+        return any(eng.uf.find(r) in heads for r in lab.roots)
 
     @property
     def scope_module(self) -> nn.Module | None:
@@ -300,6 +316,11 @@ class Call:
         """Whether a later call (or the model output) reads this call's output, or, with
         ``item``, element ``item`` of its tuple output (reading the whole tuple counts)."""
         return self._engine.used(self.node.idx, item)
+
+    def later(self, check: Callable[[], None]) -> None:
+        """Run ``check`` once every call has been seen (before the widths are checked): for
+        what depends on facts found further on (units that attention makes heads)."""
+        self._engine.later.append(check)
 
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land

@@ -18,8 +18,7 @@ BLOCKING_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Tra
 BLOCK_OPS = ("mm", "einsum", "baddbmm", "addmm", "addbmm",
              "bilinear", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d", "multi_head_attention_forward",
-             "outer", "cross", "kron", "cosine_similarity",
-             "normalize")
+             "outer", "cross", "kron", "cosine_similarity")
 
 
 def _reason(call: Call, why: str | None) -> str:

@@ -1,6 +1,6 @@
-"""Reductions and softmax: a reduction over all the labelled axes ends the labels (its value is
-taken over the channels that remain); over other axes the labels follow; softmax over the
-channels blocks (removing one changes every other)."""
+"""Reductions, softmax and Lp-normalisation: a reduction over all the labelled axes ends the
+labels (its value is taken over the channels that remain); over other axes the labels follow;
+softmax or normalisation over the channels blocks (removing one changes every other)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs
 
-__all__ = ["ReduceRule", "SoftmaxModuleRule", "SoftmaxRule", "reduce"]
+__all__ = ["NormalizeRule", "ReduceRule", "SoftmaxModuleRule", "SoftmaxRule", "reduce"]
 
 REDUCE = ("mean", "sum", "nansum", "nanmean", "amax", "amin", "max", "min", "std", "var",
           "norm", "logsumexp", "prod", "argmax", "argmin", "all", "any", "median", "count_nonzero")
@@ -60,6 +60,22 @@ class SoftmaxRule(FunctionRule):
         return x
 
 
+class NormalizeRule(FunctionRule):
+    """``F.normalize(x, p, dim)`` (Lp-normalisation along ``dim``, 1 by default): over another
+    axis than the labelled ones the labels follow (cosine attention normalises q and k over
+    head_dim or over the tokens, per head); over them it blocks."""
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        dim = call.arg(2, "dim", 1)
+        if not isinstance(dim, int) or dim % len(call.xmeta) in x.axes:
+            call.block(x, f"{call.where} normalises over them")
+            return None
+        return x
+
+
 class SoftmaxModuleRule(ModuleRule):
     """``nn.Softmax`` / ``LogSoftmax`` / ``Softmin`` (torch's implicit dim when ``dim=None``)."""
 
@@ -76,4 +92,5 @@ class SoftmaxModuleRule(ModuleRule):
 
 builtin(names=REDUCE, rule=ReduceRule())
 builtin(names=("softmax", "log_softmax", "softmin"), rule=SoftmaxRule())
+builtin(names=("normalize",), rule=NormalizeRule())
 builtin([nn.Softmax, nn.LogSoftmax, nn.Softmin], rule=SoftmaxModuleRule())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pruneplan.graph._ir import Ref
-from pruneplan.graph._labels import Dim, Lab, PView, Sizes, canon, reshape_groups
+from pruneplan.graph._labels import Lab, PView, Sizes, canon, reshape_groups
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, tensorish
 
 __all__ = ["ExpandRule", "FlipRule", "GetitemRule", "PermuteRule", "ReshapeRule", "relabel"]
@@ -67,6 +67,18 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     if call.regrouped or call.is_heads(lab):
         return fixed_sizes(call, lab)
     literal_width(call, lab)
+
+    def later() -> None:
+        # units that are coupled to heads further on (a per-head bias made by an MLP, a
+        # talking-heads projection): a head count written as a number here must be an
+        # attribute of the module (``self.num_heads``, edited) or come from the sizes of a
+        # tensor at run time (which the recorded number cannot tell: it is left alone); a
+        # tuple attribute holding the shape cannot be edited
+        fresh = Lab(lab.axes, call.fresh(lab.arr))
+        if call.is_heads(fresh):
+            _head_count(call, fresh)
+
+    call.later(later)
     return lab
 
 
@@ -133,6 +145,37 @@ def _attributes(call: Call, v: int) -> list[str]:
             if type(val) is int and val == v and not n.startswith("_")
             and any(w in n.lower() for w in _HEAD_WORDS + _WIDTH_WORDS)
             and not any(w in n.lower() for w in ("idx", "index", "layer"))]
+
+
+def _head_count(call: Call, lab: Lab) -> None:
+    """A head count written as a number where units coupled to heads lie, in a view of a
+    per-head tensor (a relative position bias made by an MLP, often in a method of a
+    submodule called by the attention, ``self.rel_pos.get_bias()``): every ``*heads*`` int
+    attribute holding it in the module running the view or below is edited with the heads; a
+    tuple attribute holding the whole shape (``view(self.bias_shape)``) cannot be edited and
+    blocks them. A number no such attribute holds is taken as computed from tensor sizes."""
+    args = shape_args(call)
+    mod = call.scope_module
+    if args is None or len(lab.axes) != 1 or mod is None:
+        return
+    v = args[lab.axes[0]]
+    if not isinstance(v, int) or isinstance(v, bool) or v == -1:
+        return
+    scope = call.node.scope
+    mods = [(".".join(p for p in (scope, n) if p), m) for n, m in mod.named_modules()]
+    held = [(p, n) for p, m in mods for n, val in vars(m).items()
+            if isinstance(val, tuple | list) and list(val) == list(args)]
+    if held:
+        p, n = held[0]
+        call.block(lab, f"{call.where} takes the size {v} of their axis from the tuple "
+                   f"{n!r} of module {p!r}, which a plan cannot edit")
+        return
+    done = _attributes(call, v)  # `literal_width` edited the one of the module itself
+    for p, m in mods:
+        for n, val in vars(m).items():
+            if type(val) is int and val == v and "heads" in n.lower() and not n.startswith("_") \
+                    and not (p == scope and done == [n]):
+                call.edit(n, v, lab.arr, module=p)
 
 
 def attribute_size(call: Call, lab: Lab, v: int) -> bool:
@@ -292,8 +335,7 @@ class GetitemRule(FunctionRule):
         node = call.node
         x, idx = call.x, node.args[1]
         if isinstance(x, Sizes) and isinstance(idx, int):
-            d = idx % x.ndim
-            return Dim(tuple(x.lab.roots)) if d in x.lab.axes else None
+            return call.width(x.lab, idx % x.ndim)
         if not tensorish(call.out):
             return None
         if isinstance(call.xmeta, list):
@@ -324,8 +366,7 @@ class GetitemRule(FunctionRule):
         # a graph value inside an index is an int computed at run time unless it is a tensor
         if any((isinstance(it, Ref) and tensorish(call.meta(it))) or isinstance(it, list)
                for it in items):
-            call.error("indexes them with tensors", x)
-            return None
+            return _gathered(call, x, items)
         nd = len(xmeta)
         if Ellipsis in items:
             k = items.index(Ellipsis)
@@ -353,6 +394,26 @@ class GetitemRule(FunctionRule):
             i += 1
             o += 1
         return Lab(tuple(where[a] for a in x.axes), x.arr)
+
+
+def _gathered(call: Call, x: Lab, items: list[Any]) -> Lab | None:
+    """``x[..., index, ...]`` with one integer tensor among whole slices, on an axis the labels
+    are not on (a relative position bias of one column per head gathered per pair of positions,
+    ``bias[index]``): the labelled axes stay, moved by the index's extra dims. Anything else
+    (several tensors, a boolean mask, the labelled axis indexed) is an error."""
+    xmeta, out = call.xmeta, call.out
+    tensors = [k for k, it in enumerate(items) if isinstance(it, Ref) and tensorish(call.meta(it))]
+    plain = all(k in tensors or it == slice(None) for k, it in enumerate(items))
+    if len(tensors) != 1 or not plain or not isinstance(out, torch.Size):
+        call.error("indexes them with tensors", x)
+        return None
+    p = tensors[0]
+    imeta = call.meta(items[p])
+    expected = (*xmeta[:p], *imeta, *xmeta[p + 1:])
+    if p in x.axes or tuple(out) != expected:
+        call.error("indexes them with tensors", x)
+        return None
+    return Lab(tuple(a if a < p else a - 1 + len(imeta) for a in x.axes), x.arr)
 
 
 def _sliced_dims(x: PView, idx: Any, xmeta: Any, out: Any) -> PView | None:
@@ -397,7 +458,7 @@ class SizeRule(FunctionRule):
             dim = call.arg(1, "dim")
             if dim is None:
                 return Sizes(x, nd)
-            return Dim(tuple(x.roots)) if dim % nd in x.axes else None
+            return call.width(x, dim % nd)
         if call.name == "getattr":
             return call.unsupported()
         return super().propagate(call)

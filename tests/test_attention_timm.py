@@ -1,0 +1,302 @@
+"""Attention written the ways timm writes it, as minimal torch modules (not real models).
+
+Each construct is a small block stack; the expected groups are derived by hand and the pruned
+model is compared with an independent reference: the same class built by hand at the pruned
+sizes, its weights copied from the kept rows and columns of the original (a LayerNorm spans the
+hidden channels, so zeroing is no reference there).
+
+Hidden width sizing the attention output. timm's attention modules often read the block's
+width off their input (``B, N, C = x.shape``) and use it to size the attention output
+(``reshape(B, N, C)``) or the head width (``C // self.num_heads``). Neither heads nor the hidden
+width can then change alone; the hidden channels are tied position by position to the
+attention channels (dim = heads * head_dim here): one unit is head ``u`` of every block with
+hidden channels ``u * D .. u * D + D - 1``, so ``C`` and ``num_heads`` shrink together.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pruneplan
+from pruneplan.graph.discover import prunable_groups
+
+DIM, HEADS = 32, 4
+D = DIM // HEADS  # head_dim: 8
+
+
+class HiddenSizedAttention(nn.Module):
+    """Fused qkv; ``C`` read off the input sizes the heads (``C // num_heads``, ``cait``) or
+    the output (``reshape(B, N, C)``: ``vision_transformer_relpos``, ``beit``, ``davit``)."""
+
+    def __init__(self, dim: int, heads: int, style: str) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.style = style
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        hd = C // self.num_heads if self.style == "divided" else -1
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Stack(nn.Module):
+    """An input projection, ``depth`` pre-norm attention blocks, an output head."""
+
+    def __init__(self, block: type[nn.Module], dim: int = DIM, heads: int = HEADS, depth: int = 2,
+                 **kw) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.attns = nn.ModuleList(block(dim, heads, **kw) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for norm, attn in zip(self.norms, self.attns, strict=True):
+            x = x + attn(norm(x))
+        return self.head(x)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+
+
+def _keep(n: int, gone: list[int], per: int) -> torch.Tensor:
+    """Indices kept out of ``n`` positions when units ``gone`` of ``per`` positions each go."""
+    out = set(range(n)) - {u * per + i for u in gone for i in range(per)}
+    return torch.tensor(sorted(out))
+
+
+def _reference_hidden_sized(model: Stack, gone: list[int], block: type[nn.Module],
+                            **kw) -> Stack:
+    """The stack built by hand with ``HEADS - len(gone)`` heads and ``D`` fewer hidden
+    channels per head gone, weights copied from the original's kept rows and columns (and the
+    kept heads' entries of a per-head ``temperature``)."""
+    h = HEADS - len(gone)
+    ref = Stack(block, dim=h * D, heads=h, **kw).eval()
+    c = _keep(DIM, gone, D)  # hidden channel u*D+i goes with head u (attention channel u*D+i)
+    heads = _keep(HEADS, gone, 1)
+    qkv_rows = torch.cat([c + part * DIM for part in range(3)])
+    with torch.no_grad():
+        ref.embed.weight.copy_(model.embed.weight[c])
+        ref.embed.bias.copy_(model.embed.bias[c])
+        ref.head.weight.copy_(model.head.weight[:, c])
+        ref.head.bias.copy_(model.head.bias)
+        for i in range(2):
+            ref.norms[i].weight.copy_(model.norms[i].weight[c])
+            ref.norms[i].bias.copy_(model.norms[i].bias[c])
+            a, b = ref.attns[i], model.attns[i]
+            a.qkv.weight.copy_(b.qkv.weight[qkv_rows][:, c])
+            a.qkv.bias.copy_(b.qkv.bias[qkv_rows])
+            a.proj.weight.copy_(b.proj.weight[c][:, c])
+            a.proj.bias.copy_(b.proj.bias[c])
+            if hasattr(b, "temperature"):
+                a.temperature.copy_(b.temperature[heads])
+    return ref
+
+
+@pytest.mark.parametrize("style", ["divided", "inferred"])
+def test_hidden_width_sizing_the_attention_ties_heads_to_hidden_channels(style: str) -> None:
+    torch.manual_seed(0)
+    model = Stack(HiddenSizedAttention, style=style).eval()
+    x = _tokens()
+    groups = prunable_groups(model, x)
+    # one group: the residual stream and every block's heads, one unit per head
+    assert [(g.kind, g.size) for g in groups] == [("heads", HEADS)]
+    g = groups[0]
+    assert g.roots == ("embed", "attns.0.qkv", "attns.0.proj", "attns.1.qkv", "attns.1.proj")
+    edits = {(e.module, e.attribute): (e.before, e.per_unit) for e in g.edits}
+    assert edits[("attns.0", "num_heads")] == (HEADS, 1)
+    assert edits[("attns.1", "num_heads")] == (HEADS, 1)
+    assert edits[("embed", "out_features")] == (DIM, D)
+    assert edits[("attns.1.qkv", "out_features")] == (3 * DIM, 3 * D)
+    assert [lo.name for lo in groups.left_out] == ["head"]
+
+    gone = [1]
+    reference = _reference_hidden_sized(model, gone, HiddenSizedAttention, style=style)
+    plan = pruneplan.plan_pruning(model, {"embed": gone}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[0].num_heads == 3
+    assert model.attns[1].qkv.weight.shape == (3 * 24, 24)
+    assert model.embed.weight.shape == (24, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+class CrossCovariance(nn.Module):
+    """XCiT's cross-covariance attention: inside each head the attention runs over the head's
+    channels (q and k L2-normalised over the tokens, scaled by a per-head ``temperature``),
+    so q, k, v are ``(B, heads, head_dim, N)``; ``C // num_heads`` sizes the heads."""
+
+    def __init__(self, dim: int, heads: int, fused: bool = True) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.fused = fused
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        if self.fused:
+            q = F.normalize(q, dim=-1) * self.temperature
+            k = F.normalize(k, dim=-1)
+            x = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            x = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1) @ v
+        return self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cross_covariance_attention_prunes_heads_with_their_temperature(fused: bool) -> None:
+    torch.manual_seed(0)
+    model = Stack(CrossCovariance, fused=fused).eval()
+    x = _tokens()
+    groups = prunable_groups(model, x)
+    assert [(g.kind, g.size) for g in groups] == [("heads", HEADS)]
+    slices = {(s.tensor, s.axis): (s.offset, s.repeat) for s in groups[0].slices}
+    assert slices[("attns.0.temperature", 0)] == (0, 1)  # one entry per head
+    assert slices[("attns.1.temperature", 0)] == (0, 1)
+    gone = [0, 3]
+    reference = _reference_hidden_sized(model, gone, CrossCovariance, fused=fused)
+    plan = pruneplan.plan_pruning(model, {"embed": gone}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[1].temperature.shape == (2, 1, 1)
+    assert model.attns[1].num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+class DividedOnly(nn.Module):
+    """``C // num_heads`` sizes the heads; the output is flattened with ``-1`` (no ``C``)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_width_divided_by_the_head_count_blocks_what_would_change_it() -> None:
+    # C // num_heads is head_dim: pruning heads alone (num_heads falls, C stays) or hidden
+    # alone (C falls, num_heads stays) would change it, and nothing ties them here
+    torch.manual_seed(0)
+    model = Stack(DividedOnly).eval()
+    groups = prunable_groups(model, _tokens())
+    assert groups == []
+    why = {lo.name: lo.reason for lo in groups.left_out}
+    assert why["attns.0.qkv"].startswith(
+        "their width divided by 4 is used as a fixed size at operation 'reshape' in module "
+        "'attns.0', which would not follow pruned units")
+    assert why["embed"].startswith("their width divided by 4 is used as a fixed size")
+
+
+class RelBias(nn.Module):
+    """A per-head relative position bias made by a small MLP (one output per head) and gathered
+    per pair of tokens with an index tensor (timm's ``RelPosMlp``, Swin V2's ``cpb_mlp``); the
+    attention calls its method ``get_bias`` (not ``forward``), as timm does."""
+
+    def __init__(self, heads: int, tokens: int, shape_attr: bool) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.shape_attr = shape_attr
+        self.bias_shape = (tokens, tokens, heads)
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, heads))
+        pos = torch.arange(tokens)
+        rel = pos[:, None] - pos[None, :] + tokens - 1  # (tokens, tokens) in 0 .. 2T-2
+        self.register_buffer("coords", torch.stack([torch.arange(2 * tokens - 1.0),
+                                                    torch.ones(2 * tokens - 1)], 1))
+        self.register_buffer("index", rel.reshape(-1))
+        self.tokens = tokens
+
+    def get_bias(self) -> torch.Tensor:
+        table = self.mlp(self.coords).view(-1, self.num_heads)  # (2T-1, heads)
+        bias = table[self.index]  # (T*T, heads)
+        t = self.tokens
+        bias = bias.view(self.bias_shape) if self.shape_attr else bias.view(t, t, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
+
+
+class GatheredBias(nn.Module):
+    """Fused qkv sized by attributes, with a `RelBias` as the attention mask."""
+
+    def __init__(self, dim: int, heads: int, shape_attr: bool = False, tokens: int = 5) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.head_dim = dim // heads
+        self.attn_dim = dim
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel = RelBias(heads, tokens, shape_attr)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel.get_bias())
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_per_head_bias_gathered_with_an_index_tensor_goes_with_its_head() -> None:
+    torch.manual_seed(0)
+    model = Stack(GatheredBias).eval()
+    x = _tokens()
+    groups = {g.name: g for g in prunable_groups(model, x)}
+    g = groups["attns.0.qkv"]
+    assert (g.kind, g.size) == ("heads", HEADS)
+    assert g.roots == ("attns.0.qkv", "attns.0.rel.mlp.2")
+    slices = {(s.tensor, s.axis): (s.offset, s.repeat) for s in g.slices}
+    # unit h: row h of the bias MLP's last layer, D rows of each of q, k, v, D proj columns
+    assert slices[("attns.0.rel.mlp.2.weight", 0)] == (0, 1)
+    assert slices[("attns.0.rel.mlp.2.bias", 0)] == (0, 1)
+    assert slices[("attns.0.proj.weight", 1)] == (0, D)
+    edits = {(e.module, e.attribute): (e.before, e.per_unit) for e in g.edits}
+    assert edits[("attns.0", "num_heads")] == (HEADS, 1)
+    assert edits[("attns.0", "attn_dim")] == (DIM, D)
+    assert edits[("attns.0.rel", "num_heads")] == (HEADS, 1)  # read in get_bias
+    assert edits[("attns.0.rel.mlp.2", "out_features")] == (HEADS, 1)
+
+    # removing head 2 of block 0 equals zeroing its proj columns (the head reaches the rest of
+    # the network only there; its bias row acts on that head alone)
+    reference = Stack(GatheredBias).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[0].proj.weight[:, 2 * D:3 * D] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.0.qkv": [2]}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[0].rel.mlp[2].weight.shape == (3, 16)
+    assert (model.attns[0].num_heads, model.attns[0].attn_dim) == (3, 24)
+    assert model.attns[0].rel.num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_head_bias_shaped_by_a_tuple_attribute_blocks_the_heads() -> None:
+    # view(self.bias_shape): the head count sits in a tuple a plan cannot edit
+    torch.manual_seed(0)
+    model = Stack(GatheredBias, shape_attr=True).eval()
+    groups = prunable_groups(model, _tokens())
+    assert "attns.0.qkv" not in {g.name for g in groups}
+    why = {lo.name: lo.reason for lo in groups.left_out}
+    assert why["attns.0.rel.mlp.2"].startswith(
+        "operation 'view' in module 'attns.0' takes the size 4 of their axis from the tuple "
+        "'bias_shape' of module 'attns.0.rel', which a plan cannot edit")
+    assert "attns.0.qkv" in why
