@@ -173,8 +173,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
     ("nfnet", "nf_regnet_b0", (2, 3, 32, 32), {}, XFail(
         "limit: 12.3% fewer parameters (< 20%); e.g. combined with a tensor no prunable layer owns at operation 'mul' in module 'stages.0.0.attn'")),
     ("pit", "pit_ti_224", (2, 3, 64, 64), {'img_size': 64}, None),
-    ("pvt_v2", "pvt_v2_b0", (2, 3, 64, 64), {}, XFail(
-        "limit: 13.7% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'stages.0.blocks.0.attn'")),
+    ("pvt_v2", "pvt_v2_b0", (2, 3, 64, 64), {}, None),
     ("rdnet", "rdnet_tiny", (2, 3, 64, 64), {}, None),
     ("regnet", "regnety_002", (2, 3, 32, 32), {}, None),
     ("repghost", "repghostnet_050", (2, 3, 32, 32), {}, None),
@@ -215,8 +214,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
         "self.bias_shape, a tuple holding the head count that a plan cannot edit, so the heads "
         "and the hidden width (tied to them by reshape(B, N, C)) are left out")),
     ("vitamin", "vitamin_small_224", (1, 3, 224, 224), {}, None),
-    ("volo", "volo_d1_224", (2, 3, 64, 64), {'img_size': 64}, XFail(
-        "limit: 17.3% fewer parameters (< 20%); e.g. their width is used as a fixed size at operation 'reshape' in module 'network.0.0.attn'")),
+    ("volo", "volo_d1_224", (2, 3, 64, 64), {'img_size': 64}, None),
     ("vovnet", "ese_vovnet19b_slim_dw", (2, 3, 32, 32), {}, None),
     ("xception", "legacy_xception", (1, 3, 96, 96), {}, None),
     ("xception_aligned", "xception41", (2, 3, 64, 64), {}, None),
