@@ -46,11 +46,13 @@ from pruneplan.errors import ConfigError, PlanMismatchError
 from pruneplan.plan import ConfigChange, ConfigEdits, PrunePlan
 
 __all__ = [
+    "HEADS_KEYS",
     "HIDDEN_KEYS",
     "INTERMEDIATE_KEYS",
     "apply_config_edits",
     "config_edits",
     "config_role",
+    "hidden_fits",
     "layer_widths",
 ]
 
@@ -105,6 +107,29 @@ def _key(config: Mapping[str, Any], names: Sequence[str]) -> str | None:
 
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def hidden_fits(config: Mapping[str, Any], hidden: int, heads: int) -> bool:
+    """Whether ``config`` can describe a hidden size ``hidden`` with ``heads`` query heads of
+    the model's head size (the checks of `config_edits`):
+
+    * T5-style (``d_kv``): always;
+    * no ``head_dim`` and no ``num_key_value_heads`` (BERT, GPT-2, ViT, DistilBERT: the head
+      size is derived as hidden / heads): only ``hidden == heads * head size``;
+    * otherwise (Llama validates ``hidden_size % num_attention_heads == 0``): a multiple of
+      ``heads``.
+    """
+    hd_key = _key(config, HEAD_DIM_KEYS)
+    if hd_key == "d_kv" or heads < 1:
+        return True
+    if (hd_key is None or _int(config.get(hd_key)) is None) and _key(config, KV_KEYS) is None:
+        hidden_key, heads_key = _key(config, HIDDEN_KEYS), _key(config, HEADS_KEYS)
+        h0 = _int(config.get(hidden_key)) if hidden_key else None
+        n0 = _int(config.get(heads_key)) if heads_key else None
+        if not h0 or not n0 or h0 % n0:
+            return True  # not a config this check understands
+        return hidden == heads * (h0 // n0)
+    return hidden % heads == 0
 
 
 def layer_widths(

@@ -549,9 +549,11 @@ def plan_from_metric(
     `pruneplan.hf_config.config_role` of the root's weight) lose the same number of units in
     every layer (the smallest count selected for any of them), a group with ``blocks > 1`` (the
     query heads of grouped-query attention) loses the same number in every block, and the hidden
-    group keeps a multiple of ``num_attention_heads`` channels, so that the pruned model stays
-    expressible; ``same_count=None`` leaves per-layer counts free, explicit sets of group names
-    equalise those sets.
+    group keeps a size the config can hold with the heads that remain (a multiple of them, or
+    exactly heads * head size where the config derives the head size as hidden / heads: BERT,
+    GPT-2, ViT, DistilBERT; logged, with a warning when that is not the nearest count above the
+    selection), so that the pruned model stays expressible; ``same_count=None`` leaves per-layer
+    counts free, explicit sets of group names equalise those sets.
 
     ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
     ``n_steps > 1`` the model is pruned in steps, a copy is re-scored after each step and the
@@ -934,13 +936,20 @@ def _hidden_multiple_of_heads(
     model: nn.Module, groups: Sequence[GroupSpec], scores: Mapping[str, Any],
     removed: dict[str, list[int]],
 ) -> dict[str, list[int]]:
-    """For a Hugging Face model, keep a multiple of ``num_attention_heads`` hidden channels.
+    """For a Hugging Face model, keep a hidden size the config can hold with the heads that
+    remain (`pruneplan.hf_config.hidden_fits`): a multiple of the remaining query heads (Llama
+    validates it), or exactly heads * head size where the config derives the head size as
+    hidden / heads (BERT, GPT-2, ViT, DistilBERT).
 
-    transformers validates ``hidden_size % num_attention_heads == 0`` when a config is loaded;
-    the hidden group (roots whose weight is an embedding, `config_role` ``"hidden"``) gets back
-    its highest-scored removed units until its kept count is a multiple of the head count.
+    The remaining heads are the config's count less what the head groups (config role
+    ``"heads"``) lose; when they lose different counts per layer nothing is changed (the config
+    refuses such a plan anyway). The hidden group (roots whose weight is an embedding, role
+    ``"hidden"``) keeps the nearest valid count at or above the selected one, getting back its
+    highest-scored removed units; with none above (a derived head size and heads pruned more
+    than the hidden size), the nearest below, losing its lowest-scored kept units, with a
+    warning. No valid count: left as selected, with a warning (the plan's config part says why).
     """
-    from pruneplan.hf_config import HEADS_KEYS, config_role
+    from pruneplan.hf_config import HEADS_KEYS, config_role, hidden_fits
     from pruneplan.select import aggregate_scores
 
     config = getattr(model, "config", None)
@@ -948,19 +957,45 @@ def _hidden_multiple_of_heads(
         return removed
     values = config.to_dict()
     heads = next((values[k] for k in HEADS_KEYS if isinstance(values.get(k), int)), None)
-    if not heads or heads < 2:
+    if not heads:
         return removed
+    lost = set()
+    for g in groups:
+        if getattr(g, "kind", "channels") in ("heads", "query_groups") and g.roots \
+                and config_role(f"{g.roots[0]}.weight") == "heads" and heads % g.size == 0:
+            lost.add(len(removed.get(g.name, ())) * (heads // g.size))
+    if len(lost) > 1:
+        return removed
+    remaining = heads - (lost.pop() if lost else 0)
     table = aggregate_scores(scores, groups)
     out = dict(removed)
     for g in groups:
         if g.name not in out or not any(config_role(f"{r}.weight") == "hidden" for r in g.roots):
             continue
-        kept = g.size - len(out[g.name])
-        extra = -kept % heads
-        if extra:
-            rem = out[g.name]
-            back = set(sorted(rem, key=lambda u: (-table[g.name][u], u))[:extra])
+        rem = out[g.name]
+        kept = g.size - len(rem)
+        fits = [k for k in range(1, g.size + 1) if hidden_fits(values, k, remaining)]
+        if not fits:
+            log.warning("group %r: no hidden size up to %d fits %d heads in the config; kept as "
+                        "selected (%d)", g.name, g.size, remaining, kept)
+            continue
+        up = [k for k in fits if k >= kept]
+        want = up[0] if up else fits[-1]
+        if want == kept:
+            continue
+        order = table[g.name]
+        if want > kept:
+            back = set(sorted(rem, key=lambda u: (-order[u], u))[:want - kept])
             out[g.name] = [u for u in rem if u not in back]
-            log.info("group %r keeps %d hidden channels, a multiple of %d heads", g.name,
-                     kept + extra, heads)
+        else:
+            gone = set(rem)
+            more = sorted((u for u in range(g.size) if u not in gone), key=lambda u: (order[u], u))
+            out[g.name] = sorted(gone | set(more[:kept - want]))
+        if len(fits) > 1:
+            log.info("group %r keeps %d hidden channels (selected: %d) so that the config can hold "
+                     "them with %d heads", g.name, want, kept, remaining)
+        else:
+            log.warning("group %r keeps %d hidden channels instead of the %d selected: the config "
+                        "derives the head size from hidden / heads, and %d heads remain", g.name,
+                        want, kept, remaining)
     return {k: v for k, v in out.items() if v}
