@@ -8,6 +8,13 @@ where the bytes are the tensor's data, little-endian, row-major (what a safetens
 Each tensor is hashed in chunks of at most 16 MiB, so a model or a file of any size is digested
 in bounded extra memory, and a model, its state dict, its safetensors file and its sharded
 checkpoint give the same digest.
+
+A tensor held under several keys of a model or state dict (tied weights: an ``lm_head`` that is
+the embedding, T5's ``shared`` / ``encoder.embed_tokens`` / ``decoder.embed_tokens``: the same
+memory, dtype, shape and strides) has one line, under its first key in state-dict order. That is
+what ``save_pretrained`` stores (the first key; the others are re-tied on loading), so a
+checkpoint folder and the model it was saved from give the same digest. Equal content under
+different keys that are not the same memory (two LayerNorm weights of ones) keeps every line.
 """
 
 from __future__ import annotations
@@ -81,11 +88,29 @@ def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor] | str | Path)
     names = safetensors_names()
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     lines = []
+    seen: set[tuple] = set()
     for name, t in state.items():
+        alias = _memory(t)
+        if alias is not None:
+            if alias in seen:  # tied: the same tensor under an earlier key
+                continue
+            seen.add(alias)
         if t.dtype not in names:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which has no safetensors name")
         lines.append((name, _line(name, names[t.dtype], t.shape, _tensor_chunks(t))))
     return _combine(lines)
+
+
+def _memory(t: torch.Tensor) -> tuple | None:
+    """What makes two state-dict entries the same tensor (``None``: empty, or no storage)."""
+    if t.numel() == 0:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # meta or other storage-less tensors
+        return None
+    return (t.device.type, t.device.index, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype)
 
 
 def file_digest(path: str | Path) -> str:
