@@ -8,12 +8,17 @@ original model); where it is not possible, the roots are left out with the exact
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from test_zoo import _zeroing_hooks
 from torch import nn
 
 import pruneplan as pp
+from pruneplan.graph._ir import Ref
 from pruneplan.graph.spec import LeftOut
+from pruneplan.planner import build_plan
 
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
 
@@ -47,3 +52,84 @@ def test_unbind_of_their_axis_leaves_the_root_out(tracer: str) -> None:
                 "tensor per position, so the number of parts would change with the units"),
         LeftOut("head", OUTPUT),
     ]
+
+
+# ---- a width read off a tensor used as a size (convit, crossvit, nest, twins: recorded) -------
+
+
+class HeadsFromWidth(nn.Module):
+    """``B, N, C = h.shape; q(h).reshape(B, N, heads, C // heads) ... .reshape(B, N, C)``: the
+    head width comes from the *input* width ``C`` (timm's convit, crossvit, nest, twins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.embed = nn.Linear(4, 8)
+        self.q = nn.Linear(8, 8)
+        self.fc1 = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        B, N, C = h.shape
+        q = self.q(h).reshape(B, N, self.num_heads, C // self.num_heads).softmax(-1)
+        return self.head(self.fc2(torch.relu(self.fc1(h))) + self.proj(q.reshape(B, N, C)))
+
+
+FIXED = "their width is used as a fixed size at operation 'reshape' in module '<top level>'"
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_a_width_read_off_a_tensor_is_followed_by_both_tracers(tracer: str, tmp_path) -> None:
+    # C is embed's width: q's 8 outputs are viewed as 2 heads of C // 2, so embed (C) cannot
+    # shrink unless q does the same, and q's heads cannot go while C stays 8 (the last
+    # reshape): both are left out. The recording tracer once saw C as the number 8 and offered
+    # both, with plans that broke the forward pass. fc1 (consumed by fc2) and fc2 + proj
+    # (summed) are unaffected.
+    model, x = HeadsFromWidth().eval(), torch.randn(2, 5, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size, g.roots) for g in groups] == [("fc1", 6, ("fc1",)),
+                                                            ("fc2", 8, ("fc2", "proj"))]
+    assert groups.left_out == [LeftOut("embed", FIXED), LeftOut("q", FIXED),
+                               LeftOut("head", OUTPUT)]
+    # what is offered prunes to the zeroed original
+    removed = {"fc1": [1, 4], "fc2": [0, 3, 7]}
+    plan = build_plan(model, [(g, removed[g.name]) for g in groups])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    handles = _zeroing_hooks(model, plan)
+    with torch.no_grad():
+        want = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_sizes_are_graph_values_and_plain_ints_after_the_pass() -> None:
+    from pruneplan.graph._record import SizeInt, trace_record
+
+    seen: list = []
+
+    class Keep(HeadsFromWidth):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(self.embed(x).shape[-1])
+            return super().forward(x)
+
+    graph = trace_record(Keep().eval(), (torch.randn(2, 5, 4),))
+    # C // num_heads: a floordiv node (num_heads stays the number 2) on item 2 of a size node
+    # of embed's second call (h.shape); the reshape refers to it, not to the number 4
+    embed = [n.idx for n in graph.nodes if n.target == "embed"][1]
+    reshape = next(n for n in graph.nodes if n.target == "reshape")
+    assert reshape.args[3] == 2 and isinstance(reshape.args[4], Ref)
+    div = graph.nodes[reshape.args[4].node]
+    item = graph.nodes[div.args[0].node]
+    size = graph.nodes[item.args[0].node]
+    assert (div.target, div.args[1], item.target, item.args[1]) == ("floordiv", 2, "getitem", 2)
+    assert (size.target, size.args) == ("size", (Ref(embed),))
+    # the size kept by the model is still 8, and arithmetic on it after the pass records nothing
+    assert isinstance(seen[0], SizeInt) and seen[0] == 8
+    n = len(graph.nodes)
+    assert seen[0] // 2 == 4 and type(seen[0] // 2) is int and len(graph.nodes) == n
+    assert type(copy.deepcopy(seen[0])) is int

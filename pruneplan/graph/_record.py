@@ -3,11 +3,18 @@
 A `TorchFunctionMode` sees every torch function and tensor method called outside leaf modules;
 forward hooks record each leaf module call as a single node. Python control flow is simply
 executed, so whatever path the example inputs take is the graph.
+
+Sizes read off a recorded tensor (``x.shape``, ``x.size()``, ``x.size(d)``) are recorded too, as
+fx records them: they come back as `SizeInt` (an ``int`` that remembers its node), and
+arithmetic on them (``C // self.num_heads``) adds a node per operation, so that a reshape
+given ``C`` refers to the width it was read from instead of a bare number. A number written in
+the code (``self.dim``) stays a plain int.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -17,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from pruneplan.graph._ir import Graph, Node, Recorded, Ref, copy_args, is_leaf, meta_of, op_name
 from pruneplan.graph.rules.base import function_rule, module_rule
 
-__all__ = ["trace_record"]
+__all__ = ["SizeInt", "trace_record"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,8 @@ class _Builder:
         self.scopes: list[str] = [""]
         self.in_leaf = 0
         self.active = True
+        self.recording = True  # False once the pass is over: sizes kept after it stay ints
+        self.sized = True  # record sizes read off tensors
 
     def add(self, kind: str, target: str, args: tuple = (), kwargs: dict | None = None,
             meta: Any = None, module: nn.Module | None = None, scope: str | None = None) -> Node:
@@ -42,7 +51,10 @@ class _Builder:
         self.values[id(t)] = (t, node.idx)
 
     def ref(self, a: Any) -> Any:
-        """Replace tensors in ``a`` by references, creating param/const nodes on first sight."""
+        """Replace tensors (and recorded sizes) in ``a`` by references, creating param/const
+        nodes on first sight."""
+        if isinstance(a, SizeInt):
+            return Ref(a.node) if a.builder is self else int(a)
         if isinstance(a, torch.Tensor):
             hit = self.values.get(id(a))
             if hit is not None and hit[0] is a:
@@ -72,6 +84,66 @@ class _Builder:
                     self.bind(v, item)
 
 
+    def sizes(self, func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+        """``x.shape`` / ``x.size()`` / ``x.size(d)`` of a recorded tensor: a size node (and a
+        getitem node per dim), the values returned as `SizeInt` bound to them."""
+        x = args[0] if args else None
+        hit = self.values.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if hit is None or hit[0] is not x:
+            return out
+        rest = (*args[1:], *kwargs.values())
+        if isinstance(out, int) and len(rest) == 1 and isinstance(rest[0], int):
+            node = self.add("op", "size", (Ref(hit[1]), int(rest[0])))
+            return SizeInt(out, self, node.idx)
+        if not isinstance(out, torch.Size) or rest:
+            return out
+        node = self.add("op", "size", (Ref(hit[1]),))
+        return torch.Size(SizeInt(v, self, self.add("op", "getitem", (Ref(node.idx), i)).idx)
+                          for i, v in enumerate(out))
+
+
+class SizeInt(int):
+    """An int read off a recorded tensor's shape (or computed from one): ``node`` is where it
+    was produced in the graph ``builder`` records. Used as any int; arithmetic with ints gives
+    `SizeInt` again (recorded as an operation) while the recording runs."""
+
+    builder: _Builder
+    node: int
+
+    def __new__(cls, value: int, builder: _Builder, node: int) -> SizeInt:
+        out = super().__new__(cls, value)
+        out.builder = builder
+        out.node = node
+        return out
+
+    def __reduce__(self) -> Any:  # a copy (deepcopy, pickle) is the plain number
+        return (int, (int(self),))
+
+
+def _arith(name: str, fn: Any, swap: bool = False) -> Any:
+    def op(self: SizeInt, *other: Any) -> Any:
+        args = (other[0], self) if swap else (self, *other)
+        out = fn(*(int(a) if isinstance(a, SizeInt) else a for a in args))
+        b = self.builder
+        if (not isinstance(out, int) or isinstance(out, bool) or not b.recording or not b.active
+                or b.in_leaf or not all(type(a) in (int, SizeInt) for a in args)):
+            return out
+        node = b.add("op", name, tuple(b.ref(a) for a in args))
+        return SizeInt(out, b, node.idx)
+
+    return op
+
+
+for _name, _fn in (("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                   ("floordiv", operator.floordiv), ("mod", operator.mod)):
+    setattr(SizeInt, f"__{_name}__", _arith(_name, _fn))
+    setattr(SizeInt, f"__r{_name}__", _arith(_name, _fn, swap=True))
+SizeInt.__neg__ = _arith("neg", operator.neg)
+SizeInt.__pos__ = _arith("pos", operator.pos)
+
+_SIZE_FUNCS = ("shape", "size")
+
+
 def _has_tensor(v: Any) -> bool:
     if isinstance(v, torch.Tensor):
         return True
@@ -89,6 +161,13 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         b = self.b
+        if b.active and not b.in_leaf and b.sized and isinstance(out, int | torch.Size) \
+                and op_name(func) in _SIZE_FUNCS:
+            b.active = False
+            try:
+                return b.sizes(func, args, kwargs, out)
+            finally:
+                b.active = True
         if b.active and not b.in_leaf and _has_tensor(out):
             b.active = False
             try:
@@ -103,9 +182,24 @@ class _Mode(TorchFunctionMode):
         return out
 
 
-def trace_record(model: nn.Module, inputs: tuple) -> Graph:
-    """Run ``model(*inputs)`` once, recording every operation (caller sets eval/no_grad)."""
+def trace_record(model: nn.Module, inputs: tuple, sizes: bool = True) -> Graph:
+    """Run ``model(*inputs)`` once, recording every operation (caller sets eval/no_grad).
+
+    With ``sizes``, sizes read off tensors are recorded (see the module doc); should the model
+    fail with them (code that insists on an exact ``int``), it runs again without, sizes then
+    being bare numbers (logged)."""
+    if sizes:
+        try:
+            return _trace(model, inputs, True)
+        except Exception as exc:  # any failure: record again the plain way
+            log.info("recording with tracked sizes failed (%s: %s); recording sizes as numbers",
+                     type(exc).__name__, exc)
+    return _trace(model, inputs, False)
+
+
+def _trace(model: nn.Module, inputs: tuple, sizes: bool) -> Graph:
     b = _Builder(model)
+    b.sized = sizes
     handles = []
 
     def pre(name: str, leaf: bool):
@@ -159,6 +253,7 @@ def trace_record(model: nn.Module, inputs: tuple) -> Graph:
         b.active = False
         b.add("output", "output", (b.ref(out),))
     finally:
+        b.recording = False
         for h in handles:
             h.remove()
     log.debug("recorded graph: %d nodes", len(b.nodes))
