@@ -78,26 +78,28 @@ class HeadsFromWidth(nn.Module):
         return self.head(self.fc2(torch.relu(self.fc1(h))) + self.proj(q.reshape(B, N, C)))
 
 
-FIXED = "their width is used as a fixed size at operation 'reshape' in module '<top level>'"
-
-
 @pytest.mark.parametrize("tracer", ["fx", "record"])
-def test_a_width_read_off_a_tensor_is_followed_by_both_tracers(tracer: str, tmp_path) -> None:
-    # C is embed's width: q's 8 outputs are viewed as 2 heads of C // 2, so embed (C) cannot
-    # shrink unless q does the same, and q's heads cannot go while C stays 8 (the last
-    # reshape): both are left out. The recording tracer once saw C as the number 8 and offered
-    # both, with plans that broke the forward pass. fc1 (consumed by fc2) and fc2 + proj
-    # (summed) are unaffected.
+def test_a_width_read_off_a_tensor_is_followed_by_both_tracers(tracer: str) -> None:
+    # C is embed's width: q's 8 outputs are viewed as 2 heads of C // 2, and the heads are
+    # put back as C channels, so a unit is one head of q with C // 2 = 4 channels of embed
+    # (the attention rule ties them; num_heads is edited). The recording tracer once saw C as
+    # the number 8 and offered embed and q apart, with plans that broke the forward pass.
+    # fc1 (consumed by fc2) and fc2 + proj (summed) are unaffected.
     model, x = HeadsFromWidth().eval(), torch.randn(2, 5, 4)
     groups = pp.prunable_groups(model, x, tracer=tracer)
-    assert [(g.name, g.size, g.roots) for g in groups] == [("fc1", 6, ("fc1",)),
-                                                            ("fc2", 8, ("fc2", "proj"))]
-    assert groups.left_out == [LeftOut("embed", FIXED), LeftOut("q", FIXED),
-                               LeftOut("head", OUTPUT)]
-    # what is offered prunes to the zeroed original
-    removed = {"fc1": [1, 4], "fc2": [0, 3, 7]}
+    assert [(g.name, g.size, g.roots) for g in groups] == [
+        ("embed", 2, ("embed", "q")), ("fc1", 6, ("fc1",)), ("fc2", 8, ("fc2", "proj"))]
+    assert groups.left_out == [LeftOut("head", OUTPUT)]
+    embed = groups[0]
+    assert sorted((e.module, e.attribute, e.before, e.per_unit) for e in embed.edits
+                  if e.module == "") == [("", "num_heads", 2, 1)]
+    # every offered group prunes to the zeroed original (head 1: embed channels 4..7, q rows
+    # 4..7, proj columns 4..7)
+    removed = {"embed": [1], "fc1": [1, 4], "fc2": [0, 3, 7]}
     plan = build_plan(model, [(g, removed[g.name]) for g in groups])
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert (pruned.num_heads, pruned.q.weight.shape, pruned.proj.weight.shape) == (
+        1, (4, 4), (5, 4))
     handles = _zeroing_hooks(model, plan)
     with torch.no_grad():
         want = model(x)
