@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pruneplan._tied import tied_keys
 from pruneplan.errors import CoupledGroupError, PlanningError
 from pruneplan.graph.discover import prunable_groups
 from pruneplan.graph.explicit import explicit_groups
@@ -250,18 +251,6 @@ def _buffer_keys(model: nn.Module) -> set[str]:
     """State-dict keys that are buffers (running statistics), not parameters."""
     params = {id(p) for p in model.parameters()}
     return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in params}
-def tied_keys(model: nn.Module) -> dict[str, str]:
-    """State-dict keys whose tensor is also held under an earlier key (alias -> that key)."""
-    first: dict[int, str] = {}
-    out = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) in first:
-            out[key] = first[id(t)]
-        else:
-            first[id(t)] = key
-    return out
-
-
 def hf_config_edits(model: nn.Module, plan: PrunePlan) -> ConfigEdits | None:
     """The config changes of ``plan`` for a model with a Hugging Face-style ``config``.
 

@@ -53,6 +53,8 @@ RULES = [
                         "pruneplan.planner", "pruneplan.select", "pruneplan.pruner", "pruneplan.cli")),
     ("graph", ("pruneplan.plan", "pruneplan.planner", "pruneplan.apply", "pruneplan.attributions",
                "pruneplan.cli")),
+    # tied tensors: shared by graph, planner and apply, so it imports none of them
+    ("_tied.py", ("numpy", "safetensors", "pydantic", "pruneplan.")),
 ]
 
 
@@ -86,3 +88,15 @@ def test_the_layering_check_can_fail(tmp_path: Path) -> None:
     bad = PKG / "plan.py"
     assert "pydantic" in imports_of(bad)
     assert forbidden(bad, ("pydantic",)) == ["pydantic"] or "pydantic" in forbidden(bad, ("pydantic",))
+
+
+def test_tied_keys_has_one_implementation() -> None:
+    from pruneplan import _tied, planner
+    from pruneplan.apply import _hf
+    from pruneplan.graph import _analysis
+
+    assert planner.tied_keys is _tied.tied_keys and _hf.tied_keys is _tied.tied_keys
+    assert _analysis.tied_keys is _tied.tied_keys
+    for mod in (planner, _hf, _analysis):
+        assert "def tied_keys" not in Path(mod.__file__).read_text() and "def _tied" not in Path(
+            mod.__file__).read_text()

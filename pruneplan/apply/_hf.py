@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from pruneplan._tied import tied_keys
 from pruneplan.errors import ConfigError, PlanMismatchError
 from pruneplan.hf_config import HIDDEN_KEYS, config_edits
 from pruneplan.plan import ConfigEdits, PrunePlan
@@ -168,17 +169,6 @@ def hf_config_of(model: nn.Module) -> Any:
     return config if callable(getattr(config, "to_dict", None)) else None
 
 
-def _tied(model: nn.Module) -> dict[str, str]:
-    first: dict[int, str] = {}
-    out = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) in first:
-            out[key] = first[id(t)]
-        else:
-            first[id(t)] = key
-    return out
-
-
 def config_changes(
     model: nn.Module, plan: PrunePlan, shapes: Mapping[str, Sequence[int]]
 ) -> tuple[Any, dict[str, int], list[str]]:
@@ -195,7 +185,7 @@ def config_changes(
     config = hf_config_of(model)
     if config is None:
         return None, {}, []
-    fresh = config_edits(config.to_dict(), shapes, plan, tied=_tied(model))
+    fresh = config_edits(config.to_dict(), shapes, plan, tied=tied_keys(model))
     edits: ConfigEdits | None = plan.config if plan.config is not None else fresh
     if edits is None:
         return config, {}, []

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pruneplan._tied import tied_keys
 from pruneplan.errors import PlanningError, UnsupportedOperationError
 from pruneplan.graph._examine import examine
 from pruneplan.graph._ir import Graph, Node, Ref
@@ -789,10 +790,10 @@ class Engine:
         ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``): the roots slicing
         it under any key are coupled position by position, and every key is sliced alike, so
         that the plan names all of them and a state dict holding them apart stays consistent."""
-        aliases: dict[int, list[str]] = {}
-        for key, t in self.model.state_dict(keep_vars=True).items():
-            aliases.setdefault(id(t), []).append(key)
-        alias_of = {k: ks for ks in aliases.values() if len(ks) > 1 for k in ks}
+        aliases: dict[str, list[str]] = {}
+        for alias, first in tied_keys(self.model).items():
+            aliases.setdefault(first, [first]).append(alias)
+        alias_of = {k: ks for ks in aliases.values() for k in ks}
         if not alias_of:
             return
         found: dict[tuple[str, int], list[tuple[int, SliceSpec]]] = {}
