@@ -28,6 +28,7 @@ from pruneplan._io import check_regular
 from pruneplan.errors import PlanningError, quote
 from pruneplan.graph.discover import left_out_summary, prunable_groups
 from pruneplan.graph.spec import Group as GroupSpec
+from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
 from pruneplan.planner import build_plan, execution_order
 from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, select_indices
@@ -452,8 +453,10 @@ def score_groups(
                 raw.update(scorer.run_all([name]))
             except ValueError as exc:
                 log.warning("leaving %r out: %s", name, exc)
-    else:
-        raw = scorer.run_all(members)
+    else:  # nn.MultiheadAttention: data metrics score its heads' outputs (see heads_sites)
+        with heads_sites(model, members if scorer.uses_data else ()) as sites:
+            back = {site: name for name, site in sites.items()}
+            raw = {back.get(k, k): v for k, v in scorer.run_all([sites.get(m, m) for m in members]).items()}
     owner = {r: g for g in groups for r in g.roots}
     out = {}
     for name, s in raw.items():
@@ -476,7 +479,8 @@ def _unit_positions(model: nn.Module, group: GroupSpec, root: str, n: int) -> li
     """Positions of the root's ``n`` output units that each unit of ``group`` owns, or None.
 
     A unit of a ``"heads"`` group owns ``head_dim`` outputs of its query projection (three
-    blocks of them in a fused q/k/v projection): the unit's score is the mean of theirs, as
+    blocks of them in a fused q/k/v projection; ``head_dim`` inputs of the output projection
+    of an ``nn.MultiheadAttention`` or a Swin attention): the unit's score is the mean of theirs, as
     `select_indices` aggregates the members of a group.
     """
     from pruneplan.plan import IndexMap
@@ -486,8 +490,12 @@ def _unit_positions(model: nn.Module, group: GroupSpec, root: str, n: int) -> li
     except AttributeError:
         return None
     axis = 1 if isinstance(getattr(module, "nf", None), int) else 0  # Conv1D stores (in, out)
+    tensor = f"{root}.weight"
+    proj = heads_projection(module)
+    if proj is not None:  # attention scored at its output projection's inputs (its columns)
+        tensor, axis = f"{root}.{proj}.weight", 1
     maps = [IndexMap(**sl.map_fields()) for sl in group.slices
-            if sl.tensor == f"{root}.weight" and sl.axis == axis and sl.modulo is None]
+            if sl.tensor == tensor and sl.axis == axis and sl.modulo is None]
     if not maps:
         return None
     units = [sorted({p for m in maps for p in m.unit(u)}) for u in range(group.size)]

@@ -20,14 +20,16 @@ optional), as attributes of this module (so pickling finds them).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PrunedMultiheadAttention", "make_pruned", "prune_ready", "pruned_class",
-           "pruned_shifted_window_attention"]
+__all__ = ["HeadsOutput", "PrunedMultiheadAttention", "heads_projection", "heads_sites",
+           "make_pruned", "prune_ready", "pruned_class", "pruned_shifted_window_attention"]
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype, what: str) -> Tensor | None:
@@ -39,6 +41,15 @@ def _float_mask(mask: Tensor | None, dtype: torch.dtype, what: str) -> Tensor | 
     if not torch.is_floating_point(mask):
         raise AssertionError(f"only bool and floating types of {what} are supported")
     return mask
+
+
+class HeadsOutput(nn.Identity):
+    """Where a `PrunedMultiheadAttention` hands the outputs of its heads, concatenated
+    ``(batch, L, num_heads * head_dim)`` (head ``h`` at ``h*head_dim .. h*head_dim+head_dim-1`` of the
+    last axis), to ``out_proj``: an identity whose hooks see them (the attribution metrics
+    score heads there, see `heads_sites`)."""
+
+    features_last = True  # the attribution metrics' unit axis is the last one
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -57,7 +68,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     head have ``num_heads`` heads, the ones kept). A 3-D ``attn_mask`` must be
     ``(batch * num_heads, L, S)`` for the heads kept. ``_qkv_same_embed_dim`` is False so that
     ``nn.TransformerEncoderLayer`` takes its ordinary path instead of its fused kernel (which
-    reads ``embed_dim`` as the inner width).
+    reads ``embed_dim`` as the inner width). While the heads are scored (`heads_sites`), their
+    outputs reach ``out_proj`` through a child ``heads_output`` (a `HeadsOutput`).
     """
 
     def forward(
@@ -167,6 +179,9 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 q.view(bsz, heads, tgt, hd), k.view(bsz, heads, src, hd),
                 v.view(bsz, heads, src, hd), attn_mask, p, is_causal)
             out = out.permute(2, 0, 1, 3).reshape(tgt * bsz, inner)
+        site = self._modules.get("heads_output")
+        if site is not None:  # (L*N, I) -> the site sees (N, L, I), batch first
+            out = site(out.view(tgt, bsz, inner).transpose(0, 1)).transpose(0, 1).reshape(tgt * bsz, inner)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(tgt, bsz, -1)
         if not is_batched:
             out = out.squeeze(1)
@@ -219,6 +234,7 @@ def pruned_shifted_window_attention(
     proj_bias: Tensor | None = None,
     logit_scale: Tensor | None = None,
     training: bool = True,
+    heads_output: Any = None,
 ) -> Tensor:
     """Swin's (shifted) window attention, as torchvision's ``shifted_window_attention``, with
     the widths read from the weights instead of the input: inner width ``I =
@@ -230,6 +246,8 @@ def pruned_shifted_window_attention(
         relative_position_bias: ``(1, num_heads, T, T)`` with ``T`` tokens per window;
         logit_scale: Swin V2's cosine attention scale ``(num_heads, 1, 1)`` (its key bias is
             zeroed as in V2).
+        heads_output: a module the heads' outputs pass through before ``proj``, seen as
+            ``(B, windows * T, I)`` (`HeadsOutput`, while they are scored).
 
     Returns:
         ``(B, H, W, C_out)``.
@@ -266,6 +284,8 @@ def pruned_shifted_window_attention(
         attn = attn.view(-1, num_heads, tokens, tokens)
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
     x = (attn @ v).transpose(1, 2).reshape(x.shape[0], tokens, inner)
+    if heads_output is not None:  # batch first for the metrics: (B, windows * T, I)
+        x = heads_output(x.reshape(b, -1, inner)).reshape(-1, tokens, inner)
     x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
     x = x.view(b, nh, nw, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
     if sh or sw:
@@ -287,7 +307,8 @@ def _swin_forward(self: Any, x: Tensor) -> Tensor:
         x, self.qkv.weight, self.proj.weight, self.get_relative_position_bias(), self.window_size,
         self.num_heads, shift_size=self.shift_size, attention_dropout=self.attention_dropout,
         dropout=self.dropout, qkv_bias=self.qkv.bias, proj_bias=self.proj.bias,
-        logit_scale=getattr(self, "logit_scale", None), training=self.training)
+        logit_scale=getattr(self, "logit_scale", None), training=self.training,
+        heads_output=self._modules.get("heads_output"))
 
 
 def _swin_class(name: str) -> type:
@@ -323,3 +344,40 @@ def pruned_class(module: nn.Module) -> type | None:
             if t.__qualname__ == base:
                 return _swin_class(pruned)
     return None
+
+
+@contextmanager
+def heads_sites(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, str]]:
+    """Where the data-driven metrics score the heads of the attention modules among ``names``
+    (``nn.MultiheadAttention``, torchvision's Swin attention): a `HeadsOutput` child, added for
+    the run, through which the heads' outputs reach the output projection. Yields ``{module
+    name: site name}``; inside, those modules have their `pruned_class` (it computes the same
+    outputs); on exit they are exactly as before."""
+    undo: list[tuple[nn.Module, type, Any]] = []
+    sites: dict[str, str] = {}
+    try:
+        for name in names:
+            m = model.get_submodule(name)
+            cls = pruned_class(m)
+            if cls is None or "heads_output" in m._modules:
+                continue
+            undo.append((m, type(m), m.__dict__.get("_qkv_same_embed_dim")))
+            make_pruned(m, cls)
+            m.heads_output = HeadsOutput()
+            sites[name] = f"{name}.heads_output" if name else "heads_output"
+        yield sites
+    finally:
+        for m, cls, same in reversed(undo):
+            del m._modules["heads_output"]
+            m.__class__ = cls
+            if same is not None:
+                m._qkv_same_embed_dim = same
+
+
+def heads_projection(module: nn.Module) -> str | None:
+    """The child layer of an attention module whose input columns its heads own (``out_proj``
+    of ``nn.MultiheadAttention``, ``proj`` of Swin's), or ``None``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "out_proj"
+    cls = pruned_class(module)
+    return "proj" if cls is not None and cls.__name__.startswith("PrunedShiftedWindow") else None

@@ -424,3 +424,53 @@ def test_torchvision_vit_heads_mlp_and_width() -> None:
     assert narrow.encoder.layers[0].self_attention.embed_dim == 62
     with torch.no_grad():
         assert narrow(x).shape == (2, 10)
+
+
+# ---- scoring heads ----------------------------------------------------------------------------
+
+
+def test_metrics_score_heads_at_the_input_of_out_proj() -> None:
+    from pruneplan.loading import score_groups
+
+    torch.manual_seed(0)
+    model = _rand(Attn(batch_first=True)).eval()
+    x = torch.randn(3, 5, 4)
+    groups = [g for g in prunable_groups(model, x) if g.name == "mha"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # weight norm of a head: the mean over its 4 columns of out_proj of their L1 norms
+    w = model.mha.out_proj.weight.detach().double().abs().sum(0)
+    scores = score_groups(model, groups, "weight_norm")["mha"]
+    np_expected = [w[0:4].mean().item(), w[4:8].mean().item()]
+    assert scores.tolist() == pytest.approx(np_expected, rel=1e-12)
+    # activation magnitude (Minitron): mean |output| of the head before out_proj, over the
+    # examples, tokens and its 4 positions; the head outputs written out by hand
+    with torch.no_grad():
+        h = model.proj(x).double()
+        wq, wk, wv = model.mha.in_proj_weight.double().split(8)
+        bq, bk, bv = model.mha.in_proj_bias.double().split(8)
+        q, k, v = ((h @ wt.T + bt).reshape(3, 5, 2, 4).transpose(1, 2)
+                   for wt, bt in ((wq, bq), (wk, bk), (wv, bv)))
+        heads = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1) @ v  # (N, heads, L, 4)
+        expected = heads.abs().mean(dim=(0, 2, 3))
+    scores = score_groups(model, groups, "activation", data=[(x, torch.zeros(3, dtype=torch.long))])["mha"]
+    assert scores.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    # the model is as it was: its class, its modules, its weights
+    assert type(model.mha) is nn.MultiheadAttention and not hasattr(model.mha, "heads_output")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_every_metric_plans_a_transformer_encoder() -> None:
+    from pruneplan.loading import plan_from_metric
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(6, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(16 * 7, 3)).eval()
+    x, y = torch.randn(4, 7, 6), torch.randint(0, 3, (4,))
+    for metric in ("weight_norm", "lp_norm", "fpgm", "lamp", "random", "taylor", "apoz",
+                   "activation", "sensitivity"):
+        data = {} if metric in ("weight_norm", "lp_norm", "fpgm", "lamp", "random") else {"data": [(x, y)]}
+        plan = plan_from_metric(model, x, metric, ratio=0.5, **data)
+        removed = {g.name: len(g.removed) for g in plan.groups}
+        assert removed["1.layers.0.self_attn"] == removed["1.layers.1.self_attn"] == 2, metric
+        assert removed["1.layers.0.linear1"] == 16, metric

@@ -131,3 +131,35 @@ def test_swin_stage_widths_prune_through_patch_merging(v2: bool) -> None:
     assert pruned.get_submodule("features.2.reduction").weight.shape == (63, 120)
     with torch.no_grad():
         assert pruned(x).shape == (2, 5)
+
+
+def test_swin_heads_are_scored_at_the_input_of_proj() -> None:
+    from pruneplan.loading import score_groups
+
+    model, x = _model(False), _x()
+    groups = [g for g in prunable_groups(model, x) if g.name == "features.1.0.attn"]
+    attn = model.get_submodule("features.1.0.attn")
+    assert attn.shift_size == [0, 0]
+    # weight norm of a head: the mean over its 16 columns of proj of their L1 norms
+    w = attn.proj.weight.detach().double().abs().sum(0)
+    assert score_groups(model, groups, "weight_norm")["features.1.0.attn"].tolist() == pytest.approx(
+        [w[:16].mean().item(), w[16:].mean().item()], rel=1e-12)
+    # activation magnitude: mean |head output| before proj over examples, windows, tokens and
+    # the head's 16 positions, the window attention written out by hand (10x10 map padded to
+    # 12x12, 9 windows of 4x4, no shift in this block)
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        t = torch.nn.functional.pad(seen[0].double(), (0, 0, 0, 2, 0, 2))  # (2, 12, 12, 32)
+        t = t.view(2, 3, 4, 3, 4, 32).permute(0, 1, 3, 2, 4, 5).reshape(18, 16, 32)
+        qkv = (t @ attn.qkv.weight.double().T + attn.qkv.bias.double()).reshape(18, 16, 3, 2, 16)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = (q * 16 ** -0.5) @ k.transpose(-1, -2) + attn.get_relative_position_bias().double()
+        heads = torch.softmax(a, -1) @ v  # (18 windows, 2 heads, 16 tokens, 16)
+        expected = heads.abs().mean(dim=(0, 2, 3))
+    y = torch.zeros(2, dtype=torch.long)
+    scores = score_groups(model, groups, "activation", data=[(x, y)])["features.1.0.attn"]
+    assert scores.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    assert type(attn) is sw.ShiftedWindowAttention and "heads_output" not in attn._modules

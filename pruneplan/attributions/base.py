@@ -169,15 +169,31 @@ def per_example_loss(criterion: Callable[..., torch.Tensor], output: Any, target
     return loss
 
 
+@contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Torch's fused attention path (``torch.backends.mha``) off: it skips the hooks of the
+    layers it fuses (``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` in eval mode
+    without grad), so they could not be scored."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def unit_axis(module: nn.Module) -> int:
     """The axis of a module's output that holds its units: 1, or -1 for channels-last modules.
 
-    ``Linear``, ``Embedding``, ``LayerNorm``, RMSNorms (by class name) and GPT-2's ``Conv1D``
-    (duck-typed: an integer ``nf``) put their features on the last axis, so on a sequence
+    ``Linear``, ``Embedding``, ``LayerNorm``, RMSNorms (by class name), GPT-2's ``Conv1D``
+    (duck-typed: an integer ``nf``) and modules with ``features_last = True`` put their
+    features on the last axis, so on a sequence
     ``(N, T, features)`` the units are the last axis; convolutions put them on axis 1.
     """
     if isinstance(module, nn.Linear | nn.Embedding | nn.LayerNorm | nn.Bilinear):
         return -1
+    if getattr(module, "features_last", False) is True:  # a module that says so (pruneplan's
+        return -1  # HeadsOutput: the outputs of attention heads, (N, L, heads * head_dim))
     if isinstance(getattr(module, "nf", None), int) or "RMSNorm" in type(module).__name__:
         return -1
     return 1
@@ -408,12 +424,13 @@ class AttributionMetric:
         targets = [m for _, m in resolved]
         # the unit axis is the scored module's, also where an activation after it is evaluated
         self._unit_axes = [unit_axis(m) for m in targets]
-        if find_best_evaluation_module:
-            first = next(batches, None)
-            if first is not None:  # None: a rank without batches in a distributed run
-                batches = itertools.chain([first], batches)
-                targets = self._find_evaluation_modules(targets, first[0])
-        return self._attribute(targets, batches, **kwargs)
+        with unfused_attention():
+            if find_best_evaluation_module:
+                first = next(batches, None)
+                if first is not None:  # None: a rank without batches in a distributed run
+                    batches = itertools.chain([first], batches)
+                    targets = self._find_evaluation_modules(targets, first[0])
+            return self._attribute(targets, batches, **kwargs)
 
     def _run_distributed(
         self,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._weights import heads_projection
 from .base import ActivationCapture, AttributionMetric, Reduction, _with_shared_doc
 
 __all__ = ["RandomAttributionMetric"]
@@ -49,6 +50,9 @@ class RandomAttributionMetric(AttributionMetric):
         return self._module_rng(module, self.seed).random(self._unit_count(module))
 
     def _unit_count(self, module: nn.Module) -> int:
+        proj = heads_projection(module)
+        if proj is not None:  # attention heads: the inputs of the output projection
+            return int(proj.weight.shape[1])
         for attr in ("out_features", "out_channels", "num_features", "nf", "embedding_dim"):
             n = getattr(module, attr, None)
             if isinstance(n, int):

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._weights import heads_projection
 from .base import AttributionMetric, _with_shared_doc
 
 __all__ = ["WeightNormAttributionMetric"]
@@ -26,10 +27,14 @@ class WeightNormAttributionMetric(AttributionMetric):
 
     def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
         weight = getattr(module, "weight", None)
+        proj = heads_projection(module)
+        if proj is not None:  # attention heads: columns of the output projection
+            weight = proj.weight
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor")
         axis = 0
-        if isinstance(module, nn.Embedding) or isinstance(getattr(module, "nf", None), int):
+        if isinstance(module, nn.Embedding) or proj is not None or \
+                isinstance(getattr(module, "nf", None), int):
             axis = 1  # an Embedding's units are its features; GPT-2's Conv1D stores (in, out)
         elif isinstance(module, nn.modules.conv._ConvTransposeNd):
             if module.groups != 1:
