@@ -474,3 +474,48 @@ def test_every_metric_plans_a_transformer_encoder() -> None:
         removed = {g.name: len(g.removed) for g in plan.groups}
         assert removed["1.layers.0.self_attn"] == removed["1.layers.1.self_attn"] == 2, metric
         assert removed["1.layers.0.linear1"] == 16, metric
+
+
+def test_transformer_encoder_decoder_heads_cross_attention_and_width() -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.src, self.tgt = nn.Linear(5, 16), nn.Linear(5, 16)
+            self.t = nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.head(self.t(self.src(a), self.tgt(b)))
+
+    model = _rand(Net()).eval()
+    a, b = torch.randn(2, 6, 5), torch.randn(2, 4, 5)
+    groups = {g.name: (g.kind, g.size, len(g.roots)) for g in prunable_groups(model, (a, b))}
+    enc, dec = "t.encoder.layers.0", "t.decoder.layers.0"
+    # the decoder's cross-attention reads the encoder's output (key, value) and the decoder's
+    # stream (query) through one packed in_proj: both widths are one group with src and tgt
+    assert groups == {"src": ("channels", 16, 4), f"{enc}.self_attn": ("heads", 4, 1),
+                      f"{enc}.linear1": ("channels", 32, 1), f"{dec}.self_attn": ("heads", 4, 1),
+                      f"{dec}.multihead_attn": ("heads", 4, 1), f"{dec}.linear1": ("channels", 32, 1)}
+    removed = {f"{enc}.self_attn": [1], f"{dec}.self_attn": [0, 3], f"{dec}.multihead_attn": [2],
+               f"{dec}.linear1": [4, 5]}
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, heads in removed.items():
+            if name.endswith("linear1"):
+                reference.get_submodule(name.replace("linear1", "linear2")).weight[:, heads] = 0
+            else:
+                reference.get_submodule(name).out_proj.weight[:, _cols(heads, 4)] = 0
+        expected = reference(a, b)
+    pruned = pruneplan.apply_plan(copy.deepcopy(model),
+                                  pruneplan.plan_pruning(model, removed, example_inputs=(a, b)))
+    assert pruned.get_submodule(f"{dec}.multihead_attn").num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(a, b), expected, rtol=1e-5, atol=1e-5)
+    # the width: nn.Transformer's d_model follows it (its forward checks the inputs against it)
+    narrow = pruneplan.apply_plan(copy.deepcopy(model), pruneplan.plan_pruning(
+        model, {"src": [0, 7]}, example_inputs=(a, b)))
+    assert narrow.t.d_model == 14 and narrow.get_submodule(f"{dec}.multihead_attn").kdim == 14
+    with torch.no_grad():
+        assert narrow(a, b).shape == (2, 4, 3)

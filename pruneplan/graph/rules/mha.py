@@ -140,6 +140,13 @@ class MultiheadAttentionRule(Rule):
         if m.out_proj.bias is not None:
             call.own(p + "out_proj.bias", 0, q)
         call.edit("out_features", m.out_proj.out_features, q, module=f"{p}out_proj")
+        # nn.Transformer checks its inputs against d_model: it follows the width
+        parts = call.name.split(".")
+        for k in range(len(parts) - 1, -1, -1):
+            path = ".".join(parts[:k])
+            outer = call.model.get_submodule(path) if path else call.model
+            if isinstance(outer, nn.Transformer) and outer.d_model == m.embed_dim:
+                call.edit("d_model", outer.d_model, q, module=path)
         meta = call.out
         if not isinstance(meta, list) or meta[0] is None:
             return None
