@@ -194,18 +194,53 @@ class DividedOnly(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, -1))
 
 
-def test_width_divided_by_the_head_count_blocks_what_would_change_it() -> None:
-    # C // num_heads is head_dim: pruning heads alone (num_heads falls, C stays) or hidden
-    # alone (C falls, num_heads stays) would change it, and nothing ties them here
+def test_width_divided_by_the_head_count_ties_the_heads_of_that_view() -> None:
+    # C // num_heads sizes head_dim next to the heads (no reshape(B, N, C) ties them): the
+    # hidden channels are tied to the heads' channels there, so C and num_heads shrink together
     torch.manual_seed(0)
     model = Stack(DividedOnly).eval()
+    x = _tokens()
+    groups = prunable_groups(model, x)
+    assert [(g.kind, g.size, g.roots) for g in groups] == [
+        ("heads", HEADS, ("embed", "attns.0.qkv", "attns.0.proj", "attns.1.qkv", "attns.1.proj"))]
+    gone = [2]
+    reference = _reference_hidden_sized(model, gone, DividedOnly)
+    plan = pruneplan.plan_pruning(model, {"embed": gone}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[1].num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+class HalfWidthScratch(nn.Module):
+    """Plain attention (sized by attributes) that also builds a tensor of ``C // 2`` columns
+    from the width of its input: nothing says how that number follows pruned channels."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        scratch = x.new_ones(B, N, C // 2).sum(-1, keepdim=True)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim)) * scratch
+
+
+def test_width_divided_by_a_number_nothing_follows_blocks_its_channels() -> None:
+    torch.manual_seed(0)
+    model = Stack(HalfWidthScratch).eval()
     groups = prunable_groups(model, _tokens())
-    assert groups == []
+    assert {g.name: g.kind for g in groups} == {"attns.0.qkv": "heads", "attns.1.qkv": "heads"}
     why = {lo.name: lo.reason for lo in groups.left_out}
-    assert why["attns.0.qkv"].startswith(
-        "their width divided by 4 is used as a fixed size at operation 'reshape' in module "
-        "'attns.0', which would not follow pruned units")
-    assert why["embed"].startswith("their width divided by 4 is used as a fixed size")
+    # (each block's new_ones gives the reason; the last one checked is named)
+    assert why["embed"] == (
+        "their width divided by 2 is used as a fixed size at operation 'new_ones' in module "
+        "'attns.1', which would not follow pruned units (coupled with 'attns.0.proj', "
+        "'attns.1.proj')")
 
 
 class RelBias(nn.Module):

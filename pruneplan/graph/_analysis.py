@@ -196,7 +196,8 @@ class Engine:
         self.uf = _State()
         self.effects: list[list[tuple[int, Any]]] = []
         self.errors: list[tuple[str, list[int]]] = []
-        self.widths: list[tuple[Node, Dim, Lab | None]] = []
+        #: (call, width, labels on the axis it sizes, output labels, regroups done then)
+        self.widths: list[tuple[Node, Dim, Lab | None, Lab | None, int]] = []
         #: widths divided by a literal (``C // num_heads``) sizing an axis with no labels:
         #: checked on the assembled groups (see `_derived`)
         self.derived: list[tuple[Node, Dim]] = []
@@ -729,7 +730,8 @@ class Engine:
             dim = self.info[a.node] if isinstance(a, Ref) else None
             if isinstance(dim, Dim):
                 lab = out if isinstance(out, Lab) and i in out.axes else None
-                self.widths.append((node, dim, lab))
+                whole = out if isinstance(out, Lab) else None
+                self.widths.append((node, dim, lab, whole, len(self.regroups)))
 
     def finish(self) -> None:
         """A width used as a fixed size must land on an axis carrying the same coupled units
@@ -745,7 +747,7 @@ class Engine:
         self.couple_tied()
         for check in self.later:
             check()
-        for node, dim, lab in self.widths:
+        for node, dim, lab, out, since in self.widths:
             want = {self.uf.find(r) for r in dim.roots}
             have = {self.uf.find(r) for r in lab.roots} if lab is not None else set()
             if want == have:
@@ -753,13 +755,27 @@ class Engine:
             if dim.div == 1 and dim.arr is not None and lab is not None and lab.arr.ndim == 1 \
                     and len(lab.arr) == len(dim.arr) and (lab.arr >= 0).all() \
                     and (dim.arr >= 0).all():
-                self.couple(self.refresh(dim.arr, dim.since), lab.arr, node)
+                self.couple(self.refresh(dim.arr, dim.since), self.refresh(lab.arr, since), node)
                 continue
             if dim.div > 1 and dim.arr is not None and lab is None:
+                self._per_head(node, dim, out, since)
                 self.derived.append((node, dim))
                 continue
             self.block(list(dim.roots) + (list(lab.roots) if lab is not None else []),
                        f"their width is used as a fixed size at {node.where()}")
+
+    def _per_head(self, node: Node, dim: Dim, out: Lab | None, since: int) -> None:
+        """``C // k`` sizes the head width of a view whose output carries ``k`` heads on one
+        axis (``qkv.view(B, N, 3, self.num_heads, C // self.num_heads)``): the hidden channels
+        are tied position by position to the heads' channels (``C // k`` hidden channels per
+        head), so that ``C`` and the head count shrink in proportion and the quotient stays."""
+        k = dim.div
+        width = len(dim.arr)
+        if out is None or len(out.axes) != 1 or out.arr.ndim != 1 or len(out.arr) != k \
+                or width % k or not (out.arr >= 0).all() or not (dim.arr >= 0).all():
+            return
+        heads = self.refresh(out.arr, since)
+        self.couple(self.refresh(dim.arr, dim.since), np.repeat(heads, width // k), node)
 
     def _derived(self, groups: list[Group]) -> dict[int, str]:
         """Groups (by index) that would change a width divided by a literal ``k`` sizing an
