@@ -335,3 +335,105 @@ def test_per_head_bias_shaped_by_a_tuple_attribute_blocks_the_heads() -> None:
         "operation 'view' in module 'attns.0' takes the size 4 of their axis from the tuple "
         "'bias_shape' of module 'attns.0.rel', which a plan cannot edit")
     assert "attns.0.qkv" in why
+
+
+class ConcatenatedBias(nn.Module):
+    """BEiT / EVA / Swin V2: the fused qkv Linear has no bias of its own; the forward passes
+    ``cat(q_bias, k_bias, v_bias)`` to ``F.linear`` with its weight, ``k_bias`` a constant
+    non-persistent buffer (zeros: keys need no bias)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_bias_concatenated_from_parts_is_sliced_part_by_part() -> None:
+    torch.manual_seed(0)
+    model = Stack(ConcatenatedBias).eval()
+    x = _tokens()
+    groups = {g.name: g for g in prunable_groups(model, x)}
+    g = groups["attns.0.qkv"]
+    assert (g.kind, g.size) == ("heads", HEADS)
+    slices = {(s.tensor, s.axis): (s.offset, s.repeat, s.modulo) for s in g.slices}
+    # head h: rows h*D.. of each third of qkv.weight; positions h*D.. of q_bias and v_bias
+    # (rows folded modulo their length DIM); k_bias is no state-dict entry
+    assert slices[("attns.0.q_bias", 0)][2] == DIM
+    assert slices[("attns.0.v_bias", 0)][2] == DIM
+    assert ("attns.0.k_bias", 0) not in slices
+    assert "embed" in groups  # the hidden width reaches F.linear as its input: columns
+
+    reference = Stack(ConcatenatedBias).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[0].proj.weight[:, 1 * D:2 * D] = 0
+        reference.attns[0].proj.weight[:, 3 * D:4 * D] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.0.qkv": [1, 3]}, example_inputs=x)
+    gone = {s.tensor: s for s in plan.groups[0].slices}
+    assert set(gone) >= {"attns.0.q_bias", "attns.0.v_bias", "attns.0.qkv.weight"}
+    pruneplan.apply_plan(model, plan)
+    a = model.attns[0]
+    assert (a.q_bias.shape, a.k_bias.shape, a.v_bias.shape) == ((16,), (16,), (16,))
+    assert torch.equal(a.k_bias, torch.zeros(16))
+    assert torch.equal(a.q_bias, reference.attns[0].q_bias[torch.tensor([*range(8), *range(16, 24)])])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings on q and k (EVA-02): each head's positions are rotated by a
+    table over (tokens, head_dim) shared by every head, so removing heads leaves the others'
+    rotation alone."""
+
+    def __init__(self, dim: int, heads: int, tokens: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        half = self.head_dim // 2
+        freq = 1.0 / 100 ** (torch.arange(half) / half)
+        angle = torch.arange(tokens)[:, None] * freq[None, :]  # (tokens, head_dim / 2)
+        self.register_buffer("sin", torch.cat([angle.sin(), angle.sin()], -1), persistent=False)
+        self.register_buffer("cos", torch.cat([angle.cos(), angle.cos()], -1), persistent=False)
+
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
+        a, b = t.chunk(2, dim=-1)
+        return t * self.cos + torch.cat([-b, a], dim=-1) * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_rotary_embeddings_keep_heads_prunable() -> None:
+    torch.manual_seed(0)
+    model = Stack(Rotary).eval()
+    x = _tokens()
+    groups = {g.name: g for g in prunable_groups(model, x)}
+    assert (groups["attns.1.qkv"].kind, groups["attns.1.qkv"].size) == ("heads", HEADS)
+    reference = Stack(Rotary).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[1].proj.weight[:, 0:D] = 0  # head 0 of block 1 reaches out only here
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.1.qkv": [0]}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[1].num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -162,6 +162,7 @@ def _stage(
             )
         staged.attrs.append((module, "p", after))
     _stage_swaps(model, modules, plan, staged)
+    _stage_mirrors(modules, sd, keeps, staged)
     _stage_derived(model, plan, sd, keeps, staged)
     _check_flat_state(optimizer, [p for p, _, _ in staged.params])
     _check_consistent(modules, {k.rpartition(".")[0] for k in keeps} | {m for m, _ in plan.edits()},
@@ -199,6 +200,26 @@ def _stage_swaps(model: nn.Module, modules: dict[str, nn.Module], plan: PrunePla
         if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) \
                 and any(id(x) in swapped for x in m.modules()):
             staged.attrs.append((m, "use_nested_tensor", False))
+
+
+def _stage_mirrors(modules: dict[str, nn.Module], sd: dict, keeps: dict, staged: _Staged) -> None:
+    """Constant 1-D non-persistent buffers (timm's zero ``k_bias``, concatenated between the
+    ``q_bias`` and ``v_bias`` parameters into the bias of a fused qkv projection) have no
+    state-dict entry a plan could slice: each takes the new length of the sliced 1-D tensors of
+    its own module that were as long as it (when they all agree), filled with its constant."""
+    for mod_name, module in modules.items():
+        for bname in sorted(getattr(module, "_non_persistent_buffers_set", ())):
+            buf = module._buffers.get(bname)
+            if buf is None or buf.dim() != 1 or not buf.numel():
+                continue
+            prefix = f"{mod_name}." if mod_name else ""
+            lengths = {len(keep[0][1]) for key, keep in keeps.items()
+                       if key.rpartition(".")[0] == mod_name and key.startswith(prefix)
+                       and sd[key].dim() == 1 and sd[key].shape[0] == buf.shape[0]}
+            if len(lengths) != 1 or not bool((buf == buf[0]).all()):
+                continue
+            (length,) = lengths
+            staged.buffers.append((module, bname, buf.new_full((length,), buf[0].item())))
 
 
 def _int_attribute(name: str, module: nn.Module, attr: str) -> tuple[int, bool]:

@@ -9,6 +9,7 @@ other tensors they block the roots whose channels reach them.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from pruneplan.graph._ir import Ref
@@ -23,6 +24,7 @@ from pruneplan.graph.rules.layers import (
     is_depthwise,
     root_slices,
 )
+from pruneplan.graph.spec import EditSpec, SliceSpec
 
 __all__ = ["ConvRule", "EmbeddingRule", "FunctionalLayerRule", "LinearRule", "consume"]
 
@@ -43,8 +45,12 @@ def consume(call: Call, lab: Lab, axis: int, m: nn.Module | None = None,
     return None
 
 
-def _linear(call: Call, m: nn.Module, name: str) -> Lab | None:
-    out = call.root(-1, lambda: root_slices(name, m), name, m)
+def _linear(call: Call, m: nn.Module, name: str, extra: tuple[SliceSpec, ...] = ()) -> Lab | None:
+    def spec() -> tuple[int, list[SliceSpec], list[EditSpec]]:
+        size, slices, edits = root_slices(name, m)
+        return size, [*slices, *extra], edits
+
+    out = call.root(-1, spec, name, m)
     x = call.x
     if isinstance(x, Lab):
         last = len(call.xmeta) - 1
@@ -108,10 +114,10 @@ class FunctionalLayerRule(FunctionRule):
         owner = self._owner(call)
         if owner is None:
             return _BLOCK.propagate(call)
-        m, name = owner
-        return _linear(call, m, name) if call.name == "linear" else _conv(call, m, name)
+        m, name, extra = owner
+        return _linear(call, m, name, extra) if call.name == "linear" else _conv(call, m, name)
 
-    def _owner(self, call: Call) -> tuple[nn.Module, str] | None:
+    def _owner(self, call: Call) -> tuple[nn.Module, str, tuple[SliceSpec, ...]] | None:
         weight = call.read(call.arg(1, "weight"))
         if not isinstance(weight, PView) or weight.dims != tuple(range(len(weight.dims))):
             return None
@@ -124,15 +130,63 @@ class FunctionalLayerRule(FunctionRule):
             return None
         bias = call.arg(2, "bias")
         want = f"{path}.bias" if path else "bias"
+        extra: tuple[SliceSpec, ...] = ()
         if isinstance(bias, Ref):
             info = call.read(bias)
-            if not isinstance(info, PView) or info.key != want:
+            if isinstance(info, PView) and info.key == want:
+                pass
+            elif call.name == "linear" and getattr(m, "bias", None) is None:
+                parts = _concatenated_bias(call, bias, m.out_features)
+                if parts is None:
+                    return None
+                extra = parts
+            else:
                 return None
         elif getattr(m, "bias", None) is not None:
             return None
         if call.name != "linear" and call.arg(6, "groups", 1) != m.groups:
             return None
-        return m, path
+        return m, path, extra
+
+
+def _concatenated_bias(call: Call, bias: Ref, width: int) -> tuple[SliceSpec, ...] | None:
+    """``F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))``
+    (timm's BEiT, EVA, Swin V2): a bias concatenated from ``k`` equally long 1-D parameters,
+    one per equal part of the output rows. Part ``j`` is sliced at the rows' positions taken
+    modulo its length (a unit owning rows of q, k and v owns the same positions in each part,
+    as every attention head does). A part that is a non-persistent buffer (a constant
+    ``k_bias`` of zeros) has no state-dict entry: `apply_plan` gives it the length of the
+    parameters it mirrors. ``None`` when the bias is anything else."""
+    node = call.producer(bias)
+    if node is None or node.target != "cat":
+        return None
+    items = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim not in (0, -1) or not isinstance(items, tuple | list) or len(items) < 2 \
+            or not all(isinstance(r, Ref) for r in items):
+        return None
+    metas = [call.meta(r) for r in items]
+    if not all(isinstance(mt, torch.Size) and len(mt) == 1 for mt in metas):
+        return None
+    n = int(metas[0][0])
+    if any(int(mt[0]) != n for mt in metas) or n * len(items) != width:
+        return None
+    saved = call.model.state_dict(keep_vars=True)
+    out = []
+    for r in items:
+        info = call.read(r)
+        if isinstance(info, PView) and info.dims == (0,) and info.key in saved:
+            out.append(SliceSpec(info.key, 0, modulo=n))
+            continue
+        node = call.producer(r)  # a non-persistent buffer is recorded as a constant
+        key = node.target if node is not None and node.kind in ("const", "param") else None
+        try:
+            t = call.model.get_buffer(key) if isinstance(key, str) else None
+        except AttributeError:
+            t = None
+        if t is None or key in saved or not t.numel() or not bool((t == t.reshape(-1)[0]).all()):
+            return None  # a buffer that is not constant would be cut at unknown positions
+    return tuple(out)
 
 
 _BLOCK = BlockRule()
