@@ -51,17 +51,21 @@ class Stack(nn.Module):
     """An input projection, ``depth`` pre-norm attention blocks, an output head."""
 
     def __init__(self, block: type[nn.Module], dim: int = DIM, heads: int = HEADS, depth: int = 2,
-                 **kw) -> None:
+                 layer_scale: bool = False, **kw) -> None:
         super().__init__()
         self.embed = nn.Linear(6, dim)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
         self.attns = nn.ModuleList(block(dim, heads, **kw) for _ in range(depth))
+        # per-channel layer scale on the residual branch (timm's gamma_1 / ls1)
+        self.gammas = nn.ParameterList(nn.Parameter(torch.rand(dim) + 0.5) for _ in range(depth)) \
+            if layer_scale else None
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
-        for norm, attn in zip(self.norms, self.attns, strict=True):
-            x = x + attn(norm(x))
+        for i, (norm, attn) in enumerate(zip(self.norms, self.attns, strict=True)):
+            y = attn(norm(x))
+            x = x + (self.gammas[i] * y if self.gammas is not None else y)
         return self.head(x)
 
 
@@ -437,3 +441,162 @@ def test_rotary_embeddings_keep_heads_prunable() -> None:
     assert model.attns[1].num_heads == 3
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class TalkingHeads(nn.Module):
+    """CaiT's talking-heads attention: the attention logits are mixed across heads before the
+    softmax (``proj_l``) and the maps after it (``proj_w``), Linear layers over the head axis."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_l = nn.Linear(heads, heads)
+        self.proj_w = nn.Linear(heads, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = q @ k.transpose(-2, -1)  # (B, heads, N, N)
+        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj(x)
+
+
+def test_talking_heads_projections_are_per_head_tensors() -> None:
+    torch.manual_seed(0)
+    model = Stack(TalkingHeads, layer_scale=True).eval()
+    x = _tokens()
+    groups = {g.name: g for g in prunable_groups(model, x)}
+    g = groups["attns.0.qkv"]
+    assert (g.kind, g.size, g.roots) == ("heads", HEADS, ("attns.0.qkv", "attns.0.proj_w"))
+    slices = {(s.tensor, s.axis): (s.offset, s.repeat) for s in g.slices}
+    # unit h: column h of proj_l (its logits), row h of proj_w (the map that weighs v_h)
+    assert slices[("attns.0.proj_l.weight", 1)] == (0, 1)
+    assert slices[("attns.0.proj_w.weight", 0)] == (0, 1)
+    assert slices[("attns.0.proj_w.bias", 0)] == (0, 1)
+    # the mixed logits (rows of proj_l, columns of proj_w) are units of their own
+    mixed = groups["attns.0.proj_l"]
+    assert (mixed.kind, mixed.size) == ("channels", HEADS)
+    hidden = {(s.tensor, s.axis) for s in groups["embed"].slices}
+    assert ("gammas.0", 0) in hidden and ("gammas.1", 0) in hidden  # layer scale
+
+    # removing head 2 of block 0 equals zeroing its query rows (its logits are 0 wherever
+    # proj_l reads them) and its output columns in proj (v_2 weighed by map 2 reaches no
+    # further)
+    reference = Stack(TalkingHeads, layer_scale=True).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[0].qkv.weight[2 * D:3 * D] = 0
+        reference.attns[0].qkv.bias[2 * D:3 * D] = 0
+        reference.attns[0].proj.weight[:, 2 * D:3 * D] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.0.qkv": [2]}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    a = model.attns[0]
+    assert (a.num_heads, a.proj_l.weight.shape, a.proj_w.weight.shape) == (3, (4, 3), (3, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class QKNorm(nn.Module):
+    """q and k LayerNorm-ed over head_dim (timm's ``qk_norm=True``): one norm shared by every
+    head, over an axis that is no unit's, so it does not stand in the way of the heads."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_query_key_norms_over_head_dim_keep_heads_prunable() -> None:
+    torch.manual_seed(0)
+    model = Stack(QKNorm).eval()
+    x = _tokens()
+    g = {g.name: g for g in prunable_groups(model, x)}["attns.0.qkv"]
+    assert (g.kind, g.size) == ("heads", HEADS)
+    assert not any("norm" in s.tensor for s in g.slices)  # the norms keep their head_dim size
+    reference = Stack(QKNorm).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[0].proj.weight[:, 3 * D:4 * D] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.0.qkv": [3]}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[0].q_norm.weight.shape == (D,)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class SpatialReduction(nn.Module):
+    """PVT v2's spatial-reduction attention: keys and values come from a coarser stream (the
+    tokens as a ``C x 4 x 4`` map, a strided conv, a LayerNorm), ``C`` read off the input."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.sr = nn.Conv2d(dim, dim, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+        r = self.sr(x.permute(0, 2, 1).reshape(B, C, 4, 4)).reshape(B, C, -1).permute(0, 2, 1)
+        kv = self.kv(self.norm(r)).reshape(B, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def test_spatial_reduction_attention_prunes_heads_with_the_reduced_stream() -> None:
+    torch.manual_seed(0)
+    model = Stack(SpatialReduction).eval()
+    x = torch.randn(2, 16, 6, generator=torch.Generator().manual_seed(1))
+    groups = prunable_groups(model, x)
+    # the strided conv's output is read with the width C of the tokens: tied to them
+    assert [(g.kind, g.size) for g in groups] == [("heads", HEADS)]
+    assert "attns.0.sr" in groups[0].roots and "attns.1.kv" in groups[0].roots
+    gone = [1]
+    ref = Stack(SpatialReduction, dim=24, heads=3).eval()
+    c = _keep(DIM, gone, D)
+    with torch.no_grad():
+        ref.embed.weight.copy_(model.embed.weight[c])
+        ref.embed.bias.copy_(model.embed.bias[c])
+        ref.head.weight.copy_(model.head.weight[:, c])
+        ref.head.bias.copy_(model.head.bias)
+        for i in range(2):
+            a, b = ref.attns[i], model.attns[i]
+            ref.norms[i].weight.copy_(model.norms[i].weight[c])
+            ref.norms[i].bias.copy_(model.norms[i].bias[c])
+            a.q.weight.copy_(b.q.weight[c][:, c])
+            a.q.bias.copy_(b.q.bias[c])
+            a.kv.weight.copy_(b.kv.weight[torch.cat([c, c + DIM])][:, c])
+            a.kv.bias.copy_(b.kv.bias[torch.cat([c, c + DIM])])
+            a.sr.weight.copy_(b.sr.weight[c][:, c])
+            a.sr.bias.copy_(b.sr.bias[c])
+            a.norm.weight.copy_(b.norm.weight[c])
+            a.norm.bias.copy_(b.norm.bias[c])
+            a.proj.weight.copy_(b.proj.weight[c][:, c])
+            a.proj.bias.copy_(b.proj.bias[c])
+    plan = pruneplan.plan_pruning(model, {"embed": gone}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[0].sr.weight.shape == (24, 24, 2, 2)
+    assert model.attns[0].num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
