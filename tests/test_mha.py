@@ -519,3 +519,21 @@ def test_transformer_encoder_decoder_heads_cross_attention_and_width() -> None:
     assert narrow.t.d_model == 14 and narrow.get_submodule(f"{dec}.multihead_attn").kdim == 14
     with torch.no_grad():
         assert narrow(a, b).shape == (2, 4, 3)
+
+
+def test_a_plan_that_leaves_the_heads_inconsistent_is_refused_before_any_change() -> None:
+    import json
+
+    torch.manual_seed(0)
+    model = _rand(Attn(batch_first=True)).eval()
+    x = torch.randn(3, 5, 4)
+    data = json.loads(pruneplan.plan_pruning(model, {"mha": [1]}, example_inputs=x).to_json())
+    for g in data["groups"]:  # the num_heads edit deleted by hand: the rows still go
+        g["edits"] = [e for e in g["edits"] if e["attribute"] != "num_heads"]
+    plan = pruneplan.PrunePlan.from_dict(data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanMismatchError, match=r"module 'mha' \(MultiheadAttention\) inconsistent: "
+                       r"in_proj_bias would have shape \[12\] but its attributes say \[24\]"):
+        pruneplan.apply_plan(model, plan)
+    assert type(model.mha) is nn.MultiheadAttention and model.mha.num_heads == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

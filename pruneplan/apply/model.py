@@ -295,6 +295,11 @@ def _expected_shapes(module: nn.Module, get) -> dict[str, list[int]] | str:
         return {"weight": [get("num_embeddings"), get("embedding_dim")]}
     if isinstance(module, nn.PReLU):
         return {"weight": [get("num_parameters")]}
+    if isinstance(module, nn.MultiheadAttention):  # inner width: num_heads * head_dim
+        inner, e = get("num_heads") * get("head_dim"), get("embed_dim")
+        return {"in_proj_weight": [3 * inner, e], "in_proj_bias": [3 * inner],
+                "q_proj_weight": [inner, e], "k_proj_weight": [inner, get("kdim")],
+                "v_proj_weight": [inner, get("vdim")], "bias_k": [1, 1, inner], "bias_v": [1, 1, inner]}
     return {}
 
 
