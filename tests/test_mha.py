@@ -329,36 +329,41 @@ def test_transformer_encoder_heads_and_mlp_equal_zeroing(norm_first: bool, tmp_p
         torch.testing.assert_close(twice(x), ref2(x), rtol=1e-5, atol=1e-5)
 
 
+def _ln(norm: nn.LayerNorm, t: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """LayerNorm over the kept channels only, written out."""
+    mu = t.mean(-1, keepdim=True)
+    var = ((t - mu) ** 2).mean(-1, keepdim=True)
+    return (t - mu) / torch.sqrt(var + norm.eps) * norm.weight[keep] + norm.bias[keep]
+
+
+def _sa(a: nn.MultiheadAttention, t: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Self-attention (batch first) with only the hidden channels ``keep``, written out: the
+    inner width stays ``embed_dim`` of the original."""
+    heads, hd, e = a.num_heads, a.head_dim, a.embed_dim
+    n, length, _ = t.shape
+    qkv = t @ a.in_proj_weight[:, keep].T + a.in_proj_bias
+    q, k, v = (qkv[..., i * e:(i + 1) * e].reshape(n, length, heads, hd).transpose(1, 2)
+               for i in range(3))
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
+    o = att.transpose(1, 2).reshape(n, length, e)
+    return o @ a.out_proj.weight[keep].T + a.out_proj.bias[keep]
+
+
+def _mlp(fc1: nn.Linear, fc2: nn.Linear, t: torch.Tensor, keep: list[int], act) -> torch.Tensor:
+    return act(t @ fc1.weight[:, keep].T + fc1.bias) @ fc2.weight[keep].T + fc2.bias[keep]
+
+
 def _layer_by_hand(layer: nn.TransformerEncoderLayer, x: torch.Tensor, keep: list[int]) -> torch.Tensor:
     """A TransformerEncoderLayer (batch first, ReLU, no dropout) written out with only the
     hidden channels ``keep`` of its weights: the independent reference for the hidden size."""
-    a = layer.self_attn
-    heads, hd, e = a.num_heads, a.head_dim, a.embed_dim
-    w_in, b_in = a.in_proj_weight[:, keep], a.in_proj_bias
-
-    def ln(norm: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
-        mu = t.mean(-1, keepdim=True)
-        var = ((t - mu) ** 2).mean(-1, keepdim=True)
-        return (t - mu) / torch.sqrt(var + norm.eps) * norm.weight[keep] + norm.bias[keep]
-
-    def sa(t: torch.Tensor) -> torch.Tensor:
-        n, length, _ = t.shape
-        qkv = t @ w_in.T + b_in
-        q, k, v = (qkv[..., i * e:(i + 1) * e].reshape(n, length, heads, hd).transpose(1, 2)
-                   for i in range(3))
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1) @ v
-        o = att.transpose(1, 2).reshape(n, length, e)
-        return o @ a.out_proj.weight[keep].T + a.out_proj.bias[keep]
-
     def ff(t: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(t @ layer.linear1.weight[:, keep].T + layer.linear1.bias)
-        return h @ layer.linear2.weight[keep].T + layer.linear2.bias[keep]
+        return _mlp(layer.linear1, layer.linear2, t, keep, torch.relu)
 
     if layer.norm_first:
-        x = x + sa(ln(layer.norm1, x))
-        return x + ff(ln(layer.norm2, x))
-    x = ln(layer.norm1, x + sa(x))
-    return ln(layer.norm2, x + ff(x))
+        x = x + _sa(layer.self_attn, _ln(layer.norm1, x, keep), keep)
+        return x + ff(_ln(layer.norm2, x, keep))
+    x = _ln(layer.norm1, x + _sa(layer.self_attn, x, keep), keep)
+    return _ln(layer.norm2, x + ff(x), keep)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -537,3 +542,30 @@ def test_a_plan_that_leaves_the_heads_inconsistent_is_refused_before_any_change(
         pruneplan.apply_plan(model, plan)
     assert type(model.mha) is nn.MultiheadAttention and model.mha.num_heads == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_torchvision_vit_width_matches_a_forward_written_by_hand() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = _rand(torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+        num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    removed = [0, 9, 33, 63]
+    keep = [i for i in range(64) if i not in removed]
+    gelu = torch.nn.functional.gelu
+    with torch.no_grad():  # conv_proj's kept channels, class token, position embedding, blocks
+        h = torch.nn.functional.conv2d(x, model.conv_proj.weight[keep], model.conv_proj.bias[keep],
+                                       stride=8).flatten(2).transpose(1, 2)
+        h = torch.cat([model.class_token[..., keep].expand(2, -1, -1), h], 1)
+        h = h + model.encoder.pos_embedding[..., keep]
+        for blk in model.encoder.layers:
+            h = h + _sa(blk.self_attention, _ln(blk.ln_1, h, keep), keep)
+            h = h + _mlp(blk.mlp[0], blk.mlp[3], _ln(blk.ln_2, h, keep), keep, gelu)
+        h = _ln(model.encoder.ln, h, keep)[:, 0]
+        expected = h @ model.heads.head.weight[:, keep].T + model.heads.head.bias
+    plan = pruneplan.plan_pruning(model, {"conv_proj": removed}, example_inputs=x)
+    pruned = pruneplan.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.hidden_dim == 60 and pruned.encoder.layers[1].self_attention.embed_dim == 60
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
