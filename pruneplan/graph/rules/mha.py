@@ -98,7 +98,7 @@ class MultiheadAttentionRule(Rule):
         q, k, v = (_last(call, call.read(r), call.meta(r)) for r in refs)
         out_lab = None
         if q is not None or k is not None or v is not None:
-            out_lab = self._widths(call, m, p, refs, q, k, v)
+            out_lab = self._widths(call, m, p, q, k, v)
         arr = call.units(lambda: head_slices(name, m))
         if arr is not None:
             call.mark_heads(arr)
@@ -116,7 +116,7 @@ class MultiheadAttentionRule(Rule):
                            "it with need_weights=False or average_attn_weights=False to prune them)")
         return [out_lab, weights]
 
-    def _widths(self, call: Call, m: nn.MultiheadAttention, p: str, refs: list,
+    def _widths(self, call: Call, m: nn.MultiheadAttention, p: str,
                 q: np.ndarray | None, k: np.ndarray | None, v: np.ndarray | None) -> Lab | None:
         """The labels of query, key and value are read; the output carries the query's."""
         sizes = (m.embed_dim, m.kdim, m.vdim)
@@ -142,8 +142,8 @@ class MultiheadAttentionRule(Rule):
         call.edit("out_features", m.out_proj.out_features, q, module=f"{p}out_proj")
         # nn.Transformer checks its inputs against d_model: it follows the width
         parts = call.name.split(".")
-        for k in range(len(parts) - 1, -1, -1):
-            path = ".".join(parts[:k])
+        for depth in range(len(parts) - 1, -1, -1):
+            path = ".".join(parts[:depth])
             outer = call.model.get_submodule(path) if path else call.model
             if isinstance(outer, nn.Transformer) and outer.d_model == m.embed_dim:
                 call.edit("d_model", outer.d_model, q, module=path)
