@@ -14,10 +14,14 @@ Every ratio is measured in the same run (median of ``--reps`` repetitions):
    the CLI) (target <= 1.0).
 
 The model: hidden 768, 12 layers, 12 query heads and 4 key/value heads of 64, MLP 2048,
-vocabulary 16000, untied lm_head (about 100M parameters), random weights, fp32 on the CPU; the
-batch is 1 x ``--tokens`` token ids.
+vocabulary 16000, lm_head tied to the embedding (87.8M parameters; ``--untied``: its own lm_head,
+100.1M), random weights, fp32 on the CPU; the batch is 1 x ``--tokens`` token ids. With the tie,
+the checkpoint stores the embedding once and the plan records ``lm_head.weight`` as tied: the
+apply checks that both are sliced alike, and the content digest of the folder equals the
+model's (no content warning).
 
-Run: ``python benchmarks/transformers.py [--reps 3] [--tokens 256]`` (needs ``transformers``).
+Run: ``python benchmarks/transformers.py [--reps 3] [--tokens 256] [--untied]`` (needs
+``transformers``).
 """
 
 from __future__ import annotations
@@ -58,12 +62,12 @@ for shard in sorted(src.glob("model-*.safetensors")):
 """
 
 
-def build() -> nn.Module:
+def build(tied: bool = True) -> nn.Module:
     import transformers
 
     config = transformers.LlamaConfig(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=4, vocab_size=16000, tie_word_embeddings=False,
+        num_key_value_heads=4, vocab_size=16000, tie_word_embeddings=tied,
         attn_implementation="sdpa")
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
@@ -99,9 +103,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--untied", action="store_true", help="an lm_head of its own")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = build()
+    model = build(tied=not args.untied)
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, 16000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
 
@@ -123,8 +128,8 @@ def main() -> None:
         plan = pruneplan.plan_pruning(model, removed, example_inputs=(ids,))
 
     t_plan = timed(planning, args.reps)
-    print(f"model: {params / 1e6:.1f}M parameters, {len(groups)} groups ({', '.join(kinds)}), "
-          f"batch 1 x {args.tokens} tokens")
+    print(f"model: {params / 1e6:.1f}M parameters ({'untied' if args.untied else 'tied'} lm_head), "
+          f"{len(groups)} groups ({', '.join(kinds)}), batch 1 x {args.tokens} tokens")
     print(f"1. discovery + planning {t_plan:.3f} s / forward {t_fwd:.3f} s = "
           f"{t_plan / t_fwd:.2f} (target <= 2)")
 
@@ -153,12 +158,18 @@ def main() -> None:
         plan.save(root / "plan.json")
         shards = sorted(ckpt.glob("model-*.safetensors"))
         size = sum(p.stat().st_size for p in shards)
+        if plan.config is not None and plan.config.tied:
+            print(f"   tied in the plan: {plan.config.tied}; content digest of the folder equals the "
+                  f"model's: {pruneplan.weights_digest(ckpt) == pruneplan.weights_digest(model)}")
         exe = [sys.executable, "-m", "pruneplan.cli"]
-        (t_apply, _), (t_copy, _) = alternate(
-            [[*exe, "apply", str(root / "plan.json"), str(ckpt), "-o", str(root / "pruned"), "--force"],
-             [sys.executable, "-c", COPY, str(ckpt), str(root / "copy")]], args.reps)
+        got = alternate(
+            {"apply": [*exe, "apply", str(root / "plan.json"), str(ckpt), "-o", str(root / "pruned"),
+                       "--force"],
+             "copy": [sys.executable, "-c", COPY, str(ckpt), str(root / "copy")]}, args.reps)
+        (t_apply, c_apply, _), (t_copy, c_copy, _) = got["apply"], got["copy"]
         print(f"3. pruneplan apply {t_apply:.2f} s / per-shard copy {t_copy:.2f} s = "
-              f"{t_apply / t_copy:.2f} (target <= 1.0; {len(shards)} shards, {size / 2**20:.0f} MB)")
+              f"{t_apply / t_copy:.2f} (target <= 1.0; {len(shards)} shards, {size / 2**20:.0f} MB); "
+              f"CPU {c_apply:.2f} / {c_copy:.2f} s = {c_apply / c_copy:.2f}")
 
 
 if __name__ == "__main__":
