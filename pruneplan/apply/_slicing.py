@@ -30,9 +30,15 @@ def check_fingerprint(
         where: how to name the weights in messages (a path, "model", "state dict").
         check_digest: also compare the digest of all names and shapes.
     """
+    missing = [k for k in plan.model.tensors if k not in shapes]
+    if missing:
+        more = ""
+        if len(missing) > 1:
+            # most of them: another naming (transformers renames some models' keys on saving)
+            more = (f" ({len(missing)} of the plan's {len(plan.model.tensors)} tensors are; do "
+                    "these weights name the tensors as the model's state_dict does?)")
+        raise PlanMismatchError(f"{where}: tensor {quote(missing[0])} named by the plan is missing{more}")
     for key, expected in plan.model.tensors.items():
-        if key not in shapes:
-            raise PlanMismatchError(f"{where}: tensor {quote(key)} named by the plan is missing")
         actual = [int(d) for d in shapes[key]]
         if actual != list(expected):
             raise PlanMismatchError(
