@@ -569,3 +569,14 @@ def test_torchvision_vit_width_matches_a_forward_written_by_hand() -> None:
     assert pruned.hidden_dim == 60 and pruned.encoder.layers[1].self_attention.embed_dim == 60
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_describe_groups_shows_the_heads() -> None:
+    from pruneplan.graph.discover import describe_groups
+
+    model = Attn(batch_first=True).eval()
+    lines = describe_groups(prunable_groups(model, torch.randn(3, 5, 4))).splitlines()
+    # columns: group, kind, size, tensors, roots (mha: in_proj_weight, in_proj_bias, out_proj.weight)
+    assert lines[0].split() == ["group", "kind", "size", "tensors", "roots"]
+    assert lines[2].split() == ["mha", "heads", "2", "3", "mha"]
+    assert lines[1].split()[:3] == ["proj", "channels", "8"]

@@ -242,15 +242,19 @@ def left_out_summary(groups: GroupList, shown: int = 3) -> str:
 
 
 def describe_groups(groups: list[Group]) -> str:
-    """A plain-text table of groups: name, size, roots, tensor count (for the CLI); for a
+    """A plain-text table of groups: name, kind (only when some group's units are not
+    channels: ``heads``, ``query_groups``), size, roots, tensor count (for the CLI); for a
     `GroupList` with roots left out, then one line per such root: its name and the reason.
     Raises nothing."""
     lines = []
     width = max([len("group"), *(len(g.name) for g in groups)])
-    lines.append(f"{'group':<{width}}  {'size':>6}  {'tensors':>7}  roots")
+    kinds = any(g.kind != "channels" for g in groups)
+    kind_head = f"  {'kind':<12}" if kinds else ""
+    lines.append(f"{'group':<{width}}{kind_head}  {'size':>6}  {'tensors':>7}  roots")
     for g in groups:
         roots = ", ".join(g.roots)
-        lines.append(f"{g.name:<{width}}  {g.size:>6}  {len(g.tensors):>7}  {roots}")
+        kind = f"  {g.kind:<12}" if kinds else ""
+        lines.append(f"{g.name:<{width}}{kind}  {g.size:>6}  {len(g.tensors):>7}  {roots}")
     left = getattr(groups, "left_out", [])
     if left:
         lines.append(f"left out ({len(left)} roots):")
