@@ -209,3 +209,21 @@ def test_t5_heads_in_one_stack_only_are_refused_for_the_checkpoint(tmp_path: Pat
     assert model.encoder.block[1].layer[0].SelfAttention.n_heads == 2
     assert model.decoder.block[0].layer[1].EncDecAttention.n_heads == 4
     torch.testing.assert_close(logits(model, x, mask, y), logits(ref, x, mask, y), rtol=1e-5, atol=1e-5)
+
+
+def test_t5_plan_from_metric_equal_counts_reach_the_checkpoint(tmp_path: Path) -> None:
+    model = t5()
+    x, mask, y = inputs()
+    plan = pp.plan_from_metric(model, (x, mask, y), "weight_norm", 0.3)
+    # one num_heads and one d_ff for the whole model: the three head groups (encoder, decoder
+    # self-attention, cross-attention) lose 1 of 4 each, the four MLPs floor(0.3 * 128) = 38
+    assert {g.name: len(g.removed) for g in plan.groups} == {
+        SELF_ENC: 1, SELF_DEC: 1, CROSS: 1, **{f"{s}.block.{i}.layer.{n}.DenseReluDense.wi": 38
+                                                for s, n in (("encoder", 1), ("decoder", 2)) for i in (0, 1)}}
+    assert {c.key: (c.before, c.after) for c in plan.config.changes} == {"d_ff": (128, 90), "num_heads": (4, 3)}
+    src = tmp_path / "ckpt"
+    model.save_pretrained(src)
+    out = pp.apply_to_checkpoint(plan, src, tmp_path / "out")
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+    pp.apply_plan(model, plan)
+    torch.testing.assert_close(logits(loaded, x, mask, y), logits(model, x, mask, y), rtol=0, atol=0)
