@@ -135,3 +135,109 @@ def test_recorded_sizes_are_graph_values_and_plain_ints_after_the_pass() -> None
     n = len(graph.nodes)
     assert seen[0] // 2 == 4 and type(seen[0] // 2) is int and len(graph.nodes) == n
     assert type(copy.deepcopy(seen[0])) is int
+
+
+# ---- a parameter viewed with a fixed size (poolformer's Scale, gcvit/coatnet's bias_shape) ----
+
+
+class ScaledConv(nn.Module):
+    """``y * self.scale.view(shape)``: a per-channel parameter viewed with its size given as
+    ``how``: a tuple attribute (timm's ``Scale``: ``self.shape = (dim, 1, 1)``), an int
+    attribute, a bare number, or ``-1``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 8))
+        self.head = nn.Conv2d(8, 4, 1)
+        if how == "tuple":
+            self.shape = (8, 1, 1)
+        if how == "attribute":
+            self.dim = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "tuple":
+            s = self.scale.view(self.shape)
+        elif self.how == "attribute":
+            s = self.scale.view(self.dim, 1, 1)
+        elif self.how == "number":
+            s = self.scale.view(8, 1, 1)
+        else:
+            s = self.scale.view(-1, 1, 1)
+        return self.head(torch.relu(self.conv(x) * s))
+
+
+VIEW = "operation 'view' in module '<top level>' views parameter 'scale' with the size 8 of its axis 0 "
+FAILS = ", so the view would fail once units are removed"
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+@pytest.mark.parametrize(("how", "why"), [
+    ("tuple", "from the tuple 'shape' of module '<top level>', which a plan cannot edit"),
+    ("number", "written as a number no attribute of its module holds"),
+])
+def test_a_parameter_viewed_with_a_fixed_size_leaves_its_root_out(how: str, why: str,
+                                                                  tracer: str) -> None:
+    # conv's units slice scale; after pruning, scale.view(8, 1, 1) of 5 values would fail
+    groups = pp.prunable_groups(ScaledConv(how).eval(), torch.randn(2, 3, 6, 6), tracer=tracer)
+    assert list(groups) == []
+    assert groups.left_out == [LeftOut("conv", VIEW + why + FAILS), LeftOut("head", OUTPUT)]
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+@pytest.mark.parametrize("how", ["attribute", "minus_one"])
+def test_a_parameter_viewed_with_an_attribute_or_minus_one_prunes(how: str, tracer: str) -> None:
+    # self.dim (the one int attribute holding 8 under a width name) is edited with the units:
+    # 8 - 3 = 5; with -1 nothing needs editing. Reference: the original with conv's channels
+    # 1, 4, 6 zeroed at head's input (scale and ReLU act per channel, so they stay zero)
+    model, x = ScaledConv(how).eval(), torch.randn(2, 3, 6, 6)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("conv", 8)]
+    dims = [(e.module, e.attribute, e.before, e.per_unit) for e in groups[0].edits
+            if e.attribute == "dim"]
+    assert dims == ([("", "dim", 8, 1)] if how == "attribute" else [])
+    plan = build_plan(model, [(groups[0], [1, 4, 6])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.scale.shape == (5,) and getattr(pruned, "dim", 5) == 5
+    handles = _zeroing_hooks(model, plan)
+    with torch.no_grad():
+        want = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- repeat_interleave along another axis (gcvit's global query, repeated per window) --------
+
+
+class RepeatedQuery(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (1, N, 6) -> (B, N, 6): the same query for each of B windows, B read at run time
+        # (as gcvit does: the unknown-op examination cannot replay such a call)
+        g = torch.relu(self.q(x[:1]))
+        return self.head(g.repeat_interleave(x.shape[0] // g.shape[0], dim=0))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_repeat_interleave_along_another_axis_follows(tracer: str) -> None:
+    model, x = RepeatedQuery().eval(), torch.randn(3, 5, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("q", 6)]
+    plan = build_plan(model, [(groups[0], [0, 5])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    handles = _zeroing_hooks(model, plan)
+    with torch.no_grad():
+        want = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        out = pruned(x)
+    assert out.shape == (3, 5, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

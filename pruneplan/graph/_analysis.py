@@ -720,6 +720,20 @@ class Engine:
             self._index(i)
         return True
 
+    def sliced(self, key: str, axis: int) -> list[tuple[int, int]]:
+        """``(root, positions per unit)`` of every root not blocked whose units own positions
+        of tensor ``key`` along ``axis`` (so far)."""
+        out = []
+        for r, root in enumerate(self.roots):
+            if self.uf.is_blocked(r):
+                continue
+            for item in (*root.slices, *(it for _, it in self.effects[r])):
+                if isinstance(item, SliceSpec) and item.tensor == key and item.axis == axis:
+                    st = Stream(item.offset, item.repeat, item.tiles, item.tile_stride, item.positions)
+                    out.append((r, st.per_unit))
+                    break
+        return out
+
     # ---- sizes read as Python ints -------------------------------------------------------
 
     def check_widths(self, node: Node, out: Any, args: tuple) -> None:

@@ -322,6 +322,18 @@ class Call:
         what depends on facts found further on (units that attention makes heads)."""
         self._engine.later.append(check)
 
+    def sliced(self, tensor: str, axis: int) -> list[tuple[int, int]]:
+        """``(root, positions per unit)`` of every root (not blocked) whose units own positions
+        of ``tensor`` along ``axis`` so far (in a `later` check: all of them)."""
+        return self._engine.sliced(tensor, axis)
+
+    def edit_root(self, root: int, attribute: str, before: int, per_unit: int,
+                  module: str | None = None) -> None:
+        """``module.attribute`` (default: the called module) shrinks by ``per_unit`` for each
+        removed unit of ``root``."""
+        mod = self.name if module is None else module
+        self._engine.effect(root, self.node, EditSpec(mod, attribute, before, per_unit))
+
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land
         on an output axis carrying the same coupled units (checked once everything is known)."""

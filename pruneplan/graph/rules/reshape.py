@@ -3,6 +3,7 @@ and the shapes and sizes read off labelled tensors (fx keeps them as graph value
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -195,6 +196,52 @@ def attribute_size(call: Call, lab: Lab, v: int) -> bool:
     return True
 
 
+def param_sizes(call: Call, view: PView | None, args: list[Any] | None) -> PView | None:
+    """A view of a parameter whose output axes were given the sizes ``args``: where an axis
+    that is a whole axis of the parameter got its size as a number (``scale.view(64, 1, 1)``,
+    ``table.view(self.bias_shape)``), that number must shrink with any units that slice the
+    parameter there. Checked once everything is known (`Call.later`): when exactly one integer
+    attribute of the module running the view holds it under a width name, the plan edits it;
+    otherwise (a tuple attribute, which a plan cannot edit, or a bare number) the roots slicing
+    the parameter there are left out. ``-1`` and sizes read off tensors are fine."""
+    if view is None or args is None or len(args) != len(view.dims):
+        return view
+    for p, v in zip(view.dims, args, strict=True):
+        if p is None or not isinstance(v, int) or isinstance(v, bool) or v == -1:
+            continue
+        call.later(_param_size_check(call, view.key, p, v, args))
+    return view
+
+
+def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any]) -> Callable[[], None]:
+    scope, mod = call.node.scope, call.scope_module
+    mods = [(".".join(q for q in (scope, n) if q), m) for n, m in mod.named_modules()] \
+        if mod is not None else []
+    held = [(q, n) for q, m in mods for n, val in vars(m).items()
+            if isinstance(val, tuple | list) and list(val) == list(args)]
+    names = [] if held else _attributes(call, v)
+    if held:
+        q, n = held[0]
+        why = f"from the tuple {n!r} of module {q or '<top level>'!r}, which a plan cannot edit"
+    elif len(names) > 1:
+        why = f"written as a number that several attributes of its module hold ({', '.join(sorted(names))})"
+    else:
+        why = "written as a number no attribute of its module holds"
+
+    def check() -> None:
+        owners = call.sliced(key, axis)
+        if not owners:
+            return
+        if len(names) == 1:
+            for r, per in owners:
+                call.edit_root(r, names[0], v, per, module=scope)
+            return
+        call.block([r for r, _ in owners], f"{call.where} views parameter {key!r} with the size "
+                   f"{v} of its axis {axis} {why}, so the view would fail once units are removed")
+
+    return check
+
+
 def _view_dims(x: PView, a: Any, out: Any) -> PView | None:
     groups = reshape_groups(tuple(a), tuple(out))
     if groups is None:
@@ -229,7 +276,8 @@ class ReshapeRule(FunctionRule):
 
     def params(self, call: Call) -> PView | None:
         x = _param(call)
-        return _view_dims(x, call.xmeta, call.out) if x is not None else None
+        view = _view_dims(x, call.xmeta, call.out) if x is not None else None
+        return param_sizes(call, view, shape_args(call))
 
     def labels(self, call: Call) -> Lab | None:
         x = self.main(call)
@@ -309,7 +357,13 @@ class ExpandRule(FunctionRule):
         a, out = call.xmeta, call.out
         shift = len(out) - len(a)
         dims = [None] * shift + [x.dims[d] if a[d] == out[d + shift] else None for d in range(len(a))]
-        return PView(x.key, tuple(dims))
+        view = PView(x.key, tuple(dims))
+        if call.name not in ("expand", "broadcast_to"):  # repeat/tile take multipliers
+            return view
+        args = list(call.node.args[1:]) or [call.node.kwargs.get("size")]
+        if len(args) == 1 and isinstance(args[0], tuple | list | torch.Size):
+            args = list(args[0])
+        return param_sizes(call, view, args)
 
     def labels(self, call: Call) -> Lab | None:
         x = self.main(call)
@@ -321,6 +375,24 @@ class ExpandRule(FunctionRule):
             call.block(x, f"repeated along their axis at {call.where}")
             return None
         return lab
+
+
+class RepeatInterleaveRule(FunctionRule):
+    """``repeat_interleave`` along an axis without labels (a global query repeated for every
+    window, along the batch): the labels stay; along their own axis, or flattened, it blocks."""
+
+    def labels(self, call: Call) -> Lab | None:
+        x = self.main(call)
+        if x is None:
+            return None
+        dim = call.arg(2, "dim")
+        if not isinstance(dim, int) or isinstance(dim, bool) or len(call.out) != len(call.xmeta):
+            call.block(x, f"{call.where} repeats them into one flat axis")
+            return None
+        if dim % len(call.xmeta) in x.axes:
+            call.block(x, f"repeated along their axis at {call.where}")
+            return None
+        return x
 
 
 def _trivial(idx: Any) -> bool:
@@ -500,6 +572,7 @@ builtin(names=RESHAPE, rule=ReshapeRule())
 builtin([nn.Flatten, nn.Unflatten], rule=FlattenRule())
 builtin(names=PERMUTE, rule=PermuteRule())
 builtin(names=EXPAND, rule=ExpandRule())
+builtin(names=("repeat_interleave",), rule=RepeatInterleaveRule())
 builtin(names=("getitem",), rule=GetitemRule())
 builtin(names=("size", "getattr"), rule=SizeRule())
 builtin(names=CREATE, rule=CreateRule())
