@@ -163,3 +163,62 @@ def test_swin_heads_are_scored_at_the_input_of_proj() -> None:
     scores = score_groups(model, groups, "activation", data=[(x, y)])["features.1.0.attn"]
     assert scores.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
     assert type(attn) is sw.ShiftedWindowAttention and "heads_output" not in attn._modules
+
+
+def _ln(norm: torch.nn.LayerNorm, t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """LayerNorm over the channels ``idx`` of the original only, written out."""
+    mu = t.mean(-1, keepdim=True)
+    var = ((t - mu) ** 2).mean(-1, keepdim=True)
+    return (t - mu) / torch.sqrt(var + norm.eps) * norm.weight[idx] + norm.bias[idx]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_stage_width_matches_a_forward_written_by_hand(v2: bool) -> None:
+    # the first stage's 32 channels lose 5 and 9; the reference runs the first stage and the
+    # merging layer with the kept weights only (LayerNorms over the kept channels, written out;
+    # the window attention is torchvision's own, given the kept channels padded back with zeros,
+    # which add nothing to q, k, v, its output cut to the kept rows), then the unchanged rest
+    model, x = _model(v2), _x()
+    removed = [5, 9]
+    keep = [c for c in range(32) if c not in removed]
+    f = model.features
+    gelu = torch.nn.functional.gelu
+    with torch.no_grad():
+        conv = f[0][0]
+        h = torch.nn.functional.conv2d(x, conv.weight[keep], conv.bias[keep], stride=4).permute(0, 2, 3, 1)
+        h = _ln(f[0][2], h, keep)
+        for blk in f[1]:
+            a = blk.attn
+
+            def attn(t: torch.Tensor, a=a) -> torch.Tensor:
+                full = t.new_zeros(*t.shape[:-1], 32)
+                full[..., keep] = t
+                out = sw.shifted_window_attention(
+                    full, a.qkv.weight, a.proj.weight, a.get_relative_position_bias(), a.window_size,
+                    a.num_heads, shift_size=a.shift_size, qkv_bias=a.qkv.bias, proj_bias=a.proj.bias,
+                    logit_scale=getattr(a, "logit_scale", None), training=False)
+                return out[..., keep]
+
+            def mlp(t: torch.Tensor, blk=blk) -> torch.Tensor:
+                fc1, fc2 = blk.mlp[0], blk.mlp[3]
+                return gelu(t @ fc1.weight[:, keep].T + fc1.bias) @ fc2.weight[keep].T + fc2.bias[keep]
+
+            if v2:
+                h = h + _ln(blk.norm1, attn(h), keep)
+                h = h + _ln(blk.norm2, mlp(h), keep)
+            else:
+                h = h + attn(_ln(blk.norm1, h, keep))
+                h = h + mlp(_ln(blk.norm2, h, keep))
+        merge = f[2]
+        idx = [c + 32 * i for i in range(4) for c in keep]  # channel c sits at c + 32 i
+        t = sw._patch_merging_pad(h)
+        if v2:
+            t = merge.norm(t @ merge.reduction.weight[:, idx].T)
+        else:
+            t = _ln(merge.norm, t, idx) @ merge.reduction.weight[:, idx].T
+        expected = model.head(model.flatten(model.avgpool(model.permute(model.norm(f[3](t))))))
+    plan = pruneplan.plan_pruning(model, {"features.0.0": removed}, example_inputs=x)
+    pruned = pruneplan.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.get_submodule("features.2.reduction").in_features == 120
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-4)
