@@ -600,3 +600,69 @@ def test_spatial_reduction_attention_prunes_heads_with_the_reduced_stream() -> N
     assert model.attns[0].num_heads == 3
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class ClassToken(nn.Module):
+    """Class attention (VOLO, CaiT): the class token attends to all tokens; the output width is
+    computed in the forward as ``self.head_dim * self.num_heads``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.q(x[:, :1, :]).reshape(B, self.num_heads, 1, self.head_dim)
+        attn = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, 1, self.head_dim * self.num_heads))
+
+
+def test_output_width_computed_as_heads_times_head_dim_follows_the_heads() -> None:
+    torch.manual_seed(0)
+    model = Stack(ClassToken).eval()
+    x = _tokens()
+    g = {g.name: g for g in prunable_groups(model, x)}["attns.0.kv"]
+    assert (g.kind, g.size, g.roots) == ("heads", HEADS, ("attns.0.kv", "attns.0.q"))
+    edits = {(e.module, e.attribute): (e.before, e.per_unit) for e in g.edits}
+    assert edits[("attns.0", "num_heads")] == (HEADS, 1)
+    assert ("attns.0", "head_dim") not in edits
+    reference = Stack(ClassToken).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[0].proj.weight[:, 1 * D:2 * D] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.0.kv": [1]}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert (model.attns[0].num_heads, model.attns[0].head_dim) == (3, D)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class CutStream(nn.Module):
+    """The stream is cut in two parts and joined again before the attention (a fixed split:
+    the embedding's channels are left out there and carry no units further on), then the
+    attention reads ``C`` off that tensor and sizes its output with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, DIM)
+        self.attn = HiddenSizedAttention(DIM, HEADS, "inferred")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = torch.cat([x[..., :DIM // 2] * 2, x[..., DIM // 2:]], dim=-1)
+        return self.attn(x).sum(-1)
+
+
+def test_width_of_a_stream_whose_units_were_dropped_still_fixes_the_heads() -> None:
+    # C is the fixed width of a tensor with no units: reshape(B, N, C) can hold no fewer heads
+    model = CutStream().eval()
+    groups = prunable_groups(model, _tokens())
+    assert [g.name for g in groups] == ["attn.proj"]  # its outputs are summed: free
+    why = {lo.name: lo.reason for lo in groups.left_out}
+    assert why["attn.qkv"] == "their width is used as a fixed size at operation 'reshape' in " \
+        "module 'attn'"

@@ -246,9 +246,8 @@ class Engine:
             return [self._filter(x) for x in v]
         if isinstance(v, Dim):  # kept whole: a blocked width still sizes what it sizes
             return v
-        if isinstance(v, Sizes):
-            lab = self._filter(v.lab)
-            return Sizes(lab, v.ndim) if lab is not None else None
+        if isinstance(v, Sizes):  # kept whole, as `Dim` (sizes of blocked channels still size)
+            return v
         return v
 
     def meta(self, ref: Any) -> Any:
@@ -585,8 +584,9 @@ class Engine:
     def call_function(self, node: Node) -> Any:
         refs = list(iter_refs((node.args, node.kwargs)))
         infos = [self.read(r) for r in refs]
-        if all(i is None for i in infos):
-            return None
+        if all(i is None for i in infos) and isinstance(node.meta, torch.Size) \
+                and not any(isinstance(self.info[r.node], Lab) for r in refs):
+            return None  # (sizes read off any tensor are followed: see `check_widths`)
         call = Call(self, node, refs, infos)
         rule = function_rule(node.target)
         if rule is None:
@@ -762,6 +762,11 @@ class Engine:
         for check in self.later:
             check()
         for node, dim, lab, out, since in self.widths:
+            if dim.div > 1 and lab is None:
+                if dim.arr is not None:
+                    self._per_head(node, dim, out, since)
+                self.derived.append((node, dim))
+                continue
             want = {self.uf.find(r) for r in dim.roots}
             have = {self.uf.find(r) for r in lab.roots} if lab is not None else set()
             if want == have:
@@ -770,10 +775,6 @@ class Engine:
                     and len(lab.arr) == len(dim.arr) and (lab.arr >= 0).all() \
                     and (dim.arr >= 0).all():
                 self.couple(self.refresh(dim.arr, dim.since), self.refresh(lab.arr, since), node)
-                continue
-            if dim.div > 1 and dim.arr is not None and lab is None:
-                self._per_head(node, dim, out, since)
-                self.derived.append((node, dim))
                 continue
             self.block(list(dim.roots) + (list(lab.roots) if lab is not None else []),
                        f"their width is used as a fixed size at {node.where()}")

@@ -142,6 +142,11 @@ class Call:
         """Shape of a graph value (``None`` for a non-`Ref`)."""
         return self._engine.meta(ref)
 
+    def raw(self, ref: Any) -> Any:
+        """What the engine recorded for a graph value, labels of blocked roots included (for
+        sizes read off a tensor; everything else reads `read`)."""
+        return self._engine.info[ref.node] if isinstance(ref, Ref) else None
+
     def dim(self, ref: Any) -> Dim | None:
         """The `Dim` a graph value holds, blocked roots included (a width read off channels
         stays a constraint on the axes it sizes even when its own roots are left out)."""
@@ -149,9 +154,11 @@ class Call:
         return v if isinstance(v, Dim) else None
 
     def width(self, lab: Lab, axis: int) -> Dim | None:
-        """The width of ``axis`` of a tensor labelled ``lab``, read as a Python int (fx)."""
+        """The width of ``axis`` of a tensor labelled ``lab``, read as a Python int (fx); an
+        axis carrying no units has a fixed width (a `Dim` of no roots: it must not size an
+        axis whose units may go)."""
         if axis not in lab.axes:
-            return None
+            return Dim(())
         arr = lab.arr if lab.axes == (axis,) else None
         return Dim(tuple(lab.roots), arr, len(self._engine.regroups))
 

@@ -186,6 +186,8 @@ def attribute_size(call: Call, lab: Lab, v: int) -> bool:
     names = _attributes(call, v)
     preferred = [n for n in names if any(w in n.lower() for w in _HEAD_WORDS)]
     pick = preferred or names
+    if not pick and _head_product(call, lab, v):
+        return True
     if len(pick) != 1:
         why = "no attribute of its module holds it" if not pick else \
             f"several attributes of its module hold it ({', '.join(sorted(pick))})"
@@ -240,6 +242,29 @@ def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any]) 
                    f"{v} of its axis {axis} {why}, so the view would fail once units are removed")
 
     return check
+
+
+def _head_product(call: Call, lab: Lab, v: int) -> bool:
+    """``v`` is ``self.num_heads * self.head_dim`` computed in the forward (VOLO's class
+    attention: ``reshape(B, 1, self.head_dim * self.num_heads)``) where the axis holds the
+    heads: one ``*heads*`` attribute equal to the number of heads there and one ``*head_dim*``
+    attribute equal to the positions of each. The head count is edited with the heads; the
+    product then follows them (``head_dim`` stays)."""
+    mod = call.scope_module
+    arr = lab.arr
+    if mod is None or arr.ndim != 1 or len(arr) != v or not (arr >= 0).all():
+        return False
+    units, counts = np.unique(arr, return_counts=True)
+    per = int(counts[0])
+    if (counts != per).any() or len(units) * per != v:
+        return False
+    ints = {n: val for n, val in vars(mod).items() if type(val) is int and not n.startswith("_")}
+    count = [n for n, val in ints.items() if "heads" in n.lower() and val == len(units)]
+    width = [n for n, val in ints.items() if "head_dim" in n.lower() and val == per]
+    if len(count) != 1 or len(width) != 1:
+        return False
+    call.edit(count[0], len(units), units, module=call.node.scope)
+    return True
 
 
 def _view_dims(x: PView, a: Any, out: Any) -> PView | None:
@@ -520,7 +545,11 @@ class SizeRule(FunctionRule):
     channel width reused as a fixed size is checked."""
 
     def propagate(self, call: Call) -> Any:
-        x = call.x
+        # the labels as recorded, blocked roots included: a width read off a tensor sizes what
+        # it sizes whether or not its own channels can be pruned (it then keeps that fixed)
+        x = call.raw(call.xref)
+        if x is None and isinstance(call.xmeta, torch.Size):  # no units: every width is fixed
+            x = Lab((), np.full((), -1, dtype=np.int64))
         if isinstance(x, Lab):
             nd = len(call.xmeta)
             if call.name == "getattr":
