@@ -542,9 +542,12 @@ def plan_from_metric(
     * ``ratio``: the fraction of units to remove (of every group with ``scope="layer"``, the
       default; of all units together with ``scope="global"``). ``kind_ratios`` (group kind ->
       ratio, e.g. ``{"heads": 0.25}``; a group's kind is ``"channels"`` unless discovery says
-      otherwise) and ``layer_ratios`` (glob pattern over group and root names -> ratio; the first
-      matching pattern wins) override it for some groups; with ``scope="global"`` each kind is
-      ranked separately with its ratio, and ``layer_ratios`` are refused.
+      otherwise; with ``"heads"`` and no ``"query_groups"``, grouped-query attention is pruned
+      by its query heads, the same count from every key/value head, instead of by its query
+      groups: `GroupList.with_query_heads`) and ``layer_ratios`` (glob pattern over group and
+      root names -> ratio; the first matching pattern wins) override it for some groups; with
+      ``scope="global"`` each kind is ranked separately with its ratio, and ``layer_ratios`` are
+      refused.
     * ``target``: ``{"macs": f}`` or ``{"params": f}``: remove at least the fraction ``f`` of
       the model's MACs or parameters (as `pruneplan.count` measures them on ``example_inputs``).
       Units are removed in one global ranking (normalised per group with ``normalize``) until the
@@ -625,6 +628,14 @@ def plan_from_metric(
         found = prunable_groups(current, example_inputs)
         if step == 1:
             log.info("planning from %s: %s", metric, left_out_summary(found))
+        if kind_ratios and "heads" in kind_ratios and "query_groups" not in kind_ratios \
+                and found.alternatives:
+            # a heads ratio reaches grouped-query attention through its query heads
+            found = found.with_query_heads()
+            if step == 1:
+                log.info("kind_ratios: the query heads of %d grouped-query attention layers are "
+                         "pruned (the same count from every key/value head) instead of their "
+                         "query groups", len(found.alternatives))
         order = execution_order(found)
         groups = _included(found, exclude)
         if step == 1:

@@ -31,8 +31,8 @@ from pruneplan.plan import (
     state_dict_digest,
 )
 
-__all__ = ["build_plan", "execution_order", "hf_config_edits", "normalize_indices", "plan_pruning",
-           "tied_keys"]
+__all__ = ["build_plan", "check_blocks", "execution_order", "hf_config_edits", "normalize_indices",
+           "plan_pruning", "tied_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _discovered(
         raise PlanningError(f"couple must be 'error' or 'expand', got {couple!r}")
     groups = prunable_groups(model, example_inputs, include_output=include_output,
                              on_unsupported=on_unsupported, strict=strict)
-    by_name = {g.name: g for g in groups}
+    by_name = {g.name: g for g in [*groups, *groups.alternatives]}
     by_root = {r: g for g in groups for r in g.roots}
     left_out = {lo.name: lo.reason for lo in groups.left_out}
     chosen: dict[str, tuple[GroupSpec, IndexLike]] = {}
@@ -158,12 +158,49 @@ def _discovered(
         if g.name in chosen:
             raise PlanningError(f"group {g.name!r} is given twice (as {key!r})")
         chosen[g.name] = (g, idx)
+    for name, (g, _) in chosen.items():
+        if g.alternative_to is not None and g.alternative_to in chosen:
+            raise PlanningError(
+                f"{name!r} (query heads) and {g.alternative_to!r} (query groups) divide the same "
+                "attention: give indices for one of them (remove whole query groups, or query "
+                "heads from every group), or compose two plans")
     return list(chosen.values()), execution_order(groups)
 
 
 def execution_order(groups: Sequence[GroupSpec]) -> dict[str, int]:
-    """Group name -> rank in discovery order, which is the order the model executes them."""
-    return {g.name: i for i, g in enumerate(groups)}
+    """Group name -> rank in discovery order, which is the order the model executes them (an
+    alternative group of a `GroupList` takes the rank of the group it replaces)."""
+    order = {g.name: i for i, g in enumerate(groups)}
+    for alt in getattr(groups, "alternatives", ()):
+        if alt.alternative_to in order:
+            order.setdefault(alt.name, order[alt.alternative_to])
+    return order
+
+
+def check_blocks(spec: GroupSpec, removed: Sequence[int]) -> None:
+    """Refuse ``removed`` (sorted unit indices of ``spec``) when ``spec.blocks > 1`` and the
+    equal contiguous blocks lose different counts (the query heads of grouped-query attention:
+    every key/value head must keep the same number of query heads).
+
+    Raises:
+        PlanningError: naming the group, its roots and the count removed from each block.
+    """
+    b = getattr(spec, "blocks", 1)
+    if not isinstance(b, int) or b <= 1 or not removed:
+        return
+    if spec.size % b:
+        raise PlanningError(f"group {spec.name!r}: {spec.size} units do not form {b} equal blocks")
+    per = spec.size // b
+    counts = [0] * b
+    for u in removed:
+        counts[u // per] += 1
+    if len(set(counts)) > 1:
+        detail = ", ".join(f"{i}: {n}" for i, n in enumerate(counts))
+        raise PlanningError(
+            f"group {spec.name!r} ({', '.join(spec.roots)}): grouped-query attention needs every "
+            f"key/value head to keep the same number of query heads, these indices remove "
+            f"{detail} (key/value head: query heads removed; units {per}k to {per}k+{per - 1} "
+            "belong to key/value head k)")
 
 
 def build_plan(
@@ -200,6 +237,7 @@ def build_plan(
         rem = normalize_indices(idx, spec.size, f"group {spec.name!r}")
         if not rem:
             continue
+        check_blocks(spec, rem)
         k = len(rem)
         slices = []
         for s in spec.slices:

@@ -78,7 +78,8 @@ def select_indices(
             of a model whose config holds one width for all of them): each set loses, in every
             member, the smallest count any member would lose alone. Groups whose ``blocks``
             attribute is above 1 (the key/value heads of grouped-query attention: units come in
-            that many equal contiguous blocks) lose the same number of units in every block.
+            that many equal contiguous blocks) lose the same number of units in every block:
+            the count is lowered to whole rounds that keep a multiple of ``round_to``.
         ``round_to`` and ``min_keep`` count units of the group, so for a ``"heads"`` group they
         count heads (``round_to=2``: an even number of heads stays).
 
@@ -126,7 +127,7 @@ def select_indices(
         normed = table
     for name, b in blocks.items():
         if name in counts and b > 1:
-            counts[name] -= counts[name] % b  # whole rounds: one unit from every block
+            counts[name] = _whole_rounds(table[name].size, counts[name], b, round_to, min_keep)
     for members in same_count or ():
         present = [m for m in dict.fromkeys(members) if m in table]
         if present:
@@ -210,6 +211,16 @@ def _structure(groups: Mapping[str, Sequence[str]] | Iterable[Any] | None) -> tu
                 raise PlanningError(f"group {name!r}: {size} units do not form {b} equal blocks")
             blocks[name] = b
     return kinds, blocks
+
+
+def _whole_rounds(size: int, k: int, blocks: int, round_to: int, min_keep: int) -> int:
+    """The largest count ``<= k`` that takes the same number of units from each of ``blocks``
+    equal blocks (one round: a unit from every block) and keeps a count that `keep_count`
+    allows (a multiple of ``round_to``, at least ``min_keep``); 0 when none does."""
+    for n in range(k - k % blocks, 0, -blocks):
+        if keep_count(size, size - n, round_to, min_keep) == size - n:
+            return n
+    return 0
 
 
 def _lowest_per_block(s: np.ndarray, k: int, blocks: int) -> list[int]:

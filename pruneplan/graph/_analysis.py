@@ -878,6 +878,7 @@ class Engine:
             classes.setdefault(self.uf.find(r), []).append(r)
         out = GroupList()
         left: list[tuple[int, LeftOut]] = []
+        query_classes: dict[str, list[int]] = {}  # group name -> its roots (untied)
         for rep, members in sorted(classes.items()):
             notes = self.uf.notes.get(rep, [])
             reason = self.uf.blocked[rep][0] if rep in self.uf.blocked else None
@@ -885,6 +886,8 @@ class Engine:
                 try:
                     blocks = self._blocks(rep, members, notes) if rep in self.uf.part else None
                     out.append(self.assemble(members, notes, blocks))
+                    if blocks is None:
+                        query_classes[out[-1].name] = members
                     continue
                 except PlanningError as exc:
                     reason = str(exc)
@@ -909,6 +912,11 @@ class Engine:
         out.left_out = [lo for _, lo in sorted(left, key=lambda t: t[0])]
         out.left_out += [LeftOut(n, why) for n, why in self.refused.items()
                          if n not in self.by_name]
+        for g in out:
+            if g.kind == "query_groups" and g.name in query_classes:
+                alt = self._query_heads(g, query_classes[g.name])
+                if alt is not None:
+                    out.alternatives.append(alt)
         return out
 
     def _blocks(self, rep: int, members: list[int], notes: list[str]) -> dict[int, np.ndarray]:
@@ -988,6 +996,69 @@ class Engine:
             edits=tuple(final_edits),
             dropouts=tuple(drops[k] for k in sorted(drops)),
             notes=tuple(dict.fromkeys(f"coupled by {n}" for n in notes)),
+        )
+
+    def _query_heads(self, qg: Group, members: list[int]) -> Group | None:
+        """The query heads of a grouped-query attention group as units of their own: an
+        alternative to ``qg`` (kind ``"heads"``, ``blocks`` = its key/value heads), or ``None``.
+
+        Only the roots whose units gather several query heads (``self.heads[r] > 1``) take
+        part; the key/value projections are untouched. Unit ``u`` of ``qg`` owns, in every
+        tensor of those roots, one contiguous run of positions; query head ``u * rep + j``
+        owns the ``j``-th of ``rep`` equal parts of it (the heads keep their order from the
+        query projection to the output projection, as a split by ``view`` and a merge by the
+        inverse ``view`` / ``reshape`` keep it). Anything else (a fused q/k/v root, tiled or
+        scattered positions, a tensor shared with a key/value root, an attribute that does
+        not shrink per query head) offers no alternative.
+        """
+        qroots = [r for r in members if self.heads.get(r, 1) > 1]
+        others = [r for r in members if self.heads.get(r, 1) <= 1]
+        if not qroots or not others or qg.size < 2:
+            return None
+        rep = self.heads[qroots[0]]
+        if any(self.heads[r] != rep or self.roots[r].size != qg.size for r in qroots):
+            return None
+        kv_axes = {(it.tensor, it.axis) for r in others
+                   for it in [*self.roots[r].slices, *(i for _, i in self.effects[r])]
+                   if isinstance(it, SliceSpec)}
+        size = qg.size * rep
+        slices: dict[tuple[str, int], set[SliceSpec]] = {}
+        edits: dict[tuple[str, str], set[EditSpec]] = {}
+        drops: dict[str, DropoutSpec] = {}
+        for r in qroots:
+            root = self.roots[r]
+            for item in [*root.slices, *root.edits, *(i for _, i in self.effects[r])]:
+                if isinstance(item, SliceSpec):
+                    if (item.tensor, item.axis) in kv_axes or item.positions is not None \
+                            or item.modulo is not None or item.tiles != 1 or item.repeat % rep:
+                        return None
+                    part = item.repeat // rep
+                    slices.setdefault((item.tensor, item.axis), set()).add(
+                        SliceSpec(item.tensor, item.axis, offset=item.offset, repeat=part))
+                elif isinstance(item, EditSpec):
+                    if item.per_unit % rep:
+                        return None
+                    edits.setdefault((item.module, item.attribute), set()).add(
+                        EditSpec(item.module, item.attribute, item.before, item.per_unit // rep))
+                else:
+                    drops.setdefault(item.module, item)
+        if not slices or any(len(v) > 1 for v in [*slices.values(), *edits.values()]):
+            return None
+        prefix = [r.rsplit(".", 1)[0] if "." in r else "" for r in qg.roots]
+        name = (prefix[0] if len(set(prefix)) == 1 and prefix[0] else qg.name) + ".heads"
+        if name in self.by_name:
+            return None
+        return Group(
+            kind="heads",
+            name=name,
+            size=size,
+            roots=tuple(self.roots[r].name for r in qroots),
+            slices=tuple(next(iter(slices[k])) for k in sorted(slices)),
+            edits=tuple(next(iter(edits[k])) for k in sorted(edits)),
+            dropouts=tuple(drops[k] for k in sorted(drops)),
+            notes=(f"the query heads of {qg.name!r}: {rep} per key/value head",),
+            blocks=qg.size,
+            alternative_to=qg.name,
         )
 
     def _coarse_per(self, where: Any, r: int, e: EditSpec,

@@ -244,8 +244,9 @@ def left_out_summary(groups: GroupList, shown: int = 3) -> str:
 def describe_groups(groups: list[Group]) -> str:
     """A plain-text table of groups: name, kind (only when some group's units are not
     channels: ``heads``, ``query_groups``), size, roots, tensor count (for the CLI); for a
-    `GroupList` with roots left out, then one line per such root: its name and the reason.
-    Raises nothing."""
+    `GroupList` with alternatives (query heads of grouped-query attention), one line each
+    (name, kind, units and blocks, the group it replaces); with roots left out, one line per
+    such root: its name and the reason. Raises nothing."""
     lines = []
     width = max([len("group"), *(len(g.name) for g in groups)])
     kinds = any(g.kind != "channels" for g in groups)
@@ -255,6 +256,11 @@ def describe_groups(groups: list[Group]) -> str:
         roots = ", ".join(g.roots)
         kind = f"  {g.kind:<12}" if kinds else ""
         lines.append(f"{g.name:<{width}}{kind}  {g.size:>6}  {len(g.tensors):>7}  {roots}")
+    alts = getattr(groups, "alternatives", [])
+    if alts:
+        lines.append(f"instead of a group above ({len(alts)}; never both in one plan):")
+        lines.extend(f"  {g.name}  {g.kind}  {g.size} units in {g.blocks} blocks of "
+                     f"{g.size // max(g.blocks, 1)}, instead of {g.alternative_to}" for g in alts)
     left = getattr(groups, "left_out", [])
     if left:
         lines.append(f"left out ({len(left)} roots):")

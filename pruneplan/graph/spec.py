@@ -8,7 +8,7 @@ attributes it owns. It knows nothing of which units will be removed: the planner
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["DropoutSpec", "EditSpec", "Group", "GroupList", "LeftOut", "SliceSpec"]
 
@@ -73,7 +73,11 @@ class Group:
             grouped-query attention with its query heads); see `pruneplan.plan.KINDS`.
         blocks: the units form this many equal contiguous blocks that must each lose the
             same number of units (the key/value heads of a ``"heads"`` group in grouped-query
-            attention); 1 otherwise. `pruneplan.select_indices` honours it.
+            attention); 1 otherwise. `pruneplan.select_indices` honours it, and planning
+            refuses indices that remove different counts from the blocks.
+        alternative_to: for a group listed in `GroupList.alternatives`: the name of the
+            group whose units it divides (the ``"query_groups"`` group of the same attention)
+            and which it replaces; ``None`` for the groups of the list itself.
     """
 
     name: str
@@ -85,6 +89,7 @@ class Group:
     notes: tuple[str, ...] = field(default=(), compare=False)
     kind: str = "channels"
     blocks: int = 1
+    alternative_to: str | None = None
 
     @property
     def tensors(self) -> list[str]:
@@ -115,10 +120,26 @@ class GroupList(list):
             order.
         unexecuted: paths of modules holding parameters that no example call reached in eval
             or training mode; their widths were not checked (see `prunable_groups`).
+        alternatives: groups that divide the units of a group of the list differently and
+            may be used instead of it, never with it (they share its tensors): for each
+            ``"query_groups"`` group of grouped-query attention, its query heads (kind
+            ``"heads"``, ``blocks`` = the key/value heads, named ``<attention>.heads``; see
+            `Group.alternative_to`).
     """
 
     def __init__(self, groups: Iterable[Group] = (), left_out: Iterable[LeftOut] = (),
-                 unexecuted: Iterable[str] = ()) -> None:
+                 unexecuted: Iterable[str] = (), alternatives: Iterable[Group] = ()) -> None:
         super().__init__(groups)
         self.left_out: list[LeftOut] = list(left_out)
         self.unexecuted: list[str] = list(unexecuted)
+        self.alternatives: list[Group] = list(alternatives)
+
+    def with_query_heads(self) -> GroupList:
+        """A copy where every group that has an alternative (`alternatives`) is replaced by
+        it, in its place: grouped-query attention offers its query heads instead of its query
+        groups. ``left_out`` and ``unexecuted`` are kept; ``alternatives`` then lists the
+        replaced groups. Raises nothing."""
+        alt = {g.alternative_to: g for g in self.alternatives}
+        out = [alt.get(g.name, g) for g in self]
+        swapped = [replace(g, alternative_to=alt[g.name].name) for g in self if g.name in alt]
+        return GroupList(out, self.left_out, self.unexecuted, swapped)

@@ -1,0 +1,251 @@
+"""Query heads within the groups of grouped-query attention, from discovery.
+
+A GQA layer (8 query heads, 2 key/value heads: query head ``h`` reads key/value head ``h // 4``)
+is offered as whole query groups (``"query_groups"``, in the group list) and, in
+``GroupList.alternatives``, as its query heads: a ``"heads"`` group ``<attention>.heads`` of 8
+units in 2 blocks of 4 (one block per key/value head) that owns ``head_dim`` rows of ``q_proj``
+(and its bias) and the same columns of ``o_proj``; ``k_proj``/``v_proj`` are untouched. Every
+key/value head must keep the same number of query heads (the config has one
+``num_attention_heads`` and ``repeat_kv`` repeats each key/value head ``n_rep`` times), so a
+plan removes the same count from every block (positions may differ between blocks).
+
+Reference for removing query heads: the original model with those heads' ``head_dim`` columns
+of ``o_proj`` zeroed. A query head reaches the rest of the network only through them, and the
+query heads do not interact before it (each has its own softmax; the key/value heads are
+unchanged), so the two must agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pruneplan as pp
+from pruneplan.cli import cli
+from pruneplan.graph.discover import describe_groups
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+V, HD, HQ, HKV = 128, 8, 8, 2
+
+
+def gqa(family: str = "Llama", impl: str = "sdpa", layers: int = 2):
+    cfg = getattr(transformers, f"{family}Config")(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=HQ,
+        num_key_value_heads=HKV, vocab_size=V)
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    return getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, x) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+def zeroed(model, removed: dict[int, list[int]]):
+    """The reference: a copy whose ``o_proj`` ignores the given query heads of each layer."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, heads in removed.items():
+            w = ref.model.layers[layer].self_attn.o_proj.weight
+            for h in heads:
+                w[:, h * HD:(h + 1) * HD] = 0
+    return ref
+
+
+def attn(i: int) -> str:
+    return f"model.layers.{i}.self_attn"
+
+
+# ---- discovery ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_gqa_offers_its_query_heads_as_an_alternative(impl: str) -> None:
+    model = gqa("Llama", impl)
+    groups = pp.prunable_groups(model, ids())
+    # the list itself is unchanged: one query group per key/value head
+    qg = {g.name: (g.kind, g.size) for g in groups if "self_attn" in g.name}
+    assert qg == {f"{attn(i)}.q_proj": ("query_groups", 2) for i in (0, 1)}
+    alts = {g.name: g for g in groups.alternatives}
+    assert sorted(alts) == [f"{attn(0)}.heads", f"{attn(1)}.heads"]
+    g = alts[f"{attn(0)}.heads"]
+    assert (g.kind, g.size, g.blocks, g.roots, g.alternative_to) == (
+        "heads", 8, 2, (f"{attn(0)}.q_proj",), f"{attn(0)}.q_proj")
+    # a unit: HD rows of q_proj and the same HD columns of o_proj; k_proj and v_proj untouched
+    assert sorted((s.tensor, s.axis, s.offset, s.repeat) for s in g.slices) == [
+        (f"{attn(0)}.o_proj.weight", 1, 0, HD), (f"{attn(0)}.q_proj.weight", 0, 0, HD)]
+    assert sorted((e.module, e.attribute, e.before, e.per_unit) for e in g.edits) == [
+        (f"{attn(0)}.o_proj", "in_features", 64, HD), (f"{attn(0)}.q_proj", "out_features", 64, HD)]
+    text = describe_groups(groups)
+    assert "instead of a group above (2; never both in one plan):" in text
+    assert f"  {attn(0)}.heads  heads  8 units in 2 blocks of 4, instead of {attn(0)}.q_proj" in text
+    # with_query_heads swaps them in, in place
+    swapped = groups.with_query_heads()
+    assert [g.name for g in swapped] == [
+        g.name.replace("q_proj", "heads") if g.kind == "query_groups" else g.name for g in groups]
+    assert [g.name for g in swapped.alternatives] == [f"{attn(0)}.q_proj", f"{attn(1)}.q_proj"]
+    assert swapped.left_out == groups.left_out
+
+
+def test_qwen2_query_heads_own_the_query_bias() -> None:
+    model = gqa("Qwen2")
+    g = {a.name: a for a in pp.prunable_groups(model, ids()).alternatives}[f"{attn(0)}.heads"]
+    assert sorted((s.tensor, s.axis, s.repeat) for s in g.slices) == [
+        (f"{attn(0)}.o_proj.weight", 1, HD), (f"{attn(0)}.q_proj.bias", 0, HD),
+        (f"{attn(0)}.q_proj.weight", 0, HD)]
+
+
+# ---- removing the same count of query heads from every key/value head -------------------------
+
+
+# layer 0: heads 1, 2 of kv head 0 and 5, 7 of kv head 1; layer 1: 0, 3 and 4, 6 (positions differ
+# per group and per layer; the count, 2 per key/value head, is the same)
+REMOVED = {0: [1, 2, 5, 7], 1: [0, 3, 4, 6]}
+
+
+@pytest.mark.parametrize(("family", "impl"), [("Llama", "sdpa"), ("Llama", "eager"), ("Mistral", "sdpa"),
+                                              ("Qwen2", "eager")])
+def test_query_heads_equal_zeroed_heads_and_reload(tmp_path: Path, family: str, impl: str) -> None:
+    model = gqa(family, impl)
+    x = ids()
+    plan = pp.plan_pruning(model, {f"{attn(i)}.heads": h for i, h in REMOVED.items()}, example_inputs=x)
+    assert [(g.name, g.kind, g.removed) for g in plan.groups] == [
+        (f"{attn(i)}.heads", "heads", h) for i, h in REMOVED.items()]
+    # 4 query heads left, 2 per key/value head; the key/value heads stay. Qwen2's config holds
+    # no head_dim (it would derive 64 / 4 = 16): it is written explicitly as the kept 8
+    derived = {"head_dim": (None, HD)} if family == "Qwen2" else {}
+    assert {c.key: (c.before, c.after) for c in plan.config.changes} == {
+        "num_attention_heads": (HQ, 4), **derived}
+    assert plan.config.problems() == []
+    ref = zeroed(model, REMOVED)
+    pp.apply_plan(model, plan)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        assert a.q_proj.weight.shape == (4 * HD, 64) and a.k_proj.weight.shape == (HKV * HD, 64)
+        assert a.o_proj.weight.shape == (64, 4 * HD)
+        assert (a.num_key_value_groups, a.head_dim) == (2, HD)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
+    d = tmp_path / "saved"
+    model.save_pretrained(d)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        d, output_loading_info=True, attn_implementation=impl)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set()
+    torch.testing.assert_close(logits(loaded.eval(), x), logits(model, x), rtol=0, atol=0)
+
+
+def test_checkpoint_folder_round_trip_with_the_cli(tmp_path: Path) -> None:
+    model = gqa("Mistral")
+    x = ids()
+    src, out = tmp_path / "ckpt", tmp_path / "out"
+    model.save_pretrained(src)
+    plan = pp.plan_pruning(model, {f"{attn(i)}.heads": h for i, h in REMOVED.items()}, example_inputs=x)
+    plan.save(tmp_path / "plan.json")
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "plan.json"), str(src), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    source = json.loads((src / "config.json").read_text())
+    # Mistral's config holds head_dim (8) already: only the query head count changes
+    assert source["head_dim"] == HD
+    assert {k: v for k, v in config.items() if source.get(k) != v} == {"num_attention_heads": 4}
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set()
+    pp.apply_plan(model, plan)
+    torch.testing.assert_close(logits(loaded.eval(), x), logits(model, x), rtol=0, atol=0)
+
+
+# ---- refused ---------------------------------------------------------------------------------
+
+
+def test_uneven_counts_are_refused_naming_the_layer_and_the_counts() -> None:
+    model = gqa("Llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # heads 0, 1 belong to key/value head 0, head 4 to key/value head 1: 2 and 1 removed
+    with pytest.raises(pp.PlanningError, match=(
+            r"group 'model\.layers\.0\.self_attn\.heads' \(model\.layers\.0\.self_attn\.q_proj\): "
+            r"grouped-query attention needs every key/value head to keep the same number of query "
+            r"heads, these indices remove 0: 2, 1: 1 \(key/value head: query heads removed; units "
+            r"4k to 4k\+3 belong to key/value head k\)")):
+        pp.plan_pruning(model, {f"{attn(0)}.heads": [0, 1, 4]}, example_inputs=ids())
+    # a plan edited by hand past the planner is refused by apply_plan, before any change
+    good = pp.plan_pruning(model, {f"{attn(0)}.heads": [0, 4]}, example_inputs=ids())
+    data = json.loads(good.to_json())
+    data["groups"][0]["removed"] = [0, 1]
+    with pytest.raises(pp.ConfigError, match=(
+            r"layer 'model\.layers\.0\.self_attn': grouped-query attention needs every key/value "
+            r"head to keep the same number of query heads, this plan leaves 0: 2, 1: 4")):
+        pp.apply_plan(model, pp.PrunePlan.from_dict(data))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.config.num_attention_heads == 8
+    assert model.model.layers[0].self_attn.q_proj.out_features == 64
+
+
+def test_query_heads_and_query_groups_of_one_layer_are_refused_together() -> None:
+    model = gqa("Llama", layers=1)
+    with pytest.raises(pp.PlanningError, match=(
+            r"'model\.layers\.0\.self_attn\.heads' \(query heads\) and 'model\.layers\.0\.self_attn"
+            r"\.q_proj' \(query groups\) divide the same attention: give indices for one of them")):
+        pp.plan_pruning(model, {f"{attn(0)}.heads": [0, 4], f"{attn(0)}.q_proj": [1]},
+                        example_inputs=ids())
+
+
+# ---- selection -------------------------------------------------------------------------------
+
+
+def test_plan_from_metric_with_a_heads_ratio_keeps_counts_uniform(tmp_path: Path) -> None:
+    model = gqa("Llama")
+    x = ids()
+    plan = pp.plan_from_metric(model, x, "weight_norm", kind_ratios={"heads": 0.5})
+    heads = [g for g in plan.groups if g.kind == "heads"]
+    assert [g.name for g in heads] == [f"{attn(0)}.heads", f"{attn(1)}.heads"]
+    assert not [g for g in plan.groups if g.kind != "heads"]  # nothing else has a ratio
+    # independent: weight_norm scores a q row by its L1 norm; a head by the mean over its HD
+    # rows; each key/value head loses its 2 lowest-scored query heads
+    for g, layer in zip(heads, model.model.layers, strict=True):
+        s = layer.self_attn.q_proj.weight.detach().double().abs().sum(1).reshape(HQ, HD).mean(1).numpy()
+        expected = sorted(b * 4 + int(j) for b in range(HKV) for j in np.argsort(s[b * 4:(b + 1) * 4])[:2])
+        assert g.removed == expected
+    assert {c.key: (c.before, c.after) for c in plan.config.changes} == {"num_attention_heads": (8, 4)}
+    ref = zeroed(model, {i: g.removed for i, g in enumerate(heads)})
+    pp.apply_plan(model, plan)
+    torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
+    # a quarter of 8 is 2: one per key/value head; with round_to=4 the kept 6 rounds up to 8
+    quarter = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25})
+    assert [len(g.removed) for g in quarter.groups] == [2, 2]
+    assert all(len({u // 4 for u in g.removed}) == 2 for g in quarter.groups)
+    assert pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25},
+                               round_to=4).groups == []
+    # naming query groups too keeps the query groups (one of 2 per layer at 0.5)
+    both = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.5, "query_groups": 0.5})
+    assert [(g.kind, len(g.removed)) for g in both.groups] == [("query_groups", 1), ("query_groups", 1)]
+
+
+def test_select_indices_takes_whole_rounds_that_honour_round_to() -> None:
+    # 12 query heads in 3 key/value groups of 4; scores rise with the index inside each block
+    g = SimpleNamespace(name="h", roots=("q",), kind="heads", size=12, blocks=3)
+    scores = {"h": [1.0, 2.0, 3.0, 4.0] * 3}
+    # 0.5 of 12 = 6: 2 from every block (the lowest two of each)
+    assert pp.select_indices(scores, {"heads": 0.5}, groups=[g]) == {"h": [0, 1, 4, 5, 8, 9]}
+    # 0.34 of 12 = 4, rounded down to a whole round of 3 (one from each block) keeping 9
+    assert pp.select_indices(scores, {"heads": 0.34}, groups=[g]) == {"h": [0, 4, 8]}
+    # with round_to=2, one round keeps 9 (odd) and two rounds are more than the 4 asked: nothing
+    assert pp.select_indices(scores, {"heads": 0.34}, groups=[g], round_to=2) == {}
+    # 0.5 with round_to=2: 6 removed in 2 rounds keeps 6, even
+    assert pp.select_indices(scores, {"heads": 0.5}, groups=[g], round_to=2) == {"h": [0, 1, 4, 5, 8, 9]}
