@@ -249,3 +249,59 @@ def test_select_indices_takes_whole_rounds_that_honour_round_to() -> None:
     assert pp.select_indices(scores, {"heads": 0.34}, groups=[g], round_to=2) == {}
     # 0.5 with round_to=2: 6 removed in 2 rounds keeps 6, even
     assert pp.select_indices(scores, {"heads": 0.5}, groups=[g], round_to=2) == {"h": [0, 1, 4, 5, 8, 9]}
+
+
+# ---- attention written by hand (no config): the planner's check is the only one -------------
+
+
+class _GQA(torch.nn.Module):
+    """6 query heads, 2 key/value heads of 4, with ``enable_gqa`` or ``repeat_kv``'s expand +
+    reshape written out; the head counts are attributes, which the plan edits."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.mode = 6, 2, 4, mode
+        self.q, self.k, self.v = (torch.nn.Linear(32, n * 4) for n in (6, 2, 2))
+        self.o = torch.nn.Linear(24, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.mode == "enable_gqa":
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            n = self.num_heads // self.num_kv_heads
+            shape = (b, self.num_heads, t, self.head_dim)
+            k = k[:, :, None].expand(b, self.num_kv_heads, n, t, self.head_dim).reshape(shape)
+            v = v[:, :, None].expand(b, self.num_kv_heads, n, t, self.head_dim).reshape(shape)
+            y = (q @ k.transpose(-2, -1) / 2).softmax(-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("mode", ["enable_gqa", "repeat_kv"])
+def test_hand_written_gqa_query_heads(mode: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), _GQA(mode), torch.nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    alt = {g.name: g for g in pp.prunable_groups(model, x).alternatives}
+    assert [(n, g.size, g.blocks) for n, g in alt.items()] == [("1.heads", 6, 2)]
+    # the module's query head count drops by one per unit; its key/value head count is not touched
+    assert sorted((e.module, e.attribute, e.per_unit) for e in alt["1.heads"].edits) == [
+        ("1", "num_heads", 1), ("1.o", "in_features", 4), ("1.q", "out_features", 4)]
+    # query heads 0-2 read key/value head 0, 3-5 key/value head 1: 1, 3, 5 is 1 and 2
+    with pytest.raises(pp.PlanningError, match=r"these indices remove 0: 1, 1: 2 \(key/value head: "
+                       r"query heads removed; units 3k to 3k\+2 belong to key/value head k\)"):
+        pp.plan_pruning(model, {"1.heads": [1, 3, 5]}, example_inputs=x)
+    plan = pp.plan_pruning(model, {"1.heads": [1, 4]}, example_inputs=x)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for h in (1, 4):
+            ref[1].o.weight[:, h * 4:(h + 1) * 4] = 0
+        original = model(x)
+    pp.apply_plan(model, plan)
+    assert (model[1].num_heads, model[1].num_kv_heads, model[1].q.out_features) == (4, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+        assert (model(x) - original).abs().max() > 1e-3  # the removed heads mattered
