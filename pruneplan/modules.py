@@ -84,6 +84,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         is_batched = query.dim() == 3
+        same = query is key and key is value  # self-attention: one product with the packed weight
         if self.batch_first and is_batched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if not is_batched:
@@ -102,16 +103,19 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             attn_mask = _float_mask(attn_mask, query.dtype, "attn_mask")
             if key_padding_mask is not None:
                 is_causal = False
-        if self.in_proj_weight is not None:
-            w_q, w_k, w_v = self.in_proj_weight.split(inner)
+        if self.in_proj_weight is not None and same:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).split(inner, dim=-1)
         else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q = b_k = b_v = None
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.split(inner)
-        q = F.linear(query, w_q, b_q)
-        k = F.linear(key, w_k, b_k)
-        v = F.linear(value, w_v, b_v)
+            if self.in_proj_weight is not None:
+                w_q, w_k, w_v = self.in_proj_weight.split(inner)
+            else:
+                w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+            b_q = b_k = b_v = None
+            if self.in_proj_bias is not None:
+                b_q, b_k, b_v = self.in_proj_bias.split(inner)
+            q = F.linear(query, w_q, b_q)
+            k = F.linear(key, w_k, b_k)
+            v = F.linear(value, w_v, b_v)
         src = k.shape[0]
         if attn_mask is not None:
             if attn_mask.dim() == 2:

@@ -82,6 +82,26 @@ def test_pruned_multihead_attention_unpruned_equals_torch(batch_first: bool, sep
                 assert a[1] is None and b[1] is None
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_pruned_multihead_attention_self_attention_equals_torch(batch_first: bool) -> None:
+    # query, key and value one tensor: the packed projection runs as one product
+    torch.manual_seed(0)
+    m = _rand(nn.MultiheadAttention(8, 2, batch_first=batch_first, dropout=0.0)).eval()
+    p = copy.deepcopy(m)
+    prune_ready(p)
+    t = torch.randn(2, 5, 8) if batch_first else torch.randn(5, 2, 8)  # 2 sequences of 5
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    for kw in ({}, {"attn_mask": causal}, {"attn_mask": causal, "is_causal": True},
+               {"key_padding_mask": pad}, {"need_weights": False, "key_padding_mask": pad},
+               {"need_weights": False, "attn_mask": causal, "is_causal": True}):
+        with torch.no_grad():
+            a, b = m(t, t, t, **kw), p(t, t, t, **kw)
+        torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)
+        if a[1] is not None:
+            torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-5)
+
+
 # ---- heads --------------------------------------------------------------------------------
 
 
