@@ -453,7 +453,9 @@ def _assignments(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--layer-ratio", multiple=True, metavar="PATTERN=FRACTION",
               help="Ratio for the groups whose name or root matches the glob PATTERN (repeatable).")
 @click.option("--kind-ratio", multiple=True, metavar="KIND=FRACTION",
-              help="Ratio for the groups of a kind: channels, heads, query_groups (repeatable).")
+              help="Ratio for the groups of a kind: channels, heads, query_groups (repeatable). "
+                   "heads without query_groups prunes grouped-query attention by its query heads "
+                   "(the same count per key/value head).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave the groups whose name or root matches this glob untouched (repeatable).")
 @click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,

@@ -305,3 +305,24 @@ def test_hand_written_gqa_query_heads(mode: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
         assert (model(x) - original).abs().max() > 1e-3  # the removed heads mattered
+
+
+def llama_factory():
+    """The CLI's model factory (``--model tests/test_gqa_query_heads.py:llama_factory``)."""
+    return gqa("Llama")
+
+
+def test_cli_groups_lists_the_alternatives_and_plan_takes_a_heads_ratio(tmp_path: Path) -> None:
+    spec = f"{Path(__file__).resolve()}:llama_factory"
+    shown = CliRunner().invoke(cli, ["groups", "--model", spec, "--input-shape", "7", "--input-dtype", "long"])
+    assert shown.exit_code == 0, shown.output
+    assert f"  {attn(1)}.heads  heads  8 units in 2 blocks of 4, instead of {attn(1)}.q_proj" in shown.output
+    out = tmp_path / "plan.json"
+    made = CliRunner().invoke(cli, ["plan", "--model", spec, "--input-shape", "7", "--input-dtype", "long",
+                                    "--metric", "weight_norm", "--kind-ratio", "heads=0.5", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    # the same plan as the library's (zeros as token ids: example_input of a long dtype)
+    expected = pp.plan_from_metric(gqa("Llama"), torch.zeros(1, 7, dtype=torch.long), "weight_norm",
+                                   kind_ratios={"heads": 0.5})
+    assert pp.PrunePlan.load(out).to_json() == expected.to_json()
+    assert [(g.name, len(g.removed)) for g in expected.groups] == [(f"{attn(i)}.heads", 4) for i in (0, 1)]
