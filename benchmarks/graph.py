@@ -1,6 +1,6 @@
 """Discovery + planning cost relative to one forward pass, and the speed-up of a pruned ResNet-50.
 
-Run: ``.venv/bin/python benchmarks/graph.py [--threads N] [--repeats R] [--skip-zoo]``
+Run: ``.venv/bin/python benchmarks/graph.py [--threads N] [--repeats R] [--skip-zoo] [--cpu]``
 
 For every zoo model (tests/zoo.py) and a ResNet-50 written out here (torchvision layout, so
 torchvision is not needed) it prints the median time of one forward pass, of
@@ -62,15 +62,20 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+# wall time by default; ``--cpu`` measures the process's CPU time instead (with one thread, the
+# steadier measure on a machine other work is loading)
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    """Median time (`CLOCK`) of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times)
 
 
@@ -138,10 +143,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-zoo", action="store_true")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time CPU (time.process_time) instead of wall; use with --threads 1")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.cpu:
+        global CLOCK
+        CLOCK = time.process_time
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if args.cpu else 'wall'} time")
     print(f"{'model':<14} {'groups':>6} {'fwd ms':>9} {'fx ms':>9} {'/fwd':>7} {'rec ms':>9} "
           f"{'/fwd':>7} {'plan ms':>9} {'fx+plan':>7}")
     if not args.skip_zoo:
