@@ -563,7 +563,9 @@ def plan_from_metric(
     group keeps a size the config can hold with the heads that remain (a multiple of them, or
     exactly heads * head size where the config derives the head size as hidden / heads: BERT,
     GPT-2, ViT, DistilBERT; logged, with a warning when that is not the nearest count above the
-    selection), so that the pruned model stays expressible; ``same_count=None`` leaves per-layer
+    selection; with the hidden size not pruned, the head groups lose the largest count, in whole
+    rounds of ``blocks`` keeping a multiple of ``round_to``, that the hidden size holds, with a
+    warning), so that the pruned model stays expressible; ``same_count=None`` leaves per-layer
     counts free, explicit sets of group names equalise those sets.
 
     ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
@@ -665,7 +667,7 @@ def plan_from_metric(
                                           round_to, min_keep, normalize, step_ratio)
             if step == 1:
                 requested = want
-        removed = _config_fit(current, groups, table, removed, same_count)
+        removed = _config_fit(current, groups, table, removed, same_count, round_to)
         by_name = {g.name: g for g in groups}
         made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
         plans.append(made)
@@ -906,6 +908,7 @@ def _select_target(
 def _config_fit(
     model: nn.Module, groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray],
     removed: dict[str, list[int]], same_count: Iterable[Iterable[str]] | str | None,
+    round_to: int = 1,
 ) -> dict[str, list[int]]:
     """Equal counts in ``same_count`` sets, whole rounds over GQA blocks, hidden % heads."""
     if same_count == "auto":
@@ -929,6 +932,7 @@ def _config_fit(
     out = {n: (removed[n] if len(removed.get(n, ())) == len(v) else v) for n, v in fitted.items()}
     if same_count == "auto":
         out = _hidden_multiple_of_heads(model, groups, table, out)
+        out = _heads_fit_hidden(model, groups, table, out, round_to)
     return out
 
 
@@ -949,6 +953,64 @@ def config_count_sets(model: nn.Module, groups: Sequence[GroupSpec]) -> list[lis
         if role is not None and role != "hidden":
             sets.setdefault((role, getattr(g, "kind", "channels"), g.size), []).append(g.name)
     return [names for _, names in sorted(sets.items()) if len(names) > 1]
+
+
+def _heads_fit_hidden(
+    model: nn.Module, groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray],
+    removed: dict[str, list[int]], round_to: int = 1,
+) -> dict[str, list[int]]:
+    """For a Hugging Face model whose hidden size this selection leaves as it is, keep a query
+    head count the config can hold with it (`pruneplan.hf_config.hidden_fits`: Llama-style
+    configs refuse a hidden size that is not a multiple of the heads): when the heads that
+    remain do not fit, every head group (config role ``"heads"``, all losing the same number of
+    query heads) loses fewer, the largest count that fits, in whole rounds over its ``blocks``
+    and keeping a multiple of ``round_to``; its lowest-scored units go. Logged with a warning;
+    nothing changes when the layers lose different counts (the config refuses such a plan
+    anyway, and says why).
+    """
+    from pruneplan.hf_config import HEADS_KEYS, HIDDEN_KEYS, config_role, hidden_fits
+    from pruneplan.select import _lowest_per_block
+
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_dict", None)):
+        return removed
+    values = config.to_dict()
+    heads = next((values[k] for k in HEADS_KEYS if isinstance(values.get(k), int)), None)
+    hidden = next((values[k] for k in HIDDEN_KEYS if isinstance(values.get(k), int)), None)
+    if not heads or not hidden:
+        return removed
+    if any(g.name in removed and any(config_role(f"{r}.weight") == "hidden" for r in g.roots)
+           for g in groups):
+        return removed  # the hidden size changes: fitted to the heads by _hidden_multiple_of_heads
+    head_groups = [g for g in groups if getattr(g, "kind", "channels") in ("heads", "query_groups")
+                   and g.roots and config_role(f"{g.roots[0]}.weight") == "heads"
+                   and heads % g.size == 0 and g.name in removed]
+    lost = {len(removed[g.name]) * (heads // g.size) for g in head_groups}
+    if len(lost) != 1:
+        return removed
+    was = lost.pop()
+    if hidden_fits(values, hidden, heads - was):
+        return removed
+
+    def units(g: GroupSpec, n_heads: int) -> int | None:
+        per = heads // g.size  # query heads per unit
+        n = n_heads // per
+        b = max(getattr(g, "blocks", 1), 1)
+        kept = g.size - n
+        ok = n_heads % per == 0 and n % b == 0 and (kept % round_to == 0 or kept == g.size)
+        return n if ok else None
+
+    fit = next((k for k in range(was - 1, -1, -1) if hidden_fits(values, hidden, heads - k)
+                and all(units(g, k) is not None for g in head_groups)), 0)
+    log.warning("the query heads lose %d per layer instead of the %d selected: the config's "
+                "hidden size %d must stay a multiple of the heads that remain (%d, not %d)",
+                fit, was, hidden, heads - fit, heads - was)
+    out = dict(removed)
+    for g in head_groups:
+        n = units(g, fit) or 0
+        b = max(getattr(g, "blocks", 1), 1)
+        out[g.name] = _lowest_per_block(table[g.name], n, b) if n else []
+    return {k: v for k, v in out.items() if v}
 
 
 def _hidden_multiple_of_heads(

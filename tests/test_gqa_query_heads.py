@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,7 +210,7 @@ def test_query_heads_and_query_groups_of_one_layer_are_refused_together() -> Non
 # ---- selection -------------------------------------------------------------------------------
 
 
-def test_plan_from_metric_with_a_heads_ratio_keeps_counts_uniform(tmp_path: Path) -> None:
+def test_plan_from_metric_with_a_heads_ratio_keeps_counts_uniform(caplog) -> None:
     model = gqa("Llama")
     x = ids()
     plan = pp.plan_from_metric(model, x, "weight_norm", kind_ratios={"heads": 0.5})
@@ -226,12 +227,25 @@ def test_plan_from_metric_with_a_heads_ratio_keeps_counts_uniform(tmp_path: Path
     ref = zeroed(model, {i: g.removed for i, g in enumerate(heads)})
     pp.apply_plan(model, plan)
     torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
-    # a quarter of 8 is 2: one per key/value head; with round_to=4 the kept 6 rounds up to 8
-    quarter = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25})
+    # a quarter of 8 is 2: one per key/value head (same_count=None: no config fitting) ...
+    quarter = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25},
+                                  same_count=None)
     assert [len(g.removed) for g in quarter.groups] == [2, 2]
     assert all(len({u // 4 for u in g.removed}) == 2 for g in quarter.groups)
+    # ... which Llama's config refuses (hidden size 64 is not a multiple of 6 heads)
+    assert quarter.config.problems() == [
+        "hidden_size 64 is not a multiple of num_attention_heads 6: transformers refuses such a "
+        "config (it validates hidden size % heads == 0)"]
+    with caplog.at_level(logging.WARNING, logger="pruneplan.loading"):
+        fitted = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25})
+    # by default the heads lose the largest count that keeps it a multiple: 7 does not divide
+    # 64 either (nor is 1 a whole round over 2 key/value heads), so none go, with a warning
+    assert fitted.groups == []
+    assert ("the query heads lose 0 per layer instead of the 2 selected: the config's hidden size 64 "
+            "must stay a multiple of the heads that remain (8, not 6)") in caplog.text
+    # round_to counts query heads: with round_to=4, 6 kept rounds up to 8
     assert pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25},
-                               round_to=4).groups == []
+                               round_to=4, same_count=None).groups == []
     # naming query groups too keeps the query groups (one of 2 per layer at 0.5)
     both = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.5, "query_groups": 0.5})
     assert [(g.kind, len(g.removed)) for g in both.groups] == [("query_groups", 1), ("query_groups", 1)]
@@ -326,3 +340,22 @@ def test_cli_groups_lists_the_alternatives_and_plan_takes_a_heads_ratio(tmp_path
                                    kind_ratios={"heads": 0.5})
     assert pp.PrunePlan.load(out).to_json() == expected.to_json()
     assert [(g.name, len(g.removed)) for g in expected.groups] == [(f"{attn(i)}.heads", 4) for i in (0, 1)]
+
+
+def test_plan_from_metric_lowers_the_heads_to_a_count_the_hidden_size_holds(caplog) -> None:
+    # 10 query heads of 8 in 2 key/value groups of 5, hidden size 80: 0.4 asks for 4 per layer
+    # (2 per key/value head), leaving 6, which 80 is not a multiple of; the largest whole round
+    # below that fits removes 2 (one per key/value head): 8 heads remain, 80 = 8 * 10
+    cfg = transformers.LlamaConfig(hidden_size=80, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=10, num_key_value_heads=2, head_dim=8, vocab_size=V)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with caplog.at_level(logging.WARNING, logger="pruneplan.loading"):
+        plan = pp.plan_from_metric(model, ids(), "weight_norm", kind_ratios={"heads": 0.4})
+    assert ("the query heads lose 2 per layer instead of the 4 selected: the config's hidden size 80 "
+            "must stay a multiple of the heads that remain (8, not 6)") in caplog.text
+    for g, layer in zip(plan.groups, model.model.layers, strict=True):
+        s = layer.self_attn.q_proj.weight.detach().double().abs().sum(1).reshape(10, 8).mean(1).numpy()
+        assert g.removed == [int(np.argmin(s[:5])), 5 + int(np.argmin(s[5:]))]
+    assert {c.key: (c.before, c.after) for c in plan.config.changes} == {"num_attention_heads": (10, 8)}
+    assert plan.config.problems() == []
