@@ -241,3 +241,81 @@ def test_repeat_interleave_along_another_axis_follows(tracer: str) -> None:
         out = pruned(x)
     assert out.shape == (3, 5, 2)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- a constant size where labelled channels lie (LeNet's view(-1, 16 * 5 * 5); edgenext) ----
+
+
+class LeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 5)
+        self.c2 = nn.Conv2d(6, 16, 5)
+        self.fc = nn.Linear(16 * 5 * 5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.fc(x.view(-1, 16 * 5 * 5))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_a_literal_size_on_their_axis_leaves_the_root_out(tracer: str) -> None:
+    # c2's 16 channels x 5 x 5 become the 400 features; without 2 channels the view of 300
+    # values per sample as (-1, 400) would fail (or mix samples): c2 is left out; c1 (consumed
+    # by c2) is fine and prunes to the zeroed original
+    model, x = LeNet().eval(), torch.randn(4, 1, 32, 32)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("c1", 6)]
+    assert groups.left_out == [
+        LeftOut("c2", "operation 'view' in module '<top level>' gives their axis the fixed size "
+                "400 and no attribute of its module holds it, so the view would fail once units "
+                "are removed"),
+        LeftOut("fc", OUTPUT),
+    ]
+    plan = build_plan(model, [(groups[0], [2, 3])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    handles = _zeroing_hooks(model, plan)
+    with torch.no_grad():
+        want = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+
+
+class HeadsSizedByABlockedWidth(nn.Module):
+    """edgenext's XCA: ``B, N, C = x.shape`` of a tensor whose roots were left out further up
+    (here: a constant added to embed's output), then heads put back as ``reshape(B, N, C)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.dim = 8  # holds C's value, but the code reads C off the tensor: no edit can help
+        self.offset = torch.linspace(-1.0, 1.0, 8)  # no parameter: embed cannot be pruned
+        self.embed = nn.Linear(4, 8)
+        self.q = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x) + self.offset)
+        B, N, C = h.shape
+        q = self.q(h).reshape(B, N, self.num_heads, -1).softmax(-1).reshape(B, N, C)
+        return self.head(torch.relu(self.proj(q)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_heads_sized_by_a_width_left_out_are_left_out(tracer: str) -> None:
+    # C stays 8 (embed is left out), so q cannot lose a head: the last reshape would get 4
+    # values per position for 8; proj (consumed by head) is unaffected
+    model, x = HeadsSizedByABlockedWidth().eval(), torch.randn(2, 5, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("proj", 8)]
+    assert groups.left_out == [
+        LeftOut("embed", "combined with a tensor no prunable layer owns at operation 'add' in "
+                "module '<top level>'"),
+        LeftOut("q", "their width is used as a fixed size at operation 'reshape' in module "
+                "'<top level>'"),
+        LeftOut("head", OUTPUT),
+    ]

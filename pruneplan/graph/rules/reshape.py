@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pruneplan.graph._ir import Ref
-from pruneplan.graph._labels import Lab, PView, Sizes, canon, reshape_groups
+from pruneplan.graph._labels import Dim, Lab, PView, Sizes, canon, reshape_groups
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, tensorish
 
 __all__ = ["ExpandRule", "FlipRule", "GetitemRule", "PermuteRule", "ReshapeRule", "relabel"]
@@ -67,7 +67,8 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     lab = Lab(axes, g)
     if call.regrouped or call.is_heads(lab):
         return fixed_sizes(call, lab)
-    literal_width(call, lab)
+    if not literal_width(call, lab):
+        return None
 
     def later() -> None:
         # units that are coupled to heads further on (a per-head bias made by an MLP, a
@@ -112,31 +113,64 @@ def fixed_sizes(call: Call, lab: Lab) -> Lab | None:
     wrote as a number: the number must come from an attribute of the module running the view
     (``self.num_heads``, ``self.attn_dim``), which the plan then edits; otherwise the roots are
     blocked, since the view would fail or mis-split once heads are removed. ``-1`` and sizes
-    computed from tensors (fx) are fine."""
+    read off the labelled channels themselves are fine (`constant_size`)."""
     args = shape_args(call)
     if args is None or len(lab.axes) != 1:
         return lab
-    v = args[lab.axes[0]]
-    if not isinstance(v, int) or isinstance(v, bool) or v == -1:
+    v = constant_size(call, args[lab.axes[0]], lab.axes[0])
+    if v is None:
         return lab
+    if isinstance(args[lab.axes[0]], Ref):
+        return None if _run_time(call, lab, v) else lab
     return lab if attribute_size(call, lab, v) else None
 
 
-def literal_width(call: Call, lab: Lab) -> None:
-    """Channels landing on an output axis whose size the code wrote as a number taken from
-    its module (torchvision's ViT: ``x.reshape(n, self.hidden_dim, n_h * n_w)``): when exactly
-    one integer attribute of the module running the view holds that number under a width name,
-    the plan edits it with the units. Otherwise nothing is assumed (a number such as
-    ``16 * 5 * 5`` is not an attribute)."""
+def constant_size(call: Call, v: Any, axis: int) -> int | None:
+    """The size ``v`` given for output ``axis`` of a view when it cannot follow pruned units:
+    a number written in the code, or a size computed at run time from anything but a width of
+    labelled channels (the width of an axis whose roots were left out, which stays as it is).
+    ``None`` for ``-1`` and for a width of labelled channels (checked by `Call.check_widths`)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return None if v == -1 else v
+    if isinstance(v, Ref) and not isinstance(call.read(v), Dim) and isinstance(call.out, torch.Size):
+        return int(call.out[axis])
+    return None
+
+
+def _run_time(call: Call, lab: Lab, v: int) -> bool:
+    """Block ``lab``'s roots: their axis gets the size ``v`` computed at run time from channels
+    that stay (no attribute can stand for it). Returns ``True``."""
+    call.block(lab, f"{call.where} gives their axis the size {v} read at run time from a tensor "
+               "whose channels stay, so the view would fail once units are removed")
+    return True
+
+
+def literal_width(call: Call, lab: Lab) -> bool:
+    """Channels landing on an output axis whose size is a constant (`constant_size`): when the
+    code wrote it as a number that exactly one integer attribute of the module running the
+    view holds under a width name (torchvision's ViT: ``x.reshape(n, self.hidden_dim, n_h *
+    n_w)``), the plan edits it with the units; otherwise (``x.view(-1, 16 * 5 * 5)``, a size
+    read off channels that stay) the roots are blocked (``False``), since the view would fail
+    or mis-split once units are removed."""
     args = shape_args(call)
     if args is None or len(lab.axes) != 1:
-        return
-    v = args[lab.axes[0]]
-    if not isinstance(v, int) or isinstance(v, bool) or v == -1:
-        return
+        return True
+    v = constant_size(call, args[lab.axes[0]], lab.axes[0])
+    if v is None:
+        return True
+    if isinstance(args[lab.axes[0]], Ref):
+        return not _run_time(call, lab, v)
     names = _attributes(call, v)
     if len(names) == 1:
         call.edit(names[0], v, lab.arr, module=call.node.scope)
+        return True
+    why = "no attribute of its module holds it" if not names else \
+        f"several attributes of its module hold it ({', '.join(sorted(names))})"
+    call.block(lab, f"{call.where} gives their axis the fixed size {v} and {why}, so the view "
+               "would fail once units are removed")
+    return False
 
 
 def _attributes(call: Call, v: int) -> list[str]:
