@@ -163,7 +163,8 @@ def _discovered(
             raise PlanningError(
                 f"{name!r} (query heads) and {g.alternative_to!r} (query groups) divide the same "
                 "attention: give indices for one of them (remove whole query groups, or query "
-                "heads from every group), or compose two plans")
+                "heads from every group); for both, apply one plan, then plan the other on the "
+                "pruned model")
     return list(chosen.values()), execution_order(groups)
 
 

@@ -200,11 +200,20 @@ def test_uneven_counts_are_refused_naming_the_layer_and_the_counts() -> None:
 
 def test_query_heads_and_query_groups_of_one_layer_are_refused_together() -> None:
     model = gqa("Llama", layers=1)
+    x = ids()
     with pytest.raises(pp.PlanningError, match=(
             r"'model\.layers\.0\.self_attn\.heads' \(query heads\) and 'model\.layers\.0\.self_attn"
             r"\.q_proj' \(query groups\) divide the same attention: give indices for one of them")):
-        pp.plan_pruning(model, {f"{attn(0)}.heads": [0, 4], f"{attn(0)}.q_proj": [1]},
-                        example_inputs=ids())
+        pp.plan_pruning(model, {f"{attn(0)}.heads": [0, 4], f"{attn(0)}.q_proj": [1]}, example_inputs=x)
+    # both, in two steps: query heads 1, 2 and 5, 7 first (4 left: 0, 3 | 4, 6), then the second
+    # query group (key/value head 1 with its query heads 4 and 6) of the pruned model
+    ref = zeroed(model, {0: [1, 2, 4, 5, 6, 7]})
+    pp.apply_plan(model, pp.plan_pruning(model, {f"{attn(0)}.heads": [1, 2, 5, 7]}, example_inputs=x))
+    groups = pp.prunable_groups(model, x)
+    assert [(g.name, g.size) for g in groups.alternatives] == [(f"{attn(0)}.heads", 4)]
+    pp.apply_plan(model, pp.plan_pruning(model, {f"{attn(0)}.q_proj": [1]}, example_inputs=x))
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
 
 
 # ---- selection -------------------------------------------------------------------------------
