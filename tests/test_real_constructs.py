@@ -135,6 +135,8 @@ def test_recorded_sizes_are_graph_values_and_plain_ints_after_the_pass() -> None
     n = len(graph.nodes)
     assert seen[0] // 2 == 4 and type(seen[0] // 2) is int and len(graph.nodes) == n
     assert type(copy.deepcopy(seen[0])) is int
+    # and what it holds of the recording is empty (the graph is not kept alive by the model)
+    assert (seen[0].builder.nodes, seen[0].builder.values) == ([], {})
 
 
 # ---- a parameter viewed with a fixed size (poolformer's Scale, gcvit/coatnet's bias_shape) ----

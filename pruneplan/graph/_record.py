@@ -256,5 +256,8 @@ def _trace(model: nn.Module, inputs: tuple, sizes: bool) -> Graph:
         b.recording = False
         for h in handles:
             h.remove()
-    log.debug("recorded graph: %d nodes", len(b.nodes))
-    return Graph(b.nodes, "record")
+    nodes = b.nodes
+    # a size the model keeps (a cached grid size) holds the builder: leave nothing big in it
+    b.nodes, b.values, b.states = [], {}, {}
+    log.debug("recorded graph: %d nodes", len(nodes))
+    return Graph(nodes, "record")
