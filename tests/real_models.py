@@ -203,10 +203,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
     ("visformer", "visformer_tiny", (1, 3, 224, 224), {}, None),
     ("vision_transformer", "vit_tiny_patch16_224", (2, 3, 32, 32), {'img_size': 32}, None),
     ("vision_transformer_hybrid", "vit_tiny_r_s16_p8_224", (2, 3, 64, 64), {'img_size': 64}, None),
-    ("vision_transformer_relpos", "vit_relpos_small_patch16_224", (2, 3, 32, 32), {'img_size': 32}, XFail(
-        "limit: 19.3% fewer parameters (< 20%): the relative position MLP's bias is viewed as "
-        "self.bias_shape, a tuple holding the head count that a plan cannot edit, so the heads "
-        "and the hidden width (tied to them by reshape(B, N, C)) are left out")),
+    ("vision_transformer_relpos", "vit_relpos_small_patch16_224", (2, 3, 32, 32), {'img_size': 32}, None),
     ("vitamin", "vitamin_small_224", (1, 3, 224, 224), {}, None),
     ("volo", "volo_d1_224", (2, 3, 64, 64), {'img_size': 64}, None),
     ("vovnet", "ese_vovnet19b_slim_dw", (2, 3, 32, 32), {}, None),

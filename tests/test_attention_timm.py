@@ -328,17 +328,26 @@ def test_per_head_bias_gathered_with_an_index_tensor_goes_with_its_head() -> Non
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_per_head_bias_shaped_by_a_tuple_attribute_blocks_the_heads() -> None:
-    # view(self.bias_shape): the head count sits in a tuple a plan cannot edit
+def test_per_head_bias_shaped_by_a_tuple_attribute_edits_its_head_element() -> None:
+    # view(self.bias_shape): the head count is element 2 of a tuple; the plan edits that element
     torch.manual_seed(0)
     model = Stack(GatheredBias, shape_attr=True).eval()
-    groups = prunable_groups(model, _tokens())
-    assert "attns.0.qkv" not in {g.name for g in groups}
-    why = {lo.name: lo.reason for lo in groups.left_out}
-    assert why["attns.0.rel.mlp.2"].startswith(
-        "operation 'view' in module 'attns.0' takes the size 4 of their axis from the tuple "
-        "'bias_shape' of module 'attns.0.rel', which a plan cannot edit")
-    assert "attns.0.qkv" in why
+    x = _tokens()
+    g = {g.name: g for g in prunable_groups(model, x)}["attns.1.qkv"]
+    edits = {(e.module, e.attribute): (e.before, e.per_unit) for e in g.edits}
+    assert edits[("attns.1.rel", "bias_shape[2]")] == (HEADS, 1)
+    assert edits[("attns.1.rel", "num_heads")] == (HEADS, 1)
+    reference = Stack(GatheredBias, shape_attr=True).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.attns[1].proj.weight[:, 0:D] = 0
+        reference.attns[1].proj.weight[:, 2 * D:3 * D] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"attns.1.qkv": [0, 2]}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.attns[1].rel.bias_shape == (5, 5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 class ConcatenatedBias(nn.Module):
@@ -666,3 +675,19 @@ def test_width_of_a_stream_whose_units_were_dropped_still_fixes_the_heads() -> N
     why = {lo.name: lo.reason for lo in groups.left_out}
     assert why["attn.qkv"] == "their width is used as a fixed size at operation 'reshape' in " \
         "module 'attn'"
+
+
+def test_tuple_element_edit_that_does_not_match_the_model_is_refused() -> None:
+    torch.manual_seed(0)
+    model = Stack(GatheredBias, shape_attr=True).eval()
+    x = _tokens()
+    plan = pruneplan.plan_pruning(model, {"attns.1.qkv": [0]}, example_inputs=x)
+    model.attns[1].rel.bias_shape = (5, 5, 3)  # not what the plan was made for
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(pruneplan.errors.PlanMismatchError,
+                       match=r"'attns\.1\.rel\.bias_shape\[2\]' is 3, the plan expects 4"):
+        pruneplan.apply_plan(model, plan)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    model.attns[1].rel.bias_shape = "5x5x4"
+    with pytest.raises(pruneplan.errors.PlanMismatchError, match="not a tuple of integers"):
+        pruneplan.apply_plan(model, plan)

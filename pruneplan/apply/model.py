@@ -143,15 +143,26 @@ def _stage(
         else:
             raise PlanMismatchError(f"model: tensor {key!r} is neither a parameter nor a buffer")
 
+    elements: dict[tuple[int, str], tuple[nn.Module, list]] = {}
     for (mod_name, attr), (before, after) in plan.edits().items():
         module = _module(modules, mod_name)
-        value, as_tuple = _int_attribute(mod_name, module, attr)
+        base, index = _element(attr)
+        if index is not None:  # one integer of a tuple attribute: "bias_shape[2]"
+            value, held = _tuple_element(mod_name, module, base, index)
+        else:
+            value, as_tuple = _int_attribute(mod_name, module, attr)
         if value != before:
             raise PlanMismatchError(
                 f"model: {quote(mod_name + '.' + attr)} is {value!r}, the plan expects {before} "
                 "(was the model already pruned?)"
             )
+        if index is not None:
+            elements.setdefault((id(module), base), (module, list(held)))[1][index] = after
+            continue
         staged.attrs.append((module, attr, (after,) if as_tuple else after))
+    for (_, base), (module, values) in elements.items():
+        current = getattr(module, base)
+        staged.attrs.append((module, base, type(current)(values)))
 
     for mod_name, (before, after) in plan.dropout_changes().items():
         module = _module(modules, mod_name)
@@ -220,6 +231,33 @@ def _stage_mirrors(modules: dict[str, nn.Module], sd: dict, keeps: dict, staged:
                 continue
             (length,) = lengths
             staged.buffers.append((module, bname, buf.new_full((length,), buf[0].item())))
+
+
+def _element(attr: str) -> tuple[str, int | None]:
+    """``"bias_shape[2]"`` -> ``("bias_shape", 2)``; a plain name -> ``(attr, None)``."""
+    if attr.endswith("]") and "[" in attr:
+        base, _, index = attr[:-1].partition("[")
+        if base and index.isdigit():
+            return base, int(index)
+    return attr, None
+
+
+def _tuple_element(name: str, module: nn.Module, base: str, index: int) -> tuple[int, tuple]:
+    """Integer ``index`` of the tuple (or list) of integers ``module.base`` (a shape a module
+    keeps for a view, timm's ``bias_shape``), and the whole tuple.
+
+    Raises:
+        PlanMismatchError: no such attribute, not a tuple of integers, or the index is out of
+            its range.
+    """
+    where = f"model: {quote(name + '.' + base)} ({type(module).__name__})"
+    current = getattr(module, base, None)
+    if not isinstance(current, tuple | list) or not all(type(v) is int for v in current):
+        raise PlanMismatchError(f"{where} is {quote(current, 40)}, not a tuple of integers; the "
+                                f"plan edits its element {index}")
+    if index >= len(current):
+        raise PlanMismatchError(f"{where} has {len(current)} elements; the plan edits element {index}")
+    return current[index], tuple(current)
 
 
 def _int_attribute(name: str, module: nn.Module, attr: str) -> tuple[int, bool]:

@@ -186,9 +186,10 @@ def _head_count(call: Call, lab: Lab) -> None:
     """A head count written as a number where units coupled to heads lie, in a view of a
     per-head tensor (a relative position bias made by an MLP, often in a method of a
     submodule called by the attention, ``self.rel_pos.get_bias()``): every ``*heads*`` int
-    attribute holding it in the module running the view or below is edited with the heads; a
-    tuple attribute holding the whole shape (``view(self.bias_shape)``) cannot be edited and
-    blocks them. A number no such attribute holds is taken as computed from tensor sizes."""
+    attribute holding it in the module running the view or below is edited with the heads, and
+    so is that element of a tuple attribute holding the whole shape (``view(self.bias_shape)``:
+    the edit ``bias_shape[2]``). A number no such attribute holds is taken as computed from
+    tensor sizes."""
     args = shape_args(call)
     mod = call.scope_module
     if args is None or len(lab.axes) != 1 or mod is None:
@@ -200,11 +201,8 @@ def _head_count(call: Call, lab: Lab) -> None:
     mods = [(".".join(p for p in (scope, n) if p), m) for n, m in mod.named_modules()]
     held = [(p, n) for p, m in mods for n, val in vars(m).items()
             if isinstance(val, tuple | list) and list(val) == list(args)]
-    if held:
-        p, n = held[0]
-        call.block(lab, f"{call.where} takes the size {v} of their axis from the tuple "
-                   f"{n!r} of module {p!r}, which a plan cannot edit")
-        return
+    for p, n in held:
+        call.edit(f"{n}[{lab.axes[0]}]", v, lab.arr, module=p)
     done = _attributes(call, v)  # `literal_width` edited the one of the module itself
     for p, m in mods:
         for n, val in vars(m).items():
