@@ -545,9 +545,10 @@ def plan_from_metric(
       otherwise; with ``"heads"`` and no ``"query_groups"``, grouped-query attention is pruned
       by its query heads, the same count from every key/value head, instead of by its query
       groups: `GroupList.with_query_heads`) and ``layer_ratios`` (glob pattern over group and
-      root names -> ratio; the first matching pattern wins) override it for some groups; with
-      ``scope="global"`` each kind is ranked separately with its ratio, and ``layer_ratios`` are
-      refused.
+      root names -> ratio; the first matching pattern wins; a pattern that matches
+      ``<attention>.heads`` and not the query group's names prunes its query heads likewise)
+      override it for some groups; with ``scope="global"`` each kind is ranked separately with
+      its ratio, and ``layer_ratios`` are refused.
     * ``target``: ``{"macs": f}`` or ``{"params": f}``: remove at least the fraction ``f`` of
       the model's MACs or parameters (as `pruneplan.count` measures them on ``example_inputs``).
       Units are removed in one global ranking (normalised per group with ``normalize``) until the
@@ -630,14 +631,13 @@ def plan_from_metric(
         found = prunable_groups(current, example_inputs)
         if step == 1:
             log.info("planning from %s: %s", metric, left_out_summary(found))
-        if kind_ratios and "heads" in kind_ratios and "query_groups" not in kind_ratios \
-                and found.alternatives:
-            # a heads ratio reaches grouped-query attention through its query heads
-            found = found.with_query_heads()
+        swap = _query_heads_wanted(found, kind_ratios, layer_ratios)
+        if swap:
+            found = found.with_query_heads(swap)
             if step == 1:
-                log.info("kind_ratios: the query heads of %d grouped-query attention layers are "
-                         "pruned (the same count from every key/value head) instead of their "
-                         "query groups", len(found.alternatives))
+                log.info("the query heads of %d grouped-query attention layers are pruned (the "
+                         "same count from every key/value head) instead of their query groups",
+                         len(swap))
         order = execution_order(found)
         groups = _included(found, exclude)
         if step == 1:
@@ -767,6 +767,25 @@ def _check_target(target: Mapping[str, float] | None, ratio: float | None,
     if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1:
         raise PlanningError(f"target {what!r} must be a fraction in (0, 1) to remove, got {frac!r}")
     return what, float(frac)
+
+
+def _query_heads_wanted(found: Any, kind_ratios: Mapping[str, float] | None,
+                        layer_ratios: Mapping[str, float] | None) -> list[str]:
+    """The query-group groups to replace by their query heads (`GroupList.with_query_heads`):
+    all of them when ``kind_ratios`` names ``"heads"`` but not ``"query_groups"``, and those
+    whose alternative's name (``<attention>.heads``) a ``layer_ratios`` pattern matches while
+    none matches the group's own names."""
+    alts = getattr(found, "alternatives", [])
+    if kind_ratios and "heads" in kind_ratios and "query_groups" not in kind_ratios:
+        return [a.alternative_to for a in alts]
+    patterns = list(layer_ratios or {})
+    by_name = {g.name: g for g in found}
+
+    def hit(names: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+    return [a.alternative_to for a in alts if a.alternative_to in by_name and hit([a.name])
+            and not hit(_names(by_name[a.alternative_to]))]
 
 
 def _names(g: GroupSpec) -> list[str]:

@@ -368,3 +368,19 @@ def test_plan_from_metric_lowers_the_heads_to_a_count_the_hidden_size_holds(capl
         assert g.removed == [int(np.argmin(s[:5])), 5 + int(np.argmin(s[5:]))]
     assert {c.key: (c.before, c.after) for c in plan.config.changes} == {"num_attention_heads": (10, 8)}
     assert plan.config.problems() == []
+
+
+def test_layer_ratios_naming_the_query_heads_swap_them_in() -> None:
+    x = ids()
+    plan = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", layer_ratios={"*.self_attn.heads": 0.5})
+    assert [(g.name, g.kind, len(g.removed)) for g in plan.groups] == [
+        (f"{attn(i)}.heads", "heads", 4) for i in (0, 1)]
+    assert all(len({u // 4 for u in g.removed}) == 2 for g in plan.groups)  # 2 per key/value head
+    # a pattern that also matches the query group's own names keeps the query groups
+    groups = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", layer_ratios={"*.self_attn.[hq]*": 0.5})
+    assert [(g.name, g.kind, len(g.removed)) for g in groups.groups] == [
+        (f"{attn(i)}.q_proj", "query_groups", 1) for i in (0, 1)]
+    # with_query_heads by name: only that layer is swapped
+    found = pp.prunable_groups(gqa("Llama"), x).with_query_heads([f"{attn(1)}.heads"])
+    assert [g.name for g in found if "self_attn" in g.name] == [f"{attn(0)}.q_proj", f"{attn(1)}.heads"]
+    assert sorted(g.name for g in found.alternatives) == [f"{attn(0)}.heads", f"{attn(1)}.q_proj"]

@@ -134,12 +134,16 @@ class GroupList(list):
         self.unexecuted: list[str] = list(unexecuted)
         self.alternatives: list[Group] = list(alternatives)
 
-    def with_query_heads(self) -> GroupList:
+    def with_query_heads(self, names: Iterable[str] | None = None) -> GroupList:
         """A copy where every group that has an alternative (`alternatives`) is replaced by
         it, in its place: grouped-query attention offers its query heads instead of its query
-        groups. ``left_out`` and ``unexecuted`` are kept; ``alternatives`` then lists the
-        replaced groups. Raises nothing."""
-        alt = {g.alternative_to: g for g in self.alternatives}
+        groups. ``names``: only the groups of these names (or whose alternative has one of
+        them); ``None``: all. ``left_out`` and ``unexecuted`` are kept; ``alternatives`` then
+        lists the replaced groups (and the alternatives not taken). Raises nothing."""
+        wanted = None if names is None else set(names)
+        alt = {g.alternative_to: g for g in self.alternatives
+               if wanted is None or g.name in wanted or g.alternative_to in wanted}
         out = [alt.get(g.name, g) for g in self]
         swapped = [replace(g, alternative_to=alt[g.name].name) for g in self if g.name in alt]
-        return GroupList(out, self.left_out, self.unexecuted, swapped)
+        rest = [g for g in self.alternatives if g.alternative_to not in alt]
+        return GroupList(out, self.left_out, self.unexecuted, swapped + rest)
