@@ -564,10 +564,11 @@ def plan_from_metric(
     group keeps a size the config can hold with the heads that remain (a multiple of them, or
     exactly heads * head size where the config derives the head size as hidden / heads: BERT,
     GPT-2, ViT, DistilBERT; logged, with a warning when that is not the nearest count above the
-    selection; with the hidden size not pruned, the head groups lose the largest count, in whole
-    rounds of ``blocks`` keeping a multiple of ``round_to``, that the hidden size holds, with a
-    warning), so that the pruned model stays expressible; ``same_count=None`` leaves per-layer
-    counts free, explicit sets of group names equalise those sets.
+    selection; with the hidden size not pruned, the head groups lose the largest smaller count,
+    in whole rounds of ``blocks`` keeping a multiple of ``round_to``, that the hidden size
+    holds, with a warning, or stay as selected when none does), so that the pruned model stays
+    expressible; ``same_count=None`` leaves per-layer counts free, explicit sets of group names
+    equalise those sets.
 
     ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
     ``n_steps > 1`` the model is pruned in steps, a copy is re-scored after each step and the
@@ -984,8 +985,9 @@ def _heads_fit_hidden(
     remain do not fit, every head group (config role ``"heads"``, all losing the same number of
     query heads) loses fewer, the largest count that fits, in whole rounds over its ``blocks``
     and keeping a multiple of ``round_to``; its lowest-scored units go. Logged with a warning;
-    nothing changes when the layers lose different counts (the config refuses such a plan
-    anyway, and says why).
+    nothing changes when no smaller positive count fits (a config deriving the head size as
+    hidden / heads fits none) or the layers lose different counts: the plan's config part then
+    says why a checkpoint cannot hold it (the live model can still be pruned).
     """
     from pruneplan.hf_config import HEADS_KEYS, HIDDEN_KEYS, config_role, hidden_fits
     from pruneplan.select import _lowest_per_block
@@ -1019,8 +1021,12 @@ def _heads_fit_hidden(
         ok = n_heads % per == 0 and n % b == 0 and (kept % round_to == 0 or kept == g.size)
         return n if ok else None
 
-    fit = next((k for k in range(was - 1, -1, -1) if hidden_fits(values, hidden, heads - k)
-                and all(units(g, k) is not None for g in head_groups)), 0)
+    fit = next((k for k in range(was - 1, 0, -1) if hidden_fits(values, hidden, heads - k)
+                and all(units(g, k) is not None for g in head_groups)), None)
+    if fit is None:
+        log.warning("no smaller head count than the %d selected per layer fits the config's hidden "
+                    "size %d; kept as selected (the plan's config part says why)", was, hidden)
+        return removed
     log.warning("the query heads lose %d per layer instead of the %d selected: the config's "
                 "hidden size %d must stay a multiple of the heads that remain (%d, not %d)",
                 fit, was, hidden, heads - fit, heads - was)

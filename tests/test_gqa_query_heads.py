@@ -236,22 +236,19 @@ def test_plan_from_metric_with_a_heads_ratio_keeps_counts_uniform(caplog) -> Non
     ref = zeroed(model, {i: g.removed for i, g in enumerate(heads)})
     pp.apply_plan(model, plan)
     torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
-    # a quarter of 8 is 2: one per key/value head (same_count=None: no config fitting) ...
-    quarter = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25},
-                                  same_count=None)
+    # a quarter of 8 is 2: one per key/value head ...
+    with caplog.at_level(logging.WARNING, logger="pruneplan.loading"):
+        quarter = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25})
     assert [len(g.removed) for g in quarter.groups] == [2, 2]
     assert all(len({u // 4 for u in g.removed}) == 2 for g in quarter.groups)
-    # ... which Llama's config refuses (hidden size 64 is not a multiple of 6 heads)
+    # ... which Llama's config refuses (hidden size 64 is not a multiple of 6 heads); no smaller
+    # count fits (7 does not divide 64, and 1 is not a whole round over 2 key/value heads), so
+    # the selection stays, with a warning, and the plan's config part says why
+    assert ("no smaller head count than the 2 selected per layer fits the config's hidden size 64; "
+            "kept as selected") in caplog.text
     assert quarter.config.problems() == [
         "hidden_size 64 is not a multiple of num_attention_heads 6: transformers refuses such a "
         "config (it validates hidden size % heads == 0)"]
-    with caplog.at_level(logging.WARNING, logger="pruneplan.loading"):
-        fitted = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25})
-    # by default the heads lose the largest count that keeps it a multiple: 7 does not divide
-    # 64 either (nor is 1 a whole round over 2 key/value heads), so none go, with a warning
-    assert fitted.groups == []
-    assert ("the query heads lose 0 per layer instead of the 2 selected: the config's hidden size 64 "
-            "must stay a multiple of the heads that remain (8, not 6)") in caplog.text
     # round_to counts query heads: with round_to=4, 6 kept rounds up to 8
     assert pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios={"heads": 0.25},
                                round_to=4, same_count=None).groups == []
