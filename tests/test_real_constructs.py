@@ -176,7 +176,6 @@ FAILS = ", so the view would fail once units are removed"
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])
 @pytest.mark.parametrize(("how", "why"), [
-    ("tuple", "from the tuple 'shape' of module '<top level>', which a plan cannot edit"),
     ("number", "written as a number no attribute of its module holds"),
 ])
 def test_a_parameter_viewed_with_a_fixed_size_leaves_its_root_out(how: str, why: str,
@@ -188,20 +187,23 @@ def test_a_parameter_viewed_with_a_fixed_size_leaves_its_root_out(how: str, why:
 
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])
-@pytest.mark.parametrize("how", ["attribute", "minus_one"])
+@pytest.mark.parametrize("how", ["attribute", "tuple", "minus_one"])
 def test_a_parameter_viewed_with_an_attribute_or_minus_one_prunes(how: str, tracer: str) -> None:
     # self.dim (the one int attribute holding 8 under a width name) is edited with the units:
-    # 8 - 3 = 5; with -1 nothing needs editing. Reference: the original with conv's channels
+    # 8 - 3 = 5; so is element 0 of the tuple self.shape the view takes (the edit "shape[0]");
+    # with -1 nothing needs editing. Reference: the original with conv's channels
     # 1, 4, 6 zeroed at head's input (scale and ReLU act per channel, so they stay zero)
     model, x = ScaledConv(how).eval(), torch.randn(2, 3, 6, 6)
     groups = pp.prunable_groups(model, x, tracer=tracer)
     assert [(g.name, g.size) for g in groups] == [("conv", 8)]
     dims = [(e.module, e.attribute, e.before, e.per_unit) for e in groups[0].edits
-            if e.attribute == "dim"]
-    assert dims == ([("", "dim", 8, 1)] if how == "attribute" else [])
+            if e.attribute in ("dim", "shape[0]")]
+    assert dims == {"attribute": [("", "dim", 8, 1)], "tuple": [("", "shape[0]", 8, 1)],
+                    "minus_one": []}[how]
     plan = build_plan(model, [(groups[0], [1, 4, 6])])
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
     assert pruned.scale.shape == (5,) and getattr(pruned, "dim", 5) == 5
+    assert getattr(pruned, "shape", (5, 1, 1)) == (5, 1, 1)
     handles = _zeroing_hooks(model, plan)
     with torch.no_grad():
         want = model(x)

@@ -236,18 +236,20 @@ def param_sizes(call: Call, view: PView | None, args: list[Any] | None) -> PView
     ``table.view(self.bias_shape)``), that number must shrink with any units that slice the
     parameter there. Checked once everything is known (`Call.later`): when exactly one integer
     attribute of the module running the view holds it under a width name, the plan edits it;
-    otherwise (a tuple attribute, which a plan cannot edit, or a bare number) the roots slicing
-    the parameter there are left out. ``-1`` and sizes read off tensors are fine."""
+    when a tuple attribute holds the whole shape (``self.bias_shape``), the plan edits that
+    element of it (``bias_shape[1]``); otherwise (a bare number) the roots slicing the
+    parameter there are left out. ``-1`` and sizes read off tensors are fine."""
     if view is None or args is None or len(args) != len(view.dims):
         return view
-    for p, v in zip(view.dims, args, strict=True):
+    for i, (p, v) in enumerate(zip(view.dims, args, strict=True)):
         if p is None or not isinstance(v, int) or isinstance(v, bool) or v == -1:
             continue
-        call.later(_param_size_check(call, view.key, p, v, args))
+        call.later(_param_size_check(call, view.key, p, v, args, i))
     return view
 
 
-def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any]) -> Callable[[], None]:
+def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any],
+                      index: int) -> Callable[[], None]:
     scope, mod = call.node.scope, call.scope_module
     mods = [(".".join(q for q in (scope, n) if q), m) for n, m in mod.named_modules()] \
         if mod is not None else []
@@ -269,6 +271,11 @@ def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any]) 
         if len(names) == 1:
             for r, per in owners:
                 call.edit_root(r, names[0], v, per, module=scope)
+            return
+        if held:  # element `index` of each tuple holding the shape
+            for r, per in owners:
+                for q, n in held:
+                    call.edit_root(r, f"{n}[{index}]", v, per, module=q)
             return
         call.block([r for r, _ in owners], f"{call.where} views parameter {key!r} with the size "
                    f"{v} of its axis {axis} {why}, so the view would fail once units are removed")
