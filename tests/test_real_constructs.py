@@ -175,31 +175,31 @@ FAILS = ", so the view would fail once units are removed"
 
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])
-@pytest.mark.parametrize(("how", "why"), [
-    ("number", "written as a number no attribute of its module holds"),
-])
-def test_a_parameter_viewed_with_a_fixed_size_leaves_its_root_out(how: str, why: str,
-                                                                  tracer: str) -> None:
-    # conv's units slice scale; after pruning, scale.view(8, 1, 1) of 5 values would fail
-    groups = pp.prunable_groups(ScaledConv(how).eval(), torch.randn(2, 3, 6, 6), tracer=tracer)
+def test_a_parameter_viewed_with_a_bare_number_leaves_its_root_out(tracer: str) -> None:
+    # conv's units slice scale; after pruning, scale.view(8, 1, 1) of 5 values would fail,
+    # and nothing in the model holds the 8 for a plan to edit
+    groups = pp.prunable_groups(ScaledConv("number").eval(), torch.randn(2, 3, 6, 6),
+                                tracer=tracer)
     assert list(groups) == []
-    assert groups.left_out == [LeftOut("conv", VIEW + why + FAILS), LeftOut("head", OUTPUT)]
+    assert groups.left_out == [
+        LeftOut("conv", VIEW + "written as a number no attribute of its module holds" + FAILS),
+        LeftOut("head", OUTPUT)]
 
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])
-@pytest.mark.parametrize("how", ["attribute", "tuple", "minus_one"])
-def test_a_parameter_viewed_with_an_attribute_or_minus_one_prunes(how: str, tracer: str) -> None:
-    # self.dim (the one int attribute holding 8 under a width name) is edited with the units:
-    # 8 - 3 = 5; so is element 0 of the tuple self.shape the view takes (the edit "shape[0]");
-    # with -1 nothing needs editing. Reference: the original with conv's channels
-    # 1, 4, 6 zeroed at head's input (scale and ReLU act per channel, so they stay zero)
+@pytest.mark.parametrize(("how", "edit"), [
+    ("tuple", [("", "shape[0]", 8, 1)]), ("attribute", [("", "dim", 8, 1)]), ("minus_one", [])])
+def test_a_parameter_viewed_with_an_attribute_or_minus_one_prunes(how: str, edit: list,
+                                                                  tracer: str) -> None:
+    # the one tuple attribute holding the whole shape (element 0: 8 -> 5) or the one int
+    # attribute holding 8 under a width name (self.dim) is edited with the units; with -1
+    # nothing needs editing. Reference: the original with conv's channels 1, 4, 6 zeroed at
+    # head's input (scale and ReLU act per channel, so they stay zero)
     model, x = ScaledConv(how).eval(), torch.randn(2, 3, 6, 6)
     groups = pp.prunable_groups(model, x, tracer=tracer)
     assert [(g.name, g.size) for g in groups] == [("conv", 8)]
-    dims = [(e.module, e.attribute, e.before, e.per_unit) for e in groups[0].edits
-            if e.attribute in ("dim", "shape[0]")]
-    assert dims == {"attribute": [("", "dim", 8, 1)], "tuple": [("", "shape[0]", 8, 1)],
-                    "minus_one": []}[how]
+    assert [(e.module, e.attribute, e.before, e.per_unit) for e in groups[0].edits
+            if e.module == ""] == edit
     plan = build_plan(model, [(groups[0], [1, 4, 6])])
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
     assert pruned.scale.shape == (5,) and getattr(pruned, "dim", 5) == 5

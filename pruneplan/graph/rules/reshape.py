@@ -234,32 +234,40 @@ def param_sizes(call: Call, view: PView | None, args: list[Any] | None) -> PView
     """A view of a parameter whose output axes were given the sizes ``args``: where an axis
     that is a whole axis of the parameter got its size as a number (``scale.view(64, 1, 1)``,
     ``table.view(self.bias_shape)``), that number must shrink with any units that slice the
-    parameter there. Checked once everything is known (`Call.later`): when exactly one integer
-    attribute of the module running the view holds it under a width name, the plan edits it;
-    when a tuple attribute holds the whole shape (``self.bias_shape``), the plan edits that
-    element of it (``bias_shape[1]``); otherwise (a bare number) the roots slicing the
-    parameter there are left out. ``-1`` and sizes read off tensors are fine."""
+    parameter there. Checked once everything is known (`Call.later`): when exactly one tuple
+    attribute of the module running the view (or of a module below it) holds the whole shape,
+    the plan edits that element of it (``shape[0]``); else when exactly one integer attribute
+    of the module holds the number under a width name, the plan edits it; otherwise (a bare
+    number, or several candidates) the roots slicing the parameter there are left out. ``-1``
+    and sizes read off tensors are fine."""
     if view is None or args is None or len(args) != len(view.dims):
         return view
-    for i, (p, v) in enumerate(zip(view.dims, args, strict=True)):
+    for o, (p, v) in enumerate(zip(view.dims, args, strict=True)):
         if p is None or not isinstance(v, int) or isinstance(v, bool) or v == -1:
             continue
-        call.later(_param_size_check(call, view.key, p, v, args, i))
+        call.later(_param_size_check(call, view.key, p, v, o, args))
     return view
 
 
-def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any],
-                      index: int) -> Callable[[], None]:
+def _param_size_check(call: Call, key: str, axis: int, v: int, o: int,
+                      args: list[Any]) -> Callable[[], None]:
     scope, mod = call.node.scope, call.scope_module
     mods = [(".".join(q for q in (scope, n) if q), m) for n, m in mod.named_modules()] \
         if mod is not None else []
     held = [(q, n) for q, m in mods for n, val in vars(m).items()
             if isinstance(val, tuple | list) and list(val) == list(args)]
+    own = [(q, n) for q, n in held if q == scope]
+    edit: tuple[str, str] | None = None
+    if len(own) == 1 or len(held) == 1:
+        q, n = (own or held)[0]
+        edit = (q, f"{n}[{o}]")
     names = [] if held else _attributes(call, v)
+    if len(names) == 1:
+        edit = (scope, names[0])
     if held:
-        q, n = held[0]
-        why = f"from the tuple {n!r} of module {q or '<top level>'!r}, which a plan cannot edit"
-    elif len(names) > 1:
+        why = ("from tuples that several modules hold (" + ", ".join(
+            f"{q or '<top level>'}.{n}" for q, n in held) + ")")
+    elif names:
         why = f"written as a number that several attributes of its module hold ({', '.join(sorted(names))})"
     else:
         why = "written as a number no attribute of its module holds"
@@ -268,14 +276,9 @@ def _param_size_check(call: Call, key: str, axis: int, v: int, args: list[Any],
         owners = call.sliced(key, axis)
         if not owners:
             return
-        if len(names) == 1:
+        if edit is not None:
             for r, per in owners:
-                call.edit_root(r, names[0], v, per, module=scope)
-            return
-        if held:  # element `index` of each tuple holding the shape
-            for r, per in owners:
-                for q, n in held:
-                    call.edit_root(r, f"{n}[{index}]", v, per, module=q)
+                call.edit_root(r, edit[1], v, per, module=edit[0])
             return
         call.block([r for r, _ in owners], f"{call.where} views parameter {key!r} with the size "
                    f"{v} of its axis {axis} {why}, so the view would fail once units are removed")
