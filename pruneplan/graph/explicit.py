@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from pruneplan.errors import PlanningError
-from pruneplan.graph.probe import probe_shapes
+from pruneplan.graph.probe import probe_dataflow, probe_shapes
 from pruneplan.graph.rules import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
@@ -23,6 +25,8 @@ from pruneplan.graph.rules import (
 from pruneplan.graph.spec import DropoutSpec, EditSpec, Group, SliceSpec
 
 __all__ = ["explicit_groups"]
+
+log = logging.getLogger(__name__)
 
 _PASS_THROUGH = (nn.Flatten, nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU,
                  nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardswish, nn.MaxPool1d, nn.MaxPool2d,
@@ -44,9 +48,30 @@ def explicit_groups(
     Linear) owns a block of ``k`` features per channel; ``k`` comes from a probe pass.
     """
     modules = dict(model.named_modules())
-    for name in [*roots, *(c for cs in cascades.values() for c in cs)]:
+    for name in roots:
         if name not in modules:
-            raise PlanningError(f"no module named {name!r} in the model")
+            raise PlanningError(f"no module named {name!r} in the model; {_valid(modules, name)}")
+    for key, chain in cascades.items():
+        if key not in modules:
+            raise PlanningError(
+                f"cascades key {key!r}: no module named {key!r} in the model; {_valid(modules, key)}"
+            )
+        if key not in roots:
+            raise PlanningError(
+                f"cascades key {key!r} is not a root in removed (roots: {', '.join(roots)}); "
+                "give its indices in removed or drop its cascade"
+            )
+        for name in chain:
+            if name not in modules:
+                raise PlanningError(
+                    f"cascades[{key!r}]: no module named {name!r} in the model; "
+                    f"{_valid(modules, name)}"
+                )
+    if example_inputs is None:
+        log.warning("cascades not checked against the model's data flow (no example_inputs): "
+                    "a module left out of a cascade is not found")
+    else:
+        _check_readers(model, modules, roots, cascades, example_inputs)
     need_probe = [
         (r, c) for r in roots for c in cascades.get(r, ()) if isinstance(modules[c], nn.Linear)
         and not isinstance(modules[r], nn.Linear)
@@ -61,6 +86,57 @@ def explicit_groups(
         wanted = {n for pair in need_probe for n in pair}
         shapes = probe_shapes(model, example_inputs, sorted(wanted))
     return [_one(model, modules, r, list(cascades.get(r, ())), shapes) for r in roots]
+
+
+def _valid(modules: dict, name: str) -> str:
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=3)
+    shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}valid names: {shown}"
+
+
+def _carries(m: nn.Module) -> bool:
+    """A module whose output holds the channels of its input, in the same positions."""
+    return isinstance(m, (*NORM_TYPES, *DROPOUT_TYPES, *_PASS_THROUGH)) or is_depthwise(m)
+
+
+def _check_readers(model: nn.Module, modules: dict, roots: Sequence[str],
+                   cascades: dict[str, Sequence[str]], example_inputs: Any) -> None:
+    """Refuse a cascade that leaves out a module the probe pass sees reading the root's channels.
+
+    From the root's output, the channels flow through the cascade's norms, dropouts, depthwise
+    convs and the activations/pools/flattens in between; a module holding parameters or buffers
+    that reads such a tensor and is not in the cascade would keep its old size (BatchNorm's
+    running_mean, a Linear's in_features) and break the model.
+    """
+    events = probe_dataflow(model, example_inputs)
+    for root in roots:
+        chain = set(cascades.get(root, ()))
+        flowing: set[int] = set()
+        for name, ins, out in events:
+            if name == root:
+                if out != -1:
+                    flowing.add(out)
+                continue
+            if not flowing.intersection(ins):
+                continue
+            m = modules[name]
+            if name in chain:
+                if _carries(m) and out != -1:
+                    flowing.add(out)
+                continue
+            stateful = next(iter(m.parameters()), None) is not None or \
+                next(iter(m.buffers()), None) is not None
+            if stateful:
+                listed = ", ".join(repr(c) for c in cascades.get(root, ())) or "nothing"
+                raise PlanningError(
+                    f"cascade of {root!r} leaves out module {name!r} ({type(m).__name__}), "
+                    f"which the probe pass sees reading the channels of {root!r}; the cascade lists "
+                    f"{listed}: add {name!r} in the order the model runs it"
+                )
+            if out != -1:
+                flowing.add(out)
 
 
 def _one(model: nn.Module, modules: dict, root: str, chain: list[str], shapes: dict) -> Group:

@@ -167,3 +167,38 @@ def probe_shapes(
         for h in handles:
             h.remove()
     return seen
+
+
+def probe_dataflow(model: nn.Module, example_inputs: Any) -> list[tuple[str, tuple[int, ...], int]]:
+    """Run one forward pass in eval mode under no_grad and record the leaf modules' data flow.
+
+    Returns, in the order the calls finish, ``(name, ids of the input tensors, id of the output
+    tensor or -1)`` for each call of a module without children. Every tensor seen stays referenced
+    until the pass ends, so an id names one tensor. BatchNorm statistics, training flags and hooks
+    are as before when this returns.
+    """
+    events: list[tuple[str, tuple[int, ...], int]] = []
+    keep: list[torch.Tensor] = []
+    handles = []
+
+    def hook(name: str):
+        def record(_m: nn.Module, args: tuple, out: Any) -> None:
+            ins = tuple(a for a in args if isinstance(a, torch.Tensor))
+            keep.extend(ins)
+            if isinstance(out, torch.Tensor):
+                keep.append(out)
+            events.append((name, tuple(id(a) for a in ins),
+                           id(out) if isinstance(out, torch.Tensor) else -1))
+
+        return record
+
+    try:
+        for name, m in model.named_modules():
+            if name and next(iter(m.children()), None) is None:
+                handles.append(m.register_forward_hook(hook(name)))
+        with frozen_mode(model):
+            model(*as_inputs(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return events
