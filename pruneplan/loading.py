@@ -595,8 +595,9 @@ def plan_from_metric(
 
     Raises:
         PlanningError: bad ratio, target, n_steps, scope or option combination, an option the
-            metric ignores, a pattern of ``layer_ratios`` that matches nothing, or everything
-            excluded.
+            metric ignores, a pattern of ``layer_ratios`` or ``exclude`` that matches no
+            prunable group (an ``exclude`` pattern may match a root discovery left out), or
+            everything excluded.
         UnsupportedOperationError: discovery meets an operation it does not understand.
     """
     from pruneplan.apply import apply_plan, weights_digest
@@ -640,7 +641,7 @@ def plan_from_metric(
                          "same count from every key/value head) instead of their query groups",
                          len(swap))
         order = execution_order(found)
-        groups = _included(found, exclude)
+        groups = _included(found, exclude, [lo.name for lo in getattr(found, "left_out", [])])
         if step == 1:
             units = sum(g.size for g in groups)
             original = {g.name: g.size for g in groups}
@@ -793,8 +794,14 @@ def _names(g: GroupSpec) -> list[str]:
     return list(dict.fromkeys((g.name, *g.roots)))
 
 
-def _included(groups: Sequence[GroupSpec], exclude: Sequence[str]) -> list[GroupSpec]:
-    """The groups none of whose names match an ``exclude`` pattern (unmatched patterns warned)."""
+def _included(groups: Sequence[GroupSpec], exclude: Sequence[str],
+              left_out: Sequence[str] = ()) -> list[GroupSpec]:
+    """The groups none of whose names match an ``exclude`` pattern.
+
+    Raises:
+        PlanningError: a pattern matches no prunable group (nor a root discovery left out), or
+            every group is excluded.
+    """
     if not exclude:
         return list(groups)
     used = set()
@@ -805,12 +812,25 @@ def _included(groups: Sequence[GroupSpec], exclude: Sequence[str]) -> list[Group
         if not hit:
             kept.append(g)
     for p in exclude:
-        if p not in used:
-            log.warning("exclude pattern %r matches no prunable group", p)
+        if p in used:
+            continue
+        if any(fnmatch.fnmatchcase(n, p) for n in left_out):
+            log.info("exclude pattern %r matches only roots that are not pruned anyway", p)
+            continue
+        raise PlanningError(f"exclude pattern {p!r} matches no prunable group{_hint(p, groups)}")
     if not kept:
         raise PlanningError(f"exclude {list(exclude)} leaves no group to prune")
     log.info("excluded %d of %d groups", len(groups) - len(kept), len(groups))
     return kept
+
+
+def _hint(pattern: str, groups: Sequence[GroupSpec]) -> str:
+    """``"; did you mean 'a', 'b'?"`` from the group and root names closest to ``pattern``."""
+    import difflib
+
+    names = list(dict.fromkeys(n for g in groups for n in _names(g)))
+    close = difflib.get_close_matches(pattern, names, n=3)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _kind(g: GroupSpec) -> str:
@@ -841,7 +861,8 @@ def _select_ratio(
             per[g.name] = r
         missing = [p for p in (layer_ratios or {}) if p not in used]
         if missing:
-            raise PlanningError(f"layer_ratios pattern {missing[0]!r} matches no prunable group")
+            raise PlanningError(f"layer_ratios pattern {missing[0]!r} matches no prunable group"
+                                f"{_hint(missing[0], groups)}")
         asked = sum(math.floor(per[g.name] * g.size + 1e-9) for g in present if _valid(per[g.name]))
         by_name = {g.name: g for g in present}
         return select_indices({n: table[n] for n in per}, {n: step(r, [by_name[n]]) for n, r in per.items()},

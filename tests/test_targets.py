@@ -78,6 +78,12 @@ def test_a_target_that_cannot_be_met_warns(caplog: pytest.LogCaptureFixture) -> 
     ({"ratio": 0.5, "scope": "global", "layer_ratios": {"0": 0.1}}, "layer_ratios need scope='layer'"),
     ({"ratio": 0.5, "layer_ratios": {"nope*": 0.1}}, "pattern 'nope\\*' matches no prunable group"),
     ({"ratio": 0.5, "exclude": ["*"]}, "leaves no group to prune"),
+    # a typo'd exclude used to warn and prune the group anyway; now refused like layer_ratios
+    ({"ratio": 0.5, "exclude": ["conv_1"]}, r"^exclude pattern 'conv_1' matches no prunable group$"),
+    ({"ratio": 0.5, "exclude": ["7", "3x"]},
+     r"^exclude pattern '3x' matches no prunable group; did you mean '3'\?$"),
+    ({"ratio": 0.5, "layer_ratios": {"07": 0.1}},
+     r"^layer_ratios pattern '07' matches no prunable group; did you mean '7', '0'\?$"),  # difflib: equal scores, larger name first
 ])
 def test_bad_target_and_ratio_combinations(kwargs: dict, message: str) -> None:
     ratio = kwargs.pop("ratio", None)
@@ -90,6 +96,9 @@ def test_per_layer_and_per_kind_ratios_and_exclusion() -> None:
     plan = pp.plan_from_metric(model, x, "weight_norm", 0.5, layer_ratios={"3": 0.25}, exclude=["7"])
     # group 0: floor(0.5 * 8) = 4; group 3: floor(0.25 * 12) = 3; group 7 excluded
     assert [(g.name, len(g.removed)) for g in plan.groups] == [("0", 4), ("3", 3)]
+    # "9" (the classifier) is a root discovery leaves out: excluding it is allowed, changes nothing
+    same = pp.plan_from_metric(model, x, "weight_norm", 0.5, layer_ratios={"3": 0.25}, exclude=["7", "9"])
+    assert [(g.name, g.removed) for g in same.groups] == [(g.name, g.removed) for g in plan.groups]
     # a kind ratio applies to every group of that kind (all are "channels" here)
     by_kind = pp.plan_from_metric(model, x, "weight_norm", 0.1, kind_ratios={"channels": 0.5})
     assert [(g.name, len(g.removed)) for g in by_kind.groups] == [("0", 4), ("3", 6), ("7", 3)]
@@ -122,6 +131,9 @@ def test_cli_target_exclude_and_ratios(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     # group 0 excluded; 3: floor(0.25 * 32) = 8; 9: floor(0.5 * 64) = 32
     assert [(g.name, len(g.removed)) for g in pp.PrunePlan.load(out2).groups] == [("3", 8), ("9", 32)]
+    typo = CliRunner().invoke(cli, [*base, "--ratio", "0.5", "--exclude", "conv_1", "-o", str(tmp_path / "x.json")])
+    assert typo.exit_code == 1 and typo.output == "error: exclude pattern 'conv_1' matches no prunable group\n"
+    assert not (tmp_path / "x.json").exists()
     bad = CliRunner().invoke(cli, [*base, "--ratio", "0.5", "--layer-ratio", "3", "-o", str(out2)])
     assert bad.exit_code == 2 and "expected NAME=FRACTION" in bad.output
     both = CliRunner().invoke(cli, [*base, "--ratio", "0.5", "--target-macs", "0.5", "-o", str(out2)])
