@@ -15,6 +15,8 @@ hidden channels ``u * D .. u * D + D - 1``, so ``C`` and ``num_heads`` shrink to
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -691,3 +693,51 @@ def test_tuple_element_edit_that_does_not_match_the_model_is_refused() -> None:
     model.attns[1].rel.bias_shape = "5x5x4"
     with pytest.raises(pruneplan.errors.PlanMismatchError, match="not a tuple of integers"):
         pruneplan.apply_plan(model, plan)
+
+
+class NestedBlocks(nn.Module):
+    """NesT's attention: tokens in ``T`` image blocks, attended inside each block, so q, k, v
+    are 5-D ``(B, heads, T, N, head_dim)`` and the heads are axis 1 (-4), not -3; the output
+    puts the heads last (``permute(0, 2, 3, 4, 1)``): channel ``d * heads + h`` is head ``h``."""
+
+    def __init__(self, dim: int = DIM, heads: int = HEADS, fused: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = heads, dim // heads, fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, T, N, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = (q * self.head_dim ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.permute(0, 2, 3, 4, 1).reshape(B, T, N, -1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_over_nested_blocks_prunes_heads_on_their_leading_axis(fused: bool) -> None:
+    torch.manual_seed(0)
+    model = NestedBlocks(fused=fused).eval()
+    x = torch.randn(2, 3, 5, DIM, generator=torch.Generator().manual_seed(1))  # (B, T, N, C)
+    groups = prunable_groups(model, x)
+    assert [(g.name, g.kind, g.size) for g in groups] == [("qkv", "heads", HEADS)]
+    gone = [1, 3]
+    # reference: heads 1 and 3 contribute nothing when their value rows are zero (each head's
+    # output is its attention weights times its values), so the output equals the pruned model's
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for h in gone:
+            rows = slice(2 * DIM + h * D, 2 * DIM + (h + 1) * D)  # v is the third DIM rows
+            reference.qkv.weight[rows] = 0
+            reference.qkv.bias[rows] = 0
+        expected = reference(x)
+    plan = pruneplan.plan_pruning(model, {"qkv": gone}, example_inputs=x)
+    pruneplan.apply_plan(model, plan)
+    assert model.num_heads == 2
+    assert model.qkv.weight.shape == (3 * 2 * D, DIM)
+    assert model.proj.weight.shape == (DIM, 2 * D)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,9 @@ per-position work on it stay untouched. The output carries the query's units on 
 axis, down to the output projection that reads them. A per-head additive mask (a relative
 position bias table) is sliced with the heads; one holding the same values for every head,
 built from constants (T5's cross-attention bias), takes the heads' labels, so that every
-attention reading it keeps the same heads; any other blocks them.
+attention reading it keeps the same heads; any other blocks them. Every axis before
+(sequence, head_dim) is a batch axis of ``scaled_dot_product_attention``: the heads are the
+one carrying labels, axis -3 usually, axis 1 of NesT's nested blocks ``(B, heads, T, N, E)``.
 """
 
 from __future__ import annotations
@@ -200,9 +202,17 @@ class SDPARule(FunctionRule):
         if nd < 3 or any(m is None or len(m) != nd for m in metas):
             call.block_all(f"they reach {call.where} without a head axis")
             return None
-        head = nd - 3
-        if any(isinstance(i, Lab) and i.axes != (head,) for i in infos):
+        # every axis before (sequence, head_dim) is a batch axis of the attention: the heads
+        # are the one that carries labels (axis -3 for (B, heads, L, E); axis 1 of nested
+        # blocks laid out (B, heads, T, L, E)), the same one for q, k and v
+        axes = {i.axes for i in infos if isinstance(i, Lab)}
+        head = next(iter(axes))[0] if len(axes) == 1 and len(next(iter(axes))) == 1 else nd - 3
+        if any(isinstance(i, Lab) and i.axes != (head,) for i in infos) or head >= nd - 2:
             call.block_all(f"they reach {call.where} on the sequence or head_dim axis")
+            return None
+        if head != nd - 3 and call.node.kwargs.get("enable_gqa"):
+            call.block_all(f"they reach {call.where} with enable_gqa on axis {head - nd} "
+                           "(its key/value heads are axis -3)")
             return None
         hq, hk, hv = (m[head] for m in metas)
         if hk != hv or hq % hk:
