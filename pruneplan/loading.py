@@ -412,8 +412,11 @@ def score_groups(
     whose ``Conv1D`` weight is (in, out)), a unit's score is the mean of its rows' scores, as
     the group's slices of the root's weight place them.
     Members whose scores still do not fit their group (a metric that scores another axis, e.g.
-    the vocabulary of an Embedding) are left out with a warning, and so are, for
-    ``bn_scale``, roots that no BatchNorm follows; aggregate what remains with
+    the vocabulary of an Embedding) are left out with a warning, and so are the roots a
+    data-free metric cannot score (``bn_scale``: no BatchNorm follows; a module with no weight)
+    and, for the data metrics, recurrent roots (``nn.RNN`` / ``LSTM`` / ``GRU``, whose output
+    is a tuple; the data-free metrics score their hidden units by their gate rows); aggregate
+    what remains with
     `select_indices(..., groups=groups)`.
 
     Args:
@@ -446,7 +449,14 @@ def score_groups(
     scorer = cls(model, data if data is not None else [], criterion or CRITERIA["cross_entropy"],
                  device, **kwargs)
     members = sorted({r for g in groups for r in g.roots})
-    if metric == "bn_scale":
+    if scorer.uses_data:  # a recurrent layer's output is a tuple: no data metric reads its units
+        rnn = [m for m in members if isinstance(_submodule(model, m), nn.RNNBase)]
+        if rnn:
+            log.warning("leaving %d recurrent roots out of %s scoring (their output is a tuple; "
+                        "score them with a data-free metric such as lp_norm): %s", len(rnn), metric,
+                        ", ".join(repr(m) for m in rnn))
+            members = [m for m in members if m not in rnn]
+    if metric == "bn_scale" or not scorer.uses_data:  # each root alone: one that fails is told
         raw = {}
         for name in members:
             try:
@@ -473,6 +483,13 @@ def score_groups(
             s = np.array([s[pos].mean() for pos in units])
         out[name] = s
     return out
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _unit_positions(model: nn.Module, group: GroupSpec, root: str, n: int) -> list[list[int]] | None:

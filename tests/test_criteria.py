@@ -19,6 +19,7 @@ from pruneplan.attributions import (
     FPGMAttributionMetric,
     LAMPAttributionMetric,
     LpNormAttributionMetric,
+    WeightNormAttributionMetric,
 )
 from pruneplan.cli import cli
 
@@ -139,3 +140,115 @@ def test_new_criteria_from_the_cli(tmp_path: Path) -> None:
                                     "--ratio", "0.25", "-o", str(wn)]).exit_code == 0
     assert [g.removed for g in p1.groups] == [g.removed for g in pp.PrunePlan.load(wn).groups]
     assert p1.provenance.metric_params == {"p": 1}
+
+
+# --- the output axis of every layer kind discovery offers as a root, shared by the data-free
+# metrics (pruneplan.attributions._weights.unit_rows) ---
+
+DATA_FREE = (LpNormAttributionMetric, FPGMAttributionMetric, LAMPAttributionMetric)
+
+
+def _set(module: nn.Module, name: str, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        getattr(module, name).copy_(values.reshape(getattr(module, name).shape))
+
+
+def test_conv1d_and_embedding_are_scored_along_their_units() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(3, 2)  # weight (in = 2, out = 3): unit j is column j
+    _set(conv, "weight", torch.tensor([[3.0, 0.0, 1.0], [4.0, 2.0, 1.0]]))
+    emb = nn.Embedding(4, 2)  # weight (vocab = 4, dim = 2): unit j (feature j) is column j
+    _set(emb, "weight", torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 2.0], [1.0, 0.0]]))
+    model = nn.ModuleDict({"c": conv, "e": emb})
+    # columns of conv: (3, 4), (0, 2), (1, 1); of emb: (1, 1, 1, 1), (0, 0, 2, 0)
+    np.testing.assert_allclose(metric(LpNormAttributionMetric, model).run("c"), [5.0, 2.0, math.sqrt(2)])
+    np.testing.assert_allclose(metric(LpNormAttributionMetric, model).run("e"), [2.0, 2.0])
+    np.testing.assert_allclose(metric(WeightNormAttributionMetric, model).run("c"), [7.0, 2.0, 2.0])
+    np.testing.assert_allclose(metric(WeightNormAttributionMetric, model).run("e"), [4.0, 2.0])
+    # FPGM of conv: d01 = sqrt(9 + 4), d02 = sqrt(4 + 9), d12 = sqrt(1 + 1)
+    a, b = math.sqrt(13), math.sqrt(2)
+    np.testing.assert_allclose(metric(FPGMAttributionMetric, model).run("c"), [2 * a, a + b, a + b])
+    # LAMP of conv: v = 25, 4, 2; denominators 25, 29, 31
+    np.testing.assert_allclose(metric(LAMPAttributionMetric, model).run("c"), [1.0, 4 / 29, 2 / 31])
+
+
+def test_grouped_transposed_conv_rows_per_group() -> None:
+    # ConvTranspose2d(4, 4, groups=2): weight (in 4, out/groups 2, 1, 1); output o of group g
+    # reads inputs 2g, 2g + 1 at column o % 2
+    conv = nn.ConvTranspose2d(4, 4, 1, groups=2, bias=False)
+    _set(conv, "weight", torch.tensor([[1.0, 0.0], [1.0, 3.0], [0.0, 2.0], [4.0, 0.0]]))
+    # unit 0: (1, 1); unit 1: (0, 3); unit 2: (0, 4); unit 3: (2, 0)
+    np.testing.assert_allclose(metric(LpNormAttributionMetric, nn.Sequential(conv)).run("0"),
+                               [math.sqrt(2), 3.0, 4.0, 2.0])
+
+
+def test_rnn_hidden_units_score_their_gate_rows() -> None:
+    lstm = nn.LSTM(1, 2, num_layers=2)  # gates 4, hidden 2: unit j owns rows j, 2 + j, 4 + j, 6 + j
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.zero_()
+        lstm.weight_ih_l0[:, 0] = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 2.0])
+        lstm.weight_hh_l1[6] = torch.tensor([3.0, 0.0])  # gate 3 of unit 0
+        lstm.weight_ih_l1[3] = torch.tensor([0.0, 5.0])  # gate 1 of unit 1
+    model = nn.Sequential(lstm)
+    # unit 0: 1, 1, 1, 1, 3 -> L2 sqrt(13), L1 7; unit 1: 2, 5 -> L2 sqrt(29), L1 7
+    np.testing.assert_allclose(metric(LpNormAttributionMetric, model).run("0"), [math.sqrt(13), math.sqrt(29)])
+    np.testing.assert_allclose(metric(WeightNormAttributionMetric, model).run("0"), [7.0, 7.0])
+    r = metric(pp.attributions.RandomAttributionMetric, model, seed=0).run("0")  # no data needed
+    assert r.shape == (2,)
+
+
+@pytest.mark.parametrize("cls", DATA_FREE)
+def test_data_free_metrics_plan_gpt2_heads_and_lstm(cls, caplog) -> None:
+    import logging
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=4, vocab_size=32, n_positions=16)).eval()
+    name = {v: k for k, v in pp.loading.METRICS.items()}[cls.__name__]
+    with caplog.at_level(logging.WARNING):
+        plan = pp.plan_from_metric(gpt, torch.randint(0, 32, (1, 8)), name, 0.5)
+    assert "ignoring" not in caplog.text  # every root scored along its units (no axis mismatch)
+    got = {g.name: g.removed for g in plan.groups}
+    # the heads of the fused c_attn: the mean of each head's 3 * 4 column scores (q, k, v blocks)
+    rows = metric(cls, gpt).run("transformer.h.0.attn.c_attn")
+    assert rows.shape == (48,)
+    heads = [np.mean([rows[b * 16 + h * 4 + i] for b in range(3) for i in range(4)]) for h in range(4)]
+    assert got["transformer.h.0.attn.c_attn"] == sorted(np.argsort(heads, kind="stable")[:2].tolist())
+    assert len(got["transformer.h.0.mlp.c_fc"]) == 32
+
+
+class _Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        o, _ = self.rnn(self.emb(t))
+        return self.fc(o[:, -1])
+
+
+def test_lstm_roots_scored_data_free_and_left_out_by_data_metrics(caplog) -> None:
+    import logging
+
+    torch.manual_seed(0)
+    model = _Tagger().eval()
+    t = torch.randint(0, 50, (2, 5))
+    for name in ("lp_norm", "weight_norm", "fpgm", "lamp", "random"):  # random: no data needed
+        plan = pp.plan_from_metric(model, t, name, 0.25, **({"seed": 0} if name == "random" else {}))
+        got = {g.name: len(g.removed) for g in plan.groups}
+        assert got == {"emb": 4, "rnn": 2}, name
+    # lp_norm's pick: the 2 hidden units of the smallest L2 norm of their 4 gate rows (ih and hh)
+    w = torch.cat([model.rnn.weight_ih_l0, model.rnn.weight_hh_l0], 1).detach().double()
+    norms = w.reshape(4, 8, -1).pow(2).sum((0, 2)).sqrt().numpy()
+    plan = pp.plan_from_metric(model, t, "lp_norm", 0.25)
+    assert plan.group("rnn").removed == sorted(np.argsort(norms, kind="stable")[:2].tolist())
+    data = [(torch.randint(0, 50, (4, 5)), torch.randint(0, 3, (4,)))]
+    for name in ("taylor", "activation"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            plan = pp.plan_from_metric(model, t, name, 0.25, data=data, criterion="cross_entropy")
+        assert [g.name for g in plan.groups] == ["emb"]
+        assert f"leaving 1 recurrent roots out of {name} scoring" in caplog.text and "'rnn'" in caplog.text

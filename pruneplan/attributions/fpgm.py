@@ -19,7 +19,8 @@ class FPGMAttributionMetric(AttributionMetric):
     He et al., "Filter pruning via geometric median for deep convolutional neural networks
     acceleration", CVPR 2019: units close to the geometric median of the layer's filters are the
     most replaceable by the others, so the smallest total distance is pruned first. ``w_i`` is
-    every weight of unit ``i`` (output axis 0, or 1 for transposed convolutions), flattened. No
+    every weight of unit ``i`` as `._weights.unit_rows` gives it (output axis 0; 1 for transposed
+    convolutions, Embedding and GPT-2's Conv1D; an RNN's gate rows), flattened. No
     data is read; ``reduction="none"`` returns a ``(1, units)`` matrix;
     ``find_best_evaluation_module`` is ignored.
 

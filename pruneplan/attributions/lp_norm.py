@@ -22,8 +22,9 @@ class LpNormAttributionMetric(AttributionMetric):
 
     The magnitude criterion of Li et al., "Pruning filters for efficient ConvNets", ICLR 2017
     (who use p = 1, also `WeightNormAttributionMetric`), with the L2 norm as the default, as in
-    Torch-Pruning's ``MagnitudeImportance(p=2)`` and NNI's ``L2NormPruner``. The output axis is
-    0, or 1 for transposed convolutions. No data is read; the result is a single row, so
+    Torch-Pruning's ``MagnitudeImportance(p=2)`` and NNI's ``L2NormPruner``. A unit's weights are
+    those `._weights.unit_rows` gives (output axis 0; 1 for transposed convolutions, Embedding
+    and GPT-2's Conv1D; heads; an RNN's gate rows). No data is read; the result is a single row, so
     ``reduction="none"`` returns a ``(1, units)`` matrix. ``find_best_evaluation_module`` is
     ignored.
 

@@ -19,8 +19,10 @@ __all__ = ["RandomAttributionMetric"]
 class RandomAttributionMetric(AttributionMetric):
     """Scores drawn uniformly from [0, 1), reproducible with ``seed``.
 
-    The number of units comes from ``out_features`` / ``out_channels`` / ``num_features`` or
-    the weight; for other modules one forward pass on the first batch measures ``z.shape[1]``.
+    The number of units comes from ``out_features`` / ``out_channels`` / ``num_features`` /
+    ``nf`` / ``embedding_dim`` (``hidden_size`` of a recurrent layer) or the weight; for other
+    modules one forward pass on the first batch measures ``z.shape[1]`` (no data is needed
+    otherwise).
     The result is a single row, so ``reduction="none"`` returns a ``(1, units)`` matrix.
     ``find_best_evaluation_module`` is ignored.
 
@@ -50,6 +52,8 @@ class RandomAttributionMetric(AttributionMetric):
         return self._module_rng(module, self.seed).random(self._unit_count(module))
 
     def _unit_count(self, module: nn.Module) -> int:
+        if isinstance(module, nn.RNNBase):  # recurrent layer: its hidden units
+            return int(module.hidden_size)
         proj = heads_projection(module)
         if proj is not None:  # attention heads: the inputs of the output projection
             return int(proj.weight.shape[1])
@@ -60,6 +64,10 @@ class RandomAttributionMetric(AttributionMetric):
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() > 0:
             return int(weight.shape[0])
+        if next(iter(self.data_generator), None) is None:
+            raise ValueError(f"module {type(module).__name__}: its unit count is not an attribute "
+                             "(out_features, out_channels, hidden_size, ...) and no data batch was "
+                             "given to measure it")
         capture = ActivationCapture([module])
         try:
             with torch.no_grad():
