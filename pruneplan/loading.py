@@ -525,7 +525,7 @@ def plan_from_metric(
     model: nn.Module,
     example_inputs: Any,
     metric: str,
-    ratio: float | None = None,
+    ratio: float | Mapping[str, float] | None = None,
     *,
     target: Mapping[str, float] | None = None,
     n_steps: int = 1,
@@ -557,7 +557,9 @@ def plan_from_metric(
     Selection, by ratio or by target:
 
     * ``ratio``: the fraction of units to remove (of every group with ``scope="layer"``, the
-      default; of all units together with ``scope="global"``). ``kind_ratios`` (group kind ->
+      default; of all units together with ``scope="global"``), or a mapping group kind -> ratio
+      (``{"channels": 0.3, "heads": 0.25}``: the same as ``kind_ratios``, groups of the kinds
+      not named keep their units). ``kind_ratios`` (group kind ->
       ratio, e.g. ``{"heads": 0.25}``; a group's kind is ``"channels"`` unless discovery says
       otherwise; with ``"heads"`` and no ``"query_groups"``, grouped-query attention is pruned
       by its query heads, the same count from every key/value head, instead of by its query
@@ -613,7 +615,8 @@ def plan_from_metric(
     Raises:
         PlanningError: bad ratio, target, n_steps, scope or option combination, an option the
             metric ignores, a pattern of ``layer_ratios`` or ``exclude`` that matches no
-            prunable group (an ``exclude`` pattern may match a root discovery left out), or
+            prunable group (an ``exclude`` pattern may match a root discovery left out), a
+            kind ratio for a kind not in `pruneplan.plan.KINDS` or not in [0, 1), or
             everything excluded.
         UnsupportedOperationError: discovery meets an operation it does not understand.
     """
@@ -622,6 +625,7 @@ def plan_from_metric(
 
     params = check_metric_options(metric, data=data, criterion=criterion, seed=seed,
                                   metric_params=metric_params, max_batches=max_batches)
+    ratio, kind_ratios = _kind_mapping(ratio, kind_ratios)
     what, goal_frac = _check_target(target, ratio, layer_ratios, kind_ratios)
     if scope is None:
         scope = "global" if target else "layer"
@@ -767,6 +771,25 @@ def stats_before_after(model: nn.Module, plan: PrunePlan, example_inputs: Any) -
 
     pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
     return count(model, example_inputs), count(pruned, example_inputs)
+
+
+def _kind_mapping(ratio: Any, kind_ratios: Mapping[str, float] | None
+                  ) -> tuple[float | None, Mapping[str, float] | None]:
+    """``ratio`` given as a mapping of kinds becomes ``kind_ratios`` (groups of other kinds keep
+    their units); kind names are checked against `KINDS`."""
+    from pruneplan.plan import KINDS
+
+    if isinstance(ratio, Mapping):
+        if kind_ratios:
+            raise PlanningError("give the kinds' ratios either as ratio={kind: r} or as kind_ratios, "
+                                "not both")
+        ratio, kind_ratios = None, dict(ratio)
+    for kind, r in (kind_ratios or {}).items():
+        if kind not in KINDS:
+            raise PlanningError(f"ratio given for kind {kind!r}, which is not one of {KINDS}")
+        if not _valid(r):
+            raise PlanningError(f"ratio for kind {kind!r} must be a number in [0, 1), got {r!r}")
+    return ratio, kind_ratios
 
 
 def _check_target(target: Mapping[str, float] | None, ratio: float | None,

@@ -381,3 +381,40 @@ def test_layer_ratios_naming_the_query_heads_swap_them_in() -> None:
     found = pp.prunable_groups(gqa("Llama"), x).with_query_heads([f"{attn(1)}.heads"])
     assert [g.name for g in found if "self_attn" in g.name] == [f"{attn(0)}.q_proj", f"{attn(1)}.heads"]
     assert sorted(g.name for g in found.alternatives) == [f"{attn(0)}.heads", f"{attn(1)}.q_proj"]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_ratio_may_map_kinds_as_the_readme_says(scope: str) -> None:
+    # README: "ratio may map kinds"; it used to fail ("ratio given for 'channels', which has no
+    # scores" globally, "ratio for group 'model.embed_tokens' must be a number" per layer)
+    x = ids()
+    kinds = {"channels": 0.3, "query_groups": 0.5}
+    mapped = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kinds, scope=scope, same_count=None)
+    same = pp.plan_from_metric(gqa("Llama"), x, "weight_norm", kind_ratios=kinds, scope=scope, same_count=None)
+    assert mapped.to_json() == same.to_json()
+    by_kind: dict[str, list[int]] = {}
+    for g in mapped.groups:
+        by_kind.setdefault(g.kind, []).append(len(g.removed))
+    # query groups: 2 key/value heads per layer; half of them, one per layer (by layer) or 2 of 4
+    # (global, normalised per group)
+    assert sum(by_kind["query_groups"]) == 2
+    assert mapped.provenance.selection["kind_ratios"] == kinds
+    assert mapped.provenance.selection["ratio"] == 0.0
+    assert by_kind["channels"]  # channel groups (MLP, hidden) lose units too
+    if scope == "layer":
+        # each channel group loses floor(0.3 * size): MLP 96 -> 28, hidden 64 -> 19
+        sizes = {g.name: g.size for g in pp.prunable_groups(gqa("Llama"), x)}
+        assert all(len(g.removed) == int(0.3 * sizes[g.name]) for g in mapped.groups if g.kind == "channels")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"ratio": {"chanels": 0.3}}, r"^ratio given for kind 'chanels', which is not one of \('channels', "
+                                  r"'heads', 'query_groups'\)$"),
+    ({"ratio": {"heads": 1.5}}, r"^ratio for kind 'heads' must be a number in \[0, 1\), got 1.5$"),
+    ({"ratio": {"heads": 0.5}, "kind_ratios": {"channels": 0.1}}, "either as ratio=.* or as kind_ratios"),
+    ({"kind_ratios": {"head": 0.5}}, r"^ratio given for kind 'head', which is not one of"),
+])
+def test_bad_kind_ratios_are_refused(kwargs: dict, message: str) -> None:
+    ratio = kwargs.pop("ratio", None)
+    with pytest.raises(pp.PlanningError, match=message):
+        pp.plan_from_metric(gqa("Llama", layers=1), ids(), "weight_norm", ratio, **kwargs)
