@@ -252,3 +252,56 @@ def test_lstm_roots_scored_data_free_and_left_out_by_data_metrics(caplog) -> Non
             plan = pp.plan_from_metric(model, t, name, 0.25, data=data, criterion="cross_entropy")
         assert [g.name for g in plan.groups] == ["emb"]
         assert f"leaving 1 recurrent roots out of {name} scoring" in caplog.text and "'rnn'" in caplog.text
+
+
+class _BNAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BatchNorm2d subclass with children, calling F.batch_norm."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(y)
+
+
+class _FunctionalNorm(nn.Module):
+    """Not a BatchNorm: normalises with F.batch_norm and its own scale ``gain``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(c))
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("var", torch.ones(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.mean, self.var, weight=self.gain)
+
+
+def test_bn_scale_finds_batchnorm_subclasses_and_functional_batch_norm() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), _BNAct(3), nn.Conv2d(3, 2, 1), nn.SiLU(), _FunctionalNorm(2),
+                          nn.Conv2d(2, 2, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1]))
+        model[4].gain.copy_(torch.tensor([-3.0, 0.25]))
+    m = metric(BNScaleAttributionMetric, model, example_inputs=torch.randn(1, 1, 4, 4))
+    np.testing.assert_allclose(m.run("0"), [0.5, 2.0, 0.1])  # |gamma| of the subclass
+    np.testing.assert_allclose(m.run("2"), [3.0, 0.25])  # through SiLU to F.batch_norm's weight
+    with pytest.raises(ValueError, match="no BatchNorm consumes its output"):
+        m.run("5")
+    assert F.batch_norm is torch.nn.functional.batch_norm and F.batch_norm.__name__ == "batch_norm"
+    # the plan: conv 0 loses its unit of the smallest |gamma| (2: 0.1), conv 2 its unit 1 (0.25)
+    plan = pp.plan_from_metric(model, torch.randn(1, 1, 4, 4), "bn_scale", 0.5)  # 1 unit each
+    assert {g.name: g.removed for g in plan.groups} == {"0": [2], "2": [1]}
+
+
+def test_bn_scale_on_timm_batchnormact() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.linspace(-1.0, 1.0, model.bn1.weight.numel()))
+    m = metric(BNScaleAttributionMetric, model, example_inputs=torch.randn(1, 3, 32, 32))
+    # conv_stem feeds bn1 (timm's BatchNormAct2d): its scores are |bn1.weight|
+    np.testing.assert_allclose(m.run("conv_stem"), torch.linspace(-1.0, 1.0, 16).abs().double().numpy())

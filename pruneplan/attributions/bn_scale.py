@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .base import PASS_THROUGH_TYPES, AttributionMetric, Reduction, _CallRecorder, _with_shared_doc
 
 __all__ = ["BNScaleAttributionMetric"]
 
 _BN = nn.modules.batchnorm._BatchNorm
+# leaf module calls (module, inputs, output) and F.batch_norm calls (input, weight), in order
+_Trace = tuple[list[tuple[nn.Module, tuple[Any, ...], Any]], list[tuple[Any, Any]]]
 
 
 @_with_shared_doc
@@ -25,8 +28,10 @@ class BNScaleAttributionMetric(AttributionMetric):
     ``|gamma|`` contribute little and are pruned first (without the penalty the criterion still
     applies, less sharply). The BatchNorm is the module itself when a BatchNorm is scored;
     otherwise it is found by one forward pass (no gradient, eval mode) on ``example_inputs`` (or
-    the first batch of ``data_generator``): the BatchNorm that consumes the module's output,
-    directly or through element-wise activations. No other data is read; the result is a single
+    the first batch of ``data_generator``): the batch norm that consumes the module's output,
+    directly or through element-wise activations, found as the ``F.batch_norm`` call it feeds
+    (a BatchNorm, a subclass such as timm's ``BatchNormAct2d``, or a module calling
+    ``F.batch_norm`` with its own weight). No other data is read; the result is a single
     row (``reduction="none"`` gives ``(1, units)``); ``find_best_evaluation_module`` is ignored.
 
     Extra argument:
@@ -53,7 +58,7 @@ class BNScaleAttributionMetric(AttributionMetric):
     ) -> None:
         super().__init__(model, data_generator, criterion, device, reduction, progress, **method_kwargs)
         self.example_inputs = example_inputs
-        self._records: list[tuple[nn.Module, tuple[Any, ...], Any]] | None = None
+        self._records: _Trace | None = None
 
     def _run_static(
         self, resolved: list[tuple[str, nn.Module]], kwargs: dict[str, Any]
@@ -64,13 +69,17 @@ class BNScaleAttributionMetric(AttributionMetric):
             self._records = None  # one trace per run: the model may change between runs
 
     def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
-        bn = module if isinstance(module, _BN) else self._following_bn(name, module)
-        if not isinstance(bn.weight, torch.Tensor):
+        weight = module.weight if isinstance(module, _BN) else self._following_scale(name, module)
+        if not isinstance(weight, torch.Tensor):
             raise ValueError(f"module {name!r}: its BatchNorm has no learnable scale (affine=False)")
-        return bn.weight.detach().abs().to("cpu", torch.float64).numpy()
+        return weight.detach().abs().to("cpu", torch.float64).reshape(-1).numpy()
 
-    def _following_bn(self, name: str, module: nn.Module) -> nn.Module:
-        records = self._trace()
+    def _following_scale(self, name: str, module: nn.Module) -> torch.Tensor | None:
+        """The scale of the batch norm that normalises the module's output: the first call of
+        ``F.batch_norm`` (a BatchNorm module, a subclass such as timm's ``BatchNormAct2d``, or
+        any module calling it with its weight) whose input is that output, directly or through
+        element-wise activations."""
+        records, norms = self._trace()
         idx = [i for i, (m, _, _) in enumerate(records) if m is module]
         if len(idx) != 1:
             raise ValueError(f"module {name!r} ran {len(idx)} times in the forward pass; BatchNorm "
@@ -78,19 +87,23 @@ class BNScaleAttributionMetric(AttributionMetric):
         i = idx[0]
         while True:
             out = records[i][2]
+            found = [w for x, w in norms if x is out]
+            if found:
+                return found[0]
             consumers = [j for j in range(i + 1, len(records)) if any(a is out for a in records[j][1])]
             if len(consumers) != 1:
                 break
             i = consumers[0]
             if isinstance(records[i][0], _BN):
-                return records[i][0]
+                return records[i][0].weight
             if not isinstance(records[i][0], PASS_THROUGH_TYPES):
                 break
         raise ValueError(f"module {name!r} ({type(module).__name__}): no BatchNorm consumes its output, "
                          "so it has no BatchNorm scale")
 
-    def _trace(self) -> list[tuple[nn.Module, tuple[Any, ...], Any]]:
-        """Every leaf module call of one forward pass, in order (made once per metric)."""
+    def _trace(self) -> _Trace:
+        """Every leaf module call of one forward pass, in order, and the ``(input, weight)`` of
+        every ``F.batch_norm`` call (made once per run)."""
         if self._records is None:
             if self.example_inputs is not None:
                 x = self.example_inputs
@@ -101,11 +114,21 @@ class BNScaleAttributionMetric(AttributionMetric):
                                      "the BatchNorm after each module")
                 x = first[0]
             args = x if isinstance(x, tuple) else (x,)
+            norms: list[tuple[Any, Any]] = []
+            original = F.batch_norm
+
+            def batch_norm(input: Any, *a: Any, **kw: Any) -> Any:
+                weight = kw["weight"] if "weight" in kw else (a[2] if len(a) > 2 else None)
+                norms.append((input, weight))
+                return original(input, *a, **kw)
+
             recorder = _CallRecorder(self.model)
+            F.batch_norm = batch_norm
             try:
                 with torch.no_grad():
                     self.model(*args)
             finally:
+                F.batch_norm = original
                 recorder.remove()
-            self._records = recorder.records
+            self._records = (recorder.records, norms)
         return self._records
