@@ -278,8 +278,7 @@ def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: 
     click.echo(f"{len(rows)} groups; {gone:,} of {units:,} units; {what}; digest {loaded.digest()[:12]}")
     sel = loaded.provenance.selection
     if "requested_fraction" in sel:
-        click.echo(f"requested {sel['requested_fraction']:.1%} of the units of the scored groups, "
-                   f"achieved {sel['achieved_fraction']:.1%}")
+        click.echo(_requested_line(sel))
     if "target" in sel and "achieved" in sel:
         for key, want in sel["target"].items():
             click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'].get(key, 0):.1%}")
@@ -531,8 +530,7 @@ def plan(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], in
                f"digest {made.digest()[:12]}")
     sel = made.provenance.selection
     if "requested_fraction" in sel:
-        click.echo(f"requested {sel['requested_fraction']:.1%} of the units, achieved "
-                   f"{sel['achieved_fraction']:.1%} (after round_to={round_to}, min_keep={min_keep})")
+        click.echo(_requested_line(sel))
     for key, want in sel.get("target", {}).items():
         click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'][key]:.2%}")
     before, after = loading.stats_before_after(model, made, _example(model, input_shape, input_dtype, 1))
@@ -546,3 +544,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _requested_line(sel: dict) -> str:
+    """The ratio as given, and the requested/achieved units as fractions of the groups considered."""
+    asked = [f"ratio {sel.get('ratio', 0.0):g}"] if sel.get("ratio") else []
+    asked += [f"{k}={v:g}" for k, v in sel.get("kind_ratios", {}).items()]
+    asked += [f"{k}={v:g}" for k, v in sel.get("layer_ratios", {}).items()]
+    head = f"requested {', '.join(asked) or 'ratio 0'} (scope {sel.get('scope', 'layer')})"
+    if "units" not in sel:  # a plan made before the counts were recorded
+        return (f"{head}: {sel['requested_fraction']:.1%} of the units of the groups considered, "
+                f"achieved {sel['achieved_fraction']:.1%}")
+    units = sel["units"]
+    return (f"{head}: {sel['requested_units']:,} units after flooring per "
+            f"{'group' if sel.get('scope', 'layer') == 'layer' else 'kind'} "
+            f"({sel['requested_fraction']:.1%} of the {units:,} units of the groups considered); "
+            f"removed {round(sel['achieved_fraction'] * units):,} ({sel['achieved_fraction']:.1%}; "
+            f"round_to={sel.get('round_to', 1)}, min_keep={sel.get('min_keep', 1)})")

@@ -649,6 +649,9 @@ def plan_from_metric(
     plans: list[PrunePlan] = []
     requested = 0
     units = 0
+    selected_units = 0  # units the ratio selection kept to remove (after round_to/min_keep)
+    fit_lost = 0  # units the config fit (same_count) gave back
+    unscored: list[str] = []
     original: dict[str, int] = {}  # group -> unit count before the first step
     for step in range(1, n_steps + 1):
         found = prunable_groups(current, example_inputs)
@@ -690,7 +693,11 @@ def plan_from_metric(
                                           round_to, min_keep, normalize, step_ratio)
             if step == 1:
                 requested = want
+                unscored = [g.name for g in groups if g.name not in table]
+        selected = sum(len(v) for v in removed.values())
         removed = _config_fit(current, groups, table, removed, same_count, round_to)
+        fit_lost += selected - sum(len(v) for v in removed.values())
+        selected_units += selected
         by_name = {g.name: g for g in groups}
         made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
         plans.append(made)
@@ -734,15 +741,33 @@ def plan_from_metric(
             selection["layer_ratios"] = dict(layer_ratios)
         if kind_ratios:
             selection["kind_ratios"] = dict(kind_ratios)
+        selection["units"] = units
+        selection["requested_units"] = requested
         selection["requested_fraction"] = round(requested / max(units, 1), 6)
         selection["achieved_fraction"] = round(removed_units / max(units, 1), 6)
-        if requested > 0 and removed_units == 0:
-            log.warning("the plan removes nothing: %d units were asked, but round_to=%d and min_keep=%d "
-                        "keep every unit", requested, round_to, min_keep)
-        elif removed_units < 0.9 * requested:
-            log.warning("the plan removes %.1f%% of the units, %.1f%% were asked: round_to=%d and "
-                        "min_keep=%d keep more", 100 * removed_units / max(units, 1),
-                        100 * requested / max(units, 1), round_to, min_keep)
+        if unscored:
+            selection["unscored_groups"] = unscored
+        if unscored:
+            log.warning("%d groups have no scores from %s and keep their units: %s", len(unscored),
+                        metric, ", ".join(unscored[:5]) + (", ..." if len(unscored) > 5 else ""))
+        if removed_units < 0.9 * requested:
+            why = []
+            if selected_units < requested:
+                why.append(f"round_to={round_to} and min_keep={min_keep} keep "
+                           f"{requested - selected_units} of them")
+            if fit_lost > 0:
+                why.append(f"the config fit (same_count: equal counts per layer, whole rounds, a "
+                           f"hidden size the heads divide) gives back {fit_lost}")
+            if n_steps > 1 and not why:
+                why.append(f"the {n_steps} steps' re-scoring keeps more")
+            cause = "; ".join(why) or "the selection keeps more"
+            if removed_units == 0:
+                log.warning("the plan removes nothing: %d units were asked, but %s", requested, cause)
+            else:
+                log.warning("the plan removes %d units (%.1f%% of the %d units of the groups "
+                            "considered), %d (%.1f%%) were asked: %s", removed_units,
+                            100 * removed_units / max(units, 1), units, requested,
+                            100 * requested / max(units, 1), cause)
     provenance = plan.provenance.model_copy(update={
         "metric": metric,
         "metric_params": metric_record,

@@ -360,6 +360,10 @@ def test_plan_from_metric_lowers_the_heads_to_a_count_the_hidden_size_holds(capl
         plan = pp.plan_from_metric(model, ids(), "weight_norm", kind_ratios={"heads": 0.4})
     assert ("the query heads lose 2 per layer instead of the 4 selected: the config's hidden size 80 "
             "must stay a multiple of the heads that remain (8, not 6)") in caplog.text
+    # the shortfall is blamed on the config fit (8 asked, 4 given back), not on round_to/min_keep
+    assert ("8 (" in caplog.text and "were asked: the config fit (same_count: equal counts per layer, "
+            "whole rounds, a hidden size the heads divide) gives back 4") in caplog.text
+    assert "round_to=1 and min_keep=1 keep" not in caplog.text
     for g, layer in zip(plan.groups, model.model.layers, strict=True):
         s = layer.self_attn.q_proj.weight.detach().double().abs().sum(1).reshape(10, 8).mean(1).numpy()
         assert g.removed == [int(np.argmin(s[:5])), 5 + int(np.argmin(s[5:]))]

@@ -194,14 +194,21 @@ def test_requested_vs_achieved_and_warnings(tmp_path: Path) -> None:
     plan = pp.PrunePlan.load(out)
     gone = sum(len(g.removed) for g in plan.groups)
     assert all((g.size - len(g.removed)) % 8 == 0 for g in plan.groups) and 0 < gone < 33
-    assert f"requested 29.5% of the units, achieved {gone / 112:.1%} (after round_to=8, min_keep=1)" in result.stdout
-    assert (f"warning: the plan removes {gone / 112:.1%} of the units, 29.5% were asked: round_to=8 and "
-            "min_keep=1 keep more") in result.stderr
+    # the ratio is reported as given (it used to say "requested 29.5%"), the counts with what
+    # they are a fraction of
+    assert (f"requested ratio 0.3 (scope global): 33 units after flooring per kind (29.5% of the 112 "
+            f"units of the groups considered); removed {gone} ({gone / 112:.1%}; round_to=8, min_keep=1)"
+            ) in result.stdout
+    assert (f"warning: the plan removes {gone} units ({gone / 112:.1%} of the 112 units of the groups "
+            f"considered), 33 (29.5%) were asked: round_to=8 and min_keep=1 keep {33 - gone} of them"
+            ) in result.stderr
     assert plan.provenance.selection["achieved_fraction"] == round(gone / 112, 6)
+    assert plan.provenance.selection["units"] == 112 and plan.provenance.selection["requested_units"] == 33
     nothing = run(*base, "--ratio", "0.3", "--min-keep", "100", "-o", str(tmp_path / "n.json"))
     assert nothing.exit_code == 0
-    assert "warning: the plan removes nothing: 32 units were asked, but round_to=1 and min_keep=100 keep every unit" \
-        in nothing.stderr  # floor(0.3 * 16) + floor(0.3 * 32) + floor(0.3 * 64) = 4 + 9 + 19 = 32
+    assert ("warning: the plan removes nothing: 32 units were asked, but round_to=1 and min_keep=100 keep 32 "
+            "of them") in nothing.stderr  # floor(0.3 * 16) + floor(0.3 * 32) + floor(0.3 * 64) = 4 + 9 + 19 = 32
+    assert "requested ratio 0.3 (scope layer): 32 units after flooring per group" in nothing.stdout
     assert pp.PrunePlan.load(tmp_path / "n.json").groups == []
 
 
