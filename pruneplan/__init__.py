@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pruneplan._io import check_output, write_output
 from pruneplan.compose import compose
 from pruneplan.errors import (
     AlreadyPrunedError,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         apply_to_safetensors,
         apply_to_sharded_safetensors,
         apply_to_state_dict,
+        check_checkpoint,
         check_sharded_weights,
         check_weights,
         is_hf_checkpoint,
@@ -77,6 +79,7 @@ _LAZY: dict[str, str] = {
     "apply_to_safetensors": "pruneplan.apply",
     "apply_to_sharded_safetensors": "pruneplan.apply",
     "apply_to_state_dict": "pruneplan.apply",
+    "check_checkpoint": "pruneplan.apply",
     "check_sharded_weights": "pruneplan.apply",
     "check_weights": "pruneplan.apply",
     "load_pruned": "pruneplan.apply",
@@ -155,6 +158,8 @@ __all__ = [
     "apply_to_safetensors",
     "apply_to_sharded_safetensors",
     "apply_to_state_dict",
+    "check_checkpoint",
+    "check_output",
     "check_sharded_weights",
     "check_weights",
     "compose",
@@ -171,4 +176,5 @@ __all__ = [
     "register_module_rule",
     "select_indices",
     "weights_digest",
+    "write_output",
 ]

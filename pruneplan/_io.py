@@ -16,7 +16,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,10 +30,13 @@ except ImportError:  # pragma: no cover - not POSIX: no locks, no clearing
 __all__ = [
     "atomic_write_bytes",
     "atomic_writer",
+    "check_output",
     "check_regular",
     "clear_stale",
     "locked_temp_folder",
     "read_regular_file",
+    "same_path",
+    "write_output",
 ]
 
 log = logging.getLogger(__name__)
@@ -225,8 +228,82 @@ def _check_target(path: Path) -> None:
         raise OutputFileError(f"{path}: folder {str(parent)!r} does not exist")
 
 
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder (resolved; hard links too)."""
+    try:
+        if a.exists() and b.exists() and os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output(
+    dst: str | Path,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    *,
+    folder: bool = False,
+) -> None:
+    """The one rule every writer follows before writing ``dst``, checked before anything is
+    written: ``dst`` is none of ``inputs`` (resolved, so symbolic links and hard links count;
+    for a folder output, ``dst`` is not inside an input folder and no input is inside ``dst``),
+    does not exist unless ``overwrite`` (a dangling symbolic link counts as existing), is a
+    file for a file output (``folder=False``) and a folder for a folder output when it is
+    replaced, and its parent folder exists. The write itself then goes to a temporary name
+    beside ``dst`` and is renamed (`atomic_writer`, `locked_temp_folder`).
+
+    Raises:
+        OutputFileError: naming ``dst``; its ``cli_message`` speaks of ``--force``.
+    """
+    dst = Path(dst)
+    target = dst.resolve()
+    for raw in inputs:
+        src = Path(raw)
+        if same_path(src, dst):
+            what = "folder" if folder and src.is_dir() else "file"
+            raise OutputFileError(f"{dst}: the output is the input {what} {str(src)!r}; choose another "
+                                  f"output")
+        source = src.resolve()
+        if folder and source.is_dir() and target.is_relative_to(source):
+            raise OutputFileError(
+                f"{dst}: the output folder is inside the input folder {str(src)!r}; choose an output "
+                f"outside it"
+            )
+        if source.is_relative_to(target) and source != target:
+            raise OutputFileError(
+                f"{dst}: the output {'folder ' if folder else ''}contains the input {str(src)!r}; "
+                f"choose another output"
+            )
+    if not folder and dst.is_dir():
+        raise OutputFileError(f"{dst}: is a folder; give a file name")
+    if dst.exists() or dst.is_symlink():
+        what = "output exists" if dst.exists() else "output exists (a dangling symbolic link)"
+        if not overwrite:
+            raise OutputFileError(f"{dst}: {what} (pass overwrite=True to replace it)",
+                                  cli_message=f"{dst}: {what} (use --force to replace it)")
+        if folder and (dst.is_symlink() or not dst.is_dir()):
+            raise OutputFileError(f"{dst}: exists and is not a folder; refusing to replace it")
+    if not dst.parent.is_dir():
+        raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and return the path."""
     with atomic_writer(path) as fh:
         fh.write(data)
     return Path(path)
+
+
+def write_output(
+    path: str | Path, data: bytes, inputs: Iterable[str | Path] = (), overwrite: bool = False
+) -> Path:
+    """Write ``data`` to a new file ``path`` as every writer of pruneplan does: refused by
+    `check_output` (``path`` is one of ``inputs``, or exists without ``overwrite``...), else
+    written to a temporary name beside ``path`` and renamed; return the path.
+
+    Raises:
+        OutputFileError: naming ``path``; nothing was written.
+    """
+    check_output(path, inputs, overwrite)
+    return atomic_write_bytes(Path(path), data)

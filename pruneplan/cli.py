@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 import pruneplan
-from pruneplan import OutputFileError, PlanError, PrunePlan, json_schema
+from pruneplan import PlanError, PrunePlan, json_schema
 
 # torch and numpy are imported only by the commands that need them (`apply`, `validate PLAN
 # WEIGHTS`, `groups`, `plan`): reviewing a plan (`show`, `diff`, `validate PLAN`, `schema`) starts
@@ -223,12 +223,19 @@ def validate(plan: Path, weights: Path | None, content_check: str) -> None:
 
     WEIGHTS is a safetensors file, or a sharded checkpoint (its folder or its
     *.safetensors.index.json); for a sharded checkpoint the index and every shard header are
-    checked against each other too. Weights already pruned by PLAN are reported as such (exit 1).
+    checked against each other too. A Hugging Face checkpoint folder (config.json beside sharded
+    or single-file weights) is checked exactly as `apply` reads it (tied tensors stored once, the
+    config changes). Weights already pruned by PLAN are reported as such (exit 1).
     """
     loaded = PrunePlan.load(plan)
     if weights is not None:
-        check = pruneplan.check_sharded_weights if _sharded(weights) else pruneplan.check_weights
-        check(loaded, weights, check_content=content_check)
+        ckpt = weights.parent if weights.name.endswith(".index.json") else weights
+        if pruneplan.is_hf_checkpoint(ckpt):  # what `apply` accepts, read as apply reads it
+            pruneplan.check_checkpoint(loaded, ckpt, check_content=content_check)
+        elif _sharded(weights):
+            pruneplan.check_sharded_weights(loaded, weights, check_content=content_check)
+        else:
+            pruneplan.check_weights(loaded, weights, check_content=content_check)
     fits = f"; fits {weights}" if weights is not None else ""
     click.echo(f"ok: {len(loaded.groups)} groups, digest {loaded.digest()}{fits}")
 
@@ -330,20 +337,15 @@ def diff(a: Path, b: Path) -> None:
 
 @cli.command()
 @click.option("-o", "--output", default=None, help="Write to this file instead of standard output.")
-def schema(output: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def schema(output: str | None, force: bool) -> None:
     """Print the JSON Schema of the plan format."""
     text = json_schema()
     if output is None:
         click.echo(text, nl=False)
         return
     path = _file_output(output)
-    if not path.parent.is_dir():
-        raise OutputFileError(f"{path}: folder {str(path.parent)!r} does not exist")
-    try:
-        with click.open_file(str(path), "w", encoding="utf-8", atomic=True) as fh:
-            fh.write(text)
-    except OSError as exc:  # not the temporary file's name: the user's
-        raise OutputFileError(f"{path}: cannot write ({exc.strerror})") from None
+    pruneplan.write_output(path, text.encode("utf-8"), overwrite=force)
     click.echo(f"wrote {path}")
 
 
@@ -474,13 +476,15 @@ def _assignments(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--device", default="cpu", show_default=True, help="Where to score (cpu, cuda, cuda:1, mps).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars while scoring (default: when stderr is a terminal).")
-@click.option("-o", "--output", required=True, help="Plan file to write.")
+@click.option("-o", "--output", required=True, help="Plan file to write (never an input; an existing "
+              "file only with --force).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def plan(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], input_dtype: str, metric: str,
          ratio: float | None, target_macs: float | None, target_params: float | None, n_steps: int,
          scope: str | None, layer_ratio: tuple[str, ...], kind_ratio: tuple[str, ...],
          exclude: tuple[str, ...], round_to: int, min_keep: int, data_spec: str | None,
          criterion: str | None, max_batches: int | None, seed: int | None, sv_samples: int | None,
-         p_norm: float | None, device: str, progress: bool | None, output: str) -> None:
+         p_norm: float | None, device: str, progress: bool | None, output: str, force: bool) -> None:
     """Score a model's units with a metric and write the plan that removes RATIO of them (or
     meets a MACs / parameters target).
 
@@ -504,8 +508,10 @@ def plan(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], in
         params["p"] = int(params["p"])  # the same plan bytes as the API's p=1
     _refuse_ignored(metric, {"--data": data_spec, "--criterion": criterion, "--max-batches": max_batches,
                              "--seed": seed, "--sv-samples": sv_samples, "--p": p_norm})
-    if not out.parent.is_dir():  # before the (long) scoring
-        raise OutputFileError(f"{out}: folder {str(out.parent)!r} does not exist")
+    inputs = [p for p in (weights, _spec_file(model_spec), _spec_file(data_spec)) if p is not None]
+    pruneplan.check_output(out, inputs, force)  # before the (long) scoring
+    with _about("--device", device):
+        loading.check_device(device)
     import torch
 
     torch.manual_seed(0)  # a model built without --weights gets the same initial weights every run
@@ -524,7 +530,7 @@ def plan(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], in
         seed=seed, metric_params=params or None, max_batches=max_batches,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    made.save(out)
+    pruneplan.write_output(out, made.to_json().encode("utf-8"), inputs, force)
     units = sum(len(g.removed) for g in made.groups)
     click.echo(f"wrote {out}: {len(made.groups)} groups, {units:,} units removed, "
                f"digest {made.digest()[:12]}")
@@ -535,6 +541,14 @@ def plan(model_spec: str, weights: Path | None, input_shape: tuple[int, ...], in
         click.echo(f"target: remove {want:.1%} of the {key}; achieved {sel['achieved'][key]:.2%}")
     before, after = loading.stats_before_after(model, made, _example(model, input_shape, input_dtype, 1))
     _echo_stats(before, after)
+
+
+def _spec_file(spec: str | None) -> Path | None:
+    """The file of a ``file.py:factory`` spec (an input the output must not replace)."""
+    if spec is None:
+        return None
+    path = Path(spec.rpartition(":")[0] or spec)
+    return path if path.suffix == ".py" else None
 
 
 def main() -> None:

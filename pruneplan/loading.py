@@ -38,6 +38,7 @@ __all__ = [
     "DATA_FREE_METRICS",
     "METRICS",
     "check_criterion",
+    "check_device",
     "check_example",
     "config_count_sets",
     "example_input",
@@ -391,6 +392,31 @@ class LimitedBatches:
             return self.n
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a `torch.device`, checked to be one this machine can use.
+
+    Raises:
+        PlanningError: ``device`` is not a device name (``"cdua"``), or names one this machine
+            lacks (``"cuda"`` without a GPU, ``"cuda:7"`` with one); the message names it.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise PlanningError(f"device {quote(str(device))} is not a device name ({_first_line(exc)}); "
+                            f"give cpu, cuda, cuda:N or mps") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise PlanningError(f"device {quote(str(device))} is not available on this machine "
+                            f"({_first_line(exc)})") from None
+    return dev
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return text[:200]
+
+
 def score_groups(
     model: nn.Module,
     groups: Sequence[GroupSpec],
@@ -434,6 +460,7 @@ def score_groups(
 
     params = check_metric_options(metric, data=data, criterion=criterion, seed=seed,
                                   metric_params=metric_params, max_batches=max_batches)
+    check_device(device)
     if isinstance(criterion, str):
         if criterion not in CRITERIA:
             raise PlanningError(f"unknown criterion {criterion!r}; choose from {sorted(CRITERIA)}")
@@ -625,6 +652,7 @@ def plan_from_metric(
 
     params = check_metric_options(metric, data=data, criterion=criterion, seed=seed,
                                   metric_params=metric_params, max_batches=max_batches)
+    check_device(device)
     ratio, kind_ratios = _kind_mapping(ratio, kind_ratios)
     what, goal_frac = _check_target(target, ratio, layer_ratios, kind_ratios)
     if scope is None:

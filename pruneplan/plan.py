@@ -1047,7 +1047,8 @@ def parse_json(text: str | bytes, what: str) -> Any:
         raise PlanValidationError(f"{what} is nested deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
         raise PlanValidationError(
-            f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            # json's own messages can end in "at" ("Unterminated string starting at"): one "at"
+            f"{what} is not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
         ) from None
     except UnicodeDecodeError as exc:
         raise PlanValidationError(f"{what} is not valid JSON: not UTF-8 text (byte {exc.start})") from None

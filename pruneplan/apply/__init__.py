@@ -1,7 +1,7 @@
 """Appliers: execute a plan on a live model and optimizer, a state dict, or safetensors files.
 
 The file appliers (`apply_to_safetensors`, `apply_to_sharded_safetensors`,
-`apply_to_checkpoint`, `check_weights`, `check_sharded_weights`, `is_hf_checkpoint`, and
+`apply_to_checkpoint`, `check_checkpoint`, `check_weights`, `check_sharded_weights`, `is_hf_checkpoint`, and
 `weights_digest` of files) move bytes and never import torch; the names are imported on first
 use, so `pruneplan apply PLAN FILE` starts without torch's import (seconds on a small machine).
 """
@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pruneplan.apply.checkpoint import apply_to_checkpoint, is_hf_checkpoint
+    from pruneplan.apply.checkpoint import apply_to_checkpoint, check_checkpoint, is_hf_checkpoint
     from pruneplan.apply.content import weights_digest
     from pruneplan.apply.model import apply_plan
     from pruneplan.apply.safetensors_io import apply_to_safetensors, check_weights, load_pruned
@@ -26,6 +26,7 @@ _WHERE: dict[str, str] = {
     "apply_to_safetensors": "safetensors_io",
     "apply_to_sharded_safetensors": "sharded",
     "apply_to_state_dict": "state_dict",
+    "check_checkpoint": "checkpoint",
     "check_sharded_weights": "sharded",
     "check_weights": "safetensors_io",
     "is_hf_checkpoint": "checkpoint",
@@ -39,6 +40,7 @@ __all__ = [
     "apply_to_safetensors",
     "apply_to_sharded_safetensors",
     "apply_to_state_dict",
+    "check_checkpoint",
     "check_sharded_weights",
     "check_weights",
     "is_hf_checkpoint",

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pruneplan._io import atomic_write_bytes
+from pruneplan._io import atomic_write_bytes, locked_temp_folder
 from pruneplan.apply._slicing import keep_indices
 from pruneplan.apply.safetensors_io import DIGEST_KEY, check_file, prune_file, read_header
 from pruneplan.apply.sharded import (
     INDEX_SUFFIX,
+    ShardedCheckpoint,
     _check_output,
     _fsync,
     _index_bytes,
@@ -38,7 +38,16 @@ from pruneplan.errors import PlanMismatchError, WeightsFileError
 from pruneplan.hf_config import apply_config_edits, config_edits
 from pruneplan.plan import PrunePlan
 
-__all__ = ["CONFIG_NAME", "apply_to_checkpoint", "is_hf_checkpoint"]
+if TYPE_CHECKING:  # only `load_checkpoint_state` gives tensors; the file appliers need no torch
+    import torch
+
+__all__ = [
+    "CONFIG_NAME",
+    "apply_to_checkpoint",
+    "check_checkpoint",
+    "is_hf_checkpoint",
+    "load_checkpoint_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,128 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise WeightsFileError(f"{path}: not a JSON object")
     return data
+
+
+def _check_folder(src: Path) -> None:
+    if not src.is_dir():
+        raise WeightsFileError(f"{src}: not a checkpoint folder")
+    if not (src / CONFIG_NAME).is_file():
+        raise WeightsFileError(f"{src}: no {CONFIG_NAME} in this folder (not a Hugging Face checkpoint)")
+
+
+@dataclass
+class _Resolved:
+    """A checked Hugging Face checkpoint folder: its weights (sharded ``ckpt`` or one file
+    ``single``), every name's shape (tied aliases included), the keep map without the aliases,
+    and the config edits."""
+
+    ckpt: ShardedCheckpoint | None
+    single: Path | None
+    header: dict[str, dict]
+    metadata: dict[str, str]
+    start: int
+    weight_files: set[str]
+    shapes: dict[str, list[int]]
+    tied: dict[str, str]  # alias the folder does not store -> the stored tensor
+    keeps: dict
+    edits: Any
+    new_config: dict[str, Any]
+
+
+def _resolve(plan: PrunePlan, src: Path, check_digest: bool, check_content: str) -> _Resolved:
+    """Read and check the folder ``src`` against ``plan`` as `apply_to_checkpoint` does, before
+    anything is written (the one code path of `apply_to_checkpoint` and `check_checkpoint`)."""
+    config_path = src / CONFIG_NAME
+    config = _read_config(config_path)
+    indexes = sorted(src.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
+        raise WeightsFileError(f"{src}: several index files ({', '.join(p.name for p in indexes)})")
+    ckpt, single, header, metadata, start = None, None, {}, {}, 0
+    if indexes:
+        ckpt = read_sharded(indexes[0])
+        shapes = ckpt.shapes()
+        weight_files = {indexes[0].name, *(s.file for s in ckpt.shards)}
+    else:
+        single = _single_file(src)
+        header, metadata, start = read_header(single)
+        shapes = {k: e["shape"] for k, e in header.items()}
+        weight_files = {single.name}
+    tied = plan.config.tied if plan.config is not None else {}
+    full = {k: list(v) for k, v in shapes.items()}
+    aliases = {a: s for a, s in tied.items() if a not in full and s in full}
+    for alias, stored in aliases.items():
+        full[alias] = list(full[stored])
+    if ckpt is not None:
+        check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, full)
+    else:
+        check_file(plan, header, metadata, single, check_digest, check_content, full)
+    keeps = keep_indices(plan)
+    for alias, stored in aliases.items():
+        if keeps.get(alias, []) != keeps.get(stored, []):
+            raise PlanMismatchError(
+                f"{src}: the plan slices {alias!r} and {stored!r} differently, but the "
+                f"checkpoint stores them as one tied tensor"
+            )
+        keeps.pop(alias, None)
+    edits = plan.config if plan.config is not None else config_edits(config, full, plan)
+    new_config = apply_config_edits(config, edits, str(config_path)) if edits is not None else config
+    return _Resolved(ckpt, single, header, metadata, start, weight_files, full, aliases, keeps, edits,
+                     new_config)
+
+
+def _single_file(src: Path) -> Path:
+    """The one ``*.safetensors`` file of a folder without an index."""
+    single = sorted(src.glob("*.safetensors"))
+    if len(single) != 1:
+        what = "no safetensors weights" if not single else "several safetensors files and no index"
+        raise WeightsFileError(f"{src}: {what}")
+    return single[0]
+
+
+def check_checkpoint(plan: PrunePlan, src: str | Path, *, check_digest: bool = True,
+                     check_content: str = "warn") -> None:
+    """Check that the Hugging Face checkpoint folder ``src`` is one `apply_to_checkpoint` accepts
+    for ``plan``: the same reading of the folder (sharded or single-file weights; tied keys the
+    folder stores once, as ``save_pretrained`` does, counted with the stored tensor's shape) and
+    the same checks (fingerprint, digest, content, config edits), without writing anything.
+
+    Raises:
+        WeightsFileError: the folder has no config, no safetensors weights, or unreadable ones.
+        AlreadyPrunedError: the weights were already pruned by this plan.
+        PlanMismatchError: the weights or config do not fit the plan.
+        ConfigError: the config cannot express the pruned widths.
+    """
+    src = Path(src)
+    _check_folder(src)
+    _resolve(plan, src, check_digest, check_content)
+
+
+def load_checkpoint_state(plan: PrunePlan, src: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pruned Hugging Face checkpoint folder (as `apply_to_checkpoint` writes
+    it), with the tied keys of ``plan.config.tied`` that the folder stores once restored as the
+    stored tensor.
+
+    Raises:
+        WeightsFileError: the folder's weights are unreadable or inconsistent.
+        PlanMismatchError: a weights file records the digest of another plan.
+    """
+    from safetensors.torch import load_file
+
+    from pruneplan.apply.safetensors_io import check_recorded_digest
+    from pruneplan.apply.sharded import load_sharded_state
+
+    src = Path(src)
+    if sorted(src.glob(f"*{INDEX_SUFFIX}")):
+        state = load_sharded_state(plan, src)
+    else:
+        single = _single_file(src)
+        _, metadata, _ = read_header(single)
+        check_recorded_digest(single, metadata.get(DIGEST_KEY), plan)
+        state = load_file(str(single))
+    for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
+        if alias not in state and stored in state:
+            state[alias] = state[stored]
+    return state
 
 
 def apply_to_checkpoint(
@@ -110,72 +241,30 @@ def apply_to_checkpoint(
         PlanMismatchError: the weights or config do not fit the plan.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise WeightsFileError(f"{src}: not a checkpoint folder")
-    config_path = src / CONFIG_NAME
-    if not config_path.is_file():
-        raise WeightsFileError(f"{src}: no {CONFIG_NAME} in this folder (not a Hugging Face checkpoint)")
+    _check_folder(src)
     _check_output(src, dst, overwrite)
-    config = _read_config(config_path)
-
-    indexes = sorted(src.glob(f"*{INDEX_SUFFIX}"))
-    if len(indexes) > 1:
-        raise WeightsFileError(f"{src}: several index files ({', '.join(p.name for p in indexes)})")
-    if indexes:
-        ckpt = read_sharded(indexes[0])
-        shapes = ckpt.shapes()
-        weight_files = {indexes[0].name, *(s.file for s in ckpt.shards)}
-    else:
-        single = sorted(src.glob("*.safetensors"))
-        if len(single) != 1:
-            what = "no safetensors weights" if not single else "several safetensors files and no index"
-            raise WeightsFileError(f"{src}: {what}")
-        header, metadata, start = read_header(single[0])
-        shapes = {k: e["shape"] for k, e in header.items()}
-        weight_files = {single[0].name}
-
-    tied = plan.config.tied if plan.config is not None else {}
-    full = {k: list(v) for k, v in shapes.items()}
-    aliases = [a for a, s in tied.items() if a not in full and s in full]
-    for alias in aliases:
-        full[alias] = list(full[tied[alias]])
-    if indexes:
-        check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, full)
-    else:
-        check_file(plan, header, metadata, single[0], check_digest, check_content, full)
-    keeps = keep_indices(plan)
-    for alias in aliases:
-        if keeps.get(alias, []) != keeps.get(tied[alias], []):
-            raise PlanMismatchError(
-                f"{src}: the plan slices {alias!r} and {tied[alias]!r} differently, but the "
-                f"checkpoint stores them as one tied tensor"
-            )
-        keeps.pop(alias, None)
-    edits = plan.config if plan.config is not None else config_edits(config, full, plan)
-    new_config = apply_config_edits(config, edits, str(config_path)) if edits is not None else config
+    r = _resolve(plan, src, check_digest, check_content)
+    ckpt, keeps, edits = r.ckpt, r.keeps, r.edits
+    config_path, indexes = src / CONFIG_NAME, [ckpt.index] if ckpt is not None else []
     skipped = sorted(p.name for p in src.iterdir() if p.is_file() and p.suffix in _OTHER_WEIGHTS)
     digest = plan.digest()
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if indexes:
+    with locked_temp_folder(dst) as tmp:  # .NAME.<random>.tmp beside dst; removed on failure
+        if ckpt is not None:
             for shard in ckpt.shards:
                 prune_file(shard.path, shard.header, shard.start, tmp / shard.file, keeps,
                            {**shard.metadata, DIGEST_KEY: digest}, progress)
             atomic_write_bytes(tmp / indexes[0].name, _index_bytes(ckpt, keeps, digest))
         else:
-            prune_file(single[0], header, start, tmp / single[0].name, keeps,
-                       {**metadata, DIGEST_KEY: digest}, progress)
+            prune_file(r.single, r.header, r.start, tmp / r.single.name, keeps,
+                       {**r.metadata, DIGEST_KEY: digest}, progress)
         if edits is None or not edits.changes:  # nothing to change: the file as it was
             shutil.copy2(config_path, tmp / CONFIG_NAME)
         else:
-            text = json.dumps(new_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            text = json.dumps(r.new_config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
             atomic_write_bytes(tmp / CONFIG_NAME, text.encode("utf-8"))
         for p in sorted(src.iterdir()):
-            if p.name in weight_files or p.name == CONFIG_NAME or p.name in skipped:
+            if p.name in r.weight_files or p.name == CONFIG_NAME or p.name in skipped:
                 continue
             if p.is_dir():
                 shutil.copytree(p, tmp / p.name, symlinks=True)
@@ -183,9 +272,6 @@ def apply_to_checkpoint(
                 shutil.copy2(p, tmp / p.name, follow_symlinks=False)
         _fsync(tmp)
         _move_into_place(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if skipped:
         log.warning("left out weight files of other formats, which the pruned config would "
                     "contradict: %s", ", ".join(skipped))

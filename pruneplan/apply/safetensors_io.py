@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from pruneplan._io import atomic_writer, check_regular
+from pruneplan._io import atomic_writer, check_output, check_regular, same_path
 from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape
 from pruneplan.apply._stream import Buffers, TensorJob, stream_jobs, write_all
 from pruneplan.apply.content import check_content as _check_content
@@ -275,21 +274,13 @@ def check_output_file(src: Path, dst: Path, overwrite: bool) -> None:
     Raises:
         OutputFileError: naming ``dst``; its ``cli_message`` speaks of ``--force``.
     """
-    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or src.resolve() == dst.resolve():
-        raise OutputFileError(f"{dst}: the output is the input file; choose another output")
-    if dst.is_dir():
+    if dst.is_dir() and not same_path(src, dst):
         raise OutputFileError(
             f"{dst}: is a folder; the output of a single weights file is a file",
             cli_message=f"{dst}: is a folder; give a file name, or end the path with '/' to write "
                         f"into the folder",
         )
-    if dst.exists() or dst.is_symlink():
-        what = "output exists" if dst.exists() else "output exists (a dangling symbolic link)"
-        if not overwrite:
-            raise OutputFileError(f"{dst}: {what} (pass overwrite=True to replace it)",
-                                  cli_message=f"{dst}: {what} (use --force to replace it)")
-    if not dst.parent.is_dir():
-        raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
+    check_output(dst, [src], overwrite)
 
 
 def prune_file(
@@ -357,17 +348,25 @@ def load_pruned(
 
     Args:
         weights: a pruned safetensors file, a pruned sharded checkpoint (its folder or its
-            ``*.safetensors.index.json``: every shard is loaded), or a pruned state dict.
+            ``*.safetensors.index.json``: every shard is loaded), a folder `apply_to_checkpoint`
+            wrote (sharded or one ``*.safetensors`` file), or a pruned state dict. Keys the plan
+            records as tied (``plan.config.tied``) that the files store once are restored from
+            the stored tensor.
 
     Raises:
         PlanMismatchError: the file (or a shard) was pruned by another plan, or the weights do not fit.
         WeightsFileError: the file or the sharded checkpoint is unreadable or inconsistent.
     """
     if isinstance(weights, str | Path):
-        from pruneplan.apply import sharded  # imports this module: import it late
+        from pruneplan.apply import (
+            checkpoint,
+            sharded,  # imports this module: import it late
+        )
 
         path = Path(weights)
-        if sharded.is_sharded_checkpoint(path):
+        if path.is_dir():  # a folder apply_to_checkpoint or apply_to_sharded_safetensors wrote
+            state = checkpoint.load_checkpoint_state(plan, path)
+        elif sharded.is_sharded_checkpoint(path):
             state = sharded.load_sharded_state(plan, path)
         else:
             _, metadata, _ = read_header(path)
@@ -375,6 +374,10 @@ def load_pruned(
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+        # a Hugging Face folder stores a tied tensor once (``lm_head.weight`` = the embedding)
+        for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
+            if alias not in state and stored in state:
+                state[alias] = state[stored]
     else:
         state = dict(weights)
     from pruneplan.apply.model import apply_plan

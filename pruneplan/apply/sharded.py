@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pruneplan._io import atomic_write_bytes, locked_temp_folder, read_regular_file
+from pruneplan._io import atomic_write_bytes, check_output, locked_temp_folder, read_regular_file
 from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape
 from pruneplan.apply._stream import Buffers
 from pruneplan.apply.safetensors_io import (
@@ -361,19 +361,13 @@ def _cross_check(
 
 
 def _check_output(folder: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse an output folder that is (or holds) the source, exists, or has no parent."""
+    """Refuse an output folder that is (or holds, or lies inside) the source, exists, or has no
+    parent (`pruneplan._io.check_output`)."""
     source, target = folder.resolve(), dst.resolve()
     if target == source or source.is_relative_to(target):
         raise OutputFileError(f"{dst}: the output folder is the checkpoint folder or contains it; "
                               f"choose another output")
-    if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise OutputFileError(f"{dst}: output exists (pass overwrite=True to replace it)",
-                                  cli_message=f"{dst}: output exists (use --force to replace it)")
-        if dst.is_symlink() or not dst.is_dir():
-            raise OutputFileError(f"{dst}: exists and is not a folder; refusing to replace it")
-    if not dst.parent.is_dir():
-        raise OutputFileError(f"{dst}: folder {str(dst.parent)!r} does not exist")
+    check_output(dst, [folder], overwrite, folder=True)  # and not inside the source folder
 
 
 def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
