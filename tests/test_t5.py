@@ -227,3 +227,41 @@ def test_t5_plan_from_metric_equal_counts_reach_the_checkpoint(tmp_path: Path) -
     loaded = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
     pp.apply_plan(model, plan)
     torch.testing.assert_close(logits(loaded, x, mask, y), logits(model, x, mask, y), rtol=0, atol=0)
+
+
+def test_a_tied_vocabulary_is_left_out_with_its_reason() -> None:
+    # lm_head holds the embedding tensor (T5: shared/encoder/decoder embed_tokens): its output
+    # units are the rows token ids index. Offering it used to give a plan apply_plan refused
+    # ("decoder.embed_tokens weight would have shape [126, 64] but its attributes say [128, 64]")
+    reason = ("its units are the vocabulary rows of the tied embedding {!r}, which token ids index: "
+              "removing some would renumber the vocabulary (untie the weights to prune the output "
+              "vocabulary)")
+    model, x = t5(), inputs()
+    groups = pp.prunable_groups(model, x, include_output=True)
+    assert "lm_head" not in {r for g in groups for r in g.roots}
+    assert [(lo.name, lo.reason) for lo in groups.left_out] == [("lm_head", reason.format("shared"))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(pp.PlanningError, match=r"^'lm_head' is not prunable: its units are the vocabulary"):
+        pp.plan_pruning(model, {"lm_head": [0, 5]}, example_inputs=x, include_output=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the hidden size (the embedding's other axis) is still offered
+    assert HIDDEN in [g.name for g in groups]
+
+    def llama(tied: bool):
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+                                       tie_word_embeddings=tied)
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    ids = x[0]
+    tied = pp.prunable_groups(llama(True), ids, include_output=True)
+    assert [(lo.name, lo.reason) for lo in tied.left_out] == [("lm_head", reason.format("model.embed_tokens"))]
+    # untied, the output vocabulary is an ordinary output group: pruning it drops logits columns
+    untied = llama(False)
+    assert "lm_head" in [g.name for g in pp.prunable_groups(untied, ids, include_output=True)]
+    with torch.no_grad():
+        full = untied(ids).logits
+    pp.apply_plan(untied, pp.plan_pruning(untied, {"lm_head": [0, 5]}, example_inputs=ids, include_output=True))
+    with torch.no_grad():
+        torch.testing.assert_close(untied(ids).logits, full[..., [i for i in range(V) if i not in (0, 5)]])

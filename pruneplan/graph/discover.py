@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from pruneplan._tied import tied_keys
 from pruneplan.errors import PlanningError, UnexecutedModuleError
 from pruneplan.graph._analysis import analyze
 from pruneplan.graph._fx import trace_fx
@@ -216,6 +217,7 @@ def prunable_groups(
         log.warning(msg)
     groups = analyze(model, graph, include_output=include_output, strict=on_unsupported == "error")
     modules = dict(model.named_modules())
+    _leave_out_vocabulary(model, modules, groups)
     offered = {r for g in groups for r in g.roots} | {lo.name for lo in groups.left_out}
     groups.left_out += [
         LeftOut(n, "not executed by the example inputs (in eval or training mode)")
@@ -224,6 +226,30 @@ def prunable_groups(
     log.info("%d prunable groups, %d roots left out (%s graph of %d nodes)", len(groups),
              len(groups.left_out), graph.source, len(graph.nodes))
     return groups
+
+
+def _leave_out_vocabulary(model: nn.Module, modules: dict, groups: GroupList) -> None:
+    """Leave out the groups that slice an Embedding's weight on its vocabulary axis (a tied
+    ``lm_head``: T5's, a tied Llama's): token ids index those rows, so removing some would
+    renumber the vocabulary rather than remove units, and ids past the end would fail."""
+    tied = tied_keys(model)
+    vocab: dict[str, str] = {}  # canonical weight key -> the first Embedding holding it
+    for n, m in modules.items():
+        if isinstance(m, nn.Embedding):
+            vocab.setdefault(tied.get(f"{n}.weight", f"{n}.weight"), n)
+    kept = []
+    for g in groups:
+        hit = next((vocab[tied.get(s.tensor, s.tensor)] for s in g.slices
+                    if s.axis == 0 and tied.get(s.tensor, s.tensor) in vocab), None)
+        if hit is None:
+            kept.append(g)
+            continue
+        reason = (f"its units are the vocabulary rows of the tied embedding {hit!r}, which token ids "
+                  "index: removing some would renumber the vocabulary (untie the weights to prune "
+                  "the output vocabulary)")
+        log.warning("group %r left out: %s", g.name, reason)
+        groups.left_out += [LeftOut(r, reason) for r in g.roots]
+    groups[:] = kept
 
 
 def _is_root_type(m: nn.Module | None) -> bool:
