@@ -206,6 +206,8 @@ def apply(plan: Path, weights: Path, output: str | None, force: bool, no_digest_
         target = _default_output(weights)
     elif folder and not _sharded(weights):  # `-o dir/`: the default name, in that folder
         target = target / _default_output(weights).name
+    # the plan is an input too (the appliers see only the weights): never replaced or deleted
+    pruneplan.check_output(target, [plan], force, folder=_sharded(weights))
     out = apply_to(
         PrunePlan.load(plan), weights, target,
         overwrite=force, check_digest=not no_digest_check, check_content=content_check,

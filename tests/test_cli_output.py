@@ -32,7 +32,10 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every entry of ``folder``: name -> sha256 of its bytes (or where a link points)."""
     out = {}
     for p in sorted(folder.iterdir()):
-        out[p.name] = os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_symlink():
+            out[p.name] = os.readlink(p)
+        else:
+            out[p.name] = "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 
@@ -105,6 +108,19 @@ def test_apply_refuses_its_input_through_any_link(folder: Path) -> None:
         refused(["apply", str(folder / "p.json"), str(folder / "w.safetensors"), "-o", out, "--force"],
                 folder, f"{out}: the output is the input file {str(folder / 'w.safetensors')!r}; "
                         f"choose another output")
+
+
+def test_apply_never_replaces_its_plan(folder: Path) -> None:
+    assert CliRunner().invoke(cli, plan_args(folder, str(folder / "p.json"))).exit_code == 0
+    plan = str(folder / "p.json")
+    refused(["apply", plan, str(folder / "w.safetensors"), "-o", plan, "--force"], folder,
+            f"{plan}: the output is the input file {plan!r}; choose another output")
+    # a sharded checkpoint's output folder that holds the plan would delete it with --force
+    ckpt = folder / "ckpt"
+    ckpt.mkdir()
+    pp.PrunePlan.load(plan)  # still a plan
+    refused(["apply", plan, str(ckpt), "-o", str(folder), "--force"], folder,
+            f"{folder}: the output folder contains the input {plan!r}; choose another output")
 
 
 def test_the_shared_rule_directly(folder: Path) -> None:
