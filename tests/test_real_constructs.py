@@ -323,3 +323,94 @@ def test_heads_sized_by_a_width_left_out_are_left_out(tracer: str) -> None:
                 "'<top level>'"),
         LeftOut("head", OUTPUT),
     ]
+
+
+# ---- selective kernel (timm's skresnet): an input split into paths, attention across paths -----
+
+
+class SelectiveKernel(nn.Module):
+    """timm's ``SelectiveKernel``: the input split into ``num_paths`` equal parts (one per
+    path, ``split(self.in_channels // self.num_paths)``), one conv path per part, the paths
+    stacked and weighted per channel by a softmax across the paths computed from their sum
+    (``fc_select``'s output viewed as ``(B, num_paths, C // num_paths, 1, 1)``, ``C`` read off
+    it), then summed."""
+
+    def __init__(self, chs: int, rd: int = 4, num_paths: int = 2) -> None:
+        super().__init__()
+        self.in_channels = self.out_channels = chs
+        self.num_paths = num_paths
+        self.paths = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(chs // num_paths, chs, 3, padding=1 + p, dilation=1 + p,
+                                    bias=False), nn.BatchNorm2d(chs), nn.ReLU())
+            for p in range(num_paths))
+        self.fc_reduce = nn.Conv2d(chs, rd, 1)
+        self.fc_select = nn.Conv2d(rd, chs * num_paths, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.in_channels // self.num_paths, 1)
+        x = torch.stack([op(parts[i]) for i, op in enumerate(self.paths)], dim=1)
+        a = self.fc_select(torch.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        B, C, H, W = a.shape
+        a = torch.softmax(a.view(B, self.num_paths, C // self.num_paths, H, W), dim=1)
+        return torch.sum(x * a, dim=1)
+
+
+class SKNet(nn.Module):
+    """A stem and two residual blocks ``relu(bn(conv(sk(x))) + x)`` (skresnet's BasicBlock,
+    the shortcut added second: the second block splits a sum labelled by ``convs.0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.sks = nn.ModuleList(SelectiveKernel(8) for _ in range(2))
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+                                   for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for sk, conv in zip(self.sks, self.convs, strict=True):
+            x = torch.relu(conv(sk(x)) + x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_selective_kernel_pairs_paths_and_moves_the_input_split(tracer: str) -> None:
+    torch.manual_seed(0)
+    model, x = SKNet().eval(), torch.randn(2, 3, 6, 6)
+    for m in model.modules():  # non-trivial statistics, so that a wrong slice shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    # the residual stream (stem + both blocks' convs) is split in halves by each block: a unit
+    # is channel j of both halves (j and j + 4), so 4 units. Each block's paths are summed with
+    # per-channel weights: channel c of both paths and rows c and 8 + c of fc_select (its
+    # output viewed as (2 paths, 8)) are one unit, 8 units; fc_reduce's 4 channels stand alone.
+    got = {g.name: (g.size, g.roots) for g in groups}
+    assert got == {
+        "stem.0": (4, ("stem.0", "convs.0.0", "convs.1.0")),
+        "sks.0.paths.0.0": (8, ("sks.0.paths.0.0", "sks.0.paths.1.0", "sks.0.fc_select")),
+        "sks.0.fc_reduce": (4, ("sks.0.fc_reduce",)),
+        "sks.1.paths.0.0": (8, ("sks.1.paths.0.0", "sks.1.paths.1.0", "sks.1.fc_select")),
+        "sks.1.fc_reduce": (4, ("sks.1.fc_reduce",)),
+    }
+    assert groups.left_out == [LeftOut("head", OUTPUT)]
+    removed = {"stem.0": [1], "sks.0.paths.0.0": [0, 5], "sks.0.fc_reduce": [2],
+               "sks.1.paths.0.0": [7], "sks.1.fc_reduce": [0, 3]}
+    plan = build_plan(model, [(g, removed[g.name]) for g in groups])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    # the split size follows: in_channels 8 -> 6 (two halves of 3); fc_select loses rows
+    # {0, 5, 8, 13} in block 0
+    assert [sk.in_channels for sk in pruned.sks] == [6, 6]
+    assert pruned.sks[0].paths[0][0].weight.shape == (6, 3, 3, 3)
+    assert pruned.sks[0].fc_select.weight.shape == (12, 3, 1, 1)
+    assert torch.equal(pruned.sks[0].fc_select.bias,
+                       model.sks[0].fc_select.bias[[1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 14, 15]])
+    handles = _zeroing_hooks(model, plan)
+    with torch.no_grad():
+        want = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)

@@ -462,10 +462,16 @@ class Engine:
         classes = sorted({key >> SHIFT for key in flat})
         roots = sorted(set(roots_of(stack)))
         comp_of = {c: np.full(self.roots[c].size, -1, dtype=np.int64) for c in classes}
-        for key in flat:
-            comp_of[key >> SHIFT][key & MASK] = find(index[key])
         bad = None
-        for comps in comp_of.values():
+        if any(r in self.uf.emb or self.roots[r].size != self.roots[self.uf.find(r)].size
+               for r in roots):
+            # a class whose roots are placed at offsets of a wider space (concatenated parts):
+            # its units are no single numbering to regroup
+            bad = f"{node.where()} ties their units across parts of different widths"
+        else:
+            for key in flat:
+                comp_of[key >> SHIFT][key & MASK] = find(index[key])
+        for comps in comp_of.values() if bad is None else ():
             if (comps < 0).any():
                 bad = f"only some of their units reach {node.where()}"
                 break

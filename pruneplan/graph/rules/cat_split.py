@@ -130,7 +130,8 @@ def split_attribute(call: Call, x: Lab, size: int, parts: int) -> tuple[str, int
     number: the attribute of the module running the split that holds it (``size``, or the
     whole width ``parts * size``, as timm's ``CrossStage.expand_chs``), which the plan then
     edits so that the split point moves with the pruned units. Exactly one public int
-    attribute must match, else the roots are blocked (``None``)."""
+    attribute must match (a split of the module's own input prefers ``in*`` names), else the
+    roots are blocked (``None``)."""
     from pruneplan.graph.rules.reshape import _HEAD_WORDS, _WIDTH_WORDS
 
     mod = call.scope_module
@@ -144,6 +145,10 @@ def split_attribute(call: Call, x: Lab, size: int, parts: int) -> tuple[str, int
     if len(names) != 1:  # else the size or the whole width under any name that is no count
         names = sorted(n for n, v in ints.items() if v in (size, size * parts)
                        and not any(w in n.lower() for w in _NOT_WIDTHS))
+    if len(names) > 1 and _module_input(call):
+        # the module splits its own input: of the widths it holds (in_channels, out_channels
+        # of timm's SelectiveKernel), the input width is the one split
+        names = [n for n in names if n.lower().startswith("in")] or names
     if len(names) != 1:
         why = "no attribute of its module holds it" if not names else \
             f"several attributes of its module could hold it ({', '.join(names)})"
@@ -152,6 +157,13 @@ def split_attribute(call: Call, x: Lab, size: int, parts: int) -> tuple[str, int
                    "rule for the module)")
         return None
     return names[0], getattr(mod, names[0])
+
+
+def _module_input(call: Call) -> bool:
+    """Whether the call's main input comes from outside the module running it (its input)."""
+    node, scope = call.producer(call.xref), call.node.scope
+    return node is not None and bool(scope) and node.scope != scope \
+        and not node.scope.startswith(scope + ".")
 
 
 def shuffle(call: Call, x: Lab, groups: int) -> Lab | None:

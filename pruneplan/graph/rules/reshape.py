@@ -55,6 +55,12 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     bshape = [a[d] if d in x.axes else 1 for d in gi]
     full = np.broadcast_to(x.arr.reshape(bshape), sub_in).reshape(sub_out)
     g, axes = _squeeze(full, go)
+    if len(axes) == 2 and _equal_parts(call, x, axes):
+        # (parts, C // parts): channel c of every part goes together (the paths of a
+        # selective-kernel attention, softmax-ed across the parts per position)
+        if call.tie(list(g), lazy=True) is None:
+            return None
+        g, axes = _squeeze(call.fresh(full), go)
     if len(axes) > 1 and call.coarsen_rows(g.reshape(-1, g.shape[-1])):
         g, axes = _squeeze(call.fresh(full), go)
     if len(axes) > 1:
@@ -82,6 +88,29 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
 
     call.later(later)
     return lab
+
+
+def _equal_parts(call: Call, x: Lab, axes: tuple[int, ...]) -> bool:
+    """Whether a view splits the labelled channels ``x`` (``C`` of them) into ``(P, C // P)``
+    on ``axes`` with ``C // P`` read off these very channels (``x.view(B, P, C // P, H, W)``
+    after ``B, C, H, W = x.shape``, timm's selective-kernel attention) and ``P`` a number that
+    is no head count (no ``*head*`` attribute of the module holds it): the parts are then
+    *parts*, whose count stays while each shrinks, so position ``c`` of every part is one
+    unit. (A head split keeps ``head_dim`` and loses whole rows, `coarsen_rows`.)"""
+    args = shape_args(call)
+    out = call.out
+    if args is None or len(x.axes) != 1 or not isinstance(out, torch.Size):
+        return False
+    count, size = args[axes[0]], args[axes[1]]
+    if not isinstance(count, int) or isinstance(count, bool) or count != out[axes[0]] or count < 2:
+        return False
+    dim = call.read(size) if isinstance(size, Ref) else None
+    if not isinstance(dim, Dim) or dim.div != count or dim.arr is None \
+            or len(dim.arr) != x.arr.size or set(dim.roots) != set(x.roots):
+        return False
+    mod = call.scope_module
+    return not any(type(v) is int and v == count and "head" in n.lower()
+                   for n, v in (vars(mod).items() if mod is not None else ()))
 
 
 #: Attribute names that hold the width of attention heads or their count (preferred, in this
