@@ -7,6 +7,7 @@ planner); the CLI stays a thin wrapper around it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import importlib
@@ -440,9 +441,11 @@ def score_groups(
     Members whose scores still do not fit their group (a metric that scores another axis, e.g.
     the vocabulary of an Embedding) are left out with a warning, and so are the roots a
     data-free metric cannot score (``bn_scale``: no BatchNorm follows; a module with no weight)
-    and, for the data metrics, recurrent roots (``nn.RNN`` / ``LSTM`` / ``GRU``, whose output
-    is a tuple; the data-free metrics score their hidden units by their gate rows); aggregate
-    what remains with
+    and, for the data metrics, recurrent roots (``nn.RNN`` / ``LSTM`` / ``GRU``) built with
+    ``batch_first=False``. The data metrics score a ``batch_first`` recurrent root at the
+    features of its output sequence (the last layer's hidden units; the mean of both directions
+    when bidirectional); the data-free ones by the gate rows of every layer. Aggregate what
+    remains with
     `select_indices(..., groups=groups)`.
 
     Args:
@@ -476,13 +479,17 @@ def score_groups(
     scorer = cls(model, data if data is not None else [], criterion or CRITERIA["cross_entropy"],
                  device, **kwargs)
     members = sorted({r for g in groups for r in g.roots})
-    if scorer.uses_data:  # a recurrent layer's output is a tuple: no data metric reads its units
+    rnn_sites: dict[str, str] = {}
+    if scorer.uses_data:  # a recurrent layer's units are read at its output sequence's features
         rnn = [m for m in members if isinstance(_submodule(model, m), nn.RNNBase)]
-        if rnn:
-            log.warning("leaving %d recurrent roots out of %s scoring (their output is a tuple; "
-                        "score them with a data-free metric such as lp_norm): %s", len(rnn), metric,
-                        ", ".join(repr(m) for m in rnn))
-            members = [m for m in members if m not in rnn]
+        rnn_sites = {m: f"{m}.hidden_output" for m in rnn if _submodule(model, m).batch_first}
+        other = [m for m in rnn if m not in rnn_sites]
+        if other:
+            log.warning("leaving %d recurrent roots out of %s scoring (batch_first=False: the "
+                        "examples are not on axis 0 of their output; score them with a data-free "
+                        "metric such as lp_norm): %s", len(other), metric,
+                        ", ".join(repr(m) for m in other))
+            members = [m for m in members if m not in other]
     if metric == "bn_scale" or not scorer.uses_data:  # each root alone: one that fails is told
         raw = {}
         for name in members:
@@ -491,9 +498,15 @@ def score_groups(
             except ValueError as exc:
                 log.warning("leaving %r out: %s", name, exc)
     else:  # nn.MultiheadAttention: data metrics score its heads' outputs (see heads_sites)
-        with heads_sites(model, members if scorer.uses_data else ()) as sites:
+        with heads_sites(model, members if scorer.uses_data else ()) as sites, \
+                _hidden_outputs(model, rnn_sites):
+            sites = {**sites, **rnn_sites}
             back = {site: name for name, site in sites.items()}
             raw = {back.get(k, k): v for k, v in scorer.run_all([sites.get(m, m) for m in members]).items()}
+        for name in rnn_sites:  # bidirectional: unit j is feature j of both directions (their mean)
+            rnn_module = model.get_submodule(name)
+            dirs = 2 if rnn_module.bidirectional else 1
+            raw[name] = np.asarray(raw[name], dtype=np.float64).reshape(dirs, -1).mean(0)
     owner = {r: g for g in groups for r in g.roots}
     out = {}
     for name, s in raw.items():
@@ -510,6 +523,46 @@ def score_groups(
             s = np.array([s[pos].mean() for pos in units])
         out[name] = s
     return out
+
+
+class _HiddenOutput(nn.Identity):
+    """Where a recurrent layer hands its output sequence ``(N, T, directions * hidden)`` while a
+    data metric scores it (`_hidden_outputs`): an identity whose hooks see it."""
+
+    features_last = True  # the attribution metrics' unit axis is the last one
+
+
+_RNN_SITE_CLASSES: dict[type, type] = {}
+
+
+def _rnn_site_class(cls: type) -> type:
+    if cls not in _RNN_SITE_CLASSES:
+        def forward(self: Any, input: Any, hx: Any = None) -> Any:
+            out, h = cls.forward(self, input, hx)
+            return (self.hidden_output(out) if isinstance(out, torch.Tensor) else out), h
+
+        # the same module path as the layer's: torch.fx keeps it a leaf, as it keeps the layer
+        body = {"forward": forward, "__module__": cls.__module__}
+        _RNN_SITE_CLASSES[cls] = type(cls.__name__, (cls,), body)
+    return _RNN_SITE_CLASSES[cls]
+
+
+@contextlib.contextmanager
+def _hidden_outputs(model: nn.Module, sites: Mapping[str, str]) -> Iterator[None]:
+    """For the run, each recurrent layer named in ``sites`` passes its output sequence through
+    a `_HiddenOutput` child (the site); on exit the layers are exactly as before."""
+    undo: list[tuple[nn.Module, type]] = []
+    try:
+        for name in sites:
+            m = model.get_submodule(name)
+            undo.append((m, type(m)))
+            m.__class__ = _rnn_site_class(type(m))
+            m.hidden_output = _HiddenOutput()
+        yield
+    finally:
+        for m, cls in reversed(undo):
+            m._modules.pop("hidden_output", None)
+            m.__class__ = cls
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

@@ -245,13 +245,31 @@ def test_lstm_roots_scored_data_free_and_left_out_by_data_metrics(caplog) -> Non
     norms = w.reshape(4, 8, -1).pow(2).sum((0, 2)).sqrt().numpy()
     plan = pp.plan_from_metric(model, t, "lp_norm", 0.25)
     assert plan.group("rnn").removed == sorted(np.argsort(norms, kind="stable")[:2].tolist())
+    # data metrics read the hidden units at the features of the output sequence
     data = [(torch.randint(0, 50, (4, 5)), torch.randint(0, 3, (4,)))]
-    for name in ("taylor", "activation"):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            plan = pp.plan_from_metric(model, t, name, 0.25, data=data, criterion="cross_entropy")
-        assert [g.name for g in plan.groups] == ["emb"]
-        assert f"leaving 1 recurrent roots out of {name} scoring" in caplog.text and "'rnn'" in caplog.text
+    groups = pp.prunable_groups(model, t)
+    got = pp.loading.score_groups(model, groups, "activation", data=data)
+    with torch.no_grad():  # reference: mean over tokens, then over examples, of |o| (N, T, 8)
+        ref = model.rnn(model.emb(data[0][0]))[0].abs().mean(1).mean(0).double().numpy()
+    np.testing.assert_allclose(got["rnn"], ref, rtol=1e-6)
+    assert type(model.rnn) is nn.LSTM and "hidden_output" not in model.rnn._modules  # restored
+    plan = pp.plan_from_metric(model, t, "taylor", 0.25, data=data, criterion="cross_entropy")
+    assert {g.name: len(g.removed) for g in plan.groups} == {"emb": 4, "rnn": 2}
+    # bidirectional: unit j is the mean of feature j of both directions
+    bi = _Tagger()
+    bi.rnn, bi.fc = nn.LSTM(16, 8, batch_first=True, bidirectional=True), nn.Linear(16, 3)
+    got = pp.loading.score_groups(bi, pp.prunable_groups(bi, t), "activation", data=data)
+    with torch.no_grad():
+        a = bi.rnn(bi.emb(data[0][0]))[0].abs().mean(1).mean(0).double().numpy()
+    np.testing.assert_allclose(got["rnn"], (a[:8] + a[8:]) / 2, rtol=1e-6)
+    # batch_first=False: the examples are not on axis 0, left out with a warning naming it
+    seq = _Tagger()
+    seq.rnn = nn.LSTM(16, 8)
+    with caplog.at_level(logging.WARNING):
+        got = pp.loading.score_groups(seq, pp.prunable_groups(seq, t.T), "activation", data=[(t.T, None)])
+    assert sorted(got) == ["emb"]
+    assert "leaving 1 recurrent roots out of activation scoring (batch_first=False" in caplog.text
+    assert "'rnn'" in caplog.text
 
 
 class _BNAct(nn.BatchNorm2d):
