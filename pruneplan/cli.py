@@ -206,8 +206,11 @@ def apply(plan: Path, weights: Path, output: str | None, force: bool, no_digest_
         target = _default_output(weights)
     elif folder and not _sharded(weights):  # `-o dir/`: the default name, in that folder
         target = target / _default_output(weights).name
-    # the plan is an input too (the appliers see only the weights): never replaced or deleted
-    pruneplan.check_output(target, [plan], force, folder=_sharded(weights))
+    # the plan is an input too (the appliers see only the weights): never replaced or deleted;
+    # the rest of the rule (exists, a folder...) the applier checks, in its own words
+    if _sharded(weights) or not target.is_dir():
+        pruneplan.check_output(target, [plan], overwrite=force or not _sharded(weights),
+                               folder=_sharded(weights))
     out = apply_to(
         PrunePlan.load(plan), weights, target,
         overwrite=force, check_digest=not no_digest_check, check_content=content_check,
