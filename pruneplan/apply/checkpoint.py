@@ -236,8 +236,8 @@ def apply_to_checkpoint(
         ConfigError: the config cannot express the pruned widths (naming layers and sizes), or
             the plan leaves grouped-query attention uneven.
         WeightsFileError: the folder has no config, no safetensors weights, or unreadable ones.
-        OutputFileError: ``dst`` is or contains the source folder, or exists without
-            ``overwrite``.
+        OutputFileError: ``dst`` is the source folder, contains it or lies inside it, or exists
+            without ``overwrite`` (checked before anything is written).
         PlanMismatchError: the weights or config do not fit the plan.
     """
     src, dst = Path(src), Path(dst)

@@ -207,7 +207,7 @@ def apply_to_sharded_safetensors(
 
     Raises:
         WeightsFileError: the checkpoint is unreadable or inconsistent (see `read_sharded`).
-        OutputFileError: ``dst`` is the source folder or contains it, exists and ``overwrite``
+        OutputFileError: ``dst`` is the source folder, contains it or lies inside it, exists and ``overwrite``
             is false, is not a folder, or its parent does not exist.
         AlreadyPrunedError: the checkpoint was already pruned by this plan.
         PlanMismatchError: the weights do not fit the plan, or their content differs and
