@@ -579,4 +579,6 @@ def _requested_line(sel: dict) -> str:
             f"{'group' if sel.get('scope', 'layer') == 'layer' else 'kind'} "
             f"({sel['requested_fraction']:.1%} of the {units:,} units of the groups considered); "
             f"removed {round(sel['achieved_fraction'] * units):,} ({sel['achieved_fraction']:.1%}; "
-            f"round_to={sel.get('round_to', 1)}, min_keep={sel.get('min_keep', 1)})")
+            f"round_to={sel.get('round_to', 1)}, min_keep={sel.get('min_keep', 1)})"
+            + (f"; {len(sel['unscored_groups'])} groups have no scores and keep their units: "
+               f"{', '.join(sel['unscored_groups'][:5])}" if sel.get("unscored_groups") else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import pruneplan as pp
-from pruneplan.cli import cli
+from pruneplan.cli import _requested_line, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = f"{ROOT / 'examples' / 'digits.py'}:make_cnn"
@@ -190,3 +191,29 @@ def test_a_ratio_in_steps_ends_at_the_asked_counts() -> None:
     # globally: floor(0.5 * 26) = 13 units in all
     glob = pp.plan_from_metric(model, x, "weight_norm", 0.5, n_steps=3, scope="global")
     assert sum(len(g.removed) for g in glob.groups) == 13
+
+
+def test_groups_without_scores_are_named_and_the_request_says_of_what(caplog) -> None:
+    class Rnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(self.emb(t))[0][:, -1])
+
+    torch.manual_seed(0)
+    model, x = Rnn().eval(), torch.randint(0, 50, (4, 6))
+    data = [(x, torch.randint(0, 3, (4,)))]
+    with caplog.at_level(logging.WARNING, logger="pruneplan.loading"):
+        plan = pp.plan_from_metric(model, x, "taylor", 0.5, data=data)
+    # taylor cannot score the LSTM (tuple output): only emb's 16 units are scored, floor(0.5 * 16)
+    # = 8 asked and removed, of the 16 + 32 = 48 units of the groups considered
+    sel = plan.provenance.selection
+    assert (sel["ratio"], sel["units"], sel["requested_units"], sel["unscored_groups"]) == (0.5, 48, 8, ["rnn"])
+    assert [(g.name, len(g.removed)) for g in plan.groups] == [("emb", 8)]
+    assert "1 groups have no scores from taylor and keep their units: rnn" in caplog.text
+    assert _requested_line(sel) == (
+        "requested ratio 0.5 (scope layer): 8 units after flooring per group (16.7% of the 48 units of "
+        "the groups considered); removed 8 (16.7%; round_to=1, min_keep=1); 1 groups have no scores "
+        "and keep their units: rnn")
