@@ -197,17 +197,17 @@ def test_groups_without_scores_are_named_and_the_request_says_of_what(caplog) ->
     class Rnn(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 3)
+            self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.LSTM(16, 32), nn.Linear(32, 3)
 
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(self.emb(t))[0][:, -1])
+        def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B, T) ids -> (T, B, 16) -> last step
+            return self.fc(self.rnn(self.emb(t).transpose(0, 1))[0][-1])
 
     torch.manual_seed(0)
     model, x = Rnn().eval(), torch.randint(0, 50, (4, 6))
     data = [(x, torch.randint(0, 3, (4,)))]
     with caplog.at_level(logging.WARNING, logger="pruneplan.loading"):
         plan = pp.plan_from_metric(model, x, "taylor", 0.5, data=data)
-    # taylor cannot score the LSTM (tuple output): only emb's 16 units are scored, floor(0.5 * 16)
+    # taylor cannot score a batch_first=False LSTM: only emb's 16 units are scored, floor(0.5 * 16)
     # = 8 asked and removed, of the 16 + 32 = 48 units of the groups considered
     sel = plan.provenance.selection
     assert (sel["ratio"], sel["units"], sel["requested_units"], sel["unscored_groups"]) == (0.5, 48, 8, ["rnn"])
