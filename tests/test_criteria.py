@@ -323,3 +323,24 @@ def test_bn_scale_on_timm_batchnormact() -> None:
     m = metric(BNScaleAttributionMetric, model, example_inputs=torch.randn(1, 3, 32, 32))
     # conv_stem feeds bn1 (timm's BatchNormAct2d): its scores are |bn1.weight|
     np.testing.assert_allclose(m.run("conv_stem"), torch.linspace(-1.0, 1.0, 16).abs().double().numpy())
+
+
+def test_cli_plans_an_lstm_with_data_free_metrics(tmp_path: Path) -> None:
+    src = tmp_path / "tagger.py"
+    src.write_text("import torch\nfrom torch import nn\n"
+                   "class T(nn.Module):\n"
+                   "    def __init__(self):\n"
+                   "        super().__init__(); torch.manual_seed(0)\n"
+                   "        self.emb, self.rnn, self.fc = nn.Embedding(50, 16), nn.GRU(16, 8, batch_first=True), "
+                   "nn.Linear(8, 3)\n"
+                   "    def forward(self, t):\n"
+                   "        return self.fc(self.rnn(self.emb(t))[0][:, -1])\n"
+                   "def make():\n    return T()\n")
+    for name in ("random", "lp_norm"):  # random: no data needed for the GRU's hidden units
+        out = tmp_path / f"{name}.json"
+        result = CliRunner().invoke(cli, ["plan", "--model", f"{src}:make", "--input-shape", "5", "--input-dtype",
+                                          "long", "--metric", name, "--ratio", "0.25", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "error" not in result.stderr and "ignoring" not in result.stderr
+        # 16 embedding features and 8 hidden units, a quarter of each
+        assert [(g.name, len(g.removed)) for g in pp.PrunePlan.load(out).groups] == [("emb", 4), ("rnn", 2)]
