@@ -243,6 +243,10 @@ def test_a_tied_vocabulary_is_left_out_with_its_reason() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(pp.PlanningError, match=r"^'lm_head' is not prunable: its units are the vocabulary"):
         pp.plan_pruning(model, {"lm_head": [0, 5]}, example_inputs=x, include_output=True)
+    # the same with an explicit cascade
+    with pytest.raises(pp.PlanningError, match=r"^'lm_head' is not prunable: its units are the vocabulary "
+                       r"rows of the tied embedding 'shared'"):
+        pp.plan_pruning(model, {"lm_head": [0, 5]}, example_inputs=x, cascades={"lm_head": []})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # the hidden size (the embedding's other axis) is still offered
     assert HIDDEN in [g.name for g in groups]

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from pruneplan._tied import tied_keys
 from pruneplan.errors import PlanningError
 from pruneplan.graph.probe import probe_dataflow, probe_shapes
 from pruneplan.graph.rules import (
@@ -67,6 +68,7 @@ def explicit_groups(
                     f"cascades[{key!r}]: no module named {name!r} in the model; "
                     f"{_valid(modules, name)}"
                 )
+    _check_tied_vocabulary(model, modules, roots)
     if example_inputs is None:
         log.warning("cascades not checked against the model's data flow (no example_inputs): "
                     "a module left out of a cascade is not found")
@@ -94,6 +96,23 @@ def _valid(modules: dict, name: str) -> str:
     shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     return f"{hint}valid names: {shown}"
+
+
+def _check_tied_vocabulary(model: nn.Module, modules: dict, roots: Sequence[str]) -> None:
+    """Refuse a root whose weight is an Embedding's (a tied ``lm_head``): its output units are
+    the vocabulary rows token ids index."""
+    tied = tied_keys(model)
+    for root in roots:
+        if isinstance(modules[root], nn.Embedding):
+            continue
+        key = f"{root}.weight"
+        canon = tied.get(key, key)
+        for name, m in modules.items():
+            if isinstance(m, nn.Embedding) and tied.get(f"{name}.weight", f"{name}.weight") == canon:
+                raise PlanningError(
+                    f"{root!r} is not prunable: its units are the vocabulary rows of the tied "
+                    f"embedding {name!r}, which token ids index: removing some would renumber the "
+                    "vocabulary (untie the weights to prune the output vocabulary)")
 
 
 def _carries(m: nn.Module) -> bool:
