@@ -344,3 +344,24 @@ def test_cli_plans_an_lstm_with_data_free_metrics(tmp_path: Path) -> None:
         assert "error" not in result.stderr and "ignoring" not in result.stderr
         # 16 embedding features and 8 hidden units, a quarter of each
         assert [(g.name, len(g.removed)) for g in pp.PrunePlan.load(out).groups] == [("emb", 4), ("rnn", 2)]
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def test_mha_heads_score_the_mean_of_their_out_proj_columns() -> None:
+    model = _Attn().eval()
+    with torch.no_grad():  # out_proj columns 0..3: head 0 owns columns 0, 1; head 1 columns 2, 3
+        model.mha.out_proj.weight.copy_(torch.tensor([[3.0, 1.0, 0.0, 2.0], [4.0, 0.0, 1.0, 0.0],
+                                                      [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    x = torch.randn(1, 3, 4)
+    groups = [g for g in pp.prunable_groups(model, x) if g.kind == "heads"]
+    got = pp.loading.score_groups(model, groups, "lp_norm")
+    # column L2 norms 5, 1, 1, 2: head 0 (5 + 1) / 2 = 3, head 1 (1 + 2) / 2 = 1.5
+    np.testing.assert_allclose(got["mha"], [3.0, 1.5])
