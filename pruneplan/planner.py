@@ -105,7 +105,10 @@ def plan_pruning(
     Raises:
         PlanningError: a key is not a prunable group (or module, with ``cascades``), an index is
             out of range, repeated or not an integer, every unit of a group would go, or
-            discovery needs ``example_inputs``.
+            discovery needs ``example_inputs``; with ``cascades``: a name (key or value) that is
+            no module (the message lists the valid names), a key that is not in ``removed``, a
+            module the probe pass sees reading a root's channels that its cascade leaves out
+            (checked when ``example_inputs`` is given), or a tied ``lm_head`` root.
         CoupledGroupError: indices are given for one member of a coupled group with
             ``couple="error"``.
         UnsupportedOperationError: discovery meets an operation it does not understand.

@@ -217,3 +217,15 @@ def test_groups_without_scores_are_named_and_the_request_says_of_what(caplog) ->
         "requested ratio 0.5 (scope layer): 8 units after flooring per group (16.7% of the 48 units of "
         "the groups considered); removed 8 (16.7%; round_to=1, min_keep=1); 1 groups have no scores "
         "and keep their units: rnn")
+
+
+def test_requested_line_of_a_plan_without_unit_counts() -> None:
+    # plans made before "units" was recorded keep a line that says what the fractions are of
+    sel = {"ratio": 0.3, "scope": "global", "requested_fraction": 0.295, "achieved_fraction": 0.25}
+    assert _requested_line(sel) == ("requested ratio 0.3 (scope global): 29.5% of the units of the groups "
+                                    "considered, achieved 25.0%")
+    kinds = {"ratio": 0.0, "kind_ratios": {"channels": 0.3, "heads": 0.25}, "scope": "layer", "units": 200,
+             "requested_units": 58, "requested_fraction": 0.29, "achieved_fraction": 0.2}
+    assert _requested_line(kinds) == (
+        "requested channels=0.3, heads=0.25 (scope layer): 58 units after flooring per group (29.0% of the "
+        "200 units of the groups considered); removed 40 (20.0%; round_to=1, min_keep=1)")
