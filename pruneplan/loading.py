@@ -498,11 +498,27 @@ def score_groups(
             except ValueError as exc:
                 log.warning("leaving %r out: %s", name, exc)
     else:  # nn.MultiheadAttention: data metrics score its heads' outputs (see heads_sites)
-        with heads_sites(model, members if scorer.uses_data else ()) as sites, \
-                _hidden_outputs(model, rnn_sites):
-            sites = {**sites, **rnn_sites}
-            back = {site: name for name, site in sites.items()}
-            raw = {back.get(k, k): v for k, v in scorer.run_all([sites.get(m, m) for m in members]).items()}
+        def score(members: list[str], rnn_sites: Mapping[str, str]) -> dict[str, Any]:
+            with heads_sites(model, members if scorer.uses_data else ()) as sites, \
+                    _hidden_outputs(model, rnn_sites):
+                sites = {**sites, **rnn_sites}
+                back = {site: name for name, site in sites.items()}
+                got = scorer.run_all([sites.get(m, m) for m in members])
+                return {back.get(k, k): v for k, v in got.items()}
+
+        try:
+            raw = score(members, rnn_sites)
+        except ValueError as exc:
+            if not rnn_sites or "_HiddenOutput module ran" not in str(exc):
+                raise
+            # a recurrent layer fed a PackedSequence (or not run): its output sequence is no tensor
+            log.warning("leaving %d recurrent roots out of %s scoring (their output sequence was "
+                        "not one (N, T, features) tensor: %s; score them with a data-free metric "
+                        "such as lp_norm): %s", len(rnn_sites), metric, exc,
+                        ", ".join(repr(m) for m in rnn_sites))
+            members = [m for m in members if m not in rnn_sites]
+            rnn_sites = {}
+            raw = score(members, rnn_sites)
         for name in rnn_sites:  # bidirectional: unit j is feature j of both directions (their mean)
             rnn_module = model.get_submodule(name)
             dirs = 2 if rnn_module.bidirectional else 1

@@ -365,3 +365,26 @@ def test_mha_heads_score_the_mean_of_their_out_proj_columns() -> None:
     got = pp.loading.score_groups(model, groups, "lp_norm")
     # column L2 norms 5, 1, 1, 2: head 0 (5 + 1) / 2 = 3, head 1 (1 + 2) / 2 = 1.5
     np.testing.assert_allclose(got["mha"], [3.0, 1.5])
+
+
+class _Packed(_Tagger):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        packed = pack_padded_sequence(self.emb(t), torch.full((t.shape[0],), t.shape[1]), batch_first=True)
+        return self.fc(self.rnn(packed)[1][0][-1])
+
+
+def test_lstm_fed_a_packed_sequence_is_left_out_of_data_scoring(caplog) -> None:
+    import logging
+
+    model = _Packed().eval()
+    t = torch.randint(0, 50, (2, 5))
+    groups = pp.prunable_groups(model, t, on_unsupported="skip")  # packing: only the LSTM's group
+    assert [g.name for g in groups] == ["rnn"]
+    data = [(torch.randint(0, 50, (4, 5)), torch.randint(0, 3, (4,)))]
+    with caplog.at_level(logging.WARNING):
+        assert pp.loading.score_groups(model, groups, "activation", data=data) == {}
+    assert "leaving 1 recurrent roots out of activation scoring (their output sequence was not" in caplog.text
+    assert type(model.rnn) is nn.LSTM and "hidden_output" not in model.rnn._modules  # restored
+    assert sorted(pp.loading.score_groups(model, groups, "lp_norm")) == ["rnn"]  # data-free: scored
