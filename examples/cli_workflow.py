@@ -64,7 +64,7 @@ def main() -> None:
     plan_path = out / "plan.json"
     run_cli("plan", "--model", spec, "--weights", str(weights), "--input-shape", "1,8,8",
         "--metric", "taylor", "--data", f"{DIGITS}:attribution_batches", "--ratio", str(args.ratio),
-        "-o", str(plan_path))
+        "-o", str(plan_path), "--force")  # a rerun replaces its own plan
     run_cli("validate", str(plan_path), str(weights))
 
     # ---- elsewhere -------------------------------------------------------------------------
