@@ -93,3 +93,29 @@ def test_summary_shows_three_reasons_then_a_count() -> None:
     assert left_out_summary(groups) == (
         "5 of 5 roots left out: '0': r; '1': r; '2': r; and 2 more")
     assert left_out_summary(GroupList()) == "no roots left out (0 roots in 0 groups)"
+
+
+class _StdConv(nn.Conv2d):
+    """Weight standardisation as timm's ScaledStdConv2d does it: the weight goes through
+    F.batch_norm over its fan-in, and F.conv2d runs with the result, not with the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None,
+                                           None, training=True, momentum=0.0, eps=1e-5)
+        return torch.nn.functional.conv2d(x, w.reshape_as(self.weight), self.bias)
+
+
+def test_a_layer_whose_weight_is_transformed_before_use_is_left_out_by_name() -> None:
+    # '2' runs, but no conv2d call uses its weight as its own: it is neither a group's root nor
+    # silently dropped; '0' feeds it and is blocked at that conv2d; '4' reaches the output
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _StdConv(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3)).eval()
+    groups = pp.prunable_groups(model, torch.randn(1, 3, 16, 16))
+    assert list(groups) == []
+    reasons = {lo.name: lo.reason for lo in groups.left_out}
+    assert sorted(reasons) == ["0", "2", "4"]
+    assert reasons["2"] == (
+        "this _StdConv ran, but no call discovery recognises used its weight as the layer's own "
+        "(it is transformed first, e.g. by weight standardisation, or read by code no rule "
+        "describes); register a rule for _StdConv (pruneplan.register_module_rule) to prune it")
+    assert reasons["0"] == "they reach operation 'conv2d' in module '2'"

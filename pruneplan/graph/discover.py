@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from pruneplan._tied import tied_keys
@@ -222,6 +223,20 @@ def prunable_groups(
     groups.left_out += [
         LeftOut(n, "not executed by the example inputs (in eval or training mode)")
         for n in unreached if n not in offered and _is_root_type(modules.get(n))]
+    # a layer that ran but that no recognised call used as itself: its weight was transformed
+    # before use (timm's ScaledStdConv2d standardises it through F.batch_norm, then calls
+    # F.conv2d with the result), or read by code no rule describes; never dropped silently
+    offered |= {lo.name for lo in groups.left_out}
+    skipped = set(unreached)
+    sliced = {s.tensor.rsplit(".", 1)[0] for g in groups for s in g.slices}
+    groups.left_out += [
+        LeftOut(n, f"this {type(m).__name__} ran, but no call discovery recognises used its "
+                   "weight as the layer's own (it is transformed first, e.g. by weight "
+                   "standardisation, or read by code no rule describes); register a rule for "
+                   f"{type(m).__name__} (pruneplan.register_module_rule) to prune it")
+        for n, m in modules.items()
+        if n and n not in offered and n not in skipped and n not in sliced and _is_root_type(m)
+        and _owns_weight(m)]
     groups.unexecuted = list(unreached)
     log.info("%d prunable groups, %d roots left out (%s graph of %d nodes)", len(groups),
              len(groups.left_out), graph.source, len(graph.nodes))
@@ -250,6 +265,14 @@ def _leave_out_vocabulary(model: nn.Module, modules: dict, groups: GroupList) ->
         log.warning("group %r left out: %s", g.name, reason)
         groups.left_out += [LeftOut(r, reason) for r in g.roots]
     groups[:] = kept
+
+
+def _owns_weight(m: nn.Module) -> bool:
+    """A layer that would be a root of its own: it has a weight, and it is not a depthwise
+    conv (whose channels follow its input's, so it is never a root)."""
+    if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
+        return False
+    return isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
 def _is_root_type(m: nn.Module | None) -> bool:
