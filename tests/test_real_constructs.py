@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from test_zoo import _zeroing_hooks
+from test_zoo import _zeroing_hooks, assert_equals_zeroing
 from torch import nn
 
 import pruneplan as pp
@@ -100,13 +100,7 @@ def test_a_width_read_off_a_tensor_is_followed_by_both_tracers(tracer: str) -> N
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
     assert (pruned.num_heads, pruned.q.weight.shape, pruned.proj.weight.shape) == (
         1, (4, 4), (5, 4))
-    handles = _zeroing_hooks(model, plan)
-    with torch.no_grad():
-        want = model(x)
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+    assert_equals_zeroing(model, pruned, plan, x)
 
 
 def test_recorded_sizes_are_graph_values_and_plain_ints_after_the_pass() -> None:
@@ -204,13 +198,7 @@ def test_a_parameter_viewed_with_an_attribute_or_minus_one_prunes(how: str, edit
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
     assert pruned.scale.shape == (5,) and getattr(pruned, "dim", 5) == 5
     assert getattr(pruned, "shape", (5, 1, 1)) == (5, 1, 1)
-    handles = _zeroing_hooks(model, plan)
-    with torch.no_grad():
-        want = model(x)
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+    assert_equals_zeroing(model, pruned, plan, x)
 
 
 # ---- repeat_interleave along another axis (gcvit's global query, repeated per window) --------
@@ -279,13 +267,7 @@ def test_a_literal_size_on_their_axis_leaves_the_root_out(tracer: str) -> None:
     ]
     plan = build_plan(model, [(groups[0], [2, 3])])
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
-    handles = _zeroing_hooks(model, plan)
-    with torch.no_grad():
-        want = model(x)
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+    assert_equals_zeroing(model, pruned, plan, x)
 
 
 class HeadsSizedByABlockedWidth(nn.Module):
@@ -407,10 +389,4 @@ def test_selective_kernel_pairs_paths_and_moves_the_input_split(tracer: str) -> 
     assert pruned.sks[0].fc_select.weight.shape == (12, 3, 1, 1)
     assert torch.equal(pruned.sks[0].fc_select.bias,
                        model.sks[0].fc_select.bias[[1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 14, 15]])
-    handles = _zeroing_hooks(model, plan)
-    with torch.no_grad():
-        want = model(x)
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
+    assert_equals_zeroing(model, pruned, plan, x)

@@ -127,6 +127,20 @@ def _mixes_channels(model: nn.Module, group) -> bool:
     return False
 
 
+def assert_equals_zeroing(model: nn.Module, pruned: nn.Module, plan, x, tol: float = 1e-5) -> None:
+    """``pruned(x)`` equals ``model(x)`` with the plan's units zeroed where they leave their
+    group (`_zeroing_hooks`, removed again afterwards): DESIGN invariant 1."""
+    handles = _zeroing_hooks(model, plan)
+    try:
+        with torch.no_grad():
+            want = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), want, rtol=tol, atol=tol)
+
+
 def _zeroing_hooks(model: nn.Module, plan) -> list:
     """Zero the removed channels where they leave the group: at the input of every consumer.
 
