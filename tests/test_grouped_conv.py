@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_zoo import _zeroing_hooks
+from test_zoo import _zeroing_hooks, assert_equals_zeroing
 from torch import nn
 
 from pruneplan.apply import apply_plan, apply_to_state_dict, load_pruned
@@ -150,12 +150,4 @@ def test_torchvision_grouped_conv_models_prune_and_equal_zeroing(name: str) -> N
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in pruned.parameters())
     assert after < 0.8 * before
-    handles = _zeroing_hooks(model, plan)
-    try:
-        with torch.no_grad():
-            masked = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-4)
+    assert_equals_zeroing(model, pruned, plan, x, rtol=1e-4, atol=1e-4)

@@ -127,7 +127,8 @@ def _mixes_channels(model: nn.Module, group) -> bool:
     return False
 
 
-def assert_equals_zeroing(model: nn.Module, pruned: nn.Module, plan, x, tol: float = 1e-5) -> None:
+def assert_equals_zeroing(model: nn.Module, pruned: nn.Module, plan, x, rtol: float = 1e-5,
+                          atol: float = 1e-5) -> None:
     """``pruned(x)`` equals ``model(x)`` with the plan's units zeroed where they leave their
     group (`_zeroing_hooks`, removed again afterwards): DESIGN invariant 1."""
     handles = _zeroing_hooks(model, plan)
@@ -138,7 +139,7 @@ def assert_equals_zeroing(model: nn.Module, pruned: nn.Module, plan, x, tol: flo
         for h in handles:
             h.remove()
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(pruned(x), want, rtol=rtol, atol=atol)
 
 
 def _zeroing_hooks(model: nn.Module, plan) -> list:

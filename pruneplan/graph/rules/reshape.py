@@ -143,15 +143,24 @@ def fixed_sizes(call: Call, lab: Lab) -> Lab | None:
     (``self.num_heads``, ``self.attn_dim``), which the plan then edits; otherwise the roots are
     blocked, since the view would fail or mis-split once heads are removed. ``-1`` and sizes
     read off the labelled channels themselves are fine (`constant_size`)."""
-    args = shape_args(call)
-    if args is None or len(lab.axes) != 1:
+    fixed = _fixed_size(call, lab)
+    if fixed is None:
         return lab
-    v = constant_size(call, args[lab.axes[0]], lab.axes[0])
-    if v is None:
-        return lab
-    if isinstance(args[lab.axes[0]], Ref):
+    v, at_run_time = fixed
+    if at_run_time:
         return None if _run_time(call, lab, v) else lab
     return lab if attribute_size(call, lab, v) else None
+
+
+def _fixed_size(call: Call, lab: Lab) -> tuple[int, bool] | None:
+    """The constant size (`constant_size`) a view gives ``lab``'s one axis, and whether it was
+    computed at run time rather than written as a number; ``None`` when the axis may follow
+    the units (``-1``, a width of labelled channels) or the call is no view of one axis."""
+    args = shape_args(call)
+    if args is None or len(lab.axes) != 1:
+        return None
+    v = constant_size(call, args[lab.axes[0]], lab.axes[0])
+    return None if v is None else (v, isinstance(args[lab.axes[0]], Ref))
 
 
 def constant_size(call: Call, v: Any, axis: int) -> int | None:
@@ -183,13 +192,11 @@ def literal_width(call: Call, lab: Lab) -> bool:
     n_w)``), the plan edits it with the units; otherwise (``x.view(-1, 16 * 5 * 5)``, a size
     read off channels that stay) the roots are blocked (``False``), since the view would fail
     or mis-split once units are removed."""
-    args = shape_args(call)
-    if args is None or len(lab.axes) != 1:
+    fixed = _fixed_size(call, lab)
+    if fixed is None:
         return True
-    v = constant_size(call, args[lab.axes[0]], lab.axes[0])
-    if v is None:
-        return True
-    if isinstance(args[lab.axes[0]], Ref):
+    v, at_run_time = fixed
+    if at_run_time:
         return not _run_time(call, lab, v)
     names = _attributes(call, v)
     if len(names) == 1:
