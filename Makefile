@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 schema: $(STAMP)
-	$(VENV)/bin/pruneplan schema --force -o schemas/pruneplan.v2.schema.json
+	$(VENV)/bin/pruneplan schema --force -o schemas/pruneplan.v3.schema.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/apply_safetensors.py

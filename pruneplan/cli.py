@@ -299,6 +299,11 @@ def show(plan: Path, model_spec: str | None, weights: Path | None, input_shape: 
             click.echo(f"config {change.describe()}")
         for problem in loaded.config.problems():
             click.echo(f"config cannot express the pruned model: {problem}")
+        saved = loaded.config.saved_names
+        if saved:
+            first = next(iter(saved))
+            click.echo(f"checkpoint names: {len(saved)} tensors are saved under other names "
+                       f"(e.g. {first} as {saved[first]})")
     if model_spec is not None:
         from pruneplan import loading  # imports torch: only with --model
 

@@ -247,6 +247,7 @@ def _compose_config(plans: Sequence[PrunePlan]) -> ConfigEdits | None:
     changes: dict[str, ConfigChange] = {}
     unsupported: list[str] = []
     tied: dict[str, str] = {}
+    saved: dict[str, str] = {}
     for i, part in parts:
         for c in part.changes:
             prev = changes.get(c.key)
@@ -261,9 +262,11 @@ def _compose_config(plans: Sequence[PrunePlan]) -> ConfigEdits | None:
             changes[c.key] = c
         unsupported += part.unsupported
         tied.update(part.tied)
+        saved.update(part.saved_names)
     kept = [c for c in changes.values() if c.per_layer or c.after != c.before]
     model_type = next((p.model_type for _, p in parts if p.model_type), None)
-    return ConfigEdits(model_type=model_type, changes=kept, unsupported=unsupported, tied=tied)
+    return ConfigEdits(model_type=model_type, changes=kept, unsupported=unsupported, tied=tied,
+                       saved_names=saved)
 
 
 def _fit(s: _Slice, size: int) -> IndexMap:

@@ -166,6 +166,7 @@ def config_edits(
     shapes: Mapping[str, Sequence[int]],
     plan: PrunePlan,
     tied: Mapping[str, str] | None = None,
+    saved_names: Mapping[str, str] | None = None,
 ) -> ConfigEdits | None:
     """The config changes ``plan`` implies for a model with this ``config`` and these weights.
 
@@ -175,10 +176,12 @@ def config_edits(
         plan: the plan; its pruned shapes are measured against ``shapes``.
         tied: state-dict keys sharing their tensor with an earlier key (alias -> source),
             recorded in the result.
+        saved_names: state-dict key -> the name ``save_pretrained`` stores it under, for the
+            keys it renames (`pruneplan.planner.saved_names`), recorded in the result.
 
     Returns:
         The changes, or ``None`` when the plan changes no width the config describes (and no
-        tied keys are given).
+        tied keys or saved names are given).
 
     Raises:
         ConfigError: grouped-query attention left uneven by the removed heads (the message
@@ -297,10 +300,10 @@ def config_edits(
             "transformers refuses such a config (it validates hidden size % heads == 0)"
         )
 
-    if not changes and not unsupported and not tied:
+    if not changes and not unsupported and not tied and not saved_names:
         return None
     return ConfigEdits(model_type=model_type, changes=changes, unsupported=unsupported,
-                       tied=dict(tied or {}))
+                       tied=dict(tied or {}), saved_names=dict(saved_names or {}))
 
 
 def _check_gqa(

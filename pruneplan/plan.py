@@ -3,12 +3,14 @@
 A plan is data, not code: it names every tensor slice, module attribute edit and dropout
 change that one pruning step implies. This module knows nothing of torch.
 
-Format (version 2), in prose; ``schemas/pruneplan.v2.schema.json`` is the generated schema
-(``schemas/pruneplan.v1.schema.json`` is the frozen schema of version 1).
+Format (version 3), in prose; ``schemas/pruneplan.v3.schema.json`` is the generated schema
+(``schemas/pruneplan.v1.schema.json`` and ``schemas/pruneplan.v2.schema.json`` are the frozen
+schemas of versions 1 and 2).
 
-* ``format`` is ``"pruneplan"`` and ``version`` is ``1`` or ``2``. Version 2 adds group ``kind``
-  and the ``config`` part; a plan is written with the lowest version that can hold it, so a plan
-  that uses neither is still a version-1 document, byte for byte as before.
+* ``format`` is ``"pruneplan"`` and ``version`` is ``1``, ``2`` or ``3``. Version 2 adds group
+  ``kind`` and the ``config`` part; version 3 adds ``config.saved_names``. A plan is written with
+  the lowest version that can hold it, so a plan that uses none of these is still a version-1
+  document, byte for byte as before.
 * ``model`` fingerprints the source weights: ``tensors`` maps every state-dict key the plan
   touches to its original shape, ``digest`` is :func:`state_dict_digest` of the whole state dict,
   ``buffers`` (optional; absent in older plans) lists the touched tensors that are buffers
@@ -33,7 +35,11 @@ Format (version 2), in prose; ``schemas/pruneplan.v2.schema.json`` is the genera
   for all layers but the plan leaves layers of different widths, the width of every layer
   (``per_layer``); ``unsupported`` lists other reasons the config cannot describe the pruned
   model. Applying to a checkpoint folder rewrites ``config.json`` from it and refuses a plan whose
-  widths the config cannot express (see `ConfigEdits.problems`).
+  widths the config cannot express (see `ConfigEdits.problems`). ``saved_names`` (version 3)
+  maps the state-dict keys that ``save_pretrained`` stores under another name (transformers
+  renames some models' keys on saving, e.g. ViT's ``vit.layers.0.attention.q_proj.weight`` is
+  saved as ``vit.encoder.layer.0.attention.attention.query.weight``) to that name; the file
+  appliers read and write a checkpoint under those names.
 * ``provenance`` is informative only; the applier ignores it.
 
 Loading is bounded and total: :meth:`PrunePlan.load` and :meth:`PrunePlan.from_json` raise
@@ -97,9 +103,9 @@ __all__ = [
 
 FORMAT = "pruneplan"
 #: the newest plan format version this library reads and writes
-VERSION = 2
+VERSION = 3
 #: every version this library reads
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 #: what the units of a group are (`Group.kind`)
 KINDS = ("channels", "heads", "query_groups")
 Kind = Literal["channels", "heads", "query_groups"]
@@ -419,20 +425,40 @@ class ConfigChange(_Strict):
 
 
 class ConfigEdits(_Strict):
-    """What a plan changes in a Hugging Face ``config.json`` (plan format version 2).
+    """What a plan changes in a Hugging Face ``config.json`` (plan format version 2; ``saved_names``
+    version 3).
 
     ``changes`` holds one entry per key; ``unsupported`` the reasons, other than differing
     layer widths, why the config cannot describe the pruned model (e.g. a head count the
     config derives the head size from). ``tied`` maps state-dict keys that share their tensor
     with an earlier key (a tied ``lm_head``) to that key: ``save_pretrained`` stores only the
     latter, and applying to a checkpoint folder counts the alias with the stored tensor's
-    shape. ``model_type`` is the config's, informative.
+    shape. ``saved_names`` (plan format version 3) maps every state-dict key that
+    ``save_pretrained`` stores under another name to that name (transformers' weight
+    conversion mapping, reverted on saving); applying to a checkpoint folder reads and writes
+    those names. ``model_type`` is the config's, informative.
     """
 
     model_type: str | None = None
     changes: list[ConfigChange] = Field(default_factory=list)
     unsupported: list[str] = Field(default_factory=list)
     tied: dict[str, str] = Field(default_factory=dict)
+    saved_names: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("saved_names")
+    @classmethod
+    def _saved(cls, v: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for key, saved in v.items():
+            if not saved:
+                raise ValueError(f"saved name of {quote(key)} is empty")
+            if key == saved:
+                raise ValueError(f"saved name of {quote(key)} is the key itself; list only renamed keys")
+            if saved in seen:
+                raise ValueError(f"keys {quote(seen[saved])} and {quote(key)} have the same saved name "
+                                 f"{quote(saved)}")
+            seen[saved] = key
+        return dict(sorted(v.items()))
 
     @field_validator("tied")
     @classmethod
@@ -471,6 +497,8 @@ class ConfigEdits(_Strict):
 
 def required_version(groups: Iterable[Group], config: ConfigEdits | None) -> int:
     """The lowest format version that holds these groups and config part."""
+    if config is not None and config.saved_names:
+        return 3
     if config is not None or any(g.kind != "channels" for g in groups):
         return 2
     return 1
@@ -517,6 +545,8 @@ class PrunePlan(_Strict):
                 raise ValueError(f"groups of kind {kinds[0]!r} need plan version 2, this plan says 1")
             if self.config is not None:
                 raise ValueError("a config part needs plan version 2, this plan says 1")
+        if self.version < 3 and self.config is not None and self.config.saved_names:
+            raise ValueError(f"config.saved_names needs plan version 3, this plan says {self.version}")
         seen: set[str] = set()
         for g in self.groups:
             if g.name in seen:
@@ -1167,9 +1197,9 @@ def _emit(v: Any, depth: int, out: list[str], prefix: str) -> None:
 
 
 def json_schema() -> str:
-    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v2.schema.json``.
+    """The JSON Schema of the plan format, as committed in ``schemas/pruneplan.v3.schema.json``.
 
-    It validates plans of every supported version (``version`` is 1 or 2). Raises nothing.
+    It validates plans of every supported version (``version`` is 1, 2 or 3). Raises nothing.
     """
     schema = PrunePlan.model_json_schema()
     schema["$id"] = f"https://pruneplan.dev/schemas/pruneplan.v{VERSION}.schema.json"

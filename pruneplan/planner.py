@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from pruneplan.plan import (
 )
 
 __all__ = ["build_plan", "check_blocks", "execution_order", "hf_config_edits", "normalize_indices",
-           "plan_pruning", "tied_keys"]
+           "plan_pruning", "saved_names", "tied_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -307,4 +308,52 @@ def hf_config_edits(model: nn.Module, plan: PrunePlan) -> ConfigEdits | None:
     if not callable(to_dict):
         return None
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    return config_edits(to_dict(), shapes, plan, tied=tied_keys(model))
+    return config_edits(to_dict(), shapes, plan, tied=tied_keys(model), saved_names=saved_names(model))
+
+
+def saved_names(model: nn.Module) -> dict[str, str]:
+    """State-dict key -> the name ``save_pretrained`` stores the tensor under, for every key
+    that a `transformers` model saves under another name; ``{}`` for other models.
+
+    transformers 5 loads some models' checkpoints through a weight conversion mapping (ViT's
+    ``vit.encoder.layer.0.attention.attention.query`` becomes ``vit.layers.0.attention.q_proj``)
+    and reverts it when saving. The names come from transformers' own
+    ``revert_weight_conversion`` (what ``save_pretrained`` calls), run on empty ``meta``
+    tensors shaped like the state dict, tied keys left out as ``save_pretrained`` leaves them
+    out; a key counts as renamed when its tensor comes back unchanged under another name.
+    Tensors the mapping converts (several merged or one split, e.g. Mixtral's experts) are no
+    renaming: they are logged at WARNING, since a checkpoint folder then holds them in another
+    form than the state dict, which the file appliers do not read. Raises nothing (a failure
+    of transformers' function is logged and gives ``{}``).
+    """
+    tf = sys.modules.get("transformers")
+    base = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    if base is None or not isinstance(model, base):
+        return {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: checkpoints are saved under the state-dict keys
+        return {}
+    tied = tied_keys(model)
+    empty = {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
+             for k, v in model.state_dict().items() if k not in tied}
+    by_id = {id(t): k for k, t in empty.items()}
+    try:
+        reverted = revert_weight_conversion(model, dict(empty))
+    except Exception as exc:  # transformers' code: any failure gives no names
+        log.warning("could not compute the names save_pretrained gives this model's tensors "
+                    "(%s: %s); the plan records none", type(exc).__name__, exc)
+        return {}
+    out: dict[str, str] = {}
+    for name, t in reverted.items():
+        key = by_id.pop(id(t), None)
+        if key is not None and key != name:
+            out[key] = name
+    converted = sorted(by_id.values())
+    if converted:
+        log.warning(
+            "transformers saves %d tensors of this model converted, not renamed (e.g. %r): its "
+            "checkpoint folder holds them in another form than the state dict, so a plan applies "
+            "to the live model (then save_pretrained), not to that folder", len(converted),
+            converted[0])
+    return out

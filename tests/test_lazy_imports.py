@@ -77,7 +77,7 @@ def test_plan_review_commands_import_neither_torch_nor_numpy(plans, tmp_path: Pa
         (["diff", str(a), str(a)], 0, "plans are identical in what they prune\n"),
         (["diff", str(a), str(b)], 1, "0: -[4] +[5]\n"),
         (["validate", str(a)], 0, f"ok: 1 groups, digest {plan.digest()}\n"),
-        (["schema"], 0, "\"title\": \"PrunePlan v2\""),  # the JSON Schema itself
+        (["schema"], 0, "\"title\": \"PrunePlan v3\""),  # the JSON Schema itself
         (["schema", "-o", str(tmp_path / "s.json")], 0, f"wrote {tmp_path / 's.json'}\n"),
     ]
     for args, status, out in cases:
@@ -86,7 +86,7 @@ def test_plan_review_commands_import_neither_torch_nor_numpy(plans, tmp_path: Pa
         assert out in proc.stdout, (args, proc.stdout)
         assert "click" in names and "pydantic" in names, args  # the detector saw the real imports
         assert not names & set(HEAVY), (args, names & set(HEAVY))
-    assert json.loads((tmp_path / "s.json").read_text())["title"] == "PrunePlan v2"
+    assert json.loads((tmp_path / "s.json").read_text())["title"] == "PrunePlan v3"
 
 
 def test_plan_review_errors_stay_light(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def _overlap(d: dict) -> None:
 
 
 INVALID = [
-    ("unknown version", _mutate("version", 3), "unsupported plan version 3: this pruneplan reads versions 1, 2"),
+    ("unknown version", _mutate("version", 4), "unsupported plan version 4: this pruneplan reads versions 1, 2, 3"),
     ("wrong format", _mutate("format", "torchpruner"), "format is 'torchpruner', expected 'pruneplan'"),
     ("unknown field", _mutate("extra", 1), "extra: Extra inputs are not permitted"),
     ("unknown group field", _mutate("groups/0/colour", "red"), "groups[0].colour"),
@@ -217,7 +217,7 @@ def test_malformed_json_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_schema_file_has_not_drifted() -> None:
-    committed = (ROOT / "schemas" / "pruneplan.v2.schema.json").read_text()
+    committed = (ROOT / "schemas" / "pruneplan.v3.schema.json").read_text()
     assert committed == json_schema(), "regenerate with `pruneplan schema -o schemas/...`"
     schema = json.loads(committed)
     assert schema["additionalProperties"] is False

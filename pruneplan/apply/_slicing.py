@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from pruneplan.errors import PlanMismatchError, quote
 from pruneplan.plan import PrunePlan, state_dict_digest
@@ -11,10 +11,55 @@ from pruneplan.plan import PrunePlan, state_dict_digest
 if TYPE_CHECKING:  # the file appliers use this module without torch
     import torch
 
-__all__ = ["KeepMap", "check_fingerprint", "keep_indices", "kept_shape", "slice_tensor"]
+__all__ = ["KeepMap", "check_fingerprint", "keep_indices", "kept_shape", "saved_names_in", "slice_tensor",
+           "to_file_names", "to_plan_names"]
 
 # tensor key -> [(axis, kept positions)], axes in increasing order
 KeepMap = dict[str, list[tuple[int, list[int]]]]
+V = TypeVar("V")
+
+
+def saved_names_in(plan: PrunePlan, names: Iterable[str], where: str) -> dict[str, str]:
+    """The plan's ``config.saved_names`` (state-dict key -> name ``save_pretrained`` stores it
+    under) when the weights whose tensor names are ``names`` use them, else ``{}``.
+
+    Weights use the saved names when they hold any of them (a folder ``save_pretrained`` wrote);
+    weights named as the state dict (``save_pretrained(..., save_original_format=False)``, or
+    ``safetensors.torch.save_file(model.state_dict())``) hold none of them.
+
+    Raises:
+        PlanMismatchError: the weights hold some tensors under their saved names and a renamed
+            one under its state-dict name (naming it): two namings mixed.
+    """
+    saved = plan.config.saved_names if plan.config is not None else {}
+    if not saved:
+        return {}
+    present = set(names)
+    if not any(v in present for v in saved.values()):
+        return {}
+    targets = set(saved.values())
+    mixed = sorted(k for k in saved if k in present and k not in targets)
+    if mixed:
+        raise PlanMismatchError(
+            f"{where}: holds {quote(mixed[0])} under its state-dict name but other tensors under "
+            f"the names save_pretrained gives them (e.g. {quote(saved[mixed[0]])}); the plan reads "
+            "one naming or the other, not both"
+        )
+    return dict(saved)
+
+
+def to_plan_names(tensors: Mapping[str, V], saved: Mapping[str, str]) -> dict[str, V]:
+    """``tensors`` (named as in the weights) renamed to the state-dict keys of ``saved``
+    (`saved_names_in`); names it does not list are kept."""
+    if not saved:
+        return dict(tensors)
+    back = {v: k for k, v in saved.items()}
+    return {back.get(k, k): v for k, v in tensors.items()}
+
+
+def to_file_names(tensors: Mapping[str, V], saved: Mapping[str, str]) -> dict[str, V]:
+    """``tensors`` (keyed by state-dict key) renamed to the names the weights store them under."""
+    return {saved.get(k, k): v for k, v in tensors.items()}
 
 
 def check_fingerprint(

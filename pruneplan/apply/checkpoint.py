@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pruneplan._io import atomic_write_bytes, locked_temp_folder
-from pruneplan.apply._slicing import keep_indices
+from pruneplan.apply._slicing import keep_indices, saved_names_in, to_file_names, to_plan_names
 from pruneplan.apply.safetensors_io import DIGEST_KEY, check_file, prune_file, read_header
 from pruneplan.apply.sharded import (
     INDEX_SUFFIX,
@@ -119,14 +119,16 @@ def _resolve(plan: PrunePlan, src: Path, check_digest: bool, check_content: str)
         shapes = {k: e["shape"] for k, e in header.items()}
         weight_files = {single.name}
     tied = plan.config.tied if plan.config is not None else {}
-    full = {k: list(v) for k, v in shapes.items()}
+    # the names save_pretrained gave renamed tensors: everything below uses state-dict keys
+    saved = saved_names_in(plan, shapes, str(src))
+    full = {k: list(v) for k, v in to_plan_names(shapes, saved).items()}
     aliases = {a: s for a, s in tied.items() if a not in full and s in full}
     for alias, stored in aliases.items():
         full[alias] = list(full[stored])
     if ckpt is not None:
-        check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, full)
+        check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, full, saved)
     else:
-        check_file(plan, header, metadata, single, check_digest, check_content, full)
+        check_file(plan, header, metadata, single, check_digest, check_content, full, saved)
     keeps = keep_indices(plan)
     for alias, stored in aliases.items():
         if keeps.get(alias, []) != keeps.get(stored, []):
@@ -135,6 +137,7 @@ def _resolve(plan: PrunePlan, src: Path, check_digest: bool, check_content: str)
                 f"checkpoint stores them as one tied tensor"
             )
         keeps.pop(alias, None)
+    keeps = to_file_names(keeps, saved)
     edits = plan.config if plan.config is not None else config_edits(config, full, plan)
     new_config = apply_config_edits(config, edits, str(config_path)) if edits is not None else config
     return _Resolved(ckpt, single, header, metadata, start, weight_files, full, aliases, keeps, edits,
@@ -170,8 +173,8 @@ def check_checkpoint(plan: PrunePlan, src: str | Path, *, check_digest: bool = T
 
 def load_checkpoint_state(plan: PrunePlan, src: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a pruned Hugging Face checkpoint folder (as `apply_to_checkpoint` writes
-    it), with the tied keys of ``plan.config.tied`` that the folder stores once restored as the
-    stored tensor.
+    it) under their state-dict keys (``plan.config.saved_names`` renamed back), with the tied
+    keys of ``plan.config.tied`` that the folder stores once restored as the stored tensor.
 
     Raises:
         WeightsFileError: the folder's weights are unreadable or inconsistent.
@@ -190,6 +193,7 @@ def load_checkpoint_state(plan: PrunePlan, src: str | Path) -> dict[str, torch.T
         _, metadata, _ = read_header(single)
         check_recorded_digest(single, metadata.get(DIGEST_KEY), plan)
         state = load_file(str(single))
+    state = to_plan_names(state, saved_names_in(plan, state, str(src)))
     for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
         if alias not in state and stored in state:
             state[alias] = state[stored]
@@ -219,7 +223,9 @@ def apply_to_checkpoint(
 
     Keys that the plan records as tied (``plan.config.tied``, e.g. a ``lm_head.weight`` sharing
     the embedding) and that the folder does not store count with the stored tensor's shape for
-    the fingerprint check; the plan must slice them like the stored tensor.
+    the fingerprint check; the plan must slice them like the stored tensor. Tensors that
+    ``save_pretrained`` stores under other names (``plan.config.saved_names``: transformers
+    renames some models' keys on saving) are read and written under those names.
 
     Args:
         src: the checkpoint folder (``config.json`` plus safetensors weights).

@@ -113,8 +113,13 @@ def _memory(t: torch.Tensor) -> tuple | None:
             t.dtype)
 
 
-def file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path, rename: Mapping[str, str] | None = None) -> str:
     """`weights_digest` of a safetensors file or a sharded checkpoint, reading it in chunks.
+
+    Args:
+        rename: name in the file -> the name its line carries (the state-dict key of a tensor
+            that ``save_pretrained`` stores under another name), so that a renamed checkpoint
+            gives the digest of the model it was saved from.
 
     Raises:
         WeightsFileError: the file or a shard is missing, not safetensors, or truncated.
@@ -132,10 +137,11 @@ def file_digest(path: str | Path) -> str:
     for file, header, start in files:
         with open(file, "rb") as fh:
             fd = fh.fileno()
-            for name, e in header.items():
+            for stored, e in header.items():
                 begin, end = e["data_offsets"]
+                name = rename.get(stored, stored) if rename else stored
                 lines.append((name, _line(name, e["dtype"], e["shape"],
-                                          _file_chunks(fd, file, name, start + begin, start + end))))
+                                          _file_chunks(fd, file, stored, start + begin, start + end))))
     return _combine(lines)
 
 

@@ -24,7 +24,15 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from pruneplan._io import atomic_writer, check_output, check_regular, same_path
-from pruneplan.apply._slicing import KeepMap, check_fingerprint, keep_indices, kept_shape
+from pruneplan.apply._slicing import (
+    KeepMap,
+    check_fingerprint,
+    keep_indices,
+    kept_shape,
+    saved_names_in,
+    to_file_names,
+    to_plan_names,
+)
 from pruneplan.apply._stream import Buffers, TensorJob, stream_jobs, write_all
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import file_digest, needs_content
@@ -135,11 +143,23 @@ def check_weights(plan: PrunePlan, path: str | Path, *, check_digest: bool = Tru
 
 def check_file(plan: PrunePlan, header: Mapping[str, dict], metadata: Mapping[str, str],
                where: str | Path, check_digest: bool = True, check_content: str = "warn",
-               shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+               shapes: Mapping[str, Sequence[int]] | None = None,
+               saved: Mapping[str, str] | None = None) -> dict[str, str]:
     """Checks shared by `check_weights` and the appliers: already pruned by this plan, fingerprint,
-    content. ``shapes`` overrides the shapes of ``header`` (all shards of a checkpoint)."""
+    content. ``shapes`` overrides the shapes of ``header`` (all shards of a checkpoint).
+
+    The weights may name their tensors as ``save_pretrained`` stores them (the plan's
+    ``config.saved_names``, see `saved_names_in`): they are checked under the state-dict keys.
+    ``saved``, when given, says that ``shapes`` is already renamed from those names.
+
+    Returns:
+        The saved names the weights use (state-dict key -> name in the file; ``{}``: none).
+    """
     needs_content(plan, check_content)  # refuses a bad mode before any reading
     shapes = {k: e["shape"] for k, e in header.items()} if shapes is None else shapes
+    if saved is None:
+        saved = saved_names_in(plan, shapes, str(where))
+        shapes = to_plan_names(shapes, saved)
     recorded = metadata.get(DIGEST_KEY)
     if recorded == plan.digest() and all(
         [int(d) for d in shapes.get(k, ())] == v for k, v in plan.pruned_shapes().items()
@@ -155,7 +175,9 @@ def check_file(plan: PrunePlan, header: Mapping[str, dict], metadata: Mapping[st
             raise PlanMismatchError(f"{exc} (the weights were pruned by plan {str(recorded)[:12]})") from None
         raise
     if needs_content(plan, check_content):
-        _check_content(plan, file_digest(where), str(where), check_content)
+        rename = {v: k for k, v in saved.items()}
+        _check_content(plan, file_digest(where, rename), str(where), check_content)
+    return dict(saved)
 
 
 def write_safetensors(
@@ -259,9 +281,9 @@ def apply_to_safetensors(
     src, dst = Path(src), Path(dst)
     check_output_file(src, dst, overwrite)
     header, metadata, start = read_header(src)
-    check_file(plan, header, metadata, src, check_digest, check_content)
+    saved = check_file(plan, header, metadata, src, check_digest, check_content)
     metadata[DIGEST_KEY] = plan.digest()
-    prune_file(src, header, start, dst, keep_indices(plan), metadata, progress)
+    prune_file(src, header, start, dst, to_file_names(keep_indices(plan), saved), metadata, progress)
     log.info("wrote %s (%d tensors, plan %s)", dst, len(header), plan.digest()[:12])
     return dst
 
@@ -351,7 +373,8 @@ def load_pruned(
             ``*.safetensors.index.json``: every shard is loaded), a folder `apply_to_checkpoint`
             wrote (sharded or one ``*.safetensors`` file), or a pruned state dict. Keys the plan
             records as tied (``plan.config.tied``) that the files store once are restored from
-            the stored tensor.
+            the stored tensor; tensors the files store under the names ``save_pretrained`` gives
+            them (``plan.config.saved_names``) are loaded under their state-dict keys.
 
     Raises:
         PlanMismatchError: the file (or a shard) was pruned by another plan, or the weights do not fit.
@@ -374,6 +397,8 @@ def load_pruned(
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+        # tensors that save_pretrained stores under other names get their state-dict keys back
+        state = to_plan_names(state, saved_names_in(plan, state, str(path)))
         # a Hugging Face folder stores a tied tensor once (``lm_head.weight`` = the embedding)
         for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
             if alias not in state and stored in state:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pruneplan._io import atomic_write_bytes, check_output, locked_temp_folder, read_regular_file
-from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape
+from pruneplan.apply._slicing import KeepMap, keep_indices, kept_shape, to_file_names
 from pruneplan.apply._stream import Buffers
 from pruneplan.apply.safetensors_io import (
     DIGEST_KEY,
@@ -217,8 +217,8 @@ def apply_to_sharded_safetensors(
     index = find_index(src)
     _check_output(index.parent, dst, overwrite)
     ckpt = read_sharded(index)
-    check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, ckpt.shapes())
-    keeps, digest = keep_indices(plan), plan.digest()
+    saved = check_file(plan, {}, ckpt.metadata, ckpt.index, check_digest, check_content, ckpt.shapes())
+    keeps, digest = to_file_names(keep_indices(plan), saved), plan.digest()
     index_bytes = _index_bytes(ckpt, keeps, digest)
 
     with locked_temp_folder(dst) as tmp:  # .NAME.<random>.tmp; a killed run's are cleared
