@@ -390,3 +390,60 @@ def test_selective_kernel_pairs_paths_and_moves_the_input_split(tracer: str) -> 
     assert torch.equal(pruned.sks[0].fc_select.bias,
                        model.sks[0].fc_select.bias[[1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 14, 15]])
     assert_equals_zeroing(model, pruned, plan, x)
+
+
+# ---- learned position tables laid out (1, H, W, C) (timm's naflexvit, qwen3_vit) ----------------
+
+
+def _replays(model: nn.Module, plan, pruned: nn.Module) -> None:
+    """Replaying the plan on the original's state dict gives the pruned model's tensors."""
+    sd = pp.apply_to_state_dict(plan, model.state_dict())
+    got = pruned.state_dict()
+    assert sorted(sd) == sorted(got)
+    assert all(torch.equal(sd[k], got[k]) for k in sd)
+
+
+class GridPositions(nn.Module):
+    """A patch embedding plus a learned position table kept as a (1, 4, 4, C) grid: viewed as
+    (1, 16, C) when the input has the table's grid (``"view"``), else resized on its grid with
+    ``F.interpolate`` (``(1, C, 4, 4)`` -> ``(1, C, 2, 2)``, flattened, ``"resize"``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.embed = nn.Linear(6, 8)
+        self.pos = nn.Parameter(torch.randn(1, 4, 4, 8))
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.how == "view":
+            pos = self.pos.reshape(1, 16, -1)
+        else:
+            pos = torch.nn.functional.interpolate(self.pos.permute(0, 3, 1, 2).float(), size=(2, 2),
+                                                  mode="bilinear").flatten(2).transpose(1, 2)
+        h = h + pos.to(dtype=h.dtype)
+        h = h + self.fc(torch.relu(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+@pytest.mark.parametrize(("how", "tokens"), [("view", 16), ("resize", 4)])
+def test_a_position_grid_viewed_or_resized_keeps_its_channel_axis(how: str, tokens: int,
+                                                                  tracer: str) -> None:
+    # the residual stream (embed + pos + fc) is one group of 8 channels: merging the grid's
+    # (4, 4) axes into 16 positions, or resampling them, leaves the channel axis a whole axis
+    # of the table, which the units slice (axis 3). It was left out ("combined with a tensor no
+    # prunable layer owns") since the merge dropped what the view knew of the table.
+    model, x = GridPositions(how).eval(), torch.randn(2, tokens, 6)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.roots) for g in groups] == [("embed", ("embed", "fc"))]
+    assert ("pos", 3) in {(s.tensor, s.axis) for s in groups[0].slices}
+    assert groups.left_out == [LeftOut("head", OUTPUT)]
+    plan = build_plan(model, [(groups[0], [0, 5, 6])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.pos.shape == (1, 4, 4, 5)
+    assert torch.equal(pruned.pos, model.pos[..., [1, 2, 3, 4, 7]])
+    assert_equals_zeroing(model, pruned, plan, x)
+    _replays(model, plan, pruned)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
-from pruneplan.graph._labels import Lab
+from pruneplan.graph._labels import Lab, PView
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin
 
 __all__ = ["PoolRule", "SpatialRule"]
@@ -44,7 +45,17 @@ class PoolRule(ModuleRule):
 
 
 class SpatialRule(FunctionRule):
-    """``F.max_pool2d`` & co., ``interpolate``, ``grid_sample``, ``pad``."""
+    """``F.max_pool2d`` & co., ``interpolate``, ``grid_sample``, ``pad``. A parameter resampled
+    on its spatial axes (a learned position table resized to the input's grid) keeps its other
+    axes: units meeting it there slice it."""
+
+    def params(self, call: Call) -> PView | None:
+        x, out = call.x, call.out
+        if call.name not in ("interpolate", "upsample") or not isinstance(x, PView) \
+                or not isinstance(out, torch.Size) or len(out) != len(x.dims):
+            return None
+        k = len(out) - 2
+        return PView(x.key, (*x.dims[:len(out) - k], *(None,) * k))
 
     def labels(self, call: Call) -> Any:
         x = self.main(call)

@@ -354,9 +354,10 @@ def _view_dims(x: PView, a: Any, out: Any) -> PView | None:
         big_i = [d for d in gi if a[d] != 1]
         big_o = [d for d in go if out[d] != 1]
         if len(big_i) > 1 or len(big_o) > 1:
-            if all(x.dims[d] is None for d in big_i):
-                continue  # dims that are no parameter axis anyway (gathered rows)
-            return None
+            # merged or split axes are no single axis of the parameter: nothing sliceable
+            # there (units meeting them are blocked), the other axes keep theirs (a learned
+            # position table (1, H, W, C) viewed as (1, H * W, C) keeps its channel axis)
+            continue
         if big_i and big_o:
             dims[big_o[0]] = x.dims[big_i[0]]
     return PView(x.key, tuple(dims))
