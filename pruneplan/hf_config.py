@@ -14,6 +14,7 @@ MLP width          ``*.up_proj/gate_proj/fc1/dense_h_to_4h.weight`` axis 0,     
                    ``*.c_fc.weight`` axis 1 (GPT-2 ``Conv1D``),                 ``n_inner`` ``d_ff``
                    ``*.intermediate.dense.weight``, ``*.DenseReluDense.wi*``,   ``hidden_dim``
                    ``*.ffn.lin1.weight`` axis 0                                 ``ffn_dim``
+                                                                                ``ffn_hidden_size``
 query heads        ``*.q_proj/query/q/q_lin.weight`` axis 0, ``*.c_attn.weight``  ``num_attention_heads``
                    axis 1 / 3, divided by the head size                         ``n_head`` ``num_heads``
                                                                                 ``n_heads``
@@ -59,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
-INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "hidden_dim", "ffn_dim")
+INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "hidden_dim", "ffn_dim", "ffn_hidden_size")
 HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_KEYS = ("num_key_value_heads",)
 HEAD_DIM_KEYS = ("head_dim", "d_kv")

@@ -84,7 +84,11 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
             args, kwargs = load(n.args), load(n.kwargs)
             value = n.target(*args, **kwargs)
             kept = _keep(n.target, args, kwargs, value, function_rule(name) is None)
-            node = Node(len(nodes), "op", name, refs(n.args), refs(n.kwargs), meta_of(value),
+            given = n.args
+            if n.target is getattr and len(n.args) == 2 and n.args[1] in _VIEW_PROPERTIES:
+                # ``x.T`` is getattr(x, "T") to fx: the transpose the recorder sees as "T"
+                name, given = str(n.args[1]), n.args[:1]
+            node = Node(len(nodes), "op", name, refs(given), refs(n.kwargs), meta_of(value),
                         scope, recorded=kept)
         elif n.op == "call_method":
             name = op_name(str(n.target))
@@ -106,6 +110,10 @@ def trace_fx(model: nn.Module, inputs: tuple) -> Graph:
                 env[a] = None
     log.debug("fx graph: %d nodes", len(nodes))
     return Graph(nodes, "fx")
+
+
+#: tensor properties that are views of their tensor (axes permuted), recorded as operations
+_VIEW_PROPERTIES = ("T", "mT")
 
 
 def _is_namedtuple(target: Any) -> bool:

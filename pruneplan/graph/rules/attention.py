@@ -290,4 +290,5 @@ class MatmulRule(FunctionRule):
 
 
 builtin(names=("scaled_dot_product_attention",), rule=SDPARule())
-builtin(names=("matmul", "bmm"), rule=MatmulRule())
+# ``matmul`` itself is registered by `linear_conv` (a Linear's own weight, transposed: its linear map)
+builtin(names=("bmm",), rule=MatmulRule())

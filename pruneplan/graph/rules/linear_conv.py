@@ -3,10 +3,15 @@ their input; a depthwise convolution carries its input channels on (with its mul
 
 ``F.linear`` / ``F.conv2d`` & co. called with a layer's own weight and bias (a subclass with its
 own ``forward``, such as timm's ``Linear``, traced through) read as that layer; called with
-other tensors they block the roots whose channels reach them.
+other tensors they block the roots whose channels reach them. A matmul of an input with the
+transpose of an ``nn.Linear``'s own weight (``x @ self.weight.T``, as Falcon's ``FalconLinear``
+computes its forward) is that layer's linear map too; its bias, added afterwards, is a
+parameter broadcast along the layer's outputs and is sliced with them (`activations`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +19,7 @@ from torch import nn
 
 from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab, PView
+from pruneplan.graph.rules.attention import MatmulRule
 from pruneplan.graph.rules.base import Call, FunctionRule, Rule, builtin
 from pruneplan.graph.rules.blocking import BlockRule
 from pruneplan.graph.rules.grouped import grouped_root, is_grouped, tie_blocks
@@ -26,7 +32,7 @@ from pruneplan.graph.rules.layers import (
 )
 from pruneplan.graph.spec import EditSpec, SliceSpec
 
-__all__ = ["ConvRule", "EmbeddingRule", "FunctionalLayerRule", "LinearRule", "consume"]
+__all__ = ["ConvRule", "EmbeddingRule", "FunctionalLayerRule", "LinearMatmulRule", "LinearRule", "consume"]
 
 
 def consume(call: Call, lab: Lab, axis: int, m: nn.Module | None = None,
@@ -45,9 +51,12 @@ def consume(call: Call, lab: Lab, axis: int, m: nn.Module | None = None,
     return None
 
 
-def _linear(call: Call, m: nn.Module, name: str, extra: tuple[SliceSpec, ...] = ()) -> Lab | None:
+def _linear(call: Call, m: nn.Module, name: str, extra: tuple[SliceSpec, ...] = (),
+            bias: bool = True) -> Lab | None:
     def spec() -> tuple[int, list[SliceSpec], list[EditSpec]]:
         size, slices, edits = root_slices(name, m)
+        if not bias:  # the call does not add it: whatever adds it owns its slice
+            slices = [s for s in slices if s.tensor != (f"{name}.bias" if name else "bias")]
         return size, [*slices, *extra], edits
 
     out = call.root(-1, spec, name, m)
@@ -189,9 +198,43 @@ def _concatenated_bias(call: Call, bias: Ref, width: int) -> tuple[SliceSpec, ..
     return tuple(out)
 
 
+class LinearMatmulRule(MatmulRule):
+    """``matmul`` / ``@``: ``x @ W.T`` with ``W`` the 2-D weight of an ``nn.Linear`` of the model
+    (read through a transpose, as ``.T``, ``.t()`` or ``.transpose(0, 1)`` give it) is that
+    layer's linear map without its bias: a root on the output's last axis, consuming the
+    input's last axis (a subclass whose own ``forward`` writes ``input @ self.weight.T``, such as
+    Falcon's ``FalconLinear``, traced through). Any other matmul is `MatmulRule`'s."""
+
+    def propagate(self, call: Call) -> Any:
+        owner = _matmul_owner(call)
+        if owner is None:
+            return super().propagate(call)
+        m, name = owner
+        return _linear(call, m, name, bias=False)
+
+
+def _matmul_owner(call: Call) -> tuple[nn.Module, str] | None:
+    args = call.node.args
+    if len(args) != 2 or call.node.kwargs:
+        return None
+    ma, weight = call.meta(args[0]), call.read(args[1])
+    if not isinstance(weight, PView) or weight.dims != (1, 0) or ma is None or len(ma) < 1:
+        return None
+    path, _, leaf = weight.key.rpartition(".")
+    try:
+        m = call.model.get_submodule(path)
+    except AttributeError:
+        return None
+    if leaf != "weight" or not isinstance(m, nn.Linear) or m.weight.dim() != 2 \
+            or int(ma[-1]) != m.in_features:
+        return None
+    return m, path
+
+
 _BLOCK = BlockRule()
 
 builtin([nn.Linear], rule=LinearRule())
 builtin(names=("linear", "conv1d", "conv2d", "conv3d"), rule=FunctionalLayerRule())
+builtin(names=("matmul",), rule=LinearMatmulRule())
 builtin([*CONV_TYPES, *CONV_TRANSPOSE_TYPES], rule=ConvRule())
 builtin([nn.Embedding], rule=EmbeddingRule())
