@@ -22,8 +22,10 @@ schemas of versions 1 and 2).
   root. Each ``TensorSlice`` says which positions of ``tensor`` along ``axis`` belong to
   each unit (:class:`IndexMap`); the applier
   deletes the positions of the removed units. ``edits`` change integer module attributes
-  (``out_channels``, ``in_features``, ``num_features``, ``groups`` ...) and ``dropout`` changes
-  dropout rates. When several groups edit the same attribute, their deltas add up.
+  (``out_channels``, ``in_features``, ``num_features``, ``groups`` ...), or one integer of a
+  tuple or list attribute, named ``"name[i]"`` (``"bias_shape[2]"``, ``"channel_splits[1]"``),
+  and ``dropout`` changes dropout rates. When several groups edit the same attribute, their
+  deltas add up.
 * Slices of different groups on the same (tensor, axis) cover disjoint positions, so the order
   of groups never changes the result.
 * ``kind`` (version 2) says what a group's units are: ``"channels"`` (output channels or
@@ -171,7 +173,8 @@ class IndexMap(_Strict):
     ``offset`` places a concatenated branch, ``repeat`` is the block of features one channel
     becomes after a channels-first flatten (or the channel multiplier of a depthwise conv),
     ``tiles``/``tile_stride`` describe a channels-last flatten. ``positions`` instead lists the
-    positions of every unit explicitly (channel shuffles, composed plans). ``modulo`` marks the
+    positions of every unit explicitly (channel shuffles, composed plans); a unit may hold none
+    there (a tensor that only one part of a split reaches). ``modulo`` marks the
     input axis of a grouped convolution, which holds positions local to each group: every group
     must lose the same local positions.
     """
@@ -188,9 +191,9 @@ class IndexMap(_Strict):
         if self.positions is not None:
             if (self.offset, self.repeat, self.tiles, self.tile_stride) != (0, 1, 1, 0):
                 raise ValueError("explicit positions exclude offset/repeat/tiles/tile_stride")
+            if self.positions and not any(self.positions):
+                raise ValueError("positions lists no position for any unit")
             for u, pos in enumerate(self.positions):
-                if not pos:
-                    raise ValueError(f"positions[{u}] is empty")
                 if any(p < 0 for p in pos):
                     raise ValueError(f"positions[{u}] holds a negative position")
         if self.tiles > 1 and self.tile_stride == 0:
@@ -214,7 +217,7 @@ class IndexMap(_Strict):
     def extent(self, size: int) -> int:
         """One past the largest position (before ``modulo``) of any unit."""
         if self.positions is not None:
-            return max(max(p) for p in self.positions) + 1
+            return max((max(p) for p in self.positions if p), default=-1) + 1
         return self.offset + size * self.repeat + (self.tiles - 1) * self.tile_stride
 
 

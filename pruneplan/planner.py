@@ -15,6 +15,7 @@ from pruneplan._tied import tied_keys
 from pruneplan.errors import CoupledGroupError, PlanningError
 from pruneplan.graph.discover import prunable_groups
 from pruneplan.graph.explicit import explicit_groups
+from pruneplan.graph.spec import EditSpec
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.hf_config import config_edits
 from pruneplan.plan import (
@@ -208,6 +209,20 @@ def check_blocks(spec: GroupSpec, removed: Sequence[int]) -> None:
             "belong to key/value head k)")
 
 
+def _after(spec: GroupSpec, e: EditSpec, removed: list[int]) -> int:
+    """The value of ``e``'s attribute once ``removed`` go; a `PlanningError` when nothing of
+    it would stay (all the units of one part of a split)."""
+    after = e.before - e.drop(removed)
+    if after < 1:
+        held = [u for u in range(spec.size) if e.amounts is None or e.amounts[u]]
+        shown = ", ".join(map(str, held[:12])) + (", ..." if len(held) > 12 else "")
+        raise PlanningError(
+            f"group {spec.name!r}: these indices remove every unit that {e.module}."
+            f"{e.attribute} (now {e.before}) counts, leaving it at {after}; keep at least one "
+            f"of the units {shown}")
+    return after
+
+
 def build_plan(
     model: nn.Module,
     chosen: Sequence[tuple[GroupSpec, IndexLike]],
@@ -225,8 +240,9 @@ def build_plan(
             depend on which other groups discovery found.
 
     Raises:
-        PlanningError: bad indices (see `normalize_indices`), or a slice names a tensor that is
-            not in the state dict.
+        PlanningError: bad indices (see `normalize_indices`), indices that remove every unit
+            an attribute counts (all the units of one part of a split), or a slice names a
+            tensor that is not in the state dict.
     """
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     buffer_names = _buffer_keys(model)
@@ -252,7 +268,7 @@ def build_plan(
             slices.append(TensorSlice(tensor=s.tensor, axis=s.axis, map=IndexMap(**s.map_fields())))
         edits = [
             ModuleEdit(module=e.module, attribute=e.attribute, before=e.before,
-                       after=e.before - k * e.per_unit)
+                       after=_after(spec, e, rem))
             for e in spec.edits
         ]
         dropout = [

@@ -112,11 +112,7 @@ _TIMM: list[tuple[str, str, tuple[int, ...], dict, XFail | None]] = [
     ("byoanet", "lambda_resnet26t", (2, 3, 64, 64), {}, None),
     ("byobnet", "repvgg_a0", (2, 3, 32, 32), {}, None),
     ("cait", "cait_xxs24_224", (2, 3, 32, 32), {'img_size': 32}, None),
-    ("coat", "coat_lite_tiny", (2, 3, 64, 64), {'img_size': 64}, XFail(
-        "limit: 17.6% fewer parameters (< 20%): the convolutional relative position encoding "
-        "splits the heads' channels into parts of fixed sizes (channel_splits, a list a plan "
-        "cannot edit), so the heads and the hidden width tied to them by reshape(B, N, C) are "
-        "left out")),
+    ("coat", "coat_lite_tiny", (2, 3, 64, 64), {'img_size': 64}, None),
     ("convit", "convit_tiny", (2, 3, 32, 32), {'img_size': 32}, None),
     ("convmixer", "convmixer_768_32", (2, 3, 32, 32), {}, None),
     ("convnext", "convnext_atto", (2, 3, 32, 32), {}, None),

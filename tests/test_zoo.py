@@ -152,7 +152,7 @@ def _zeroing_hooks(model: nn.Module, plan) -> list:
     DESIGN's "zeroed after the ReLU" point for chains, and it is the right point for BatchNorm
     after the root too (zeroing the root's output would not stay zero after the BN's shift).
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared module: any name
     positions: dict[str, set[int]] = {}
     for g in plan.groups:
         for s in g.slices:
@@ -169,7 +169,7 @@ def _zeroing_hooks(model: nn.Module, plan) -> list:
     handles = []
     for name, pos in positions.items():
         m = modules[name]
-        idx = torch.tensor(sorted(pos))
+        idx = torch.tensor(sorted(pos), dtype=torch.long)  # maybe none (a part of a split)
         linear = isinstance(m, nn.Linear)
 
         def hook(mod, args, idx=idx, last=linear):

@@ -208,6 +208,9 @@ class Engine:
         self.heads: dict[int, int] = {}  # root -> attention heads per unit on a head axis
         #: (node, root) -> positions per unit where only some units reach (see `_partial`)
         self.partial: dict[tuple[int, int], np.ndarray] = {}
+        #: roots whose channels a split cut into parts of their own: calls may see only the
+        #: units of one part (see `Call.parts`)
+        self.parted: set[int] = set()
         self._users: dict[int, list[int]] | None = None  # node -> nodes reading it (`used`)
 
     # ---- bookkeeping ---------------------------------------------------------------------
@@ -265,11 +268,38 @@ class Engine:
     def stream(self, arr: np.ndarray, r: int, node: Node) -> Stream | None:
         pos = unit_positions(arr, r, self.roots[r].size)
         if pos is None:
-            if self.uf.find(r) in self.uf.part:
+            if self.uf.find(r) in self.uf.part or self.is_parted(r):
                 return self._partial(arr, r, node)
             self.block([r], f"only some of its units reach {node.where()}")
             return None
         return affine_stream(pos)
+
+    def is_parted(self, r: int) -> bool:
+        """Whether ``r`` or a root coupled with it had its channels cut into parts."""
+        if not self.parted:
+            return False
+        c = self.uf.find(r)
+        return any(self.uf.find(p) == c for p in self.parted)
+
+    def scaled(self, e: EditSpec, st: Stream, r: int) -> EditSpec:
+        """An edit made on a partial stream of a parted root ``r`` (units of one part of a
+        split, some holding no position there) drops by the positions each unit holds: its
+        `EditSpec.amounts`. (Partial streams of tied units alone are checked at assembly.)
+
+        Raises:
+            PlanningError: ``e.per_unit`` is no multiple of the widest unit's positions.
+        """
+        if st.positions is None or not self.is_parted(r):
+            return e
+        counts = [len(p) for p in st.positions]
+        widest = max(counts)
+        if len(set(counts)) == 1 or widest == 0:
+            return e
+        if e.per_unit % widest:
+            raise PlanningError(f"{e.module}.{e.attribute} would shrink by a fraction of a "
+                                "unit's channels")
+        f = e.per_unit // widest
+        return replace(e, amounts=tuple(c * f for c in counts))
 
     def _partial(self, arr: np.ndarray, r: int, node: Node) -> Stream:
         """Units of a root whose units are tied: some may reach ``node`` only through the
@@ -400,10 +430,11 @@ class Engine:
             root = self.roots[r]
             root.size = new
             root.slices = [_regroup_slice(s, order, new, old) for s in root.slices]
-            root.edits = [_regroup_edit(e, k) for e in root.edits]
+            root.edits = [_regroup_edit(e, k, mapping, new) for e in root.edits]
             root.labels = _remap(root.labels, members, mapping)
             self.effects[r] = [(n, _regroup_slice(it, order, new, old) if isinstance(it, SliceSpec)
-                                else _regroup_edit(it, k) if isinstance(it, EditSpec) else it)
+                                else _regroup_edit(it, k, mapping, new) if isinstance(it, EditSpec)
+                                else it)
                                for n, it in self.effects[r]]
             if r in self.heads:
                 self.heads[r] *= k
@@ -703,6 +734,7 @@ class Engine:
                 continue
             try:
                 slices, edits = rule(st)
+                edits = [self.scaled(e, st, r) for e in edits]
             except PlanningError as exc:
                 self.block([r], str(exc))
                 continue
@@ -833,17 +865,21 @@ class Engine:
         alias_of = {k: ks for ks in aliases.values() for k in ks}
         if not alias_of:
             return
-        found: dict[tuple[str, int], list[tuple[int, SliceSpec]]] = {}
+        # (r, where, slice): ``where`` is the call that made it (the root itself: ("root", r)),
+        # kept for the alias so that a module called more than once stays one layout per call
+        found: dict[tuple[str, int], list[tuple[int, Any, SliceSpec]]] = {}
         for r, root in enumerate(self.roots):
-            for item in [*root.slices, *(it for _, it in self.effects[r])]:
+            for where, item in [*((("root", r), s) for s in root.slices), *self.effects[r]]:
                 if isinstance(item, SliceSpec) and item.tensor in alias_of and item.modulo is None:
-                    found.setdefault((alias_of[item.tensor][0], item.axis), []).append((r, item))
+                    found.setdefault((alias_of[item.tensor][0], item.axis), []).append(
+                        (r, where, item))
         shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
+        added: set[tuple[int, Any, EditSpec, str]] = set()
         for (first, axis), items in sorted(found.items()):
             keys = alias_of[first]
             length = int(shapes[first][axis])
             per_key: dict[str, np.ndarray] = {}
-            for r, sp in items:
+            for r, _, sp in items:
                 arr = per_key.setdefault(sp.tensor, np.full(length, -1, dtype=np.int64))
                 st = Stream(sp.offset, sp.repeat, sp.tiles, sp.tile_stride, sp.positions)
                 for u in range(self.roots[r].size):
@@ -864,16 +900,19 @@ class Engine:
                 if k in per_key:
                     continue
                 module = k.rpartition(".")[0]
-                for r, sp in items:
+                for r, where, sp in items:
                     if sp.tensor != present[0]:
                         continue
-                    self.effects[r].append((-1, replace(sp, tensor=k)))
-                    # the alias's module caches the same sizes as the sliced one's
+                    self.effects[r].append((where, replace(sp, tensor=k)))
+                    # the alias's module caches the same sizes as the sliced one's (once
+                    # per call, however many of its tensors the call slices)
                     root = self.roots[r]
-                    for e in [*root.edits, *(it for _, it in self.effects[r])]:
-                        if isinstance(e, EditSpec) and e.module == owner and _attr(
-                                self.model, module, e.attribute) == e.before:
-                            self.effects[r].append((-1, replace(e, module=module)))
+                    for w, e in [*((("root", r), e) for e in root.edits), *self.effects[r]]:
+                        if isinstance(e, EditSpec) and e.module == owner \
+                                and (r, w, e, module) not in added \
+                                and _attr(self.model, module, e.attribute) == e.before:
+                            added.add((r, w, e, module))
+                            self.effects[r].append((w, replace(e, module=module)))
 
     # ---- result --------------------------------------------------------------------------
 
@@ -954,6 +993,7 @@ class Engine:
         `PlanningError` says why such a class cannot be a group after all."""
         first = self.roots[members[0]]
         size = first.size if blocks is None else len(blocks[members[0]])
+        parted = self.is_parted(members[0])  # units may own different amounts (split parts)
         slices: dict[tuple[str, int], dict[Any, list[tuple[int, SliceSpec]]]] = {}
         edits: dict[tuple[str, str], dict[Any, list[tuple[int, EditSpec]]]] = {}
         drops: dict[str, DropoutSpec] = {}
@@ -974,7 +1014,7 @@ class Engine:
             if blocks is None:
                 merged = {_merge_slices([sp for _, sp in specs], size) for specs in by_node.values()}
             else:
-                merged = {_coarse_slice([(sp, blocks[r]) for r, sp in specs])
+                merged = {_coarse_slice([(sp, blocks[r]) for r, sp in specs], parted)
                           for specs in by_node.values()}
             if len(merged) > 1:
                 raise UnsupportedOperationError(
@@ -983,9 +1023,13 @@ class Engine:
             final_slices.append(merged.pop())
         final_edits = []
         for (mod, attr), by_node in sorted(edits.items()):
-            merged_e = {EditSpec(mod, attr, specs[0][1].before,
-                                 sum(self._coarse_per(where, r, e, blocks) for r, e in specs))
-                        for where, specs in by_node.items()}
+            if blocks is None:
+                merged_e = {_summed(mod, attr, specs, size) for specs in by_node.values()}
+            else:
+                merged_e = {_edit_of(mod, attr, specs[0][1].before,
+                                     sum(self._coarse_per(where, r, e, blocks, parted)
+                                         for r, e in specs))
+                            for where, specs in by_node.items()}
             if len(merged_e) > 1:
                 raise UnsupportedOperationError(
                     f"{mod}.{attr} shrinks by different amounts per unit of {first.name!r} "
@@ -1042,7 +1086,7 @@ class Engine:
                     slices.setdefault((item.tensor, item.axis), set()).add(
                         SliceSpec(item.tensor, item.axis, offset=item.offset, repeat=part))
                 elif isinstance(item, EditSpec):
-                    if item.per_unit % rep:
+                    if item.per_unit % rep or item.amounts is not None:
                         return None
                     edits.setdefault((item.module, item.attribute), set()).add(
                         EditSpec(item.module, item.attribute, item.before, item.per_unit // rep))
@@ -1067,35 +1111,44 @@ class Engine:
             alternative_to=qg.name,
         )
 
-    def _coarse_per(self, where: Any, r: int, e: EditSpec,
-                    per_root: dict[int, np.ndarray] | None) -> int:
-        """How much ``e`` shrinks per unit of the group (``e.per_unit`` per root unit)."""
-        if per_root is None:
-            return e.per_unit
-        blocks = per_root[r]
+    def _coarse_per(self, where: Any, r: int, e: EditSpec, blocks: dict[int, np.ndarray],
+                    parted: bool) -> np.ndarray:
+        """How much ``e`` shrinks per unit of the group, each a set of root units (``blocks``);
+        unequal amounts only for a parted group (split parts), else a `PlanningError`."""
+        blk = blocks[r]
         counts = self.partial.get((where, r)) if isinstance(where, int) else None
-        if counts is None:
-            return e.per_unit * blocks.shape[1]
-        # a partial stream: e.per_unit is per position of its widest unit
-        widest = int(counts.max())
-        if widest == 0:  # none of this root's units reach that call
-            return 0
-        held = counts[blocks].sum(axis=1) * e.per_unit
-        if (held % widest).any() or len(set((held // widest).tolist())) != 1:
+        if e.amounts is not None:
+            held = np.asarray(e.amounts, dtype=np.int64)[blk].sum(axis=1)
+        elif counts is None:
+            return np.full(len(blk), e.per_unit * blk.shape[1], dtype=np.int64)
+        else:
+            # a partial stream: e.per_unit is per position of its widest unit
+            widest = int(counts.max())
+            if widest == 0:  # none of this root's units reach that call
+                return np.zeros(len(blk), dtype=np.int64)
+            held = counts[blk].sum(axis=1) * e.per_unit
+            if (held % widest).any():
+                raise PlanningError(f"{e.module}.{e.attribute} would shrink by different "
+                                    "amounts for different units")
+            held = held // widest
+        if not parted and len(set(held.tolist())) != 1:
             raise PlanningError(f"{e.module}.{e.attribute} would shrink by different amounts "
                                 "for different units")
-        return int(held[0] // widest)
+        return held
 
 
-def _coarse_slice(specs: list[tuple[SliceSpec, np.ndarray]]) -> SliceSpec:
+def _coarse_slice(specs: list[tuple[SliceSpec, np.ndarray]], parted: bool = False) -> SliceSpec:
     """The slice of one tensor axis at one call when each group unit is a set of root units
-    (each spec comes with its root's ``(group units, k)`` blocks)."""
+    (each spec comes with its root's ``(group units, k)`` blocks); in a parted group (split
+    parts) a unit may hold fewer positions than another, or none."""
     first = specs[0][0]
     parts = [(Stream(s.offset, s.repeat, s.tiles, s.tile_stride, s.positions), blk)
              for s, blk in specs]
     n = len(specs[0][1])
     rows = [sorted(p for st, blk in parts for u in blk[i].tolist() for p in st.unit(u))
             for i in range(n)]
+    if parted and any(rows):
+        return _rows_stream(rows).slice(first.tensor, first.axis, first.modulo)
     if len({len(row) for row in rows}) != 1 or not rows[0]:
         raise PlanningError(f"tensor {first.tensor!r} axis {first.axis}: its tied units hold "
                             "different numbers of positions there")
@@ -1143,15 +1196,45 @@ def _remap_info(v: Any, members: frozenset[int], mapping: np.ndarray) -> Any:
     return v
 
 
+def _rows_stream(rows: list[list[int]]) -> Stream:
+    """The `Stream` giving unit ``u`` the sorted positions ``rows[u]``: affine when they fit,
+    explicit when units hold different numbers of positions (parts of a split)."""
+    rows = [sorted(r) for r in rows]
+    if len({len(r) for r in rows}) == 1 and rows[0]:
+        return affine_stream(np.array(rows))
+    return Stream(positions=tuple(tuple(r) for r in rows))
+
+
 def _regroup_slice(s: SliceSpec, order: np.ndarray, new: int, old: int) -> SliceSpec:
     """The slice of ``s`` once old units ``order`` (sorted by new unit) are gathered by ``new``."""
     st = Stream(s.offset, s.repeat, s.tiles, s.tile_stride, s.positions)
-    pos = np.array([st.unit(int(u)) for u in order]).reshape(new, -1)
-    return affine_stream(np.sort(pos, axis=1)).slice(s.tensor, s.axis, s.modulo)
+    k = old // new
+    rows = [[p for u in order[i * k:(i + 1) * k] for p in st.unit(int(u))] for i in range(new)]
+    return _rows_stream(rows).slice(s.tensor, s.axis, s.modulo)
 
 
-def _regroup_edit(e: EditSpec, k: int) -> EditSpec:
-    return EditSpec(e.module, e.attribute, e.before, e.per_unit * k)
+def _regroup_edit(e: EditSpec, k: int, mapping: np.ndarray, new: int) -> EditSpec:
+    if e.amounts is None:
+        return EditSpec(e.module, e.attribute, e.before, e.per_unit * k)
+    amounts = np.bincount(mapping, weights=np.asarray(e.amounts), minlength=new).astype(np.int64)
+    return _edit_of(e.module, e.attribute, e.before, amounts)
+
+
+def _edit_of(module: str, attribute: str, before: int, amounts: np.ndarray) -> EditSpec:
+    """An `EditSpec` dropping by ``amounts[u]`` per unit (``per_unit`` when all are equal)."""
+    values = tuple(int(a) for a in amounts)
+    if len(set(values)) == 1:
+        return EditSpec(module, attribute, before, values[0])
+    return EditSpec(module, attribute, before, max(values), values)
+
+
+def _summed(module: str, attribute: str, specs: list[tuple[int, EditSpec]], size: int) -> EditSpec:
+    """The edits of one call to one attribute by the roots of a group (units not tied): the
+    drops of every root's unit ``u`` add up."""
+    total = np.zeros(size, dtype=np.int64)
+    for _, e in specs:
+        total += np.asarray(e.amounts, dtype=np.int64) if e.amounts is not None else e.per_unit
+    return _edit_of(module, attribute, specs[0][1].before, total)
 
 
 def _merge_slices(specs: list[SliceSpec], size: int) -> SliceSpec:
@@ -1159,8 +1242,8 @@ def _merge_slices(specs: list[SliceSpec], size: int) -> SliceSpec:
         return specs[0]
     first = specs[0]
     streams = [Stream(s.offset, s.repeat, s.tiles, s.tile_stride, s.positions) for s in specs]
-    pos = np.array([sorted(p for st in streams for p in st.unit(u)) for u in range(size)])
-    return affine_stream(pos).slice(first.tensor, first.axis, first.modulo)
+    rows = [[p for st in streams for p in st.unit(u)] for u in range(size)]
+    return _rows_stream(rows).slice(first.tensor, first.axis, first.modulo)
 
 
 

@@ -41,12 +41,25 @@ class SliceSpec:
 
 @dataclass(frozen=True)
 class EditSpec:
-    """Integer attribute ``module.attribute`` that drops by ``per_unit`` for each removed unit."""
+    """Integer attribute ``module.attribute`` that drops by ``per_unit`` for each removed unit.
+
+    ``attribute`` may name one integer of a list or tuple attribute, ``"channel_splits[1]"``.
+    ``amounts``, when set, says how much removing each unit takes off instead (one entry per
+    unit: the size of one part of a split drops only by the units in that part); ``per_unit``
+    is then the largest of them.
+    """
 
     module: str
     attribute: str
     before: int
     per_unit: int = 1
+    amounts: tuple[int, ...] | None = None
+
+    def drop(self, removed: Iterable[int]) -> int:
+        """How much the attribute drops when the units ``removed`` (unique) go."""
+        if self.amounts is None:
+            return self.per_unit * len(list(removed))
+        return sum(self.amounts[u] for u in removed)
 
 
 @dataclass(frozen=True)

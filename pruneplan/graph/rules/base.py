@@ -228,12 +228,22 @@ class Call:
 
     def edit(self, attribute: str, before: int, labels: np.ndarray, module: str | None = None) -> None:
         """``module.attribute`` (default: the called module) shrinks by the positions each
-        removed unit holds in ``labels``."""
+        removed unit holds in ``labels`` (``attribute`` may name one integer of a list or
+        tuple attribute: ``"channel_splits[1]"``); a unit holding none there (the labels of
+        one part of a split, see `parts`) takes nothing off."""
         mod = self.name if module is None else module
         for r in roots_of(labels):
             st = self.stream(labels, r)
             if st is not None:
-                self._engine.effect(r, self.node, EditSpec(mod, attribute, before, st.per_unit))
+                edit = EditSpec(mod, attribute, before, st.per_unit)
+                self._engine.effect(r, self.node, self._engine.scaled(edit, st, r))
+
+    def parts(self, roots: Iterable[int]) -> None:
+        """The channels of ``roots`` are cut into parts that go their own ways (a split into
+        parts of different sizes): later calls may see only the units of one part. Slices
+        and edits made there belong to those units alone (a unit elsewhere owns no position
+        of that tensor, and drops nothing from that attribute: `EditSpec.amounts`)."""
+        self._engine.parted.update(roots)
 
     def dropout(self, lab: Lab, p: float) -> None:
         """A dropout layer of rate ``p`` over the channels: its rate follows the unit count

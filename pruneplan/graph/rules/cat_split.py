@@ -13,7 +13,8 @@ from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab, PView
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs
 
-__all__ = ["CatRule", "ShuffleRule", "SplitRule", "StackRule", "sequence", "shuffle", "split_attribute"]
+__all__ = ["CatRule", "ShuffleRule", "SplitRule", "StackRule", "part_attributes", "sequence", "shuffle",
+           "split_attribute"]
 
 
 def sequence(call: Call, arg: Any) -> list[tuple[Any, Any]]:
@@ -75,7 +76,10 @@ class SplitRule(FunctionRule):
     """chunk / split / tensor_split / unbind: equal parts of the labelled axis are tied
     position by position (a unit of the group is position ``j`` of every part, so the parts stay
     equal: CSP / C2f blocks, GLU). A split size written as a number moves with the units when
-    one attribute of the module holds it (`split_attribute`); other fixed-size parts block."""
+    one attribute of the module holds it (`split_attribute`). A split into a list of sizes the
+    module holds (an int attribute each, or one list attribute) leaves every part its own
+    labels and edits each size by the units of its part (`part_attributes`); other fixed-size
+    parts block."""
 
     def labels(self, call: Call) -> Any:
         x = self.main(call)
@@ -94,7 +98,10 @@ class SplitRule(FunctionRule):
                        "so the number of parts would change with the units")
             return None
         sizes = [m[dim] for m in outs]
-        how = call.arg(1, "sections")
+        how = _sections(call)
+        if name in ("split", "split_with_sizes") and isinstance(how, list | tuple) \
+                and x.axes == (dim,) and [v for v in how if type(v) is int] == sizes:
+            return _parts(call, x, dim, sizes)
         # split(n): equal parts of n, n from an attribute of the module (GPT-2's split_size)
         by_size = name == "split" and isinstance(how, int) and not isinstance(how, bool)
         fixed = name == "split_with_sizes" or (name == "split" and not by_size) or (
@@ -118,6 +125,84 @@ class SplitRule(FunctionRule):
         key, value = attr
         call.edit(key, value, rows[0] if value == how else rows.reshape(-1), module=call.node.scope)
         return [Lab((dim,), rows[i].copy()) for i in range(len(sizes))]
+
+
+def _sections(call: Call) -> Any:
+    """The second argument of a split (its keyword differs between spellings)."""
+    for kw in ("split_size_or_sections", "split_size", "split_sizes", "sections",
+               "indices_or_sections"):
+        if kw in call.node.kwargs:
+            return call.node.kwargs[kw]
+    return call.node.args[1] if len(call.node.args) > 1 else None
+
+
+def _parts(call: Call, x: Lab, dim: int, sizes: list[int]) -> list[Lab] | None:
+    """``split(x, [a, b, ...])`` of the labelled axis with every size held by the running
+    module (`part_attributes`): each part keeps the labels of its own positions and goes its
+    own way (FasterNet's partial convolution, CoaT's per-part depthwise convolutions); the
+    plan edits each part's size by the units removed from that part. A unit with channels in
+    two parts blocks the roots (a unit is one part's or another's)."""
+    ends = np.cumsum(sizes)[:-1]
+    rows = np.split(x.arr, ends)
+    seen = [np.unique(p[p >= 0]) for p in rows]
+    every = np.concatenate(seen)
+    labels, counts = np.unique(every, return_counts=True)
+    straddle = labels[counts > 1]
+    if straddle.size:
+        call.block(x, f"{call.where} splits them into parts of sizes "
+                   f"{sizes} and some of their units have channels in two parts, so the "
+                   "parts' sizes cannot follow the units")
+        return None
+    keys = part_attributes(call, x, sizes)
+    if keys is None:
+        return None
+    call.parts(x.roots)
+    for key, size, part in zip(keys, sizes, rows, strict=True):
+        call.edit(key, size, part, module=call.node.scope)
+    return [Lab((dim,), part.copy()) for part in rows]
+
+
+def part_attributes(call: Call, x: Lab, sizes: list[int]) -> list[str] | None:
+    """The attributes of the module running ``split(x, sizes)`` that hold the sizes: the
+    elements of one list or tuple attribute equal to ``sizes`` in order (keys
+    ``"name[i]"``), or one int attribute per size (where several ints hold a size, those
+    named like a count or an index are set aside). Blocks the roots of ``x`` (``None``) when
+    no attribute or more than one way holds them."""
+    mod = call.scope_module
+    public = {n: v for n, v in (vars(mod).items() if mod is not None else ())
+              if not n.startswith("_")}
+    found: list[list[str]] = [[f"{n}[{i}]" for i in range(len(sizes))]
+                              for n, v in sorted(public.items())
+                              if isinstance(v, list | tuple) and list(v) == sizes
+                              and all(type(e) is int for e in v)]
+    ints = {n: v for n, v in public.items() if type(v) is int}
+    per_part = []
+    for size in sizes:
+        names = sorted(n for n, v in ints.items() if v == size)
+        if len(names) > 1:
+            names = [n for n in names if not any(w in n.lower() for w in _NOT_WIDTHS)]
+        per_part.append(names)
+    if all(len(n) == 1 for n in per_part) and len({n[0] for n in per_part}) == len(sizes):
+        found.append([n[0] for n in per_part])
+    if len(found) == 1:
+        return found[0]
+    ambiguous = sorted({n for names in per_part if len(names) > 1 for n in names})
+    if found:
+        shown = " or ".join(", ".join(k) for k in found)
+        why = f"several attributes of its module hold them ({shown})"
+    elif ambiguous:
+        why = f"several attributes of its module hold the same size ({', '.join(ambiguous)})"
+    elif all(per_part):
+        names = [n[0] for n in per_part]
+        shared = sorted({n for n in names if names.count(n) > 1})
+        why = f"the same attribute of its module holds the sizes of several parts ({', '.join(shared)})"
+    else:
+        why = ("no attribute of its module holds them (one int attribute per part, or one list "
+               "or tuple attribute)")
+    call.block(x, f"{call.where} splits them into parts of sizes {sizes} written as numbers "
+               f"and {why}, so the parts' sizes would not follow pruned channels (register a "
+               "rule for the module)")
+    return None
 
 
 #: Words in attribute names that are no channel widths.
