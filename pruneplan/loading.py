@@ -32,7 +32,7 @@ from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
 from pruneplan.planner import build_plan, execution_order
-from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, select_indices
+from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, keep_parts, select_indices
 
 __all__ = [
     "CRITERIA",
@@ -793,6 +793,7 @@ def plan_from_metric(
                 unscored = [g.name for g in groups if g.name not in table]
         selected = sum(len(v) for v in removed.values())
         removed = _config_fit(current, groups, table, removed, same_count, round_to)
+        removed = keep_parts(removed, groups, table)  # no part of a split emptied
         fit_lost += selected - sum(len(v) for v in removed.values())
         selected_units += selected
         by_name = {g.name: g for g in groups}

@@ -16,7 +16,7 @@ import numpy as np
 
 from pruneplan.errors import PlanningError
 
-__all__ = ["aggregate_scores", "keep_count", "select_indices"]
+__all__ = ["aggregate_scores", "keep_count", "keep_parts", "select_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ def select_indices(
             member, the smallest count any member would lose alone. Groups whose ``blocks``
             attribute is above 1 (the key/value heads of grouped-query attention: units come in
             that many equal contiguous blocks) lose the same number of units in every block:
-            the count is lowered to whole rounds that keep a multiple of ``round_to``.
+            the count is lowered to whole rounds that keep a multiple of ``round_to``. An
+            attribute only some units count (the size of one part of a split: an edit with
+            ``amounts``) keeps at least 1: a unit that would take it to 0 is passed over for
+            the next lowest-scored one.
         ``round_to`` and ``min_keep`` count units of the group, so for a ``"heads"`` group they
         count heads (``round_to=2``: an even number of heads stays).
 
@@ -104,6 +107,8 @@ def select_indices(
         groups = list(groups)  # read twice: members, then kinds and blocks
     table = aggregate_scores(scores, groups, aggregate)
     kinds, blocks = _structure(groups)
+    limits = {getattr(g, "name", None): _limits(g) for g in groups or ()
+              if not isinstance(groups, Mapping)}
     if isinstance(ratio, Mapping):
         by_name = {n: ratio[n] for n in table if n in ratio}
         by_name.update({n: ratio[kinds[n]] for n in table if n not in ratio and kinds.get(n) in ratio})
@@ -142,7 +147,7 @@ def select_indices(
             if b > 1:
                 out[name] = _lowest_per_block(normed[name], k, b)
             else:
-                out[name] = sorted(_lowest(normed[name], k).tolist())
+                out[name] = _pick(normed[name], k, limits.get(name) or [])
     log.info("selected %d units in %d groups (%s scope)", sum(map(len, out.values())), len(out), scope)
     return out
 
@@ -267,6 +272,61 @@ def _normalize(s: np.ndarray, how: str) -> np.ndarray:
     scale = {"mean": lambda: np.abs(s).mean(), "l2": lambda: np.linalg.norm(s), "l1": lambda: np.abs(s).sum(),
              "max": lambda: np.abs(s).max()}[how]()
     return s / scale if scale > 0 else s
+
+
+def _limits(group: Any) -> list[tuple[np.ndarray, int]]:
+    """``(per-unit drop, most that may go)`` of every edit of ``group`` that only some units
+    count (`pruneplan.graph.spec.EditSpec.amounts`: the size of one part of a split)."""
+    seen: dict[tuple[tuple[int, ...], int], None] = {}
+    for e in getattr(group, "edits", None) or ():
+        amounts = getattr(e, "amounts", None)
+        if amounts is not None:
+            seen[(tuple(amounts), int(e.before) - 1)] = None
+    return [(np.asarray(a, dtype=np.int64), cap) for a, cap in seen]
+
+
+def _pick(s: np.ndarray, k: int, limits: list[tuple[np.ndarray, int]]) -> list[int]:
+    """The ``k`` lowest scores (ties: lower index), sorted, passing over a unit that would take
+    one of ``limits`` past its cap (fewer than ``k`` only when no other unit is left)."""
+    if not limits:
+        return sorted(_lowest(s, k).tolist())
+    used = [0] * len(limits)
+    out: list[int] = []
+    for u in np.lexsort((np.arange(s.size), s)).tolist():
+        if len(out) == k:
+            break
+        if any(used[i] + int(a[u]) > cap for i, (a, cap) in enumerate(limits)):
+            continue
+        for i, (a, _) in enumerate(limits):
+            used[i] += int(a[u])
+        out.append(u)
+    return sorted(out)
+
+
+def keep_parts(removed: Mapping[str, Sequence[int]], groups: Iterable[Any],
+               scores: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    """``removed`` with, in a group where it would take an attribute that only some of its
+    units count (the size of one part of a split, `EditSpec.amounts`) to 0, the same number of
+    units taken instead lowest-score first passing over those that would (``scores``: group
+    name -> one score per unit; a group without scores counts its units in index order).
+    Groups that keep every such attribute at 1 or more are returned as they are. Raises
+    nothing."""
+    by_name = {getattr(g, "name", None): g for g in groups}
+    out: dict[str, list[int]] = {}
+    for name, idx in removed.items():
+        g = by_name.get(name)
+        limits = _limits(g) if g is not None else []
+        gone = np.asarray(list(idx), dtype=np.int64)
+        if not limits or all(int(a[gone].sum()) <= cap for a, cap in limits):
+            out[name] = list(idx)
+            continue
+        s = scores.get(name)
+        if s is None:
+            s = np.zeros(len(limits[0][0]))
+        out[name] = _pick(np.asarray(s, dtype=np.float64), len(gone), limits)
+        log.info("group %r: units %s instead of %s, so that every part of its split keeps a "
+                 "unit", name, out[name], sorted(idx))
+    return out
 
 
 def _lowest(s: np.ndarray, k: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import pruneplan as pp
 from pruneplan.errors import PlanMismatchError, PlanningError, PlanValidationError
 from pruneplan.graph.spec import LeftOut
 from pruneplan.planner import build_plan
+from pruneplan.select import keep_parts
 
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
 
@@ -172,6 +173,29 @@ def test_removing_every_unit_of_a_part_is_refused_with_the_units_to_keep() -> No
             "group 'stem': these indices remove every unit that blocks.0.spatial_mixing."
             "dim_conv3 (now 2) counts, leaving it at 0; keep at least one of the units 0, 1")):
         pp.plan_pruning(model, {"stem": [0, 1, 5]}, example_inputs=x)
+
+
+def test_selection_passes_over_a_unit_that_would_empty_a_part() -> None:
+    torch.manual_seed(0)
+    model, x = FasterNetLike().eval(), torch.randn(2, 3, 6, 6)
+    groups = pp.prunable_groups(model, x)
+    scores = {"stem": [0.1, 0.2, 5.0, 4.0, 3.0, 6.0, 7.0, 8.0]}
+    # 30% of 8 units is 2: the two lowest, 0 and 1, are the whole partial-conv part of both
+    # blocks, so unit 1 is passed over for the next lowest outside it, unit 4 (score 3)
+    assert pp.select_indices(scores, 0.3, groups=[groups[0]]) == {"stem": [0, 4]}
+    assert pp.select_indices(scores, 0.3) == {"stem": [0, 1]}  # no groups: no parts known
+    table = {"stem": np.array(scores["stem"])}
+    assert keep_parts({"stem": [0, 1]}, groups, table) == {"stem": [0, 4]}
+    assert keep_parts({"stem": [1, 3]}, groups, table) == {"stem": [1, 3]}  # part keeps unit 0
+    # plan_from_metric goes the same way: make units 0 and 1 the weakest of every root of the
+    # residual group (stem and both blocks' last convs), 30% of 8 would take both
+    with torch.no_grad():
+        for conv in (model.stem, model.blocks[0].mlp[3], model.blocks[1].mlp[3]):
+            conv.weight[:2] *= 1e-3
+    plan = pp.plan_from_metric(model, x, "weight_norm", ratio=0.3)
+    (stem,) = [g for g in plan.groups if g.name == "stem"]
+    assert len(stem.removed) == 2 and stem.removed[0] in (0, 1) and stem.removed[1] >= 2
+    assert plan.edits()[("blocks.0.spatial_mixing", "dim_conv3")] == (2, 1)
 
 
 # ---- CoaT's convolutional relative position encoding: split(v, self.channel_splits) -----------
