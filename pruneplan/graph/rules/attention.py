@@ -248,7 +248,23 @@ class SDPARule(FunctionRule):
 class MatmulRule(FunctionRule):
     """``matmul`` / ``bmm`` / ``@``: labels on the batch axes of both operands are tied (the
     heads of ``q @ k^T`` and ``attn @ v``, marked as heads); labels on the rows of the first or
-    the columns of the second follow into the output; labels on the contracted axis block."""
+    the columns of the second follow into the output; labels on the contracted axis block.
+    A product whose operands carry no labels keeps the parameter axes that reach the output
+    whole: the rows of a parameter on the left, the columns of one on the right, when the
+    other operand is no parameter (a position table read by one-hot rows, ``one_hot @
+    table``, keeps the table's channel axis)."""
+
+    def params(self, call: Call) -> PView | None:
+        a, b = call.arg(0, "input"), call.arg(1, "other", call.node.kwargs.get("mat2"))
+        ma, mb, out = call.meta(a), call.meta(b), call.out
+        if ma is None or mb is None or len(ma) < 2 or len(mb) < 2 or len(out) < 2:
+            return None
+        ia, ib = call.read(a), call.read(b)
+        if isinstance(ia, PView) == isinstance(ib, PView):
+            return None  # a product of two parameters: neither axis is one parameter's alone
+        if isinstance(ia, PView):
+            return PView(ia.key, (*(None,) * (len(out) - 2), ia.dims[-2], None))
+        return PView(ib.key, (*(None,) * (len(out) - 1), ib.dims[-1]))
 
     def labels(self, call: Call) -> Lab | None:
         a, b = call.arg(0, "input"), call.arg(1, "other", call.node.kwargs.get("mat2"))

@@ -224,11 +224,47 @@ class FunctionalNormRule(FunctionRule):
                 call.block(x, f"{call.where} normalises them with a {role} no prunable layer owns")
                 return None
             keys.append((info.key, info.dims[0]))
+        if name in ("layer_norm", "rms_norm") and not _shape_follows(call, x):
+            return None
         if groups not in (None, 1, width):
             return _grouped(call, x, groups, keys, None, None)
         for key, axis in keys:
             call.own(key, axis, x.arr)
         return x
+
+
+#: words of the names under which a module keeps a normalised width
+_WIDTH_WORDS = ("shape", "dim", "size", "width", "embed", "hidden", "channels", "features")
+
+
+def _shape_follows(call: Call, x: Lab) -> bool:
+    """A functional layer / RMS norm called by a module that is no torch norm layer (timm's
+    ``RmsNorm``: ``rms_norm(x, self.normalized_shape, self.weight, eps)``) with the width as a
+    number: the module attribute that holds it must shrink with the units, or the pruned
+    model's norm would refuse its input. Exactly one attribute of the module running the call
+    holding that value (the same tuple, or the same int under a width name) is edited;
+    otherwise (none, several) the roots are blocked (``False``). A size read off the tensor at
+    run time follows by itself."""
+    shape = call.arg(1, "normalized_shape")
+    if not (isinstance(shape, int) and not isinstance(shape, bool)) and not (
+            isinstance(shape, tuple | list) and all(type(v) is int for v in shape)):
+        return True
+    width = x.arr.shape[0]
+    mod, scope = call.scope_module, call.node.scope
+    attrs = {n: v for n, v in (vars(mod).items() if mod is not None else ())
+             if not n.startswith("_")}
+    same = [n for n, v in attrs.items() if isinstance(v, tuple) and isinstance(shape, tuple | list)
+            and v == tuple(shape)]
+    names = same or [n for n, v in attrs.items() if type(v) is int and v == width
+                     and any(w in n.lower() for w in _WIDTH_WORDS)]
+    if len(names) == 1:
+        call.edit(names[0], width, x.arr, module=scope)
+        return True
+    why = "no attribute of its module holds it" if not names else \
+        f"several attributes of its module hold it ({', '.join(sorted(names))})"
+    call.block(x, f"{call.where} is given the width {width} as a number and {why}, so the norm "
+               "would refuse the pruned channels")
+    return False
 
 
 def _owner(call: Call, tensors: dict[str, Any], kinds: tuple[type, ...]) -> tuple[str, nn.Module] | None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from pruneplan.graph._ir import Ref
-from pruneplan.graph._labels import Lab
+from pruneplan.graph._labels import Lab, PView
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, iter_refs
 
 __all__ = ["NormalizeRule", "ReduceRule", "SoftmaxModuleRule", "SoftmaxRule", "reduce"]
@@ -35,8 +36,28 @@ def reduce(call: Call, x: Lab) -> Any:
     return [lab, lab] if tuple_out else lab
 
 
+#: reductions whose value along the axes that stay is computed from those positions alone
+_VALUES = ("mean", "sum", "nansum", "nanmean", "amax", "amin", "std", "var", "logsumexp", "prod")
+
+
 class ReduceRule(FunctionRule):
-    """mean / sum / amax / ...; ``max(a, b)`` / ``min(a, b)`` of two tensors are element-wise."""
+    """mean / sum / amax / ...; ``max(a, b)`` / ``min(a, b)`` of two tensors are element-wise.
+    A parameter reduced over some axes keeps the others (a sum of per-axis position tables)."""
+
+    def params(self, call: Call) -> PView | None:
+        x, out = call.x, call.out
+        if call.name not in _VALUES or not isinstance(x, PView) or not isinstance(out, torch.Size):
+            return None
+        nd = len(x.dims)
+        dim = call.arg(1, "dim")
+        if dim is None or not isinstance(dim, int | tuple | list):
+            return None
+        dims = {d % nd for d in ((dim,) if isinstance(dim, int) else dim)}
+        if bool(call.arg(2, "keepdim", False)):
+            kept = tuple(None if i in dims else p for i, p in enumerate(x.dims))
+        else:
+            kept = tuple(p for i, p in enumerate(x.dims) if i not in dims)
+        return PView(x.key, kept) if len(kept) == len(out) else None
 
     def labels(self, call: Call) -> Any:
         if call.name in ("max", "min") and isinstance(call.arg(1, "other"), Ref):

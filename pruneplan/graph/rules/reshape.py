@@ -250,11 +250,18 @@ def _head_count(call: Call, lab: Lab) -> None:
 def attribute_size(call: Call, lab: Lab, v: int) -> bool:
     """The size ``v``, written as a number where labels ``lab`` (one axis) lie, is an attribute
     of the module running the call: edit it with the units (``False``: blocked, no such
-    attribute or several)."""
+    attribute or several, unless the several are all head counts, which are all edited)."""
     names = _attributes(call, v)
     preferred = [n for n in names if any(w in n.lower() for w in _HEAD_WORDS)]
     pick = preferred or names
     if not pick and _head_product(call, lab, v):
+        return True
+    if len(pick) > 1 and all("heads" in n.lower() for n in pick):
+        # head counts under several names that agree (``num_heads`` and ``num_kv_heads`` of an
+        # attention without grouped queries): each query head meets its own key/value head,
+        # so a unit removes one of each and every count shrinks with the units
+        for n in sorted(pick):
+            call.edit(n, v, lab.arr, module=call.node.scope)
         return True
     if len(pick) != 1:
         why = "no attribute of its module holds it" if not pick else \
