@@ -198,6 +198,48 @@ def test_selection_passes_over_a_unit_that_would_empty_a_part() -> None:
     assert plan.edits()[("blocks.0.spatial_mixing", "dim_conv3")] == (2, 1)
 
 
+class TwoParts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.rest = 2, 6
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(x, [self.first, self.rest], dim=1)
+
+
+class NormedPart(nn.Module):
+    """One part through BatchNorm, flattened into a Linear; the other part through a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.split = TwoParts()
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+        self.conv = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = self.split(self.stem(x))
+        return self.fc(torch.relu(self.bn(p)).flatten(1)) * self.conv(q).mean((2, 3))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_a_part_through_batchnorm_and_flatten_is_sliced_by_its_own_units(tracer: str) -> None:
+    torch.manual_seed(0)
+    model, x = _randomised(NormedPart()), torch.randn(2, 3, 4, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("stem", 8)]
+    for removed in ([0, 5], [1, 2, 3], [4, 6, 7], [0, 2, 3, 4, 5, 6]):
+        plan = build_plan(model, [(groups[0], removed)])
+        pruned = pp.apply_plan(copy.deepcopy(model), plan)
+        first = 2 - len(set(removed) & {0, 1})  # units 0-1 are the first part
+        assert (pruned.split.first, pruned.split.rest) == (first, 6 - len(set(removed) - {0, 1}))
+        # the norm keeps the first part's channels; each is 4 x 4 = 16 features of fc
+        assert (pruned.bn.num_features, pruned.bn.running_mean.shape[0]) == (first, first)
+        assert pruned.fc.weight.shape == (3, 16 * first)
+        assert_equals_zeroing(model, pruned, plan, x)
+
+
 # ---- CoaT's convolutional relative position encoding: split(v, self.channel_splits) -----------
 
 
