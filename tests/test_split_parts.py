@@ -441,3 +441,21 @@ def test_splits_whose_sizes_cannot_follow_leave_the_root_out(holds: dict, sizes:
     assert [g.name for g in groups] == []
     assert groups.left_out == [LeftOut("stem", reason), LeftOut("a", f"{OUTPUT} (coupled with 'b')"),
                                LeftOut("b", f"{OUTPUT} (coupled with 'a')")]
+
+
+def test_composed_plans_over_split_parts_equal_the_plans_applied_in_turn() -> None:
+    # slices with units that own no position, and list-element edits, compose like the others
+    for build, x, first, second, root in (
+            (lambda: _randomised(FasterNetLike()), torch.randn(2, 3, 6, 6), [1, 3], [2, 4], "stem"),
+            (lambda: CoaTLike().eval(), torch.randn(2, 3, 8, 8), [1], [2, 5], "embed")):
+        torch.manual_seed(0)
+        model = build()
+        a = pp.plan_pruning(model, {root: first}, example_inputs=x)
+        once = pp.apply_plan(copy.deepcopy(model), a)
+        b = pp.plan_pruning(once, {root: second}, example_inputs=x)
+        twice = pp.apply_plan(copy.deepcopy(once), b)
+        both = pp.apply_plan(copy.deepcopy(model), pp.compose([a, b]))
+        with torch.no_grad():
+            assert torch.equal(both(x), twice(x))
+    # CoaT: head 1 (part 0), then heads 2 and 5 of the 7 left (originally 3 and 6: parts 1, 2)
+    assert both.crpe.channel_splits == [4, 8, 8]
