@@ -8,7 +8,9 @@ Format (version 3), in prose; ``schemas/pruneplan.v3.schema.json`` is the genera
 schemas of versions 1 and 2).
 
 * ``format`` is ``"pruneplan"`` and ``version`` is ``1``, ``2`` or ``3``. Version 2 adds group
-  ``kind`` and the ``config`` part; version 3 adds ``config.saved_names``. A plan is written with
+  ``kind`` and the ``config`` part; version 3 adds ``config.saved_names`` and units that hold no
+  position in a slice's explicit ``positions`` (a tensor only one part of a split reaches;
+  earlier readers refuse an empty entry). A plan is written with
   the lowest version that can hold it, so a plan that uses none of these is still a version-1
   document, byte for byte as before.
 * ``model`` fingerprints the source weights: ``tensors`` maps every state-dict key the plan
@@ -498,9 +500,16 @@ class ConfigEdits(_Strict):
         return {c.key: c.after for c in self.changes if c.after is not None}
 
 
+def _empty_units(groups: Iterable[Group]) -> bool:
+    """Whether a slice's explicit ``positions`` gives some unit no position (version 3)."""
+    return any(s.map.positions is not None and not all(s.map.positions)
+               for g in groups for s in g.slices)
+
+
 def required_version(groups: Iterable[Group], config: ConfigEdits | None) -> int:
     """The lowest format version that holds these groups and config part."""
-    if config is not None and config.saved_names:
+    groups = list(groups)
+    if (config is not None and config.saved_names) or _empty_units(groups):
         return 3
     if config is not None or any(g.kind != "channels" for g in groups):
         return 2
@@ -550,6 +559,9 @@ class PrunePlan(_Strict):
                 raise ValueError("a config part needs plan version 2, this plan says 1")
         if self.version < 3 and self.config is not None and self.config.saved_names:
             raise ValueError(f"config.saved_names needs plan version 3, this plan says {self.version}")
+        if self.version < 3 and _empty_units(self.groups):
+            raise ValueError("a unit with no position in a slice's explicit positions needs plan "
+                             f"version 3, this plan says {self.version}")
         seen: set[str] = set()
         for g in self.groups:
             if g.name in seen:

@@ -149,6 +149,14 @@ def test_a_plan_with_units_owning_nothing_on_a_tensor_round_trips_and_replays() 
     (col,) = [s.map for g in plan.groups for s in g.slices
               if (s.tensor, s.axis) == ("blocks.0.spatial_mixing.partial_conv3.weight", 1)]
     assert col.positions == [[0], [1], [], [], [], [], [], []]
+    # pruneplan before format version 3 refused an empty entry, so such a plan says 3 (the
+    # lowest version whose readers take it), and one that claims an older version is refused
+    assert plan.version == 3
+    older = json.loads(text)
+    older["version"] = 2
+    with pytest.raises(PlanValidationError, match="a unit with no position in a slice's explicit "
+                       "positions needs plan version 3, this plan says 2"):
+        pp.PrunePlan.from_json(json.dumps(older))
     again = pp.PrunePlan.from_json(text)
     assert again.digest() == plan.digest()
     pruned = pp.apply_plan(copy.deepcopy(model), again)
