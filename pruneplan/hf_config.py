@@ -16,9 +16,10 @@ MLP width          ``*.up_proj/gate_proj/fc1/dense_h_to_4h.weight`` axis 0,     
                    ``*.ffn.lin1.weight`` axis 0                                 ``ffn_dim``
                                                                                 ``ffn_hidden_size``
 query heads        ``*.q_proj/query/q/q_lin.weight`` axis 0, ``*.c_attn.weight``  ``num_attention_heads``
-                   axis 1 / 3, divided by the head size                         ``n_head`` ``num_heads``
-                                                                                ``n_heads``
+                   axis 1 / 3, divided by the head size; ``*.query_key_value``  ``n_head`` ``num_heads``
+                   ``.weight`` axis 0 in the layout of `_fused_heads`           ``n_heads``
 key/value heads    ``*.k_proj.weight`` axis 0 / head size                       ``num_key_value_heads``
+                   ``*.query_key_value.weight`` (`_fused_heads`)                ``num_kv_heads``
 =================  ==========================================================  ==============
 
 The head size is the config's ``head_dim`` (``d_kv`` for T5), or ``hidden / heads``. A width that
@@ -89,13 +90,18 @@ _QUERY = [
     _p(r"^(?P<layer>.+)\.c_attn\.weight$", 1, 3),
 ]
 _KEY = [_p(r"^(?P<layer>.+)\.k_proj\.weight$", 0)]
+#: q, k and v in one projection (Falcon, GPT-NeoX, BLOOM): the heads follow from its rows and
+#: the layout the config's flags give (`_fused_heads`)
+_FUSED = [_p(r"^(?P<layer>.+)\.query_key_value\.weight$", 0)]
+#: the key/value head count of a fused projection's config (Falcon)
+_FUSED_KV_KEY = "num_kv_heads"
 
 
 def config_role(tensor: str) -> str | None:
     """Which config width a weight's output belongs to: ``"hidden"``, ``"intermediate"``,
     ``"heads"`` or ``"kv_heads"`` (by the patterns of the module docstring), else ``None``."""
     for role, patterns in (("hidden", _HIDDEN), ("intermediate", _INTERMEDIATE), ("heads", _QUERY),
-                           ("kv_heads", _KEY)):
+                           ("heads", _FUSED), ("kv_heads", _KEY)):
         if any(p.match(tensor) for p, _, _ in patterns):
             return role
     return None
@@ -262,12 +268,16 @@ def config_edits(
     q: dict[str, tuple[int, int]] = {}
     if heads_key is not None and head_dim:
         q = measure(_QUERY, head_dim)
+        fused_q, fused_kv = _fused_heads(config, shapes, pruned, head_dim, heads_before)
+        q.update(fused_q)
         new = uniform(heads_key, "query heads", heads_before, q)
         if new is not None:
             heads_after = new
         k = measure(_KEY, head_dim) if kv_key else {}
         if kv_key is not None:
             uniform(kv_key, "key/value heads", config.get(kv_key), k)
+        if fused_kv and _FUSED_KV_KEY in config:
+            uniform(_FUSED_KV_KEY, "key/value heads", config.get(_FUSED_KV_KEY), fused_kv)
         _check_gqa(plan, shapes, q, k, head_dim)
 
     hidden_changed = hidden_after != hidden_before
@@ -305,6 +315,59 @@ def config_edits(
         return None
     return ConfigEdits(model_type=model_type, changes=changes, unsupported=unsupported,
                        tied=dict(tied or {}), saved_names=dict(saved_names or {}))
+
+
+def _fused_heads(
+    config: Mapping[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    pruned: Mapping[str, Sequence[int]],
+    head_dim: int,
+    heads: int | None,
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(query heads, key/value heads) per layer, before and after, of the fused q/k/v
+    projections (``*.query_key_value.weight``, rows on axis 0), laid out as the config says:
+
+    * ``new_decoder_architecture`` (Falcon 40B/180B): ``num_kv_heads`` groups of the group's
+      query heads, its key and its value, ``(groups, heads / groups + 2, head_dim)``;
+    * ``multi_query`` (Falcon 7B): every query head, then one key and one value head,
+      ``(heads + 2, head_dim)`` (the key/value head is not counted: it stays);
+    * otherwise (Falcon without either, GPT-NeoX, BLOOM): ``(heads, 3, head_dim)``, as many
+      key/value heads as query heads.
+
+    Raises:
+        ConfigError: a projection keeps rows that are not whole heads (or query groups) of
+            that layout, naming the layer.
+    """
+    before, after = layer_widths(_FUSED, shapes), layer_widths(_FUSED, pruned)
+    new_arch = config.get("new_decoder_architecture") is True
+    multi = config.get("multi_query") is True and not new_arch
+    groups = _int(config.get(_FUSED_KV_KEY))
+    q: dict[str, tuple[int, int]] = {}
+    kv: dict[str, tuple[int, int]] = {}
+    for layer, (rows, key) in before.items():
+        kept = after[layer][0]
+        if rows % head_dim or kept % head_dim:
+            raise ConfigError(f"layer {layer!r}: {key!r} keeps {kept} of {rows} rows, not whole heads "
+                              f"of {head_dim}")
+        nb, na = rows // head_dim, kept // head_dim
+        if new_arch:
+            if not groups or not heads or heads % groups:
+                continue  # not a layout this reading understands
+            block = heads // groups + 2
+            if nb % block or na % block:
+                raise ConfigError(f"layer {layer!r}: {key!r} keeps {na} of {nb} heads, not whole query "
+                                  f"groups of {block} (query heads, key, value)")
+            q[layer] = (nb // block * (block - 2), na // block * (block - 2))
+            kv[layer] = (nb // block, na // block)
+        elif multi:
+            q[layer] = (nb - 2, na - 2)
+        else:
+            if nb % 3 or na % 3:
+                raise ConfigError(f"layer {layer!r}: {key!r} keeps {na} of {nb} heads' rows, not whole "
+                                  "heads of query, key and value")
+            q[layer] = (nb // 3, na // 3)
+            kv[layer] = (nb // 3, na // 3)
+    return q, kv
 
 
 def _check_gqa(

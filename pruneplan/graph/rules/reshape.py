@@ -64,7 +64,12 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
     if len(axes) > 1 and call.coarsen_rows(g.reshape(-1, g.shape[-1])):
         g, axes = _squeeze(call.fresh(full), go)
     if len(axes) > 1:
-        if call.tie(list(g.reshape(-1, g.shape[-1])), lazy=True) is None:
+        # the rows are tied position by position: the units end on the last axis, or on the
+        # axis whose size is the module's head count (Falcon's ``view(B, T, heads, 3, hd)``
+        # keeps q, k and v of a head together, timm's ``(3, heads, hd)`` the other way round)
+        k = _head_axis(call, axes)
+        rows = np.moveaxis(g, k, -1) if k is not None else g
+        if call.tie(list(rows.reshape(-1, rows.shape[-1])), lazy=True) is None:
             return None
         g, axes = _squeeze(call.fresh(full), go)
     if not axes:
@@ -72,6 +77,7 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
         return None
     lab = Lab(axes, g)
     if call.regrouped or call.is_heads(lab):
+        _counted(call, lab)
         return fixed_sizes(call, lab)
     if not literal_width(call, lab):
         return None
@@ -88,6 +94,45 @@ def relabel(call: Call, x: Lab, a: Any, b: Any) -> Lab | None:
 
     call.later(later)
     return lab
+
+
+def _counted(call: Call, lab: Lab) -> None:
+    """Heads (or query groups) landing on the axis a view sizes ``-1``: the view follows them,
+    but the module may use its count elsewhere (Falcon's ``view(B, T, -1, self.num_heads //
+    self.num_kv_heads + 2, hd)`` needs ``num_kv_heads`` to shrink with the query groups on
+    that axis). Every ``*heads*`` int attribute of the module running the view that equals
+    the axis's size is edited with the units."""
+    args = shape_args(call)
+    mod = call.scope_module
+    out = call.out
+    if args is None or mod is None or len(lab.axes) != 1 or not isinstance(out, torch.Size):
+        return
+    axis = lab.axes[0]
+    if type(args[axis]) is not int or args[axis] != -1 or lab.arr.ndim != 1:
+        return
+    count = int(out[axis])
+    for n, v in vars(mod).items():
+        if type(v) is int and v == count and "heads" in n.lower() and not n.startswith("_"):
+            call.edit(n, v, lab.arr, module=call.node.scope)
+
+
+def _head_axis(call: Call, axes: tuple[int, ...]) -> int | None:
+    """Which of the view's labelled output ``axes`` (its index in ``axes``) counts the units:
+    the one given the size ``-1`` (what remains: the count that follows pruning, as in
+    Falcon's ``view(B, T, -1, heads // kv_heads + 2, head_dim)`` of query groups), else the one
+    given a size that a ``*heads*`` int attribute of the module running the view holds
+    (``self.num_heads``), when exactly one was; ``None`` otherwise."""
+    args = shape_args(call)
+    mod = call.scope_module
+    if args is None or mod is None:
+        return None
+    rest = [i for i, a in enumerate(axes) if type(args[a]) is int and args[a] == -1]
+    if len(rest) == 1:
+        return rest[0]
+    heads = {v for n, v in vars(mod).items() if type(v) is int and "heads" in n.lower()
+             and not n.startswith("_")}
+    hit = [i for i, a in enumerate(axes) if type(args[a]) is int and args[a] in heads]
+    return hit[0] if len(hit) == 1 else None
 
 
 def _equal_parts(call: Call, x: Lab, axes: tuple[int, ...]) -> bool:
@@ -199,8 +244,9 @@ def literal_width(call: Call, lab: Lab) -> bool:
     if at_run_time:
         return not _run_time(call, lab, v)
     names = _attributes(call, v)
-    if len(names) == 1:
-        call.edit(names[0], v, lab.arr, module=call.node.scope)
+    if len(names) == 1 or (len(names) > 1 and all("heads" in n.lower() for n in names)):
+        for n in sorted(names):  # equal head counts: see `attribute_size`
+            call.edit(n, v, lab.arr, module=call.node.scope)
         return True
     why = "no attribute of its module holds it" if not names else \
         f"several attributes of its module hold it ({', '.join(sorted(names))})"
@@ -239,11 +285,11 @@ def _head_count(call: Call, lab: Lab) -> None:
             if isinstance(val, tuple | list) and list(val) == list(args)]
     for p, n in held:
         call.edit(f"{n}[{lab.axes[0]}]", v, lab.arr, module=p)
-    done = _attributes(call, v)  # `literal_width` edited the one of the module itself
+    done = _attributes(call, v)  # `literal_width` edited those of the module itself
     for p, m in mods:
         for n, val in vars(m).items():
             if type(val) is int and val == v and "heads" in n.lower() and not n.startswith("_") \
-                    and not (p == scope and done == [n]):
+                    and not (p == scope and n in done):
                 call.edit(n, v, lab.arr, module=p)
 
 
@@ -546,6 +592,12 @@ class GetitemRule(FunctionRule):
         idx = call.node.args[1]
         xmeta = call.xmeta
         items = list(idx) if isinstance(idx, tuple) else [idx]
+        lists = [k for k, it in enumerate(items) if isinstance(it, list)]
+        if len(lists) == 1 and all(type(v) is int for v in items[lists[0]]) and not any(
+                isinstance(it, Ref) and tensorish(call.meta(it)) for it in items):
+            # one list of positions (Falcon's ``qkv[:, :, :, [-2]]``): that axis stays in place,
+            # with the listed positions; fine where the labels are not
+            items[lists[0]] = _PICK
         # a graph value inside an index is an int computed at run time unless it is a tensor
         if any((isinstance(it, Ref) and tensorish(call.meta(it))) or isinstance(it, list)
                for it in items):
@@ -563,6 +615,13 @@ class GetitemRule(FunctionRule):
             if it is None:
                 o += 1
                 continue
+            if it is _PICK:  # a list of positions: the axis stays, labelled or not
+                if i in x.axes:
+                    call.block(x, f"{call.where} picks single positions")
+                    return None
+                i += 1
+                o += 1
+                continue
             if not isinstance(it, slice):  # an int (literal or computed): the axis goes
                 if i in x.axes:
                     call.block(x, f"{call.where} picks single positions")
@@ -577,6 +636,9 @@ class GetitemRule(FunctionRule):
             i += 1
             o += 1
         return Lab(tuple(where[a] for a in x.axes), x.arr)
+
+
+_PICK = object()  # `GetitemRule`: an axis indexed by one list of positions
 
 
 def _gathered(call: Call, x: Lab, items: list[Any]) -> Lab | None:
