@@ -602,3 +602,149 @@ def test_a_functional_norm_given_a_bare_number_leaves_its_root_out(tracer: str) 
                 "and no attribute of its module holds it, so the norm would refuse the pruned "
                 "channels"),
         LeftOut("fc2", OUTPUT)]
+
+
+# ---- einsum (SAM's and MViTv2's decomposed relative positions) -----------------------------------
+
+
+class Einsums(nn.Module):
+    """``fc``'s channels ``c`` through einsums: kept by the output and met by a parameter
+    (``"bnc,c->bnc"``), kept and mixed over the tokens (``"bnc,nk->bkc"``); ``how="sum"``
+    sums over them instead (``"bnc,cd->bnd"``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(6, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 8))
+        self.mix = nn.Parameter(torch.randn(5, 3))
+        self.table = nn.Parameter(torch.randn(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        if self.how == "sum":
+            return self.head(torch.einsum("bnc,cd->bnd", h, self.table))
+        h = torch.einsum("bnc,c->bnc", h, self.scale)
+        return self.head(torch.einsum("bnc,nk->bkc", h, self.mix))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_einsum_keeping_their_index_follows_and_slices_a_parameter_on_it(tracer: str) -> None:
+    # output position c of both einsums reads position c of h (and of scale) alone: fc's
+    # units slice scale and reach head's columns. They were left out ("they reach einsum").
+    model, x = Einsums("keep").eval(), torch.randn(2, 5, 6)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("fc", 8)]
+    assert {(s.tensor, s.axis) for s in groups[0].slices} == {
+        ("fc.weight", 0), ("fc.bias", 0), ("scale", 0), ("head.weight", 1)}
+    plan = build_plan(model, [(groups[0], [1, 2, 6])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert torch.equal(pruned.scale, model.scale[[0, 3, 4, 5, 7]])
+    assert_equals_zeroing(model, pruned, plan, x)
+    _replays(model, plan, pruned)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_einsum_summing_over_their_index_leaves_the_root_out(tracer: str) -> None:
+    groups = pp.prunable_groups(Einsums("sum").eval(), torch.randn(2, 5, 6), tracer=tracer)
+    assert list(groups) == []
+    assert groups.left_out == [
+        LeftOut("fc", "operation 'einsum' in module '<top level>' sums over them"),
+        LeftOut("head", OUTPUT)]
+
+
+class MergedHeads(nn.Module):
+    """SAM's attention: heads merged into the batch axis (``reshape(3, B * self.num_heads, N,
+    -1)``), a relative-position bias from an einsum of q with a table, used as the mask of
+    ``scaled_dot_product_attention``, the heads put back with ``view(B, self.num_heads, N,
+    -1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.qkv = nn.Linear(6, 24)
+        self.rel = nn.Parameter(torch.randn(5, 4))
+        self.proj = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, N, -1).unbind(0)
+        bias = torch.einsum("bnc,kc->bnk", q, self.rel)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(o.view(B, self.num_heads, N, -1).transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_heads_merged_into_the_batch_axis_prune_with_their_count(tracer: str) -> None:
+    # B * num_heads sizes the merged axis: a fixed B times the literal 2 that num_heads holds,
+    # which the heads' group edits, so the size follows the heads (it was left out: "their
+    # width is used as a fixed size"); the einsum keeps the merged axis (it sums over head_dim
+    # only); the axis holds each head B times, which are not query groups (kind "heads").
+    # Reference: head 1 zeroed at proj's input.
+    model, x = MergedHeads().eval(), torch.randn(2, 5, 6)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size, g.kind) for g in groups] == [("qkv", 2, "heads")]
+    assert [(e.module, e.attribute, e.before, e.per_unit) for e in groups[0].edits
+            if e.module == ""] == [("", "num_heads", 2, 1)]
+    plan = build_plan(model, [(groups[0], [1])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert (pruned.num_heads, pruned.qkv.weight.shape, pruned.proj.weight.shape) == (
+        1, (12, 6), (6, 4))
+    assert_equals_zeroing(model, pruned, plan, x)
+    _replays(model, plan, pruned)
+
+
+# ---- one key/value head laid out (B, 1, N, head_dim) (timm's MultiQueryAttention2d) --------------
+
+
+class SharedKeyValue2d(nn.Module):
+    """timm's ``MultiQueryAttention2d`` (MobileNetV4/V5): 1x1 conv projections, ``num_heads``
+    query heads of ``key_dim`` and one key/value head whose channels are the head_dim of
+    ``(B, 1, N, key_dim)``; the heads are put back as ``s[-1] * self.num_heads`` channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim = 2, 4
+        self.query = nn.Conv2d(6, 8, 1)
+        self.key = nn.Conv2d(6, 4, 1)
+        self.value = nn.Conv2d(6, 4, 1)
+        self.output = nn.Conv2d(8, 6, 1)
+
+    def _one_head(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.shape
+        return t.reshape(s[0], s[1], -1).transpose(1, 2).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[2:]
+        q = self.query(x)
+        s = q.shape
+        q = q.reshape(s[0], self.num_heads, self.key_dim, -1).transpose(-1, -2)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, self._one_head(self.key(x)), self._one_head(self.value(x)))
+        s = o.shape
+        o = o.transpose(1, 2).reshape(s[0], H, W, s[-1] * self.num_heads).permute(0, 3, 1, 2)
+        return self.output(o)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_query_heads_of_one_shared_key_value_head_on_its_head_dim_prune(tracer: str) -> None:
+    # key and value channels are the head_dim of the one key/value head: left out alone (all
+    # roots reaching the attention were). The query heads are independent: a unit is one
+    # head, num_heads is edited, and s[-1] * num_heads follows it.
+    model, x = SharedKeyValue2d().eval(), torch.randn(2, 6, 3, 3)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size, g.kind) for g in groups] == [("query", 2, "heads")]
+    assert [(e.module, e.attribute, e.before, e.per_unit) for e in groups[0].edits
+            if e.module == ""] == [("", "num_heads", 2, 1)]
+    reason = ("they reach operation 'scaled_dot_product_attention' in module '<top level>' on "
+              "the sequence or head_dim axis")
+    assert groups.left_out == [LeftOut("key", reason), LeftOut("value", reason),
+                               LeftOut("output", OUTPUT)]
+    plan = build_plan(model, [(groups[0], [0])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert (pruned.num_heads, pruned.query.weight.shape, pruned.output.weight.shape) == (
+        1, (4, 6, 1, 1), (6, 4, 1, 1))
+    assert_equals_zeroing(model, pruned, plan, x)
+    _replays(model, plan, pruned)

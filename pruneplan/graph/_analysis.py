@@ -561,7 +561,13 @@ class Engine:
 
     def mark_heads(self, arr: np.ndarray) -> None:
         """``arr`` (1-D) labels a head axis of attention: its roots' units are heads (or groups
-        of query heads: the count per unit is kept)."""
+        of query heads: the count per unit is kept). An axis that repeats its whole run of
+        heads (heads merged with the batch axis, SAM's ``(B * heads, N, head_dim)``) counts
+        one run: the copies are samples, not query heads."""
+        n = len(arr)
+        p = next(p for p in range(1, n + 1)
+                 if n % p == 0 and np.array_equal(arr, np.tile(arr[:p], n // p)))
+        arr = arr[:p]
         for r in roots_of(arr):
             per = int(np.count_nonzero((arr >> SHIFT == r) & (arr >= 0))) // self.roots[r].size
             self.heads[r] = max(self.heads.get(r, 1), per)
@@ -809,6 +815,8 @@ class Engine:
             have = {self.uf.find(r) for r in lab.roots} if lab is not None else set()
             if want == have:
                 continue
+            if self._product(node, dim, lab, since):
+                continue
             if dim.div == 1 and dim.arr is not None and lab is not None and lab.arr.ndim == 1 \
                     and len(lab.arr) == len(dim.arr) and (lab.arr >= 0).all() \
                     and (dim.arr >= 0).all():
@@ -816,6 +824,23 @@ class Engine:
                 continue
             self.block(list(dim.roots) + (list(lab.roots) if lab is not None else []),
                        f"their width is used as a fixed size at {node.where()}")
+
+    def _product(self, node: Node, dim: Dim, lab: Lab | None, since: int) -> bool:
+        """A fixed size (of no roots, or of roots left out) times a literal ``k`` sizing an
+        axis that holds ``k`` units equally often: ``B * self.num_heads`` sizing the batch
+        axis that heads were merged into (SAM's ``(B * heads, N, head_dim)``), ``head_dim *
+        self.num_heads`` the channels that heads are put back into. The product follows the
+        units when their group edits the module's attribute holding ``k`` by one per unit,
+        which is checked on the groups (`_derived`)."""
+        if dim.mul < 2 or lab is None or len(lab.axes) != 1 or lab.arr.ndim != 1 \
+                or any(not self.uf.is_blocked(r) for r in dim.roots):
+            return False
+        arr = self.refresh(lab.arr, since)
+        units, counts = np.unique(arr, return_counts=True)
+        if (arr < 0).any() or len(units) != dim.mul or (counts != counts[0]).any():
+            return False
+        self.derived.append((node, Dim(tuple(lab.roots), div=dim.mul)))
+        return True
 
     def _per_head(self, node: Node, dim: Dim, out: Lab | None, since: int) -> None:
         """``C // k`` sizes the head width of a view whose output carries ``k`` heads on one

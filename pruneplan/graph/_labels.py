@@ -52,13 +52,15 @@ class Dim:
 
     ``arr`` holds the labels along that axis (1-D, ``None`` when they lay on several axes),
     as they were after ``since`` regroups of units; ``div`` is a literal the width was divided
-    by (``C // num_heads``: 1 for the width itself).
+    by (``C // num_heads``: 1 for the width itself), ``mul`` one it was multiplied by
+    (``B * num_heads``, ``head_dim * num_heads``).
     """
 
     roots: tuple[int, ...]
     arr: np.ndarray | None = field(default=None, compare=False, repr=False)
     since: int = field(default=0, compare=False)
     div: int = 1
+    mul: int = 1
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ graph and asks, for every call, the rule registered for the module type or funct
 ``cat_split``             cat, stack, chunk/split, channel shuffle
 ``reduce``                reductions and softmax
 ``attention``             scaled_dot_product_attention, matmul/bmm: heads and query groups
+``einsum``                einsum: units on an index the output keeps follow
 ``grouped``               grouped convolutions: units are local positions in every conv group
 ``recurrent``             LSTM / GRU / RNN: input width and hidden units
 ``pixel``                 pixel shuffle / unshuffle (one unit is ``r * r`` channels before it)
 ``hf``                    Hugging Face ``Conv1D`` (by class name: transformers is optional)
 ``mha``                   nn.MultiheadAttention: heads, and the widths it reads
 ``torchvision_ops``       torchvision's Swin window attention functions: heads and widths
-``blocking``              mm, einsum & co.: their roots are left out
+``blocking``              mm, outer & co.: their roots are left out
 ========================  =====================================================================
 
 Users add their own with `register_module_rule` / `register_function_rule` (re-exported as
@@ -37,6 +38,7 @@ from pruneplan.graph.rules import (
     blocking,
     cat_split,
     dropout,
+    einsum,
     grouped,
     hf,
     linear_conv,
@@ -95,6 +97,7 @@ __all__ = [
     "cat_split",
     "consumer_slices",
     "dropout",
+    "einsum",
     "function_rule",
     "grouped",
     "hf",

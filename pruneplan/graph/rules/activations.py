@@ -81,9 +81,14 @@ class ElementwiseRule(FunctionRule):
                 return None
             args = call.node.args
             if call.name == "floordiv" and len(args) == 2 and call.dim(args[0]) is not None \
-                    and type(args[1]) is int and args[1] > 0:
+                    and type(args[1]) is int and args[1] > 0 and dims[0].mul == 1:
                 d = dims[0]  # a width divided by a literal (C // num_heads): kept exact
                 return Dim(d.roots, d.arr, d.since, d.div * args[1])
+            if call.name == "mul" and len(args) == 2 and len(dims) == 1 and dims[0].div == 1 \
+                    and sum(type(a) is int and a > 1 for a in args) == 1:
+                d = dims[0]  # a width times a literal (B * num_heads): the literal is kept
+                k = next(a for a in args if type(a) is int)
+                return Dim(d.roots, None, d.since, 1, d.mul * k)
             return Dim(tuple(sorted({r for d in dims for r in d.roots})))
         return super().propagate(call)
 

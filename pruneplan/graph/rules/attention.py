@@ -27,7 +27,7 @@ from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Lab, PView, reshape_groups, roots_of
 from pruneplan.graph.rules.base import Call, FunctionRule, builtin, iter_refs
 
-__all__ = ["MatmulRule", "SDPARule", "label_uniform_operands"]
+__all__ = ["MatmulRule", "SDPARule", "label_uniform_operands", "uniform_along"]
 
 
 def _on(lab: Any, shift: int) -> tuple[int, ...] | None:
@@ -152,6 +152,12 @@ def _layout_source(call: Call, node: Any, d: int) -> list[int] | None:
     return None
 
 
+def uniform_along(call: Call, ref: Any, d: int) -> bool:
+    """Whether the value ``ref`` holds the same values at every position of its axis ``d``,
+    by construction (built from constants by element-wise and layout operations)."""
+    return _uniform(call, ref, d, [])
+
+
 def _uniform(call: Call, ref: Any, d: int, chain: list[tuple[Ref, int]], depth: int = 0) -> bool:
     """Whether the value ``ref`` is the same at every position of its axis ``d``, by
     construction: built from constants by element-wise operations, every operand either
@@ -202,6 +208,18 @@ class SDPARule(FunctionRule):
         if nd < 3 or any(m is None or len(m) != nd for m in metas):
             call.block_all(f"they reach {call.where} without a head axis")
             return None
+        # channels on the sequence or head_dim axis of an operand (a key/value projection of
+        # multi-query attention whose outputs are the head_dim of the one key/value head
+        # shared by all query heads, timm's MultiQueryAttention2d) cannot go: they take part
+        # in every head's scores or outputs; those roots alone are left out
+        side = [r for i in infos if isinstance(i, Lab) and any(a >= nd - 2 for a in i.axes)
+                for r in i.roots]
+        if side:
+            call.block(sorted(set(side)), f"they reach {call.where} on the sequence or head_dim "
+                       "axis")
+            infos = [call.read(r) for r in refs]
+            if not any(isinstance(i, Lab) for i in infos):
+                return None
         # every axis before (sequence, head_dim) is a batch axis of the attention: the heads
         # are the one that carries labels (axis -3 for (B, heads, L, E); axis 1 of nested
         # blocks laid out (B, heads, T, L, E)), the same one for q, k and v

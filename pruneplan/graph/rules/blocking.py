@@ -15,7 +15,7 @@ __all__ = ["BlockModuleRule", "BlockRule"]
 
 BLOCKING_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer,
                   nn.Bilinear, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
-BLOCK_OPS = ("mm", "einsum", "baddbmm", "addmm", "addbmm",
+BLOCK_OPS = ("mm", "baddbmm", "addmm", "addbmm",
              "bilinear", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d", "multi_head_attention_forward",
              "outer", "cross", "kron", "cosine_similarity")
