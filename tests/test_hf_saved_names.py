@@ -139,6 +139,16 @@ def test_single_file_and_content_check_use_the_saved_names(tmp_path: Path) -> No
                             check_content="error")
     pruned = load_file(str(tmp_path / "p.safetensors"))
     assert pruned["vit.encoder.layer.0.attention.attention.query.weight"].shape == (24, 24)
+    # the same tensors through apply_to_state_dict (names kept) and load_pruned (a state dict)
+    source = load_file(str(tmp_path / "src" / "model.safetensors"))
+    sliced = pp.apply_to_state_dict(plan, source)
+    assert sorted(sliced) == sorted(pruned)
+    for key, value in pruned.items():
+        torch.testing.assert_close(sliced[key], value, rtol=0, atol=0, msg=key)
+    fresh = pp.load_pruned(vit(), plan, sliced)
+    pp.apply_plan(model, plan)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
     # the content check still sees a changed tensor under its saved name
     sd = load_file(str(tmp_path / "src" / "model.safetensors"))
     sd["vit.encoder.layer.1.output.dense.bias"] += 1
@@ -230,3 +240,27 @@ def test_converted_tensors_are_logged_not_recorded(caplog) -> None:
 
 def test_plain_models_have_no_saved_names() -> None:
     assert saved_names(torch.nn.Linear(2, 3)) == {}
+
+
+def test_compose_keeps_the_saved_names(tmp_path: Path) -> None:
+    """An MLP plan, then a plan of the pruned model's heads and hidden size: the composed plan
+    (relative to the original) carries the saved names and applies to the original folder as
+    the two plans do one after the other on the live model."""
+    model = vit()
+    by = {g.name: g for g in pp.prunable_groups(model, images())}
+    mlp = build_plan(model, [(by[f"vit.layers.{i}.mlp.fc1"], list(range(i, 64, 4))) for i in (0, 1)])
+    reference = vit()
+    model.save_pretrained(tmp_path / "src")
+    pp.apply_plan(reference, mlp)
+    by = {g.name: g for g in pp.prunable_groups(reference, images())}
+    rest = build_plan(reference, [(by["vit.embeddings.patch_embeddings.projection"], [1, 2, 3, 4, 5, 6, 7, 8]),
+                                  (by["vit.layers.0.attention.q_proj"], [0]),
+                                  (by["vit.layers.1.attention.q_proj"], [3])])
+    pp.apply_plan(reference, rest)
+    both = pp.compose([mlp, rest])
+    assert both.config.saved_names == mlp.config.saved_names == rest.config.saved_names
+    assert len(both.config.saved_names) == 32 and both.version == 3
+    pp.apply_to_checkpoint(both, tmp_path / "src", tmp_path / "out")
+    loaded = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images()).logits, reference(images()).logits, rtol=1e-6, atol=1e-6)

@@ -404,7 +404,7 @@ def load_pruned(
             if alias not in state and stored in state:
                 state[alias] = state[stored]
     else:
-        state = dict(weights)
+        state = to_plan_names(weights, saved_names_in(plan, weights, "weights"))
     from pruneplan.apply.model import apply_plan
 
     _check_pruned_state(model, plan, state, check_digest)

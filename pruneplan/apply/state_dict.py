@@ -6,7 +6,14 @@ from collections.abc import Mapping
 
 import torch
 
-from pruneplan.apply._slicing import check_fingerprint, keep_indices, slice_tensor
+from pruneplan.apply._slicing import (
+    check_fingerprint,
+    keep_indices,
+    saved_names_in,
+    slice_tensor,
+    to_file_names,
+    to_plan_names,
+)
 from pruneplan.plan import PrunePlan
 
 __all__ = ["apply_to_state_dict"]
@@ -17,13 +24,18 @@ def apply_to_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Return a new state dict with the plan's slices applied; the input is not modified.
 
-    Untouched tensors are passed through as the same objects.
+    Untouched tensors are passed through as the same objects. A state dict read from a
+    checkpoint that names tensors as ``save_pretrained`` stores them (``plan.config.saved_names``)
+    is checked under the state-dict keys and keeps its own names.
 
     Raises:
-        PlanMismatchError: a tensor is missing or has another shape than the plan expects.
+        PlanMismatchError: a tensor is missing or has another shape than the plan expects, or
+            the state dict mixes the two namings.
     """
-    check_fingerprint(plan, {k: v.shape for k, v in state_dict.items()}, "state dict", check_digest)
-    keeps = keep_indices(plan)
+    saved = saved_names_in(plan, state_dict, "state dict")
+    shapes = to_plan_names({k: v.shape for k, v in state_dict.items()}, saved)
+    check_fingerprint(plan, shapes, "state dict", check_digest)
+    keeps = to_file_names(keep_indices(plan), saved)
     return {
         k: slice_tensor(v, keeps[k]) if k in keeps else v for k, v in state_dict.items()
     }
