@@ -748,3 +748,38 @@ def test_query_heads_of_one_shared_key_value_head_on_its_head_dim_prune(tracer: 
         1, (4, 6, 1, 1), (6, 4, 1, 1))
     assert_equals_zeroing(model, pruned, plan, x)
     _replays(model, plan, pruned)
+
+
+class FlatPositions(nn.Module):
+    """qwen3_vit's ``resample_pos_embed_grid``: a flat table ``(1, 16, C)`` with ``C =
+    table.shape[-1]`` read before any operation uses the table, viewed as a 4 x 4 grid,
+    resized to 2 x 2 and flattened again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.pos = nn.Parameter(torch.randn(1, 16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = self.pos.shape[-1]
+        grid = self.pos.reshape(1, 4, 4, C).permute(0, 3, 1, 2)
+        pos = torch.nn.functional.interpolate(grid, size=(2, 2), mode="bilinear")
+        h = self.embed(x) + pos.permute(0, 2, 3, 1).reshape(1, 4, C)
+        return self.head(torch.relu(h).mean(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_a_table_sized_by_its_own_shape_prunes(tracer: str) -> None:
+    # C is the table's own width: it shrinks with the units that slice it. The recording
+    # tracer saw C as the number 8 (the table was read before any operation used it) and left
+    # embed out ("views parameter 'pos' with the size 8 ... written as a number").
+    model, x = FlatPositions().eval(), torch.randn(2, 4, 6)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.size) for g in groups] == [("embed", 8)]
+    assert ("pos", 2) in {(s.tensor, s.axis) for s in groups[0].slices}
+    plan = build_plan(model, [(groups[0], [0, 3])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert torch.equal(pruned.pos, model.pos[..., [1, 2, 4, 5, 6, 7]])
+    assert_equals_zeroing(model, pruned, plan, x)
+    _replays(model, plan, pruned)

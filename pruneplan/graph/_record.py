@@ -88,6 +88,8 @@ class _Builder:
         """``x.shape`` / ``x.size()`` / ``x.size(d)`` of a recorded tensor: a size node (and a
         getitem node per dim), the values returned as `SizeInt` bound to them."""
         x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and id(x) not in self.values and id(x) in self.states:
+            self.ref(x)  # a parameter or buffer read before any operation used it
         hit = self.values.get(id(x)) if isinstance(x, torch.Tensor) else None
         if hit is None or hit[0] is not x:
             return out
