@@ -67,6 +67,9 @@ class EinsumRule(FunctionRule):
             call.block_all(f"{call.where} sums over them")
             return None
         arrs = [lab.arr for _, lab in labelled]
+        if len({len(a) for a in arrs}) != 1:
+            call.block_all(f"{call.where} broadcasts them against each other")
+            return None
         arr = arrs[0] if len(arrs) == 1 else call.tie(arrs)
         if arr is None:
             return None
