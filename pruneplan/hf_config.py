@@ -54,8 +54,11 @@ __all__ = [
     "apply_config_edits",
     "config_edits",
     "config_role",
+    "get_value",
     "hidden_fits",
     "layer_widths",
+    "set_value",
+    "split_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ def _p(text: str, axis: int, div: int = 1) -> _Pattern:
 
 
 _HIDDEN = [
-    _p(r"^(?P<layer>(?:.+\.)?(?:embed_tokens|word_embeddings|wte|shared))\.weight$", 1),
+    _p(r"^(?P<layer>(?:.+\.)?(?:embed_tokens|word_embeddings|wte|embed_in|shared))\.weight$", 1),
     _p(r"^(?P<layer>(?:.+\.)?patch_embeddings\.projection)\.weight$", 0),
 ]
 _INTERMEDIATE = [
@@ -410,6 +413,39 @@ def _check_gqa(
             )
 
 
+_ELEMENT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<index>\d+)\]$")
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """``"hidden_sizes[1]"`` -> ``("hidden_sizes", 1)`` (one integer of a list-valued key, as
+    per-stage widths are held); ``"hidden_size"`` -> ``("hidden_size", None)``."""
+    m = _ELEMENT.match(key)
+    return (m.group("name"), int(m.group("index"))) if m else (key, None)
+
+
+def get_value(config: Any, key: str) -> Any:
+    """The value of ``key`` (``name`` or ``name[i]``) in a config mapping or object; ``None``
+    when absent."""
+    name, i = split_key(key)
+    v = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+    if i is None:
+        return v
+    return v[i] if isinstance(v, list | tuple) and i < len(v) else None
+
+
+def set_value(config: Any, key: str, value: Any) -> None:
+    """Set ``key`` (``name`` or ``name[i]``: a new list with element ``i`` replaced) in a config
+    mapping or object."""
+    name, i = split_key(key)
+    if i is not None:
+        old = config.get(name) if isinstance(config, Mapping) else getattr(config, name)
+        value = [value if j == i else e for j, e in enumerate(old)]
+    if isinstance(config, Mapping):
+        config[name] = value  # type: ignore[index]
+    else:
+        setattr(config, name, value)
+
+
 def apply_config_edits(config: Mapping[str, Any], edits: ConfigEdits, where: str = "config") -> dict:
     """A copy of ``config`` with the plan's changes; nothing is changed on error.
 
@@ -423,11 +459,11 @@ def apply_config_edits(config: Mapping[str, Any], edits: ConfigEdits, where: str
         raise ConfigError(f"{where} cannot express the pruned model: " + "; ".join(problems))
     out = copy.deepcopy(dict(config))
     for c in edits.changes:
-        current = out.get(c.key)
+        current = get_value(out, c.key)
         if _int(current) != c.before or (c.before is None and current is not None):
             raise PlanMismatchError(
                 f"{where}: {c.key} is {current!r}, the plan expects {c.before!r} (was the model "
                 "already pruned?)"
             )
-        out[c.key] = c.after
+        set_value(out, c.key, c.after)
     return out

@@ -1028,9 +1028,11 @@ def _select_ratio(
                                 f"{_hint(missing[0], groups)}")
         asked = sum(math.floor(per[g.name] * g.size + 1e-9) for g in present if _valid(per[g.name]))
         by_name = {g.name: g for g in present}
+        # the groups go along for their blocks: the query heads of grouped-query attention lose
+        # the same number from every key/value head
         return select_indices({n: table[n] for n in per}, {n: step(r, [by_name[n]]) for n, r in per.items()},
                               scope="layer", round_to=round_to, min_keep=min_keep,
-                              normalize=normalize), asked
+                              normalize=normalize, groups=present), asked
     out: dict[str, list[int]] = {}
     asked = 0
     by_kind: dict[str, list[GroupSpec]] = {}
@@ -1041,7 +1043,8 @@ def _select_ratio(
         if _valid(r):
             asked += math.floor(r * sum(g.size for g in members) + 1e-9)
         out.update(select_indices({g.name: table[g.name] for g in members}, step(r, members), scope="global",
-                                  round_to=round_to, min_keep=min_keep, normalize=normalize))
+                                  round_to=round_to, min_keep=min_keep, normalize=normalize,
+                                  groups=members))
     return out, asked
 
 

@@ -314,7 +314,10 @@ def hf_config_edits(model: nn.Module, plan: PrunePlan) -> ConfigEdits | None:
     """The config changes of ``plan`` for a model with a Hugging Face-style ``config``.
 
     Duck-typed: a model whose ``config`` has ``to_dict()`` (every `transformers` model); other
-    models give ``None``. See `pruneplan.hf_config.config_edits`.
+    models give ``None``. See `pruneplan.hf_config.config_edits`; the result is checked by
+    building the model the rewritten config describes (`pruneplan._hf_verify.verify_config`):
+    widths the name table misses are added when one config key holds them, and recorded as
+    unsupported (the plan is then refused on a checkpoint folder) when none does.
 
     Raises:
         ConfigError: the plan leaves grouped-query attention uneven (naming the layer).
@@ -323,8 +326,11 @@ def hf_config_edits(model: nn.Module, plan: PrunePlan) -> ConfigEdits | None:
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
         return None
+    from pruneplan._hf_verify import verify_config
+
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    return config_edits(to_dict(), shapes, plan, tied=tied_keys(model), saved_names=saved_names(model))
+    edits = config_edits(to_dict(), shapes, plan, tied=tied_keys(model), saved_names=saved_names(model))
+    return verify_config(model, plan, edits)
 
 
 def saved_names(model: nn.Module) -> dict[str, str]:

@@ -12,14 +12,16 @@ the same name that means something else is left alone.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from pruneplan._tied import tied_keys
 from pruneplan.errors import ConfigError, PlanMismatchError
-from pruneplan.hf_config import HIDDEN_KEYS, config_edits
+from pruneplan.hf_config import HIDDEN_KEYS, config_edits, get_value
 from pruneplan.plan import ConfigEdits, PrunePlan
 
 __all__ = ["config_changes", "hf_config_of", "stage_cached_sizes", "stage_model_dims"]
@@ -146,20 +148,31 @@ _MODEL_DIM = ("model_dim",)
 
 
 def stage_model_dims(model: nn.Module, config: Any, values: Mapping[str, int]
-                     ) -> list[tuple[nn.Module, str, int, str]]:
+                     ) -> list[tuple[nn.Module, str, Any, str]]:
     """(module, attribute, new value, module name) for the copies of the config's hidden size
-    that modules keep for their forward (T5's ``model_dim``, which scales the decoder output
-    by ``model_dim ** -0.5`` before a tied ``lm_head``: the pruned model uses the new size,
-    as a model built from the rewritten config does)."""
+    that modules keep for their forward, so that the pruned model computes what a model built
+    from the rewritten config computes: T5's ``model_dim`` (the decoder output is scaled by
+    ``model_dim ** -0.5`` before a tied ``lm_head``), and a scaled embedding's constant factor
+    ``sqrt(hidden size)`` (Gemma multiplies the embedding by it): a 0-dim buffer of an
+    ``nn.Embedding`` that the state dict does not hold and that equals the square root of the
+    hidden size before pruning becomes the square root of the new one (same dtype)."""
     key = next((k for k in HIDDEN_KEYS if k in values), None)
     before = _int(getattr(config, key, None)) if key is not None else None
     if before is None:
         return []
-    out = []
+    after = values[key]
+    out: list[tuple[nn.Module, str, Any, str]] = []
     for name, module in model.named_modules():
         for attr in _MODEL_DIM:
             if _int(getattr(module, attr, None)) == before:
-                out.append((module, attr, values[key], name))
+                out.append((module, attr, after, name))
+        if isinstance(module, nn.Embedding):
+            saved = set(module.state_dict())
+            for attr, buf in module.named_buffers(recurse=False):
+                if (buf is not None and buf.dim() == 0 and attr not in saved and buf.is_floating_point()
+                        and math.isclose(float(buf), before ** 0.5, rel_tol=1e-3)):
+                    out.append((module, attr, torch.tensor(after ** 0.5, dtype=buf.dtype,
+                                                           device=buf.device), name))
     return out
 
 
@@ -190,7 +203,7 @@ def config_changes(
     if edits is None:
         return config, {}, []
     for c in edits.changes:
-        current = getattr(config, c.key, None)
+        current = get_value(config, c.key)
         if _int(current) != c.before or (c.before is None and current is not None):
             raise PlanMismatchError(
                 f"model: config.{c.key} is {current!r}, the plan expects {c.before!r} "

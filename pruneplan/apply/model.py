@@ -15,6 +15,7 @@ from pruneplan.apply._slicing import check_fingerprint, keep_indices, kept_shape
 from pruneplan.apply.content import check_content as _check_content
 from pruneplan.apply.content import needs_content, weights_digest
 from pruneplan.errors import OptimizerStateError, PlanMismatchError, quote
+from pruneplan.hf_config import set_value
 from pruneplan.modules import PrunedMultiheadAttention, make_pruned, pruned_class
 from pruneplan.plan import PrunePlan
 
@@ -96,7 +97,7 @@ def apply_plan(
         for module, attr, value in staged.attrs:
             setattr(module, attr, value)
         for config, key, value in staged.config:
-            setattr(config, key, value)
+            set_value(config, key, value)
         for module, cls in staged.swaps:
             make_pruned(module, cls)
     for problem in staged.warnings:

@@ -32,7 +32,8 @@ from pruneplan.graph.rules.layers import (
 )
 from pruneplan.graph.spec import EditSpec, SliceSpec
 
-__all__ = ["ConvRule", "EmbeddingRule", "FunctionalLayerRule", "LinearMatmulRule", "LinearRule", "consume"]
+__all__ = ["ConvRule", "EmbeddingRule", "FunctionalEmbeddingRule", "FunctionalLayerRule", "LinearMatmulRule",
+           "LinearRule", "consume"]
 
 
 def consume(call: Call, lab: Lab, axis: int, m: nn.Module | None = None,
@@ -110,6 +111,38 @@ class EmbeddingRule(Rule):
         if isinstance(call.x, Lab):
             call.error("receives labelled indices", call.x)
         return call.root(-1, lambda: root_slices(name, m))
+
+
+class FunctionalEmbeddingRule(FunctionRule):
+    """``F.embedding(ids, weight)`` with the whole weight of an ``nn.Embedding`` of the model (a
+    subclass with its own ``forward`` that calls ``super().forward`` and scales the result, as
+    Gemma's scaled word embedding does, traced through): exactly that layer, a root on the
+    last axis. Any other weight blocks the roots whose channels reach it."""
+
+    def propagate(self, call: Call) -> Lab | None:
+        weight = call.read(call.arg(1, "weight"))
+        if isinstance(weight, PView) and weight.dims == (0, 1):
+            owner = _embedding_owner(call.model, weight.key)
+            if owner is not None:
+                path, m = owner
+                if isinstance(call.x, Lab):
+                    call.error("receives labelled indices", call.x)
+                return call.root(-1, lambda: root_slices(path, m), path, m)
+        return _BLOCK.propagate(call)
+
+
+def _embedding_owner(model: nn.Module, key: str) -> tuple[str, nn.Embedding] | None:
+    """The ``nn.Embedding`` whose weight is the parameter at ``key`` (the graph names a tied
+    parameter by one of its keys, ``lm_head.weight`` for a tied embedding), first in model
+    order; ``None`` when no embedding owns it."""
+    try:
+        p = model.get_parameter(key)
+    except AttributeError:
+        return None
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Embedding) and m.weight is p:
+            return name, m
+    return None
 
 
 _KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
@@ -238,3 +271,4 @@ builtin(names=("linear", "conv1d", "conv2d", "conv3d"), rule=FunctionalLayerRule
 builtin(names=("matmul",), rule=LinearMatmulRule())
 builtin([*CONV_TYPES, *CONV_TRANSPOSE_TYPES], rule=ConvRule())
 builtin([nn.Embedding], rule=EmbeddingRule())
+builtin(names=("embedding",), rule=FunctionalEmbeddingRule())
