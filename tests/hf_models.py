@@ -182,8 +182,6 @@ XFAIL: dict[str, tuple[str, str]] = {
                   "live, one tensor per expert in the folder): `pruneplan apply` on the saved "
                   "folder is refused (names and shapes differ); apply_plan + save_pretrained works"),
     "qwen3_moe": ("AssertionError", "as qwen2_moe: experts stored converted, the folder is refused"),
-    "gpt_neox": ("AssertionError", "fused query_key_value: the config table does not read its head "
-                 "count, so the hidden size is not fitted to the pruned heads: " + _REFUSED),
     "bloom": ("AssertionError", "Bloom's MLP is 4 * hidden_size, no config key: " + _REFUSED),
     "roberta": ("AssertionError", "the sequence classifier's hidden layer (classifier.dense) is "
                 "its own group, sized by hidden_size: " + _REFUSED),
