@@ -68,6 +68,36 @@ def test_fpgm_by_hand() -> None:
     np.testing.assert_allclose(metric(FPGMAttributionMetric, model).run("0"), expected)
 
 
+def test_fpgm_on_a_wide_layer_equals_numpy_pairwise_distances(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pruneplan.attributions import fpgm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1100, 260, bias=False))  # 260 x 1100: above the old loop's limit
+    with torch.no_grad():
+        w = model[0].weight
+        w.add_(3.0)  # far from the origin: the Gram form cancels most here
+        w[1] = w[0]  # identical rows: distance exactly 0
+        w[2] = w[0]
+        w[2, 0] += 1e-3  # a close pair: distance 1e-3 (to float32 rounding of w[0, 0] + 1e-3)
+        w[5] = w[7] * 1.5
+    # small blocks so that the test crosses blocks of rows and chunks of close pairs
+    monkeypatch.setattr(fpgm, "_BLOCK", 5000)
+    got = metric(FPGMAttributionMetric, model).run("0")
+    # independent reference: numpy, exact differences row by row in float64
+    a = w.detach().double().numpy()
+    dist = np.stack([np.sqrt(((a - a[i]) ** 2).sum(1)) for i in range(len(a))])
+    np.testing.assert_allclose(got, dist.sum(1), rtol=1e-12, atol=0)
+    assert dist[0, 1] == 0 and 0 < dist[0, 2] < 2e-3
+    # the close pair alone: rows 0 and 2 differ only in column 0
+    two = linear([a[0].tolist(), a[2].tolist()])
+    d02 = abs(a[2, 0] - a[0, 0])
+    assert metric(FPGMAttributionMetric, two).run("0").tolist() == [d02, d02]
+    # distance_sums directly, three blocks of one row: the same sums
+    monkeypatch.setattr(fpgm, "_BLOCK", 3)
+    rows = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]], dtype=torch.float64)
+    assert fpgm.distance_sums(rows).tolist() == [15.0, 10.0, 15.0]
+
+
 def test_lamp_by_hand_with_ties() -> None:
     model = linear([[1.0, 0.0], [2.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
     # v = ||w||^2 = 1, 4, 4, 9. Denominators sum v_j over v_j >= v_i: 18, 17, 17, 9

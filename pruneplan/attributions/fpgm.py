@@ -31,9 +31,48 @@ class FPGMAttributionMetric(AttributionMetric):
     uses_data = False
 
     def _static_scores(self, name: str, module: nn.Module) -> np.ndarray:
-        rows = unit_rows(name, module)
-        # exact pairwise distances (cdist's matrix-product path loses precision for close rows)
-        diff = rows[:, None, :] - rows[None, :, :] if rows.shape[0] * rows.numel() <= 2**26 else None
-        if diff is not None:
-            return diff.pow(2).sum(-1).sqrt().sum(1).numpy()
-        return torch.stack([(rows - r).pow(2).sum(1).sqrt().sum() for r in rows]).numpy()
+        return distance_sums(unit_rows(name, module)).numpy()
+
+
+#: a pair whose squared distance from the Gram form is below this fraction of the two centred
+#: squared norms is recomputed from its difference (the Gram form cancels for close rows)
+_CLOSE = 1e-3
+#: float64 elements of one block of the distance matrix or of the differences (32 MiB)
+_BLOCK = 2**22
+
+
+def distance_sums(rows: torch.Tensor) -> torch.Tensor:
+    """``(units,)`` float64: ``sum_j ||rows[i] - rows[j]||_2`` for every row ``i`` of a float64
+    ``(units, fan_in)`` matrix.
+
+    The squared distances come from the Gram matrix of the centred rows
+    (``|a|^2 + |b|^2 - 2 a.b``, one matrix product: distances do not change under a shift, and
+    centring makes the norms that cancel small), computed for the upper triangle in blocks of
+    rows so that memory stays at about ``_BLOCK`` elements whatever the width. The Gram form
+    loses precision where two rows are close (its rounding is relative to their norms, not
+    their distance), so every pair below ``_CLOSE`` of their norms, the diagonal included, is
+    recomputed exactly from the difference of the rows. ``d(i, j)`` and ``d(j, i)`` are the
+    same number, so symmetric units score the same.
+    """
+    n, k = rows.shape
+    out = torch.zeros(n, dtype=torch.float64)
+    if n == 0:
+        return out
+    c = rows - rows.mean(0)
+    sq = (c * c).sum(1)
+    step = max(1, _BLOCK // n)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        scale = sq[s:e, None] + sq[None, s:]
+        d2 = scale - 2 * (c[s:e] @ c[s:].T)  # (e - s, n - s): rows s:e against rows s:n
+        i, j = torch.nonzero(d2 <= _CLOSE * scale, as_tuple=True)
+        chunk = max(1, _BLOCK // max(k, 1))
+        for p in range(0, i.numel(), chunk):
+            ii, jj = i[p : p + chunk], j[p : p + chunk]
+            d2[ii, jj] = (rows[s + ii] - rows[s + jj]).pow(2).sum(1)
+        d = d2.clamp_min_(0).sqrt_()
+        tri = d[:, : e - s].triu(1)  # the diagonal block: its upper triangle mirrored
+        d[:, : e - s] = tri + tri.T
+        out[s:e] += d.sum(1)
+        out[e:] += d[:, e - s :].sum(0)
+    return out
