@@ -712,11 +712,13 @@ def plan_from_metric(
         PlanningError: bad ratio, target, n_steps, scope or option combination, an option the
             metric ignores, a pattern of ``layer_ratios`` or ``exclude`` that matches no
             prunable group (an ``exclude`` pattern may match a root discovery left out), a
-            kind ratio for a kind not in `pruneplan.plan.KINDS` or not in [0, 1), or
-            everything excluded.
+            kind ratio for a kind not in `pruneplan.plan.KINDS` or not in [0, 1),
+            everything excluded, or a model on the ``meta`` device (no data to score) with a
+            metric other than ``"random"`` (its plan then records no content digest).
         UnsupportedOperationError: discovery meets an operation it does not understand.
     """
     from pruneplan.apply import apply_plan, weights_digest
+    from pruneplan.apply.content import no_data_message, tensors_without_data
     from pruneplan.compose import compose
 
     params = check_metric_options(metric, data=data, criterion=criterion, seed=seed,
@@ -736,7 +738,13 @@ def plan_from_metric(
         raise PlanningError(f"n_steps must be a positive integer, got {n_steps!r}")
     if isinstance(exclude, str):
         exclude = [exclude]
-    scored_digest = weights_digest(model)
+    state = model.state_dict()
+    empty = tensors_without_data(state)
+    if empty and metric not in RANDOM_METRICS:
+        raise PlanningError(no_data_message("model", empty, len(state)) + f": metric {metric!r} "
+                            "scores the weights or the outputs they compute, so load the weights "
+                            "first (prunable_groups and the 'random' metric work on the meta device)")
+    scored_digest = None if empty else weights_digest(state)
     base = None
     if what is not None:
         from pruneplan.stats import count

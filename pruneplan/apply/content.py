@@ -26,14 +26,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pruneplan.errors import PlanError, PlanMismatchError, WeightsContentWarning, WeightsFileError
+from pruneplan.errors import PlanError, PlanMismatchError, WeightsContentWarning, WeightsFileError, quote
 from pruneplan.plan import PrunePlan
 
 if TYPE_CHECKING:  # torch is imported only to digest tensors, never for files
     import torch
     from torch import nn
 
-__all__ = ["CHECK_CONTENT", "check_content", "file_digest", "weights_digest"]
+__all__ = ["CHECK_CONTENT", "check_content", "file_digest", "no_data_message", "tensors_without_data",
+           "weights_digest"]
 
 CHUNK = 1 << 24  # bytes hashed at a time
 #: what to do when the weights' content differs from the scored weights
@@ -77,7 +78,8 @@ def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor] | str | Path)
 
     Raises:
         WeightsFileError: a file is missing, not safetensors, or truncated.
-        ValueError: a tensor has a dtype safetensors cannot store.
+        ValueError: a tensor has a dtype safetensors cannot store, or holds no data (on the
+            ``meta`` device).
     """
     if isinstance(weights, str | Path):
         return file_digest(weights)
@@ -97,8 +99,21 @@ def weights_digest(weights: nn.Module | Mapping[str, torch.Tensor] | str | Path)
             seen.add(alias)
         if t.dtype not in names:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which has no safetensors name")
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device: it holds no data to digest")
         lines.append((name, _line(name, names[t.dtype], t.shape, _tensor_chunks(t))))
     return _combine(lines)
+
+
+def tensors_without_data(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state`` whose tensors hold no data (on the ``meta`` device), in its order."""
+    return [name for name, t in state.items() if t.device.type == "meta"]
+
+
+def no_data_message(where: str, empty: list[str], total: int) -> str:
+    """``"<where>: N of its M tensors are on the meta device ('a.weight', ...) and hold no data"``."""
+    names = ", ".join(quote(n) for n in empty[:3]) + (", ..." if len(empty) > 3 else "")
+    return f"{where}: {len(empty)} of its {total} tensors are on the meta device ({names}) and hold no data"
 
 
 def _memory(t: torch.Tensor) -> tuple | None:

@@ -13,7 +13,7 @@ from torch import nn
 from pruneplan.apply._hf import config_changes, stage_cached_sizes, stage_model_dims
 from pruneplan.apply._slicing import check_fingerprint, keep_indices, kept_shape, slice_tensor
 from pruneplan.apply.content import check_content as _check_content
-from pruneplan.apply.content import needs_content, weights_digest
+from pruneplan.apply.content import needs_content, no_data_message, tensors_without_data, weights_digest
 from pruneplan.errors import OptimizerStateError, PlanMismatchError, quote
 from pruneplan.hf_config import set_value
 from pruneplan.modules import PrunedMultiheadAttention, make_pruned, pruned_class
@@ -66,12 +66,14 @@ def apply_plan(
     ``check_digest`` also compares the digest of all state-dict names and shapes. When the plan
     records the content digest of the weights its metric scored, ``check_content`` says what
     happens if the model's weights differ: ``"warn"`` (a `WeightsContentWarning`; the default),
-    ``"error"`` or ``"off"`` (skips hashing the weights).
+    ``"error"`` or ``"off"`` (skips hashing the weights). A model whose tensors hold no data (on
+    the ``meta`` device) cannot be compared: ``"warn"`` logs that the check is skipped and prunes
+    the shapes, ``"error"`` refuses.
 
     Raises:
         PlanMismatchError: shapes, module types or attribute values differ from the plan's,
             ``model`` is a ``DistributedDataParallel`` wrapper, or the weights' content differs
-            and ``check_content="error"``.
+            (or, on the ``meta`` device, cannot be read) and ``check_content="error"``.
         PlanError: ``check_content`` is not ``"warn"``, ``"error"`` or ``"off"``.
         OptimizerStateError: the optimizer holds state for a pruned parameter that is not
             shaped like the parameter.
@@ -85,7 +87,17 @@ def apply_plan(
     digest = plan.digest()  # everything that can fail runs before the first change
     staged = _stage(model, plan, optimizer, check_digest)
     if needs_content(plan, check_content):
-        _check_content(plan, weights_digest(model), "model", check_content)
+        state = model.state_dict()
+        empty = tensors_without_data(state)
+        if not empty:
+            _check_content(plan, weights_digest(state), "model", check_content)
+        else:  # a model on the meta device: shapes only
+            msg = (no_data_message("model", empty, len(state)) + ", so their content cannot be "
+                   "compared with the weights the plan was scored on")
+            if check_content == "error":
+                raise PlanMismatchError(msg + "; pass check_content='off' to prune the shapes alone")
+            log.warning("%s: the content check is skipped (check_content='off' skips it without "
+                        "this message)", msg)
     with torch.no_grad():
         for p, data, grad in staged.params:
             _replace_data(p, data)
