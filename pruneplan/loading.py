@@ -32,7 +32,7 @@ from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
 from pruneplan.planner import build_plan, execution_order
-from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, keep_parts, select_indices
+from pruneplan.select import _normalize, aggregate_scores, keep_count, keep_parts, select_indices
 
 __all__ = [
     "CRITERIA",
@@ -756,6 +756,7 @@ def plan_from_metric(
     units = 0
     selected_units = 0  # units the ratio selection kept to remove (after round_to/min_keep)
     fit_lost = 0  # units the config fit (same_count) gave back
+    shortfall: str | None = None  # why a target cannot be met (the most removable misses it)
     unscored: list[str] = []
     original: dict[str, int] = {}  # group -> unit count before the first step
     for step in range(1, n_steps + 1):
@@ -778,10 +779,12 @@ def plan_from_metric(
                               metric_params=params, max_batches=max_batches, progress=progress,
                               example_inputs=example_inputs)
         table = aggregate_scores(scores, groups)
+        sets = _count_sets(current, groups, same_count)
         if what is not None:
             goal = getattr(base, what) * (1 - goal_frac * step / n_steps)
-            removed = _select_target(current, example_inputs, groups, table, what, goal, round_to,
-                                     min_keep, normalize, order)
+            removed, short = _select_target(current, example_inputs, groups, table, what, goal,
+                                            round_to, min_keep, normalize, order, same_count)
+            shortfall = shortfall or short
         else:
             def step_ratio(r: float, members: Sequence[GroupSpec], step: int = step,
                            original: dict[str, int] = original) -> float:
@@ -795,15 +798,15 @@ def plan_from_metric(
                 return min(max(due, 0) / now, r) if now else 0.0
 
             removed, want = _select_ratio(groups, table, ratio or 0.0, scope, layer_ratios, kind_ratios,
-                                          round_to, min_keep, normalize, step_ratio)
+                                          round_to, min_keep, normalize, step_ratio, sets)
             if step == 1:
                 requested = want
                 unscored = [g.name for g in groups if g.name not in table]
-        selected = sum(len(v) for v in removed.values())
-        removed = _config_fit(current, groups, table, removed, same_count, round_to)
-        removed = keep_parts(removed, groups, table)  # no part of a split emptied
-        fit_lost += selected - sum(len(v) for v in removed.values())
-        selected_units += selected
+            selected = sum(len(v) for v in removed.values())
+            removed = _config_fit(current, groups, table, removed, same_count, round_to)
+            removed = keep_parts(removed, groups, table)  # no part of a split emptied
+            fit_lost += selected - sum(len(v) for v in removed.values())
+            selected_units += selected
         by_name = {g.name: g for g in groups}
         made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
         plans.append(made)
@@ -829,15 +832,17 @@ def plan_from_metric(
         assert base is not None and target is not None
         from pruneplan.stats import count
 
-        pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
+        with quiet_logs():  # a copy for counting: its warnings are the plan's, logged already
+            pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
         after = count(pruned, example_inputs, macs=what == "macs")
         achieved = 1 - getattr(after, what) / max(getattr(base, what), 1)
         selection["target"] = {what: goal_frac}
         selection["achieved"] = {what: round(achieved, 6)}
         if achieved + 1e-12 < goal_frac:
-            log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked (every removable unit "
-                        "is removed; lower min_keep/round_to or exclude fewer groups)", 100 * achieved,
-                        _WHAT[what], 100 * goal_frac)
+            cause = shortfall or ("the steps' re-scoring left less to remove" if n_steps > 1 else
+                                  "the plan the search chose misses it")
+            log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked: %s", 100 * achieved,
+                        _WHAT[what], 100 * goal_frac, cause)
         else:
             log.info("target met: removes %.2f%% of the %s (%.2f%% asked)", 100 * achieved, _WHAT[what],
                      100 * goal_frac)
@@ -1012,8 +1017,14 @@ def _select_ratio(
     groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray], ratio: float, scope: str,
     layer_ratios: Mapping[str, float] | None, kind_ratios: Mapping[str, float] | None, round_to: int,
     min_keep: int, normalize: str | None, step: Callable[[float, Sequence[GroupSpec]], float],
+    sets: Sequence[Sequence[str]] = (),
 ) -> tuple[dict[str, list[int]], int]:
-    """Indices per group by ratio, and the number of units asked for (before rounding/floors)."""
+    """Indices per group by ratio, and the number of units asked for (before rounding/floors).
+
+    The groups go to `select_indices` with their structure (a group's ``blocks``: the query
+    heads of grouped-query attention lose the same count, the lowest-scored, from every
+    key/value head) and ``sets`` (groups that must lose equal counts: ranked together with
+    ``scope="global"``)."""
     present = [g for g in groups if g.name in table]
     kinds = kind_ratios or {}
     unknown = sorted(set(kinds) - {_kind(g) for g in groups})
@@ -1040,7 +1051,7 @@ def _select_ratio(
         # the same number from every key/value head
         return select_indices({n: table[n] for n in per}, {n: step(r, [by_name[n]]) for n, r in per.items()},
                               scope="layer", round_to=round_to, min_keep=min_keep,
-                              normalize=normalize, groups=present), asked
+                              normalize=normalize, groups=present, same_count=sets), asked
     out: dict[str, list[int]] = {}
     asked = 0
     by_kind: dict[str, list[GroupSpec]] = {}
@@ -1050,9 +1061,10 @@ def _select_ratio(
         r = kinds.get(kind, ratio)
         if _valid(r):
             asked += math.floor(r * sum(g.size for g in members) + 1e-9)
+        names = {g.name for g in members}
         out.update(select_indices({g.name: table[g.name] for g in members}, step(r, members), scope="global",
                                   round_to=round_to, min_keep=min_keep, normalize=normalize,
-                                  groups=members))
+                                  groups=members, same_count=[[m for m in s if m in names] for s in sets]))
     return out, asked
 
 
@@ -1063,10 +1075,19 @@ def _valid(r: Any) -> bool:
 def _select_target(
     model: nn.Module, example_inputs: Any, groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray],
     what: str, goal: float, round_to: int, min_keep: int, normalize: str | None, order: Mapping[str, int],
-) -> dict[str, list[int]]:
-    """The smallest prefix of the global ranking whose plan leaves at most ``goal`` MACs/params."""
-    from pruneplan.apply import apply_plan
-    from pruneplan.select import _NORMS
+    same_count: Iterable[Iterable[str]] | str | None = None,
+) -> tuple[dict[str, list[int]], str | None]:
+    """The smallest prefix of the global ranking whose plan leaves at most ``goal`` MACs/params,
+    and, when even the whole ranking leaves more, why (else ``None``).
+
+    The ranking is in steps that keep the structure (`pruneplan.select.ranked_steps`: rounds over
+    the key/value heads for query heads, the groups of a ``same_count`` set together), and every
+    candidate is measured as it would be planned: rounded to ``round_to``, fitted to the config
+    (`_config_fit`: a hidden size the remaining heads divide) and with no part of a split
+    emptied, so the returned selection is the one that was measured. The candidates are planned
+    with logging silenced; only the returned selection's fit logs its warnings.
+    """
+    from pruneplan.select import _NORMS, _limits, _lowest_per_block, _pick, _whole_rounds, ranked_steps
     from pruneplan.stats import count
 
     norm = "none" if normalize is None else normalize
@@ -1074,50 +1095,109 @@ def _select_target(
         raise PlanningError(f"normalize must be one of {_NORMS} or None, got {normalize!r}")
     present = sorted((g for g in groups if g.name in table), key=lambda g: order.get(g.name, 0))
     normed = {g.name: _normalize(table[g.name], norm) for g in present}
-    score = np.concatenate([normed[g.name] for g in present]) if present else np.zeros(0)
-    gidx = np.concatenate([np.full(g.size, i) for i, g in enumerate(present)]) if present else np.zeros(0)
-    unit = np.concatenate([np.arange(g.size) for g in present]) if present else np.zeros(0)
-    ranking = np.lexsort((unit, gidx, score))
-    limit = [g.size - min(max(min_keep, 1), g.size) for g in present]
-    taken = [0] * len(present)
-    eligible = []  # group index of each removable unit, in ranking order
-    for i in ranking:
-        gi = int(gidx[i])
-        if taken[gi] < limit[gi]:
-            taken[gi] += 1
-            eligible.append(gi)
+    blocks = {g.name: g.blocks for g in present
+              if isinstance(getattr(g, "blocks", 1), int) and g.blocks > 1 and g.size % g.blocks == 0}
+    sets = _count_sets(model, present, same_count)
+    steps = ranked_steps(normed, blocks, sets, min_keep, rank=order)
     by_name = {g.name: g for g in present}
+    limits = {g.name: _limits(g) for g in present}
 
     def removed_for(k: int) -> dict[str, list[int]]:
-        counts = [0] * len(present)
-        for gi in eligible[:k]:
-            counts[gi] += 1
-        out = {}
-        for gi, g in enumerate(present):
-            n = g.size - keep_count(g.size, g.size - counts[gi], round_to, min_keep)
+        counts = dict.fromkeys(by_name, 0)
+        for members, _ in steps[:k]:
+            for m in members:
+                counts[m] += blocks.get(m, 1)
+        raw = {}
+        for g in present:
+            b = blocks.get(g.name, 1)
+            n = g.size - keep_count(g.size, g.size - counts[g.name], round_to, min_keep)
+            if b > 1:
+                n = _whole_rounds(g.size, n, b, round_to, min_keep)
             if n > 0:
-                out[g.name] = sorted(_lowest(normed[g.name], n).tolist())
-        return out
+                raw[g.name] = (_lowest_per_block(normed[g.name], n, b) if b > 1
+                               else _pick(normed[g.name], n, limits[g.name]))
+        fitted = _config_fit(model, present, table, raw, same_count, round_to)
+        return keep_parts(fitted, present, table)
+
+    measured: dict[int, int] = {}
 
     def left(k: int) -> int:
-        removed = removed_for(k)
-        if not removed:
-            return getattr(count(model, example_inputs, macs=what == "macs"), what)
-        plan = build_plan(model, [(by_name[n], v) for n, v in removed.items()], order=order)
-        pruned = apply_plan(copy.deepcopy(model), plan, check_content="off")
-        return getattr(count(pruned, example_inputs, macs=what == "macs"), what)
+        if k not in measured:
+            with quiet_logs():
+                removed = removed_for(k)
+                if removed:
+                    plan = build_plan(model, [(by_name[n], v) for n, v in removed.items()], order=order)
+                    pruned = apply_plan_copy(model, plan)
+                else:
+                    pruned = model
+                measured[k] = getattr(count(pruned, example_inputs, macs=what == "macs"), what)
+        return measured[k]
 
-    lo, hi = 0, len(eligible)
+    lo, hi = 0, len(steps)
     if left(hi) > goal:
-        return removed_for(hi)
-    while lo < hi:  # smallest k with left(k) <= goal; left is non-increasing in k
+        most = removed_for(hi)
+        fitted = bool(sets) or (same_count == "auto" and callable(
+            getattr(getattr(model, "config", None), "to_dict", None)))
+        return most, _unreachable(model, present, most, what, min_keep, round_to, fitted)
+    while lo < hi:  # smallest k with left(k) <= goal (left(k - 1) > goal once k > 0)
         mid = (lo + hi) // 2
         if left(mid) <= goal:
             hi = mid
         else:
             lo = mid + 1
-    log.info("target: %d of %d removable units in the ranking", lo, len(eligible))
-    return removed_for(lo)
+    log.info("target: %d of %d steps of the ranking (%d planned and measured)", lo, len(steps),
+             len(measured))
+    return removed_for(lo), None
+
+
+def apply_plan_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """A pruned deep copy of ``model`` (no weights-content check: only shapes matter)."""
+    from pruneplan.apply import apply_plan
+
+    return apply_plan(copy.deepcopy(model), plan, check_content="off")
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Silence the library's loggers below ERROR for the block (candidate plans of a search,
+    copies pruned for counting), restoring their level after."""
+    root = logging.getLogger("pruneplan")
+    was = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(was)
+
+
+def _unreachable(model: nn.Module, groups: Sequence[GroupSpec], removed: Mapping[str, Sequence[int]],
+                 what: str, min_keep: int, round_to: int, fitted: bool) -> str:
+    """Why the whole ranking misses a target: the floors the groups keep, and the parameters of
+    tensors no group slices."""
+    kept = sum(g.size - len(removed.get(g.name, ())) for g in groups)
+    floors = f"each group keeps at least min_keep={min_keep} unit(s), a multiple of round_to={round_to}"
+    if fitted:
+        floors += ", and the config fit keeps equal counts per layer and a hidden size the heads divide"
+    sliced = {s.tensor for g in groups for s in g.slices}
+    seen: set[int] = set()
+    outside = 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not any(n in sliced for n in _aliases(model, p)):
+            outside += p.numel()
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    where = (f"; {outside} of the {total} parameters ({100 * outside / max(total, 1):.1f}%) are in "
+             "tensors that no prunable group slices" if what == "params" and outside else "")
+    return (f"even removing every unit the selection may take ({floors}: {kept} of "
+            f"{sum(g.size for g in groups)} units kept) misses it{where}; lower min_keep/round_to, "
+            "exclude fewer groups or set a smaller target")
+
+
+def _aliases(model: nn.Module, p: torch.Tensor) -> list[str]:
+    """Every name under which ``model`` holds the parameter ``p`` (tied weights have several)."""
+    return [n for n, q in model.named_parameters(remove_duplicate=False) if q is p]
 
 
 def _config_fit(
@@ -1126,12 +1206,7 @@ def _config_fit(
     round_to: int = 1,
 ) -> dict[str, list[int]]:
     """Equal counts in ``same_count`` sets, whole rounds over GQA blocks, hidden % heads."""
-    if same_count == "auto":
-        sets = config_count_sets(model, groups)
-    elif isinstance(same_count, str):
-        raise PlanningError(f"same_count must be 'auto', None or sets of group names, got {same_count!r}")
-    else:
-        sets = [list(s) for s in same_count or ()]
+    sets = _count_sets(model, groups, same_count)
     counts = {n: len(v) for n, v in removed.items()}
     sizes = {g.name: g.size for g in groups}
     for members in sets:
@@ -1149,6 +1224,21 @@ def _config_fit(
         out = _hidden_multiple_of_heads(model, groups, table, out)
         out = _heads_fit_hidden(model, groups, table, out, round_to)
     return out
+
+
+def _count_sets(model: nn.Module, groups: Sequence[GroupSpec],
+                same_count: Iterable[Iterable[str]] | str | None) -> list[list[str]]:
+    """The sets of group names that lose equal counts: `config_count_sets` for ``"auto"``,
+    none for ``None``, else the sets given.
+
+    Raises:
+        PlanningError: ``same_count`` is another string.
+    """
+    if same_count == "auto":
+        return config_count_sets(model, groups)
+    if isinstance(same_count, str):
+        raise PlanningError(f"same_count must be 'auto', None or sets of group names, got {same_count!r}")
+    return [list(s) for s in same_count or ()]
 
 
 def config_count_sets(model: nn.Module, groups: Sequence[GroupSpec]) -> list[list[str]]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from pruneplan.errors import PlanningError
 
-__all__ = ["aggregate_scores", "keep_count", "keep_parts", "select_indices"]
+__all__ = ["aggregate_scores", "keep_count", "keep_parts", "ranked_steps", "select_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,11 @@ def select_indices(
       (floor(9.6) = 9 asked, 23 kept rounds up to 24), so 8 go, not 9.
     * ``scope="global"``: ``floor(ratio * total)`` units are asked for over all groups; they are
       taken in the order of the normalised scores (ties: lower group name, then lower unit
-      index), skipping a group once it is down to ``min_keep`` units. Then each group's kept
+      index), skipping a group once it is down to ``min_keep`` units. A group with ``blocks``
+      above 1 is ranked in rounds (the next lowest unit of every block, scored by their mean)
+      and the members of a ``same_count`` set together (a step of each, scored by their mean),
+      so that the structure is kept while ranking (`ranked_steps`); a step larger than the
+      units still asked for is passed over. Then each group's kept
       count is rounded up to a multiple of ``round_to`` as above, which can return units: the
       result may remove noticeably fewer than asked (`pruneplan.plan_from_metric` reports the
       requested and the achieved fraction and warns below 90%).
@@ -76,7 +80,9 @@ def select_indices(
         aggregate: ``"mean"``, ``"sum"`` or ``"max"`` over a group's members.
         same_count: sets of group names that must lose the same number of units (the layers
             of a model whose config holds one width for all of them): each set loses, in every
-            member, the smallest count any member would lose alone. Groups whose ``blocks``
+            member, the smallest count any member would lose alone (with ``scope="global"``
+            the set is ranked as one, see above, so its members are asked equal counts from the
+            start). Groups whose ``blocks``
             attribute is above 1 (the key/value heads of grouped-query attention: units come in
             that many equal contiguous blocks) lose the same number of units in every block:
             the count is lowered to whole rounds that keep a multiple of ``round_to``. An
@@ -107,6 +113,7 @@ def select_indices(
         groups = list(groups)  # read twice: members, then kinds and blocks
     table = aggregate_scores(scores, groups, aggregate)
     kinds, blocks = _structure(groups)
+    sets = [list(members) for members in same_count or ()]  # read twice: ranking, equal counts
     limits = {getattr(g, "name", None): _limits(g) for g in groups or ()
               if not isinstance(groups, Mapping)}
     if isinstance(ratio, Mapping):
@@ -121,7 +128,7 @@ def select_indices(
             raise PlanningError("scope='global' takes one ratio for all groups, not a mapping")
         _check_ratio(ratio, "ratio")
         normed = {name: _normalize(s, norm) for name, s in table.items()}
-        counts = _global_counts(normed, ratio, min_keep, round_to)
+        counts = _global_counts(normed, ratio, min_keep, round_to, blocks, sets)
     else:
         counts = {}
         for name, s in table.items():
@@ -133,7 +140,7 @@ def select_indices(
     for name, b in blocks.items():
         if name in counts and b > 1:
             counts[name] = _whole_rounds(table[name].size, counts[name], b, round_to, min_keep)
-    for members in same_count or ():
+    for members in sets:
         present = [m for m in dict.fromkeys(members) if m in table]
         if present:
             k = min(counts.get(m, 0) for m in present)
@@ -335,27 +342,78 @@ def _lowest(s: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-def _global_counts(normed: Mapping[str, np.ndarray], ratio: float, min_keep: int,
-                   round_to: int) -> dict[str, int]:
-    """How many units each group loses under one global ranking."""
+def ranked_steps(
+    normed: Mapping[str, np.ndarray],
+    blocks: Mapping[str, int] | None = None,
+    sets: Iterable[Iterable[str]] = (),
+    min_keep: int = 1,
+    rank: Mapping[str, int] | None = None,
+) -> list[tuple[tuple[str, ...], int]]:
+    """The global ranking in steps that keep the selection's structure, lowest score first.
+
+    A step removes one unit from a plain group; from a group with ``blocks[name] = b > 1``
+    (the query heads of grouped-query attention) one round, the next lowest-scored unit of
+    each of its ``b`` equal contiguous blocks; from the members of a set of ``sets`` (groups
+    that must lose equal counts) one such step of every member at once. A step's score is the
+    mean of the scores of the units it removes (``normed``: group name -> one score per unit,
+    already normalised per group); a group's steps come in its own order (within a block,
+    lowest score first), so any prefix of the ranking takes a prefix of every group's steps.
+    No step takes a group below ``min_keep`` units. Ties go to the lower ``rank`` (default: the
+    name order) of the set's first member, then the earlier step.
+
+    Returns:
+        ``(members, units)`` per step in ranking order: the groups that each lose one step and
+        the number of units the step removes in all. Raises nothing.
+    """
+    blocks = blocks or {}
     names = sorted(normed)
-    total = sum(normed[n].size for n in names)
-    target = math.floor(ratio * total + 1e-9)
-    if target == 0:
+    rank = rank if rank is not None else {n: i for i, n in enumerate(names)}
+    owner: set[str] = set()
+    clusters: list[tuple[str, ...]] = []
+    for members in sets:
+        present = tuple(m for m in dict.fromkeys(members) if m in normed and m not in owner)
+        if present:
+            clusters.append(present)
+            owner.update(present)
+    clusters += [(n,) for n in names if n not in owner]
+    scores, keys, steps = [], [], []
+    for members in clusters:
+        per_member = []
+        for m in members:
+            s, b = normed[m], max(blocks.get(m, 1), 1)
+            by_block = np.sort(s.reshape(b, s.size // b), axis=1)  # each block, lowest first
+            n = max(s.size - min(max(min_keep, 1), s.size), 0) // b
+            per_member.append(by_block.mean(axis=0)[:n])
+        n = min(len(p) for p in per_member)
+        mean = np.mean([p[:n] for p in per_member], axis=0) if n else np.zeros(0)
+        units = sum(max(blocks.get(m, 1), 1) for m in members)
+        first = min(rank.get(m, len(rank)) for m in members)
+        for j in range(n):
+            scores.append(float(mean[j]))
+            keys.append((first, j))
+            steps.append((members, units))
+    order = sorted(range(len(steps)), key=lambda i: (scores[i], keys[i]))
+    return [steps[i] for i in order]
+
+
+def _global_counts(normed: Mapping[str, np.ndarray], ratio: float, min_keep: int,
+                   round_to: int, blocks: Mapping[str, int] | None = None,
+                   sets: Iterable[Iterable[str]] = ()) -> dict[str, int]:
+    """How many units each group loses under one global ranking (`ranked_steps`): steps are
+    taken in order while they fit in ``floor(ratio * total)`` units (a step larger than what is
+    left is passed over), then kept counts are rounded up to a multiple of ``round_to``."""
+    blocks = blocks or {}
+    total = sum(s.size for s in normed.values())
+    left = math.floor(ratio * total + 1e-9)
+    if left == 0:
         return {}
-    score = np.concatenate([normed[n] for n in names])
-    gidx = np.concatenate([np.full(normed[n].size, i) for i, n in enumerate(names)])
-    unit = np.concatenate([np.arange(normed[n].size) for n in names])
-    order = np.lexsort((unit, gidx, score))
-    limit = [normed[n].size - min(max(min_keep, 1), normed[n].size) for n in names]
-    taken = [0] * len(names)
-    left = target
-    for i in order:
+    taken = dict.fromkeys(normed, 0)
+    for members, units in ranked_steps(normed, blocks, sets, min_keep):
         if left == 0:
             break
-        g = int(gidx[i])
-        if taken[g] < limit[g]:
-            taken[g] += 1
-            left -= 1
-    return {n: normed[n].size - keep_count(normed[n].size, normed[n].size - taken[i], round_to, min_keep)
-            for i, n in enumerate(names)}
+        if units <= left:
+            for m in members:
+                taken[m] += max(blocks.get(m, 1), 1)
+            left -= units
+    return {n: s.size - keep_count(s.size, s.size - taken[n], round_to, min_keep)
+            for n, s in normed.items()}

@@ -139,10 +139,15 @@ def test_select_ratio_per_kind_and_equal_counts() -> None:
         "a": [0], "b": [0], "h": [2, 3]}
     assert pp.select_indices(scores, {"channels": 0.25, "b": 0.5}, groups=groups) == {"a": [0], "b": [0, 1]}
     # global ranking without normalisation takes a's 3 units first (b keeps all); with equal
-    # counts both lose the smaller count
+    # counts the set is ranked as one: step j takes the j-th lowest unit of a and of b (2 units),
+    # so the 4 asked (0.5 of 8) are 2 steps, a's and b's two lowest (it used to take the
+    # smaller count afterwards, min(3, 1) = 1 each: 2 of the 4 asked)
     two = {"a": scores["a"], "b": scores["b"]}
     assert pp.select_indices(two, 0.5, scope="global", normalize=None, groups=groups[:2]) == {"a": [0, 1, 2], "b": [0]}
     assert pp.select_indices(two, 0.5, scope="global", normalize=None, groups=groups[:2],
+                             same_count=[["a", "b"]]) == {"a": [0, 1], "b": [0, 1]}
+    # 0.375 of 8 = 3: one step (2 units) fits, a second (2 more) does not: passed over
+    assert pp.select_indices(two, 0.375, scope="global", normalize=None, groups=groups[:2],
                              same_count=[["a", "b"]]) == {"a": [0], "b": [0]}
     with pytest.raises(pp.PlanningError, match="ratio given for 'mlp', which has no scores"):
         pp.select_indices(scores, {"mlp": 0.5}, groups=groups)

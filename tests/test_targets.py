@@ -229,3 +229,21 @@ def test_requested_line_of_a_plan_without_unit_counts() -> None:
     assert _requested_line(kinds) == (
         "requested channels=0.3, heads=0.25 (scope layer): 58 units after flooring per group (29.0% of the "
         "200 units of the groups considered); removed 40 (20.0%; round_to=1, min_keep=1)")
+
+
+def test_an_unreachable_params_target_names_the_floors_and_what_no_group_slices(caplog) -> None:
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    with caplog.at_level(logging.WARNING, logger="pruneplan"):
+        plan = pp.plan_from_metric(model, x, "weight_norm", target={"params": 0.99}, exclude=["7"])
+    # groups 0 (8 units) and 3 (12) keep one unit each. Parameters by hand: conv 0: 8*3*9 + 8,
+    # BN 16, conv 3: 12*8*9 + 12, BN 24, fc 7: 6*192 + 6, fc 9: 3*6 + 3: 224 + 16 + 876 + 24
+    # + 1158 + 21 = 2319. With group 7
+    # excluded, no group slices 7.bias (6), 9.weight (18) or 9.bias (3): 27
+    assert [g.size - len(g.removed) for g in plan.groups] == [1, 1]
+    achieved = plan.provenance.selection["achieved"]["params"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"target not met: removes {100 * achieved:.1f}% of the parameters, 99.0% asked: even removing "
+        "every unit the selection may take (each group keeps at least min_keep=1 unit(s), a multiple "
+        "of round_to=1: 2 of 20 units kept) misses it; 27 of the 2319 parameters (1.2%) are in "
+        "tensors that no prunable group slices; lower min_keep/round_to, exclude fewer groups or set "
+        "a smaller target"]
