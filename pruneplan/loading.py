@@ -667,9 +667,17 @@ def plan_from_metric(
     * ``target``: ``{"macs": f}`` or ``{"params": f}``: remove at least the fraction ``f`` of
       the model's MACs or parameters (as `pruneplan.count` measures them on ``example_inputs``).
       Units are removed in one global ranking (normalised per group with ``normalize``) until the
-      target is met: the smallest prefix of the ranking that meets it, found by bisection, so
-      the result overshoots by less than one unit (one block of ``round_to`` units). If even
-      removing every removable unit misses it, the plan removes them all and a warning says so.
+      target is met: the first prefix of the ranking that meets it, found by bisection on the
+      measured counts of the plans themselves (rounded to ``round_to`` and fitted to the config
+      as below, so the plan measured is the plan returned). The ranking is in steps that keep
+      the structure (`pruneplan.select.ranked_steps`): a unit; a round over the key/value heads
+      for query heads; with equal counts per layer, that step in every layer at once. The plan
+      one step shorter misses the target, so the result overshoots by less than what its last
+      step removes (with ``round_to``, a block; for a Hugging Face hidden size, the channels
+      the config fit adds with it). The candidates are planned with logging silenced: only the
+      returned plan's warnings are logged. If even the whole ranking misses the target, the
+      plan removes all of it and a warning says why (the floors each group keeps, and the
+      parameters of tensors no group slices).
 
     For a model with a Hugging Face ``config`` (``same_count="auto"``), the groups whose width
     the config holds once for all layers (MLP width, query heads, key/value heads: the
