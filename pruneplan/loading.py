@@ -528,7 +528,14 @@ def score_groups(
     for name, s in raw.items():
         s = np.asarray(s, dtype=np.float64).reshape(-1)
         g = owner[name]
-        if s.size != g.size:
+        spread = dict(getattr(g, "root_units", None) or ()).get(name)
+        if spread is not None:  # units tied unevenly: its own units, placed by aggregate_scores
+            own = sum(len(u) for u in spread)
+            if s.size != own:
+                log.warning("ignoring %s scores of %r: %d scores for its %d units", metric, name,
+                            s.size, own)
+                continue
+        elif s.size != g.size:
             units = _unit_positions(model, g, name, s.size)
             if units is None:
                 log.warning("ignoring %s scores of %r: %d scores for %d units", metric, name, s.size,

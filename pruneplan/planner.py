@@ -88,7 +88,10 @@ def plan_pruning(
         cascades: root name -> downstream modules to adjust, in order (original TorchPruner
             style). ``None`` discovers them automatically from the executed graph.
         couple: for discovered coupled groups, ``"error"`` refuses indices given for one
-            member only; ``"expand"`` applies them to every member.
+            member only; ``"expand"`` applies them to every member (a member holding only
+            some units of its group, a branch of a concatenation tied to a full width,
+            `GroupSpec.root_units`: its indices count its own units, and each removes the
+            group unit holding it).
         include_output: with discovery, also allow roots whose units are the model's output
             (the classifier); pruning them changes the output shape.
         on_unsupported: with discovery, as in `prunable_groups`: ``"error"`` raises
@@ -162,6 +165,11 @@ def _discovered(
             )
         if g.name in chosen:
             raise PlanningError(f"group {g.name!r} is given twice (as {key!r})")
+        spread = dict(g.root_units).get(key)
+        if spread is not None:  # units tied unevenly: the key's own units name the group's
+            own = normalize_indices(idx, sum(len(u) for u in spread), f"module {key!r}")
+            idx = [u for u, held in enumerate(spread) if set(held) & set(own)]
+            log.info("module %r: its units %s are units %s of group %r", key, own, idx, g.name)
         chosen[g.name] = (g, idx)
     for name, (g, _) in chosen.items():
         if g.alternative_to is not None and g.alternative_to in chosen:

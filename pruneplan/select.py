@@ -188,6 +188,8 @@ def aggregate_scores(
     if groups is None:
         return arrays
     members = _members(groups)
+    spreads = {} if isinstance(groups, Mapping) else {
+        getattr(g, "name", None): dict(getattr(g, "root_units", None) or ()) for g in groups}
     owner = {m: g for g, ms in members.items() for m in (g, *ms)}
     unknown = sorted(k for k in arrays if k not in owner)
     if unknown:
@@ -197,6 +199,12 @@ def aggregate_scores(
         present = [m for m in dict.fromkeys((g, *ms)) if m in arrays]
         if not present:
             continue
+        spread = spreads.get(g) or {}
+        if spread:
+            spread_scores = _spread(g, {m: arrays[m] for m in present}, spread, aggregate)
+            if spread_scores is not None:
+                out[g] = spread_scores
+            continue
         sizes = {arrays[m].size for m in present}
         if len(sizes) > 1:
             detail = ", ".join(f"{m!r}: {arrays[m].size}" for m in present)
@@ -204,6 +212,43 @@ def aggregate_scores(
         stack = np.stack([arrays[m] for m in present])
         out[g] = getattr(stack, aggregate)(axis=0)
     return out
+
+
+def _spread(group: str, arrays: Mapping[str, np.ndarray],
+            spread: Mapping[str, Sequence[Sequence[int]]], aggregate: str) -> np.ndarray | None:
+    """One score per unit of a group whose units are tied unevenly (`Group.root_units`):
+    a root listed in ``spread`` scores its own units, each group unit takes the mean of the
+    own units it holds; ``aggregate`` then combines, per group unit, the members that hold
+    it. ``None`` (logged) when some unit is held by no member with scores.
+
+    Raises:
+        PlanningError: a member's score count is not its own unit count (listed roots) or
+            not the group's (the others).
+    """
+    size = len(next(iter(spread.values())))
+    rows = []
+    for m, a in arrays.items():
+        units = spread.get(m)
+        if units is None:
+            if a.size != size:
+                raise PlanningError(f"group {group!r}: {m!r} has {a.size} scores for the "
+                                    f"group's {size} units")
+            rows.append(a)
+            continue
+        own = sum(len(u) for u in units)
+        if a.size != own:
+            raise PlanningError(f"group {group!r}: {m!r} has {a.size} scores for its {own} "
+                                "units")
+        rows.append(np.array([a[list(u)].mean() if len(u) else np.nan for u in units]))
+    stack = np.stack(rows)
+    held = ~np.isnan(stack)
+    missing = np.flatnonzero(~held.any(axis=0))
+    if missing.size:
+        log.warning("group %r keeps its units: no member with scores holds its unit %d",
+                    group, int(missing[0]))
+        return None
+    fill = {"mean": np.nanmean, "sum": np.nansum, "max": np.nanmax}[aggregate]
+    return np.asarray(fill(stack, axis=0), dtype=np.float64)
 
 
 def _structure(groups: Mapping[str, Sequence[str]] | Iterable[Any] | None) -> tuple[dict, dict]:

@@ -238,13 +238,23 @@ def params(model: nn.Module) -> int:
 
 def thirty_percent(groups: list, seed: int = 0) -> dict[str, list[int]]:
     """A seeded random ``floor(0.3 * size)`` units of every group (groups that would lose none
-    are left alone)."""
+    are left alone). Where that would remove every unit of one part of a group (an edit with
+    `EditSpec.amounts` taken to 0: a split part, a branch of a concatenation tied to a full
+    width), `pruneplan.select.keep_parts` swaps the units that would for other random ones,
+    as selection does."""
+    from pruneplan.select import keep_parts
+
     rng = np.random.default_rng(seed)
+    spare = np.random.default_rng(seed + 1)  # only for swaps: the other subsets stay as drawn
     out = {}
     for g in groups:
         k = int(RATIO * g.size)
         if k:
-            out[g.name] = sorted(int(i) for i in rng.choice(g.size, k, replace=False))
+            pick = sorted(int(i) for i in rng.choice(g.size, k, replace=False))
+            # the drawn units score lowest, the others at random above them
+            scores = k + spare.random(g.size)
+            scores[pick] = np.arange(k)
+            out[g.name] = sorted(keep_parts({g.name: pick}, [g], {g.name: scores})[g.name])
     return out
 
 

@@ -135,7 +135,7 @@ def test_unknown_op_on_a_pruned_path_is_an_error_naming_op_and_module(tracer: st
     assert [g.name for g in groups] == ["side"]
 
 
-def test_coupled_roots_of_different_sizes_tied_unevenly_are_left_out() -> None:
+def test_coupled_roots_of_different_sizes_tied_unevenly_form_one_group_of_the_widest() -> None:
     class Unequal(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -147,16 +147,16 @@ def test_coupled_roots_of_different_sizes_tied_unevenly_are_left_out() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # positions 0..3 hold unit u of both a (4 units) and c (8 units), positions 4..7
             # unit u of b and u + 4 of c: a unit of c goes with one of a or one of b, so a
-            # removal of k units cannot say how many channels a loses
+            # loses only the removed units among 0..3 (more in tests/test_uneven_ties.py)
             return self.head(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
 
     groups = prunable_groups(Unequal(), torch.randn(1, 3, 4, 4))
-    assert list(groups) == []
-    reasons = {lo.name: lo.reason for lo in groups.left_out}
-    assert reasons["a"] == (
-        "its units are tied unevenly (by add in <top level>): some sets of units that must go "
-        "together hold 0 units of 'a', others 1, which no unit count can express "
-        "(coupled with 'b', 'c')")
+    assert [(g.name, g.size, g.roots) for g in groups] == [("c", 8, ("c", "a", "b"))]
+    edits = {(e.module, e.attribute): e.amounts for e in groups[0].edits}
+    assert edits[("a", "out_channels")] == (1,) * 4 + (0,) * 4
+    assert edits[("b", "out_channels")] == (0,) * 4 + (1,) * 4
+    assert edits[("c", "out_channels")] is None
+    assert [lo.name for lo in groups.left_out] == ["head"]
 
 
 def test_member_of_coupled_group_needs_the_group_name_or_expand() -> None:

@@ -954,7 +954,9 @@ class Engine:
             reason = self.uf.blocked[rep][0] if rep in self.uf.blocked else None
             if reason is None:
                 try:
-                    blocks = self._blocks(rep, members, notes) if rep in self.uf.part else None
+                    blocks = None
+                    if rep in self.uf.part:
+                        members, blocks = self._blocks(rep, members, notes)
                     out.append(self.assemble(members, notes, blocks))
                     if blocks is None:
                         query_classes[out[-1].name] = members
@@ -989,36 +991,59 @@ class Engine:
                     out.alternatives.append(alt)
         return out
 
-    def _blocks(self, rep: int, members: list[int], notes: list[str]) -> dict[int, np.ndarray]:
+    def _blocks(self, rep: int, members: list[int], notes: list[str]
+                ) -> tuple[list[int], dict[int, Any]]:
         """For each root of a class whose units are tied: which of its units make each unit of
-        the group (``(group units, k)``); a `PlanningError` when the sets are uneven."""
+        the group, with the members reordered so that the group is named after its first.
+
+        Tied evenly (every set of tied units holds as many units of each root: grouped convs,
+        pixel shuffles), a root's entry is an array ``(group units, k)`` and the group's units
+        are the sets in the order of their smallest place. Tied unevenly (branches concatenated
+        and coupled to a full-width tensor, ``cat([conv1(x), conv2(x)]) + conv3(z)``: a set
+        holds one channel of ``conv3`` and one of ``conv1`` *or* ``conv2``), a root's entry is
+        a list holding, per group unit, the array of its units there (possibly empty); the
+        group's units are then numbered by the first member that holds the same number of units
+        in every set (``conv3``: unit ``u`` of the group is its channel ``u``), which names the
+        group. A `PlanningError` when every unit is tied to every other."""
         by = ", ".join(dict.fromkeys(notes[-3:])) or "their layers"
         part = self.uf.part[rep]
         reps, inverse = np.unique(part, return_inverse=True)
         inverse = inverse.reshape(-1)
-        if len(reps) == 1:
+        n = len(reps)
+        if n == 1:
             raise PlanningError(f"all of its units are tied together (by {by}), so none can be "
                                 "removed on its own")
-        out = {}
+        bids = {r: inverse[self.uf.places(r)] for r in members}
+        counts = {r: np.bincount(bids[r], minlength=n) for r in members}
+        if all(c.min() == c.max() for c in counts.values()):
+            return members, {r: np.argsort(bids[r], kind="stable").reshape(n, -1)
+                             for r in members}
+        # uneven: number the sets by the first root holding as many of its units in each
+        lead = next((r for r in members if counts[r].min() == counts[r].max()), None)
+        if lead is None:
+            order = np.arange(n)
+        else:
+            first_unit = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first_unit, bids[lead], np.arange(len(bids[lead])))
+            order = np.argsort(first_unit, kind="stable")
+            members = [lead] + [r for r in members if r != lead]
+        out: dict[int, Any] = {}
         for r in members:
-            bid = inverse[self.uf.places(r)]
-            counts = np.bincount(bid, minlength=len(reps))
-            if counts.min() != counts.max():
-                raise PlanningError(
-                    f"its units are tied unevenly (by {by}): some sets of units that must go "
-                    f"together hold {int(counts.min())} units of {self.roots[r].name!r}, others "
-                    f"{int(counts.max())}, which no unit count can express")
-            out[r] = np.argsort(bid, kind="stable").reshape(len(reps), -1)
-        return out
+            srt = np.argsort(bids[r], kind="stable")
+            ragged = np.split(srt, np.cumsum(counts[r])[:-1])
+            out[r] = [ragged[i] for i in order]
+        return members, out
 
     def assemble(self, members: list[int], notes: list[str],
-                 blocks: dict[int, np.ndarray] | None = None) -> Group:
+                 blocks: dict[int, Any] | None = None) -> Group:
         """One group from the roots of a class. ``blocks`` (from `_blocks`) lists, per root,
         the units that make each unit of the group when units are tied together; a
         `PlanningError` says why such a class cannot be a group after all."""
         first = self.roots[members[0]]
         size = first.size if blocks is None else len(blocks[members[0]])
-        parted = self.is_parted(members[0])  # units may own different amounts (split parts)
+        # units may own different amounts: parts of a split, or units tied unevenly
+        uneven = blocks is not None and not isinstance(blocks[members[0]], np.ndarray)
+        parted = uneven or self.is_parted(members[0])
         slices: dict[tuple[str, int], dict[Any, list[tuple[int, SliceSpec]]]] = {}
         edits: dict[tuple[str, str], dict[Any, list[tuple[int, EditSpec]]]] = {}
         drops: dict[str, DropoutSpec] = {}
@@ -1062,6 +1087,13 @@ class Engine:
             final_edits.append(merged_e.pop())
         heads = [self.heads[r] for r in members if r in self.heads]
         kind = "channels" if not heads else "query_groups" if max(heads) > 1 else "heads"
+        root_units: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
+        if uneven:
+            assert blocks is not None
+            root_units = tuple(
+                (self.roots[r].name, tuple(tuple(int(u) for u in b) for b in blocks[r]))
+                for r in members
+                if not all(len(b) == 1 and int(b[0]) == i for i, b in enumerate(blocks[r])))
         return Group(
             kind=kind,
             name=first.name,
@@ -1071,6 +1103,7 @@ class Engine:
             edits=tuple(final_edits),
             dropouts=tuple(drops[k] for k in sorted(drops)),
             notes=tuple(dict.fromkeys(f"coupled by {n}" for n in notes)),
+            root_units=root_units,
         )
 
     def _query_heads(self, qg: Group, members: list[int]) -> Group | None:
@@ -1136,22 +1169,24 @@ class Engine:
             alternative_to=qg.name,
         )
 
-    def _coarse_per(self, where: Any, r: int, e: EditSpec, blocks: dict[int, np.ndarray],
+    def _coarse_per(self, where: Any, r: int, e: EditSpec, blocks: dict[int, Any],
                     parted: bool) -> np.ndarray:
-        """How much ``e`` shrinks per unit of the group, each a set of root units (``blocks``);
-        unequal amounts only for a parted group (split parts), else a `PlanningError`."""
+        """How much ``e`` shrinks per unit of the group, each a set of root units (``blocks``:
+        an array ``(group units, k)``, or one array of root units per group unit when tied
+        unevenly); unequal amounts only for a parted group (split parts, uneven ties), else a
+        `PlanningError`."""
         blk = blocks[r]
         counts = self.partial.get((where, r)) if isinstance(where, int) else None
         if e.amounts is not None:
-            held = np.asarray(e.amounts, dtype=np.int64)[blk].sum(axis=1)
+            held = _block_sums(np.asarray(e.amounts, dtype=np.int64), blk)
         elif counts is None:
-            return np.full(len(blk), e.per_unit * blk.shape[1], dtype=np.int64)
+            held = _block_sums(np.full(self.roots[r].size, e.per_unit, dtype=np.int64), blk)
         else:
             # a partial stream: e.per_unit is per position of its widest unit
             widest = int(counts.max())
             if widest == 0:  # none of this root's units reach that call
                 return np.zeros(len(blk), dtype=np.int64)
-            held = counts[blk].sum(axis=1) * e.per_unit
+            held = _block_sums(counts * e.per_unit, blk)
             if (held % widest).any():
                 raise PlanningError(f"{e.module}.{e.attribute} would shrink by different "
                                     "amounts for different units")
@@ -1160,6 +1195,14 @@ class Engine:
             raise PlanningError(f"{e.module}.{e.attribute} would shrink by different amounts "
                                 "for different units")
         return held
+
+
+def _block_sums(values: np.ndarray, blk: Any) -> np.ndarray:
+    """Per group unit, the sum of ``values`` over the root units making it (``blk``: an array
+    ``(group units, k)`` or a list of arrays, one per group unit)."""
+    if isinstance(blk, np.ndarray):
+        return values[blk].sum(axis=1).astype(np.int64)
+    return np.array([int(values[b].sum()) for b in blk], dtype=np.int64)
 
 
 def _coarse_slice(specs: list[tuple[SliceSpec, np.ndarray]], parted: bool = False) -> SliceSpec:

@@ -91,6 +91,14 @@ class Group:
         alternative_to: for a group listed in `GroupList.alternatives`: the name of the
             group whose units it divides (the ``"query_groups"`` group of the same attention)
             and which it replaces; ``None`` for the groups of the list itself.
+        root_units: for units tied unevenly (branches concatenated and coupled to a
+            full-width tensor, ``cat([c1(x), c2(x)]) + c3(x)``: a unit is one channel of
+            ``c3`` and one of ``c1`` *or* ``c2``), each root whose own units are not the
+            group's one to one, with the indices of its own units that make each unit of the
+            group (``("c1", ((0,), (1,), (2,), (), ()))``: c1's 3 channels are units 0-2, it
+            holds none of units 3-4). Scores of such a root (one per own unit) are aggregated
+            onto the group's units that hold them (`pruneplan.aggregate_scores`). Empty for
+            every other group.
     """
 
     name: str
@@ -103,6 +111,7 @@ class Group:
     kind: str = "channels"
     blocks: int = 1
     alternative_to: str | None = None
+    root_units: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...] = ()
 
     @property
     def tensors(self) -> list[str]:
