@@ -92,6 +92,16 @@ def _candidates(config: Mapping[str, Any], original: Mapping[str, list[int]],
     return exact, divided
 
 
+def _heads_left(plan: PrunePlan, config: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """(config key, heads before, heads after) from the plan's head groups
+    (`pruneplan.hf_config.heads_left`) for a config holding one query-head count."""
+    from pruneplan.hf_config import HEADS_KEYS, heads_left
+
+    key = next((k for k in HEADS_KEYS if _int(config.get(k))), None)
+    left = heads_left(plan, config[key]) if key is not None else None
+    return None if left is None else (key, config[key], left)
+
+
 def _with(values: Mapping[str, Any], config: Mapping[str, Any], cands: Sequence[_Cand]) -> dict[str, Any]:
     """``values`` with the candidate changes made (a list key: a new list, one element set)."""
     out = dict(values)
@@ -105,21 +115,19 @@ def _with(values: Mapping[str, Any], config: Mapping[str, Any], cands: Sequence[
     return out
 
 
-def verify_config(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None) -> ConfigEdits | None:
-    """``edits`` checked against the model its config builds (module docstring): changes found
-    for widths the name table missed are added, widths no key describes go to
-    ``unsupported``. Returns ``edits`` unchanged when the model cannot be rebuilt or the plan
-    changes no tensor shape. Raises nothing."""
+def _verify(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None
+            ) -> tuple[ConfigEdits | None, dict[str, tuple[list[int], list[int] | None]]]:
+    """`verify_config`, and the tensors no key holds: key -> (pruned shape, built shape)."""
     config = getattr(model, "config", None)
     if not (callable(getattr(config, "to_dict", None))
             and callable(getattr(type(config), "from_dict", None))):
-        return edits
+        return edits, {}
     pruned = plan.pruned_shapes()
     if not any(pruned[k] != list(v) for k, v in plan.model.tensors.items()):
-        return edits
+        return edits, {}
     if edits is not None and (any(c.per_layer for c in edits.changes)
                               or any(_MISREAD not in u for u in edits.unsupported)):
-        return edits  # already refused, naming the layers and what works instead
+        return edits, {}  # already refused, naming the layers and what works instead
     original = {k: list(v.shape) for k, v in model.state_dict().items()}
     expected = {**original, **pruned}
     base = config.to_dict()
@@ -128,15 +136,23 @@ def verify_config(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None) 
     kept = [u for u in (edits.unsupported if edits is not None else []) if _MISREAD not in u]
     misread = [u for u in (edits.unsupported if edits is not None else []) if _MISREAD in u]
     values: dict[str, Any] = {c.key: c.after for c in changes if c.after is not None}
+    heads = _heads_left(plan, base)
+    if heads is not None:
+        key, before, after = heads
+        if values.get(key, before) != after:
+            # the tensors' shapes cannot tell 2 heads of 16 from 4 of 8: the head groups can
+            changes = [c for c in changes if c.key != key]
+            changes.append(ConfigChange(key=key, before=before, after=after))
+            values[key] = after
     changed: set[tuple[str, int | None]] = {(k, None) for k in values}
     got = _shapes_of(model, config, values)
     if isinstance(got, str):
         if not values:
             log.info("could not rebuild %s from its config (%s); config changes not verified",
                      type(model).__name__, got)
-            return edits
+            return edits, {}
         kept.append(f"a model built from the rewritten config fails: {got}")
-        return _edits(edits, changes, kept, base)
+        return _edits(edits, changes, kept, base), {}
     wrong = _wrong(expected, got)
     tries = 0
     while wrong and tries < _MAX_TRIES:
@@ -166,10 +182,12 @@ def verify_config(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None) 
                 break
         if not progress:
             break
-    if not wrong and edits is not None and not misread and len(changes) == len(edits.changes):
-        return edits
+    same = {(c.key, c.before, c.after) for c in changes} == {
+        (c.key, c.before, c.after) for c in (edits.changes if edits is not None else [])}
+    if not wrong and edits is not None and not misread and same:
+        return edits, {}
     if not wrong and edits is None and not changes:
-        return None
+        return None, {}
     if wrong:
         names = sorted(wrong)
         shown = "; ".join(f"{k} pruned to {expected[k]}, built {wrong[k]}" for k in names[:3])
@@ -180,7 +198,28 @@ def verify_config(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None) 
     elif misread:
         log.info("config widths found by rebuilding the model: %s",
                  ", ".join(f"{c.key}={c.after}" for c in changes))
-    return _edits(edits, changes, kept, base)
+    return _edits(edits, changes, kept, base), {k: (expected[k], wrong[k]) for k in wrong}
+
+
+def verify_config(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None) -> ConfigEdits | None:
+    """``edits`` checked against the model its config builds (module docstring): changes found
+    for widths the name table missed are added, widths no key describes go to
+    ``unsupported``. Returns ``edits`` unchanged when the model cannot be rebuilt or the plan
+    changes no tensor shape. Raises nothing."""
+    return _verify(model, plan, edits)[0]
+
+
+def misfits(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[list[int], list[int] | None]]:
+    """The tensors whose pruned shape no config key can give (`verify_config`): state-dict key
+    -> (pruned shape, the shape a model built from the rewritten config has). Empty for a model
+    without a Hugging Face config, or one the table already refuses for another reason."""
+    from pruneplan.hf_config import config_edits
+
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_dict", None)):
+        return {}
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return _verify(model, plan, config_edits(config.to_dict(), shapes, plan))[1]
 
 
 def _edits(edits: ConfigEdits | None, changes: Sequence[ConfigChange], unsupported: list[str],

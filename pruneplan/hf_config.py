@@ -55,6 +55,7 @@ __all__ = [
     "config_edits",
     "config_role",
     "get_value",
+    "heads_left",
     "hidden_fits",
     "layer_widths",
     "set_value",
@@ -276,6 +277,13 @@ def config_edits(
         new = uniform(heads_key, "query heads", heads_before, q)
         if new is not None:
             heads_after = new
+        elif not q and heads_before:
+            # no query projection under a name the table reads (DeBERTa's query_proj): the
+            # plan's head groups say how many query heads remain
+            left = heads_left(plan, heads_before)
+            if left is not None and left != heads_before:
+                changes.append(ConfigChange(key=heads_key, before=heads_before, after=left))
+                heads_after = left
         k = measure(_KEY, head_dim) if kv_key else {}
         if kv_key is not None:
             uniform(kv_key, "key/value heads", config.get(kv_key), k)
@@ -371,6 +379,20 @@ def _fused_heads(
             q[layer] = (nb // 3, na // 3)
             kv[layer] = (nb // 3, na // 3)
     return q, kv
+
+
+def heads_left(plan: PrunePlan, heads: int) -> int | None:
+    """The query heads the plan's head groups leave of ``heads``, when they all leave the same
+    count: a group of kind ``"heads"`` with ``heads`` units (a unit is a query head), or of kind
+    ``"query_groups"`` whose size divides ``heads`` (a unit is a key/value head with
+    ``heads / size`` query heads). ``None`` when no group says, or the groups disagree."""
+    left = set()
+    for g in plan.groups:
+        if g.kind == "heads" and g.size == heads:
+            left.add(heads - len(g.removed))
+        elif g.kind == "query_groups" and heads % g.size == 0:
+            left.add((g.size - len(g.removed)) * (heads // g.size))
+    return left.pop() if len(left) == 1 else None
 
 
 def _check_gqa(

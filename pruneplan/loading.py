@@ -824,6 +824,9 @@ def plan_from_metric(
             selected_units += selected
         by_name = {g.name: g for g in groups}
         made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
+        if same_count == "auto" and made.config is not None and made.config.unsupported:
+            made, lost = _fit_unheld(current, made, by_name, table, removed, order)
+            fit_lost += lost
         plans.append(made)
         if n_steps > 1:
             apply_plan(current, made, check_content="off")
@@ -1026,6 +1029,77 @@ def _hint(pattern: str, groups: Sequence[GroupSpec]) -> str:
 
 def _kind(g: GroupSpec) -> str:
     return getattr(g, "kind", None) or "channels"
+
+
+def _fit_unheld(
+    model: nn.Module, plan: PrunePlan, by_name: Mapping[str, GroupSpec], table: Mapping[str, np.ndarray],
+    removed: dict[str, list[int]], order: Mapping[str, int],
+) -> tuple[PrunePlan, int]:
+    """The plan made expressible by the model's config (a Hugging Face model,
+    ``same_count="auto"``), and the units this gave back.
+
+    Found by building the model the rewritten config describes (`pruneplan._hf_verify.misfits`).
+    Where that model has another length on a tensor axis that one group owns, the group is
+    given the count that makes the length the config builds, its lowest-scored units going (a
+    width derived from another: Bloom's MLP of ``4 * hidden_size``, a sequence classifier's
+    hidden layer sized by ``hidden_size``; never the hidden size itself, chosen with the heads);
+    where no such count exists, the group is left out;
+    where no group owns such an axis, the groups slicing those tensors are left out. Repeated
+    until the config holds the plan (or 4 rounds); every change is logged with a warning.
+    """
+    from pruneplan._hf_verify import misfits
+    from pruneplan.hf_config import config_role
+
+    removed = dict(removed)
+    before = sum(len(v) for v in removed.values())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # the hidden size is chosen with the heads (_hidden_multiple_of_heads): the other widths
+    # follow it, not the reverse
+    hidden = {n for n, g in by_name.items() if any(config_role(f"{r}.weight") == "hidden" for r in g.roots)}
+    owners: dict[tuple[str, int], list[str]] = {}
+    for name, g in by_name.items():
+        for s in g.slices:
+            owners.setdefault((s.tensor, s.axis), []).append(name)
+    for _ in range(4):
+        wrong = misfits(model, plan)
+        if not wrong:
+            break
+        fitted: dict[str, int] = {}
+        drop: list[str] = []
+        for t, (want, built) in sorted(wrong.items()):
+            for a in range(len(want)):
+                if built is not None and len(built) == len(want) and built[a] == want[a]:
+                    continue
+                names = owners.get((t, a), [])
+                if len(names) != 1 or names[0] in fitted or names[0] in drop or names[0] in hidden:
+                    continue
+                g = by_name[names[0]]
+                n = shapes[t][a]
+                per, rest = divmod(n, g.size)
+                k = (n - built[a]) // per if built is not None and len(built) == len(want) and not rest \
+                    and (n - built[a]) % per == 0 else -1
+                if 0 <= k < g.size and g.name in table:
+                    fitted[g.name] = k
+                else:
+                    drop.append(g.name)
+        if not fitted and not drop:
+            drop = [n for n in removed if any(s.tensor in wrong for s in by_name[n].slices)]
+        if not fitted and not drop:
+            break
+        for n, k in fitted.items():
+            removed[n] = sorted(int(u) for u in _lowest(table[n], k)) if k else []
+            log.warning("group %r loses %d units so that the model's config holds it (a model "
+                        "built from the rewritten config has that width)", n, k)
+        for n in drop:
+            removed.pop(n, None)
+        if drop:
+            t, (w, b) = next(iter(sorted(wrong.items())))
+            log.warning("left out of the plan: %s (no key of the model's config holds the width "
+                        "pruning %s would give, e.g. %s pruned to %s, a model built from the config "
+                        "has %s)", ", ".join(drop), "it" if len(drop) == 1 else "them", t, w, b)
+        removed = {k: v for k, v in removed.items() if v}
+        plan = build_plan(model, [(by_name[k], v) for k, v in removed.items()], order=order)
+    return plan, before - sum(len(v) for v in removed.values())
 
 
 def _select_ratio(
@@ -1275,6 +1349,14 @@ def config_count_sets(model: nn.Module, groups: Sequence[GroupSpec]) -> list[lis
     return [names for _, names in sorted(sets.items()) if len(names) > 1]
 
 
+def _query_heads_group(g: GroupSpec, heads: int) -> bool:
+    """Whether ``g`` is the query heads of an attention the config's head count describes: a
+    group of kind ``"heads"`` or ``"query_groups"`` whose size divides it (by kind, whatever
+    the projections are called: DeBERTa's ``query_proj``, a fused ``query_key_value``)."""
+    return (bool(g.roots) and getattr(g, "kind", "channels") in ("heads", "query_groups")
+            and heads % g.size == 0)
+
+
 def _heads_fit_hidden(
     model: nn.Module, groups: Sequence[GroupSpec], table: Mapping[str, np.ndarray],
     removed: dict[str, list[int]], round_to: int = 1,
@@ -1303,9 +1385,7 @@ def _heads_fit_hidden(
     if any(g.name in removed and any(config_role(f"{r}.weight") == "hidden" for r in g.roots)
            for g in groups):
         return removed  # the hidden size changes: fitted to the heads by _hidden_multiple_of_heads
-    head_groups = [g for g in groups if getattr(g, "kind", "channels") in ("heads", "query_groups")
-                   and g.roots and config_role(f"{g.roots[0]}.weight") == "heads"
-                   and heads % g.size == 0 and g.name in removed]
+    head_groups = [g for g in groups if _query_heads_group(g, heads) and g.name in removed]
     lost = {len(removed[g.name]) * (heads // g.size) for g in head_groups}
     if len(lost) != 1:
         return removed
@@ -1367,8 +1447,7 @@ def _hidden_multiple_of_heads(
         return removed
     lost = set()
     for g in groups:
-        if getattr(g, "kind", "channels") in ("heads", "query_groups") and g.roots \
-                and config_role(f"{g.roots[0]}.weight") == "heads" and heads % g.size == 0:
+        if _query_heads_group(g, heads):
             lost.add(len(removed.get(g.name, ())) * (heads // g.size))
     if len(lost) > 1:
         return removed

@@ -219,3 +219,56 @@ def test_a_heads_ratio_takes_the_same_count_from_every_key_value_head(scope: str
     pp.apply_plan(model, plan)
     assert [layer.self_attn.num_key_value_groups for layer in model.model.layers] == [1, 1]
     torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
+
+
+def roundtrip_cli(tmp_path: Path, model, plan, x) -> None:
+    """``pruneplan apply`` on the saved folder, ``from_pretrained`` of the result: clean, and
+    the live pruned model's logits exactly."""
+    result = cli_apply(tmp_path, model, plan)
+    assert result.exit_code == 0, result.output
+    pp.apply_plan(model, plan)
+    loaded, info = type(model).from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(loaded.eval(), *x), logits(model, *x), rtol=0, atol=0)
+
+
+def test_a_classifier_width_sized_by_the_hidden_size_follows_it(tmp_path: Path) -> None:
+    model = roberta()
+    x = (ids(),)
+    plan = pp.plan_from_metric(model, x[0], "weight_norm", {"channels": 0.3, "heads": 0.5})
+    removed = {g.name: len(g.removed) for g in plan.groups}
+    # 2 heads remain, so the hidden size is 2 * 16 (the config derives the head size); the
+    # classifier's hidden layer, 30% selected (19), loses 32 as well: its width is hidden_size
+    assert removed == {"roberta.embeddings.word_embeddings": 32,
+                       "roberta.encoder.layer.0.attention.self.query": 2,
+                       "roberta.encoder.layer.0.intermediate.dense": 38, "classifier.dense": 32}
+    assert [(c.key, c.before, c.after) for c in plan.config.changes] == [
+        ("hidden_size", 64, 32), ("intermediate_size", 128, 90), ("num_attention_heads", 4, 2)]
+    assert plan.config.problems() == []
+    roundtrip_cli(tmp_path, model, plan, x)
+
+
+def test_heads_under_a_name_the_table_does_not_read_are_counted_by_their_kind(tmp_path: Path) -> None:
+    cfg = transformers.DebertaV2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, vocab_size=V, max_position_embeddings=32,
+                                       num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForSequenceClassification(cfg).eval()
+    x = (ids(),)
+    groups = {g.name: g for g in pp.prunable_groups(model, x[0])}
+    heads = groups["deberta.encoder.layer.0.attention.self.query_proj"]
+    assert heads.kind == "heads" and heads.size == 4
+    # heads alone: the config derives the head size as hidden / heads, refused with the reason
+    alone = build_plan(model, [(heads, [0, 1])])
+    assert [(c.key, c.before, c.after) for c in alone.config.changes] == [("num_attention_heads", 4, 2)]
+    assert alone.config.problems()[0].startswith(
+        "num_attention_heads/hidden_size: the deberta-v2 config has no head_dim and derives the "
+        "head size as hidden_size / num_attention_heads = 64 / 2, but the pruned attention keeps "
+        "heads of 16")
+    # with the hidden size: 2 heads of 16 (the shapes alone would also fit 4 heads of 8, which
+    # from_pretrained would build, computing something else)
+    plan = pp.plan_from_metric(model, x[0], "weight_norm", {"channels": 0.3, "heads": 0.5})
+    assert [(c.key, c.before, c.after) for c in plan.config.changes] == [
+        ("hidden_size", 64, 32), ("intermediate_size", 128, 90), ("num_attention_heads", 4, 2),
+        ("pooler_hidden_size", 64, 32)]
+    roundtrip_cli(tmp_path, model, plan, x)
