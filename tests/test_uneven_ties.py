@@ -344,3 +344,42 @@ def test_uneven_plans_replay_on_a_state_dict_and_compose() -> None:
     sd = pp.apply_to_state_dict(compose([a, b]), model.state_dict())
     for k, v in twice.state_dict().items():
         assert torch.equal(sd[k], v), k
+
+
+class TwoPerUnit(nn.Module):
+    """``cat([c1 (4), c2 (2)]) + cat([c3, c3])``: c3's unit 0 meets c1's channels 0 and 3,
+    its units 1 and 2 meet c1's 1, 2 and c2's 0, 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 3, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.c3(x)
+        y = torch.cat([self.c1(x), self.c2(x)], 1) + torch.cat([t, t], 1)
+        return self.head(torch.relu(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_a_unit_may_hold_several_channels_of_a_branch(tracer: str) -> None:
+    torch.manual_seed(0)
+    model, x = TwoPerUnit().eval(), torch.randn(2, 3, 4, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    (g,) = groups
+    assert (g.name, g.size, g.roots) == ("c3", 3, ("c3", "c1", "c2"))
+    assert g.root_units == (("c1", ((0, 3), (1,), (2,))), ("c2", ((), (0,), (1,))))
+    edits = {(e.module, e.attribute): (e.before, e.per_unit, e.amounts) for e in g.edits}
+    assert edits == {("c1", "out_channels"): (4, 2, (2, 1, 1)), ("c2", "out_channels"): (2, 1, (0, 1, 1)),
+                     ("c3", "out_channels"): (3, 1, None), ("head", "in_channels"): (6, 2, None)}
+    # (c1, c2, c3, head input) channels left, by hand from the sets above
+    for removed, widths in (([0], (2, 2, 2, 4)), ([1], (3, 1, 2, 4)), ([2], (3, 1, 2, 4))):
+        plan = build_plan(model, [(g, removed)])
+        pruned = pp.apply_plan(copy.deepcopy(model), plan)
+        assert (pruned.c1.weight.shape[0], pruned.c2.weight.shape[0], pruned.c3.weight.shape[0],
+                pruned.head.weight.shape[1]) == widths
+        assert_equals_zeroing(model, pruned, plan, x)
+    # unit 0's c1 score is the mean of c1's channels 0 and 3: (1 + 3) / 2, with c3's 4: 3
+    table = aggregate_scores({"c3": [4.0, 0.0, 0.0], "c1": [1.0, 2.0, 2.0, 3.0],
+                              "c2": [4.0, 6.0]}, [g])
+    np.testing.assert_array_equal(table["c3"], [3.0, 2.0, 8 / 3])
