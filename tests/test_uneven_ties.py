@@ -20,6 +20,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_zoo import assert_equals_zeroing
 from torch import nn
 
@@ -322,7 +323,7 @@ def test_a_branch_named_with_expand_removes_the_units_holding_its_channels() -> 
         pp.plan_pruning(model, {"c2": [1]}, example_inputs=x)
 
 
-def test_uneven_plans_replay_on_a_state_dict_and_compose() -> None:
+def test_uneven_plans_replay_on_a_state_dict_and_files_and_compose(tmp_path) -> None:
     torch.manual_seed(0)
     model, x = _randomised(InceptionResNetLike()), torch.randn(2, 3, 5, 5)
     a = pp.plan_pruning(model, {"blocks.0.up": [1, 4, 8], "stem": [2]}, example_inputs=x)
@@ -332,6 +333,15 @@ def test_uneven_plans_replay_on_a_state_dict_and_compose() -> None:
     assert replayed.keys() == once.state_dict().keys()
     for k, v in once.state_dict().items():
         assert torch.equal(replayed[k], v), k
+    # the file applier, then a fresh model loaded into the pruned shape
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.st"))
+    pp.apply_to_safetensors(a, tmp_path / "w.st", tmp_path / "p.st")
+    on_disk = load_file(str(tmp_path / "p.st"))
+    for k, v in once.state_dict().items():
+        assert torch.equal(on_disk[k], v), k
+    loaded = pp.load_pruned(InceptionResNetLike().eval(), a, tmp_path / "p.st")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), once(x))
     # 6 units left: branch 0 holds 0, 2, 3 (originally 0, 2, 3), branch 1 holds 5, 6
     # (originally 5, 6), branch 2 holds 7: remove one of each branch
     assert [b[0].out_channels for b in once.mixed.branches] == [3, 2, 1]
