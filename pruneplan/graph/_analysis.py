@@ -183,6 +183,14 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         comp = new
 
 
+#: operations that read only the dtype, device or shape of a tensor argument (``x.to(self.w)``,
+#: ``torch.zeros_like(self.w)``): not a call reading the values of a parameter (`couple_shared`)
+_READS_NO_VALUES = frozenset({
+    "to", "type_as", "expand_as", "view_as", "reshape_as", "zeros_like", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like", "randint_like", "new_zeros", "new_ones", "new_empty",
+    "new_full", "new_tensor", "size", "dim", "numel"})
+
+
 class Engine:
     """Label propagation, coupling and assembly over one traced graph (see the module doc)."""
 
@@ -212,6 +220,7 @@ class Engine:
         #: units of one part (see `Call.parts`)
         self.parted: set[int] = set()
         self._users: dict[int, list[int]] | None = None  # node -> nodes reading it (`used`)
+        self.root_calls: dict[int, set[int]] = {}  # root -> calls that made it a root
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -691,6 +700,8 @@ class Engine:
         if name is None:
             name, module = node.target, node.module
         r = self._register(name, module, spec)
+        if r is not None:
+            self.root_calls.setdefault(r, set()).add(node.idx)
         if r is None or self.uf.is_blocked(r):
             return None
         return self.roots[r].labels
@@ -720,6 +731,7 @@ class Engine:
         r = self._register(name, module, spec)
         if r is None:
             return None
+        self.root_calls.setdefault(r, set()).add(node.idx)
         meta = node.meta
         if not isinstance(meta, torch.Size) or len(meta) < (-axis if axis < 0 else axis + 1):
             self.block([r], f"{node.where()} returns no batched tensor")
@@ -803,6 +815,7 @@ class Engine:
         axis with no units (``C // num_heads``) is checked on the groups (`_derived`).
         Parameters held under several state-dict keys are coupled first (`couple_tied`)."""
         self.couple_tied()
+        self.couple_shared()
         for check in self.later:
             check()
         for node, dim, lab, out, since in self.widths:
@@ -878,6 +891,133 @@ class Engine:
             for gi in editing - hit:
                 bad[gi] = why
         return bad
+
+    def couple_shared(self) -> None:
+        """One tensor axis read with channels by several calls (a module called more than once,
+        shared across branches or in depth; one parameter given to several functional calls; a
+        weight tied between modules): the units that the calls bring to it are coupled
+        position by position (unit ``i`` of one call's root with unit ``i`` of the other's), so
+        that one group owns each position and every call keeps its width.
+
+        Every call that reads the tensor must bring units to the same positions of that axis.
+        Where one does not (it brings channels no prunable layer owns, or units at other
+        positions), removing a position for the others would break it: every root involved is
+        left out, with a reason naming the calls. A root's own output side (``("root", r)``)
+        counts for each call that made it the root: those calls all bring its fresh units."""
+        alias = tied_keys(self.model)
+        # (tensor, axis) -> source -> [(root, slice)]; a source is a call (node index) or a
+        # root's output side
+        found: dict[tuple[str, int], dict[Any, list[tuple[int, SliceSpec]]]] = {}
+        for r, root in enumerate(self.roots):
+            for where, item in [*((("root", r), s) for s in root.slices), *self.effects[r]]:
+                if isinstance(item, SliceSpec) and item.modulo is None:
+                    key = alias.get(item.tensor, item.tensor)
+                    found.setdefault((key, item.axis), {}).setdefault(where, []).append((r, item))
+        uses = self._uses({key for key, _ in found}, alias)
+        shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
+        for (key, axis), by in sorted(found.items()):
+            calls = uses.get(key, [])
+            if len(by) == 1:
+                (where,) = by
+                covered = self.root_calls.get(where[1], set()) if isinstance(where, tuple) \
+                    else {where}
+                if covered.issuperset(calls):
+                    continue  # one source, and it is what every call reading the axis brings
+            if key not in shapes or axis >= len(shapes[key]):
+                continue
+            length = int(shapes[key][axis])
+            entries = self._shared_entries(by, calls, length)
+            if len(entries) < 2:
+                continue
+            arrs = [a for _, a in entries]
+            masks = [a >= 0 for a in arrs]
+            if all(np.array_equal(masks[0], m) for m in masks[1:]) and masks[0].any():
+                node = Node(-1, "param", f"shared tensor {key!r}")
+                base = arrs[0]
+                for a in arrs[1:]:
+                    base = self.couple(base, a, node)
+                continue
+            roots = sorted({r for a in arrs for r in roots_of(a)})
+            self.block(roots, self._shared_reason(key, axis, entries))
+
+    def _shared_entries(self, by: dict[Any, list[tuple[int, SliceSpec]]], calls: list[int],
+                        length: int) -> list[tuple[Node | None, np.ndarray]]:
+        """One label array per call reading a tensor axis (``None`` for a call that brings no
+        units: all ``-1``), in execution order; then sources at calls that do not read it."""
+
+        def labels(specs: list[tuple[int, SliceSpec]], arr: np.ndarray) -> None:
+            for r, sp in specs:
+                pos, units = _unit_positions(sp, self.roots[r].size)
+                keep = pos < length
+                arr[pos[keep]] = (np.int64(r) << SHIFT) | units[keep]
+
+        out: list[tuple[Node | None, np.ndarray]] = []
+        done: set[Any] = set()
+        for n in calls:
+            arr = np.full(length, -1, dtype=np.int64)
+            if n in by:
+                labels(by[n], arr)
+                done.add(n)
+            for where, specs in by.items():
+                if isinstance(where, tuple) and n in self.root_calls.get(where[1], ()):
+                    labels(specs, arr)
+                    done.add(where)
+            out.append((self.nodes[n], arr))
+        for where, specs in by.items():
+            if where not in done:
+                arr = np.full(length, -1, dtype=np.int64)
+                labels(specs, arr)
+                out.append((self.nodes[where] if isinstance(where, int) else None, arr))
+        return out
+
+    def _shared_reason(self, key: str, axis: int,
+                       entries: list[tuple[Node | None, np.ndarray]]) -> str:
+        """Why the calls reading ``key`` along ``axis`` cannot lose the same positions."""
+        nodes = [n for n, _ in entries if n is not None]
+        modules = {id(n.module) for n in nodes if n.kind == "module"}
+        if len(modules) == 1 and len(nodes) == len(entries) and all(n.kind == "module" for n in nodes):
+            subject = f"{nodes[0].where()} is called {len(entries)} times"
+        else:
+            shown = ", ".join(dict.fromkeys(n.where() for n in nodes)) or "its layer"
+            subject = f"{key!r} is read by {len(entries)} calls ({shown})"
+        parts = []
+        for i, (_, arr) in enumerate(entries):
+            rs = roots_of(arr)
+            if not rs:
+                what = "channels no prunable layer owns"
+            else:
+                what = "units of " + " and ".join(repr(self.roots[r].name) for r in rs)
+                held = int((arr >= 0).sum())
+                if held != len(arr):
+                    what += f" on {held} of its {len(arr)} positions"
+            parts.append(f"call {i + 1}: {what}")
+        return (f"{subject}, bringing different channels to {key!r} axis {axis} "
+                f"({'; '.join(parts)}), so no position can be removed for every call alike")
+
+    def _uses(self, keys: set[str], alias: dict[str, str]) -> dict[str, list[int]]:
+        """The calls that read each tensor of ``keys`` (state-dict keys, aliases folded onto
+        their first key), in execution order: calls of a module holding it, and operations
+        given it (or a view of it) as an argument, other than taking a view of it."""
+        out: dict[str, list[int]] = {}
+        local: dict[int, list[str]] = {}
+        for node in self.nodes:
+            hit: set[str] = set()
+            if node.kind == "module" and node.module is not None:
+                names = local.get(id(node.module))
+                if names is None:
+                    names = local[id(node.module)] = list(node.module.state_dict(keep_vars=True))
+                p = f"{node.target}." if node.target else ""
+                hit.update(alias.get(p + k, p + k) for k in names)
+            elif node.kind != "op" or isinstance(self.info[node.idx], PView) \
+                    or not tensorish(node.meta) or node.target in _READS_NO_VALUES:
+                continue
+            for ref in iter_refs((node.args, node.kwargs)):
+                v = self.info[ref.node]
+                if isinstance(v, PView):
+                    hit.add(alias.get(v.key, v.key))
+            for k in hit & keys:
+                out.setdefault(k, []).append(node.idx)
+        return out
 
     def couple_tied(self) -> None:
         """One parameter held under several state-dict keys (tied embeddings: T5's ``shared``,
@@ -981,6 +1121,9 @@ class Engine:
                     shown = ", ".join(repr(o) for o in others[:3])
                     why = f"{bad[gi]} (coupled with {shown}{more})" if others else bad[gi]
                     left.append((self.by_name[n], LeftOut(n, why)))
+        for gi, why in sorted(self._overlapping(out).items(), reverse=True):
+            g = out.pop(gi)
+            left += [(self.by_name[n], LeftOut(n, why)) for n in g.roots]
         out.left_out = [lo for _, lo in sorted(left, key=lambda t: t[0])]
         out.left_out += [LeftOut(n, why) for n, why in self.refused.items()
                          if n not in self.by_name]
@@ -990,6 +1133,40 @@ class Engine:
                 if alt is not None:
                     out.alternatives.append(alt)
         return out
+
+    def _overlapping(self, groups: list[Group]) -> dict[int, str]:
+        """Groups (by index) owning a position of a tensor axis that another group owns too
+        (under any key of a tied tensor), with the reason. Groups are disjoint on every
+        (tensor, axis) by contract (DESIGN), which `couple_shared` and the couplings ensure; a
+        group that would still share a position with another is left out rather than offered,
+        since removing its units would cut the other's tensors."""
+        alias = tied_keys(self.model)
+        shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
+        owner: dict[tuple[str, int], np.ndarray] = {}
+        bad: dict[int, str] = {}
+        for gi, g in enumerate(groups):
+            seen: set[tuple[str, int]] = set()
+            for sp in g.slices:
+                key = (alias.get(sp.tensor, sp.tensor), sp.axis)
+                if key in seen or key[0] not in shapes or sp.axis >= len(shapes[key[0]]):
+                    continue  # (another key of a tied tensor, sliced alike, by the same group)
+                seen.add(key)
+                length = int(shapes[key[0]][sp.axis])
+                pos, _ = _unit_positions(sp, g.size)
+                pos = pos % sp.modulo if sp.modulo is not None else pos
+                pos = pos[pos < length]
+                held = owner.setdefault(key, np.full(length, -1, dtype=np.int64))
+                clash = held[pos]
+                clash = clash[(clash >= 0) & (clash != gi)]
+                if clash.size:
+                    other = int(clash[0])
+                    p = int(pos[np.flatnonzero(held[pos] == other)[0]])
+                    for a, b in ((gi, other), (other, gi)):
+                        bad.setdefault(a, f"its units and those of group {groups[b].name!r} both "
+                                          f"own position {p} of tensor {key[0]!r} axis {key[1]}, "
+                                          "so removing either would cut the other's channels")
+                held[pos] = gi
+        return bad
 
     def _blocks(self, rep: int, members: list[int], notes: list[str]
                 ) -> tuple[list[int], dict[int, Any]]:
@@ -1203,6 +1380,18 @@ def _block_sums(values: np.ndarray, blk: Any) -> np.ndarray:
     if isinstance(blk, np.ndarray):
         return values[blk].sum(axis=1).astype(np.int64)
     return np.array([int(values[b].sum()) for b in blk], dtype=np.int64)
+
+
+def _unit_positions(sp: SliceSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every position ``sp`` gives the units of a root of ``size`` units, and the unit at each
+    (``modulo`` not applied)."""
+    if sp.positions is None:  # affine: unit u at offset + u * repeat + r + t * tile_stride
+        within = (np.arange(sp.tiles)[:, None] * sp.tile_stride
+                  + np.arange(sp.repeat)[None, :]).reshape(-1)
+        pos = (sp.offset + np.arange(size)[:, None] * sp.repeat + within[None, :]).reshape(-1)
+        return pos.astype(np.int64), np.repeat(np.arange(size), len(within))
+    pos = np.array([p for row in sp.positions for p in row], dtype=np.int64)
+    return pos, np.repeat(np.arange(len(sp.positions)), [len(row) for row in sp.positions])
 
 
 def _coarse_slice(specs: list[tuple[SliceSpec, np.ndarray]], parted: bool = False) -> SliceSpec:

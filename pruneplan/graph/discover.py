@@ -252,6 +252,11 @@ def _leave_out_vocabulary(model: nn.Module, modules: dict, groups: GroupList) ->
     for n, m in modules.items():
         if isinstance(m, nn.Embedding):
             vocab.setdefault(tied.get(f"{n}.weight", f"{n}.weight"), n)
+    def why(hit: str) -> str:
+        return (f"its units are the vocabulary rows of the tied embedding {hit!r}, which token ids "
+                "index: removing some would renumber the vocabulary (untie the weights to prune "
+                "the output vocabulary)")
+
     kept = []
     for g in groups:
         hit = next((vocab[tied.get(s.tensor, s.tensor)] for s in g.slices
@@ -259,12 +264,18 @@ def _leave_out_vocabulary(model: nn.Module, modules: dict, groups: GroupList) ->
         if hit is None:
             kept.append(g)
             continue
-        reason = (f"its units are the vocabulary rows of the tied embedding {hit!r}, which token ids "
-                  "index: removing some would renumber the vocabulary (untie the weights to prune "
-                  "the output vocabulary)")
+        reason = why(hit)
         log.warning("group %r left out: %s", g.name, reason)
         groups.left_out += [LeftOut(r, reason) for r in g.roots]
     groups[:] = kept
+    # a Linear whose own weight is the table (a tied lm_head) left out already, because the
+    # embedding's lookups read that table without channels (see the engine's `couple_shared`):
+    # the vocabulary is the reason a user can act on
+    for i, lo in enumerate(groups.left_out):
+        m = modules.get(lo.name)
+        key = f"{lo.name}.weight"
+        if isinstance(m, nn.Linear) and tied.get(key, key) in vocab:
+            groups.left_out[i] = LeftOut(lo.name, why(vocab[tied.get(key, key)]))
 
 
 def _owns_weight(m: nn.Module) -> bool:

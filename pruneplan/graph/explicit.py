@@ -133,12 +133,16 @@ def _check_readers(model: nn.Module, modules: dict, roots: Sequence[str],
     for root in roots:
         chain = set(cascades.get(root, ()))
         flowing: set[int] = set()
+        calls: dict[str, list[bool]] = {}  # cascade module -> reads the channels, per call
         for name, ins, out in events:
             if name == root:
                 if out != -1:
                     flowing.add(out)
                 continue
-            if not flowing.intersection(ins):
+            reads = bool(flowing.intersection(ins))
+            if name in chain:
+                calls.setdefault(name, []).append(reads)
+            if not reads:
                 continue
             m = modules[name]
             if name in chain:
@@ -156,6 +160,18 @@ def _check_readers(model: nn.Module, modules: dict, roots: Sequence[str],
                 )
             if out != -1:
                 flowing.add(out)
+        for name, seen in calls.items():
+            m = modules[name]
+            stateful = next(iter(m.parameters()), None) is not None or \
+                next(iter(m.buffers()), None) is not None
+            if stateful and any(seen) and not all(seen):
+                which = ", ".join(str(i + 1) for i, hit in enumerate(seen) if hit)
+                raise PlanningError(
+                    f"cascade of {root!r} lists module {name!r} ({type(m).__name__}), which the "
+                    f"probe pass sees called {len(seen)} times but reading the channels of "
+                    f"{root!r} only at call {which}: cutting its tensors for them would break the "
+                    "other calls (plan without cascades: discovery couples the roots of every "
+                    "call)")
 
 
 def _one(model: nn.Module, modules: dict, root: str, chain: list[str], shapes: dict) -> Group:
