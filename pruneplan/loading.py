@@ -1049,7 +1049,6 @@ def _fit_unheld(
     """
     from pruneplan._hf_verify import misfits
     from pruneplan.hf_config import config_role
-    from pruneplan.select import _lowest
 
     removed = dict(removed)
     before = sum(len(v) for v in removed.values())
