@@ -6,6 +6,7 @@ __all__ = [
     "AlreadyPrunedError",
     "ConfigError",
     "CoupledGroupError",
+    "ExamplePassError",
     "OptimizerStateError",
     "OutputFileError",
     "PlanError",
@@ -88,6 +89,12 @@ class PlanningError(PlanError):
 
 class UnsupportedOperationError(PlanningError):
     """An operation touches pruned channels in a way the library does not understand."""
+
+
+class ExamplePassError(PlanningError):
+    """The model's own forward pass fails on the example inputs given (wrong shape or dtype): the
+    message names the module where it failed and the inputs' shapes; the model's exception is
+    chained (``__cause__``)."""
 
 
 class CoupledGroupError(PlanningError):

@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from pruneplan.graph.probe import check_example_pass
+
 __all__ = ["ModelStats", "ModuleStats", "count"]
 
 
@@ -72,7 +74,8 @@ def count(model: nn.Module, example_inputs: Any, *, macs: bool = True) -> ModelS
         docstring for what is and is not counted).
 
     Raises:
-        Whatever ``model``'s forward pass raises on ``example_inputs``.
+        ExamplePassError: ``model``'s forward pass fails on ``example_inputs`` (naming the
+            module where it failed and the inputs' shapes).
     """
     by_module: dict[str, int] = {}
     total = 0
@@ -80,13 +83,21 @@ def count(model: nn.Module, example_inputs: Any, *, macs: bool = True) -> ModelS
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         flags = [(m, m.training) for m in model.modules()]
         counter = FlopCounterMode(display=False, depth=None)
+        failed = None
         try:
             model.eval()
             with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), counter:
                 model(*args)
+        except Exception as exc:
+            failed = exc
         finally:
+            if failed is not None:  # the model's own failure, or the counter's?
+                with torch.no_grad():
+                    check_example_pass(model, args)
             for m, t in flags:
                 m.training = t
+        if failed is not None:
+            raise failed
         total = int(counter.get_total_flops()) // 2
         prefix = type(model).__name__
         for key, ops in counter.get_flop_counts().items():

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from pruneplan._tied import tied_keys
-from pruneplan.errors import PlanningError, UnexecutedModuleError
+from pruneplan.errors import PlanError, PlanningError, UnexecutedModuleError
 from pruneplan.graph._analysis import analyze
 from pruneplan.graph._fx import trace_fx
 from pruneplan.graph._ir import Graph, Node, Ref
 from pruneplan.graph._record import trace_record
-from pruneplan.graph.probe import as_calls, as_inputs, frozen_mode, training_mode
+from pruneplan.graph.probe import as_calls, as_inputs, check_example_pass, frozen_mode, training_mode
 from pruneplan.graph.spec import Group, GroupList, LeftOut
 
 __all__ = ["build_graph", "build_graphs", "describe_groups", "left_out_summary", "merge_graphs",
@@ -49,7 +49,23 @@ def build_graph(model: nn.Module, example_inputs: Any, tracer: str = "auto") -> 
         return _trace(model, as_inputs(example_inputs), tracer)
 
 
-def _trace(model: nn.Module, inputs: tuple, tracer: str) -> Graph:
+def _trace(model: nn.Module, inputs: tuple, tracer: str, check: bool = True) -> Graph:
+    """Trace one call; with ``check``, when tracing fails and the model's own forward fails on
+    these inputs too, an `ExamplePassError` (naming the module and the inputs) instead of the
+    raw error."""
+    try:
+        return _trace_call(model, inputs, tracer)
+    except PlanError:
+        raise
+    except Exception as exc:
+        if not check:
+            raise
+        error = exc
+    check_example_pass(model, inputs)  # raises when the model itself does not run
+    raise error  # the model runs: the tracer's own failure
+
+
+def _trace_call(model: nn.Module, inputs: tuple, tracer: str) -> Graph:
     if tracer in ("auto", "fx"):
         try:
             return trace_fx(model, inputs)
@@ -86,7 +102,7 @@ def build_graphs(model: nn.Module, example_inputs: Any, tracer: str = "auto",
         for call in calls:
             with training_mode(model):
                 try:
-                    graphs.append(_trace(model, call, tracer))
+                    graphs.append(_trace(model, call, tracer, check=False))
                 except Exception as exc:  # the model's own training forward failed
                     log.warning("the training-mode pass of %s failed (%s: %s); only the eval-mode "
                                 "passes are used", type(model).__name__, type(exc).__name__, exc)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ExampleInputs", "as_calls", "as_inputs", "frozen_mode", "probe_shapes", "training_mode"]
+__all__ = ["ExampleInputs", "as_calls", "as_inputs", "check_example_pass", "describe_inputs", "frozen_mode",
+           "probe_shapes", "training_mode"]
 
 
 class ExampleInputs:
@@ -55,6 +56,63 @@ def as_inputs(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, tuple | list):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+def describe_inputs(args: tuple) -> str:
+    """``"[1, 4, 64, 64] float32"`` for each argument (a tensor's shape and dtype, else its type
+    name), joined by ``", "``."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}")
+        else:
+            parts.append(type(a).__name__)
+    return ", ".join(parts) or "no arguments"
+
+
+def check_example_pass(model: nn.Module, args: tuple, what: str = "example inputs") -> None:
+    """Run ``model(*args)`` once, plainly (the caller sets the mode and grad); when the model's
+    own forward raises, raise an `ExamplePassError` naming the innermost module that was running
+    and the inputs, chained to the model's exception. Returns ``None`` when the pass succeeds
+    (then a failure seen elsewhere was not the model's).
+
+    Raises:
+        ExamplePassError: the model's forward raises on ``args``.
+    """
+    from pruneplan.errors import ExamplePassError, quote
+
+    running: list[tuple[str, nn.Module]] = []
+    handles = []
+
+    def pre(name: str):
+        def hook(m: nn.Module, _args: tuple) -> None:
+            running.append((name, m))
+        return hook
+
+    def post(m: nn.Module, _args: tuple, _out: object) -> None:
+        if running and running[-1][1] is m:
+            running.pop()
+
+    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_pre_hook(pre(name)))
+                handles.append(m.register_forward_hook(post))
+        try:
+            model(*args)
+            return
+        except Exception as exc:
+            failed = exc
+    finally:
+        for h in handles:
+            h.remove()
+    where = f"in module {quote(running[-1][0])} ({type(running[-1][1]).__name__}) of " if running else "in "
+    text = "; ".join(line.strip() for line in str(failed).splitlines() if line.strip())
+    text = text if len(text) <= 300 else text[:300] + "..."
+    raise ExamplePassError(
+        f"the example pass failed {where}{type(model).__name__} on the {what} given "
+        f"({describe_inputs(args)}): {type(failed).__name__}: {text}"
+    ) from failed
 
 
 class frozen_mode:
