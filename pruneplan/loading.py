@@ -681,10 +681,13 @@ def plan_from_metric(
       for query heads; with equal counts per layer, that step in every layer at once. The plan
       one step shorter misses the target, so the result overshoots by less than what its last
       step removes (with ``round_to``, a block; for a Hugging Face hidden size, the channels
-      the config fit adds with it). The candidates are planned with logging silenced: only the
-      returned plan's warnings are logged. If even the whole ranking misses the target, the
-      plan removes all of it and a warning says why (the floors each group keeps, and the
-      parameters of tensors no group slices).
+      the config fit adds with it). When the step that crosses the target removes more than
+      the later steps of the other groups would need to, it is passed over for them (as a
+      ratio's ranking passes over a step larger than what is left; up to 3 times), so that a
+      coarse step does not set the overshoot where finer ones meet the target. The candidates
+      are planned with logging silenced: only the returned plan's warnings are logged. If even
+      the whole ranking misses the target, the plan removes all of it and a warning says why
+      (the floors each group keeps, and the parameters of tensors no group slices).
 
     For a model with a Hugging Face ``config`` (``same_count="auto"``), the groups whose width
     the config holds once for all layers (MLP width, query heads, key/value heads: the
@@ -1174,7 +1177,9 @@ def _select_target(
     candidate is measured as it would be planned: rounded to ``round_to``, fitted to the config
     (`_config_fit`: a hidden size the remaining heads divide) and with no part of a split
     emptied, so the returned selection is the one that was measured. The candidates are planned
-    with logging silenced; only the returned selection's fit logs its warnings.
+    with logging silenced; only the returned selection's fit logs its warnings. A crossing step
+    (the last of the first prefix that meets the goal) is passed over, up to ``_PASSES`` times,
+    when the steps after it, without those of its groups, meet the goal removing less.
     """
     from pruneplan.select import _NORMS, _limits, _lowest_per_block, _pick, _whole_rounds, ranked_steps
     from pruneplan.stats import count
@@ -1191,11 +1196,15 @@ def _select_target(
     by_name = {g.name: g for g in present}
     limits = {g.name: _limits(g) for g in present}
 
-    def removed_for(k: int) -> dict[str, list[int]]:
+    def counted(chosen: Sequence[tuple[tuple[str, ...], int]]) -> dict[str, int]:
         counts = dict.fromkeys(by_name, 0)
-        for members, _ in steps[:k]:
+        for members, _ in chosen:
             for m in members:
                 counts[m] += blocks.get(m, 1)
+        return counts
+
+    def removed_for(chosen: Sequence[tuple[tuple[str, ...], int]]) -> dict[str, list[int]]:
+        counts = counted(chosen)
         raw = {}
         for g in present:
             b = blocks.get(g.name, 1)
@@ -1208,35 +1217,64 @@ def _select_target(
         fitted = _config_fit(model, present, table, raw, same_count, round_to)
         return keep_parts(fitted, present, table)
 
-    measured: dict[int, int] = {}
+    measured: dict[tuple[int, ...], int] = {}
 
-    def left(k: int) -> int:
-        if k not in measured:
+    def left(chosen: Sequence[tuple[tuple[str, ...], int]]) -> int:
+        key = tuple(counted(chosen).values())  # the selection depends on the counts only
+        if key not in measured:
             with quiet_logs():
-                removed = removed_for(k)
+                removed = removed_for(chosen)
                 if removed:
                     plan = build_plan(model, [(by_name[n], v) for n, v in removed.items()], order=order)
                     pruned = apply_plan_copy(model, plan)
                 else:
                     pruned = model
-                measured[k] = getattr(count(pruned, example_inputs, macs=what == "macs"), what)
-        return measured[k]
+                measured[key] = getattr(count(pruned, example_inputs, macs=what == "macs"), what)
+        return measured[key]
 
-    lo, hi = 0, len(steps)
-    if left(hi) > goal:
-        most = removed_for(hi)
+    def first(base: list, more: list) -> int:
+        """The smallest ``m`` with ``base + more[:m]`` meeting the goal (``more`` whole does);
+        ``base + more[:m - 1]`` misses it once ``m > 0``."""
+        lo, hi = 0, len(more)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if left(base + more[:mid]) <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    if left(steps) > goal:
+        most = removed_for(steps)
         fitted = bool(sets) or (same_count == "auto" and callable(
             getattr(getattr(model, "config", None), "to_dict", None)))
         return most, _unreachable(model, present, most, what, min_keep, round_to, fitted)
-    while lo < hi:  # smallest k with left(k) <= goal (left(k - 1) > goal once k > 0)
-        mid = (lo + hi) // 2
-        if left(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    log.info("target: %d of %d steps of the ranking (%d planned and measured)", lo, len(steps),
+    k = first([], steps)
+    chosen, pending = steps[:k], steps
+    passed: list[tuple[str, ...]] = []
+    while k > 0 and len(passed) < _PASSES:
+        # the step that crosses the goal may remove much more than needed (a hidden size that
+        # must stay a multiple of the heads moves by a whole multiple): pass it over, as a
+        # ratio's ranking passes over a step larger than what is left, and take the following
+        # steps of the other groups instead when that meets the goal removing less
+        crossing = pending[k - 1][0]
+        base, rest = pending[:k - 1], [st for st in pending[k:] if st[0] != crossing]
+        if not rest or left(base + rest) > goal:
+            break
+        m = first(base, rest)
+        if left(base + rest[:m]) <= left(chosen):
+            break
+        chosen, pending, k = base + rest[:m], base + rest, len(base) + m
+        passed.append(crossing)
+    if passed:
+        log.info("target: passed over %d steps of the ranking that crossed the goal removing more "
+                 "than needed (of %s)", len(passed), ", ".join(sorted({n for c in passed for n in c})))
+    log.info("target: %d of %d steps of the ranking (%d plans measured)", len(chosen), len(steps),
              len(measured))
-    return removed_for(lo), None
+    return removed_for(chosen), None
+
+
+_PASSES = 3  # crossing steps a target search may pass over, each a bisection of its own
 
 
 def apply_plan_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -1246,17 +1284,26 @@ def apply_plan_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
     return apply_plan(copy.deepcopy(model), plan, check_content="off")
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def quiet_logs() -> Iterator[None]:
-    """Silence the library's loggers below ERROR for the block (candidate plans of a search,
-    copies pruned for counting), restoring their level after."""
-    root = logging.getLogger("pruneplan")
-    was = root.level
-    root.setLevel(logging.ERROR)
+    """Drop the records below ERROR of the library's loggers (``pruneplan`` and every
+    ``pruneplan.*``, whatever level each is set to) for the block: candidate plans of a search,
+    copies pruned for counting. The loggers are as before afterwards. Raises nothing."""
+    names = ["pruneplan", *(n for n in list(logging.Logger.manager.loggerDict) if n.startswith("pruneplan."))]
+    loggers = [logging.getLogger(n) for n in names]
+    quiet = _BelowError()
+    for lg in loggers:
+        lg.addFilter(quiet)
     try:
         yield
     finally:
-        root.setLevel(was)
+        for lg in loggers:
+            lg.removeFilter(quiet)
 
 
 def _unreachable(model: nn.Module, groups: Sequence[GroupSpec], removed: Mapping[str, Sequence[int]],

@@ -198,6 +198,14 @@ def test_params_target_is_met_with_the_config_fit(metric: str, caplog) -> None:
     left = _params(pp.apply_plan(copy.deepcopy(model), plan), x)
     assert left <= 0.7 * TOTAL  # met (was 0.275 with lp_norm, 0.204 with activation)
     assert 0.7 * TOTAL - left < STEP  # by less than one step of the ranking
+    # by hand, a Llama of hidden h and MLP m with 8 query / 2 key-value heads of 8 keeps
+    # 96h (embedding) + 2 * (64h + 2 * 16h + 64h + 3mh + 2h) + h = 421h + 6mh parameters
+    # (h = 64, m = 128: 76096). The plan keeps the MLP one unit narrower than it could: one MLP
+    # step fewer (m + 1 in both layers) misses the target, the overshoot is below 6h
+    h = 64 - len(plan.group("model.embed_tokens").removed)
+    m = 128 - len(plan.group("model.layers.0.mlp.gate_proj").removed)
+    assert h % 8 == 0 and left == 421 * h + 6 * m * h
+    assert 421 * h + 6 * (m + 1) * h > 0.7 * TOTAL
     assert plan.provenance.selection["achieved"] == {"params": round(1 - left / TOTAL, 6)}
     # the config holds the result: equal MLP widths, hidden a multiple of the heads
     assert plan.config.problems() == []
@@ -239,3 +247,21 @@ def test_an_unreachable_target_names_its_cause(caplog) -> None:
         "a smaller target"]
     assert [g.size - len(g.removed) for g in plan.groups] == [4, 1, 1, 1, 1]
     assert plan.config.problems() == []
+
+
+def test_quiet_logs_silences_every_library_logger_and_restores_them(caplog) -> None:
+    from pruneplan.loading import quiet_logs
+
+    child = logging.getLogger("pruneplan.planner")
+    child.setLevel(logging.DEBUG)  # a level of its own: a parent's level would not silence it
+    try:
+        with caplog.at_level(logging.DEBUG, logger="pruneplan"), quiet_logs():
+            child.warning("candidate")
+            logging.getLogger("pruneplan").info("candidate")
+            child.error("kept")
+        with caplog.at_level(logging.DEBUG, logger="pruneplan"):
+            child.warning("after")
+    finally:
+        child.setLevel(logging.NOTSET)
+    assert [r.getMessage() for r in caplog.records] == ["kept", "after"]
+    assert child.filters == [] and logging.getLogger("pruneplan").filters == []
