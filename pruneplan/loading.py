@@ -32,7 +32,7 @@ from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
 from pruneplan.planner import build_plan, execution_order
-from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, keep_parts, select_indices
+from pruneplan.select import _normalize, aggregate_scores, keep_count, keep_parts, select_indices
 
 __all__ = [
     "CRITERIA",
@@ -1226,6 +1226,8 @@ def _select_target(
                 removed = removed_for(chosen)
                 if removed:
                     plan = build_plan(model, [(by_name[n], v) for n, v in removed.items()], order=order)
+                    if same_count == "auto" and plan.config is not None and plan.config.unsupported:
+                        plan, _ = _fit_unheld(model, plan, by_name, table, removed, order)  # as returned
                     pruned = apply_plan_copy(model, plan)
                 else:
                     pruned = model
