@@ -32,7 +32,7 @@ from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
 from pruneplan.planner import build_plan, execution_order
-from pruneplan.select import _normalize, aggregate_scores, keep_count, keep_parts, select_indices
+from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, keep_parts, select_indices
 
 __all__ = [
     "CRITERIA",
