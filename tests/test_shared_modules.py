@@ -381,3 +381,79 @@ def test_a_cascade_through_a_module_called_again_is_refused(model, root: str, re
         f"reading the channels of 'a' only at call {reading}: cutting its tensors for them would "
         "break the other calls (plan without cascades: discovery couples the roots of every call)")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- one parameter broadcast over two streams -------------------------------------------------
+
+
+class SharedScale(nn.Module):
+    """``h(a(x) * g) + k(b(x) * g)``: one per-channel scale ``g`` applied to two streams."""
+
+    def __init__(self, second_from_input: bool = False) -> None:
+        super().__init__()
+        self.second_from_input = second_from_input
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(4, 8)
+        self.g = nn.Parameter(torch.randn(8))
+        self.h = nn.Linear(8, 2)
+        self.k = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.h(self.a(x) * self.g)
+        other = x.repeat(1, 2) if self.second_from_input else self.b(x)
+        return first + self.k(other * self.g)
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_scale_shared_by_two_streams_couples_them(tracer: str) -> None:
+    # g[i] scales a's channel i and b's channel i: removing g[i] removes both (was: groups a
+    # and b each slicing g, a plan of either cut the other's scale)
+    model, x = SharedScale().eval(), torch.randn(3, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.roots) for g in groups] == [("a", ("a", "b"))]
+    assert _layout(groups[0])[0] == {("a.weight", 0), ("a.bias", 0), ("b.weight", 0),
+                                     ("b.bias", 0), ("g", 0), ("h.weight", 1), ("k.weight", 1)}
+    _random_subsets_apply(model, x, groups)
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_scale_also_applied_to_channels_no_layer_owns_leaves_the_root_out(tracer: str) -> None:
+    model, x = SharedScale(second_from_input=True).eval(), torch.randn(3, 4)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert list(groups) == []
+    assert groups.left_out[0] == LeftOut(
+        "a", "'g' is read by 2 calls (operation 'mul' in module '<top level>'), bringing different "
+        "channels to 'g' axis 0 (call 1: units of 'a'; call 2: channels no prunable layer owns), so "
+        "no position can be removed for every call alike")
+
+
+class TwoNames(nn.Module):
+    """One conv held as ``c`` and ``d``, called once under each name on two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.d = self.c
+        self.h = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(torch.relu(self.c(self.a(x))) * self.d(self.b(x)))
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_module_held_under_two_names_couples_its_calls(tracer: str) -> None:
+    # its columns: a's units (call as c) with b's (call as d), under both state-dict keys;
+    # its rows (one root, both calls) with both keys and h's columns
+    model, x = TwoNames().eval(), torch.randn(2, 3, 5, 5)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.roots) for g in groups] == [("a", ("a", "b")), ("c", ("c",))]
+    assert _layout(groups[0])[0] == {("a.weight", 0), ("a.bias", 0), ("b.weight", 0),
+                                     ("b.bias", 0), ("c.weight", 1), ("d.weight", 1)}
+    assert _layout(groups[1])[0] == {("c.weight", 0), ("c.bias", 0), ("d.weight", 0),
+                                     ("d.bias", 0), ("h.weight", 1)}
+    _random_subsets_apply(model, x, groups)
+    plan = pp.plan_pruning(model, {"a": [1, 3], "c": [0]}, example_inputs=x)
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.d is pruned.c and pruned.c.weight.shape == (5, 6, 1, 1)
