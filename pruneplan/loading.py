@@ -826,14 +826,17 @@ def plan_from_metric(
             fit_lost += selected - sum(len(v) for v in removed.values())
             selected_units += selected
         by_name = {g.name: g for g in groups}
-        made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
+        # a step plan's config problems are not the result's: told once, for the composed plan
+        with quiet_logs() if n_steps > 1 else contextlib.nullcontext():
+            made = build_plan(current, [(by_name[k], v) for k, v in removed.items()], order=order)
         if same_count == "auto" and made.config is not None and made.config.unsupported:
             made, lost = _fit_unheld(current, made, by_name, table, removed, order)
             fit_lost += lost
         plans.append(made)
         if n_steps > 1:
-            apply_plan(current, made, check_content="off")
-    plan = plans[0] if n_steps == 1 else compose(plans)
+            with quiet_logs():
+                apply_plan(current, made, check_content="off")
+    plan = plans[0] if n_steps == 1 else _config_of_composed(model, compose(plans))
 
     crit = criterion if isinstance(criterion, str) or criterion is None else getattr(
         criterion, "__name__", "callable")
@@ -1274,6 +1277,27 @@ def _select_target(
     log.info("target: %d of %d steps of the ranking (%d plans measured)", len(chosen), len(steps),
              len(measured))
     return removed_for(chosen), None
+
+
+def _config_of_composed(model: nn.Module, plan: PrunePlan) -> PrunePlan:
+    """``plan`` (the composed step plans) with its config part measured on ``model`` as one
+    plan's is (the steps' parts carry the problems of intermediate models, whose configs could
+    not say their widths), its problems logged once as `build_plan` logs them.
+
+    Raises:
+        ConfigError: the plan leaves grouped-query attention uneven.
+    """
+    from pruneplan.plan import required_version
+    from pruneplan.planner import hf_config_edits
+
+    config = hf_config_edits(model, plan)
+    if config is None:
+        return plan
+    for problem in config.problems():
+        log.warning("the model's config cannot express this plan (applying it to a checkpoint "
+                    "folder will be refused): %s", problem)
+    return PrunePlan.from_dict({**plan.model_dump(), "config": config.model_dump(),
+                                "version": required_version(plan.groups, config)})
 
 
 _PASSES = 3  # crossing steps a target search may pass over, each a bisection of its own

@@ -265,3 +265,21 @@ def test_quiet_logs_silences_every_library_logger_and_restores_them(caplog) -> N
         child.setLevel(logging.NOTSET)
     assert [r.getMessage() for r in caplog.records] == ["kept", "after"]
     assert child.filters == [] and logging.getLogger("pruneplan").filters == []
+
+
+def test_a_plan_in_steps_tells_the_composed_plans_config_problems_once(caplog) -> None:
+    # without the config fit, in 2 steps: the step plans' problems (about an intermediate model
+    # whose config could not say its widths) used to be logged and kept in the composed plan's
+    # config part ("the config says 128 but layer ... has MLP width 103 before pruning"); now
+    # the config part is the one the same removals planned at once have, and only its problems
+    # are logged, once each
+    model, x = llama(2, scaled=False), ids()
+    with caplog.at_level(logging.WARNING, logger="pruneplan"):
+        plan = pp.plan_from_metric(model, x, "lp_norm", target={"params": 0.3}, n_steps=2, same_count=None)
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    at_once = pp.plan_pruning(model, {g.name: g.removed for g in plan.groups}, example_inputs=x)
+    assert plan.config == at_once.config
+    problems = at_once.config.problems()
+    assert problems and not any("before pruning" in p for p in problems)
+    assert logged == ["the model's config cannot express this plan (applying it to a checkpoint folder "
+                      f"will be refused): {p}" for p in problems]
