@@ -6,6 +6,7 @@ __all__ = [
     "AlreadyPrunedError",
     "ConfigError",
     "CoupledGroupError",
+    "CriterionError",
     "ExamplePassError",
     "OptimizerStateError",
     "OutputFileError",
@@ -94,6 +95,12 @@ class UnsupportedOperationError(PlanningError):
 class ExamplePassError(PlanningError):
     """The model's own forward pass fails on the example inputs given (wrong shape or dtype): the
     message names the module where it failed and the inputs' shapes; the model's exception is
+    chained (``__cause__``)."""
+
+
+class CriterionError(PlanningError):
+    """The criterion does not fit the model's outputs and the data's targets (``cross_entropy``
+    with one target per token, ``mse`` with class labels); the criterion's own exception is
     chained (``__cause__``)."""
 
 

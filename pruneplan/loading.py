@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneplan._io import check_regular
-from pruneplan.errors import PlanningError, quote
+from pruneplan.errors import CriterionError, PlanningError, quote
 from pruneplan.graph.discover import left_out_summary, prunable_groups
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
@@ -258,8 +258,10 @@ def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> N
     """Run ``model`` and the named criterion once on one ``(inputs, targets)`` batch.
 
     Raises:
-        PlanningError: the batch does not fit the model, or the criterion does not fit the
-            model's output and the targets (e.g. ``mse`` with class labels).
+        PlanningError: the batch does not fit the model, or (`CriterionError`) the criterion
+            does not fit the model's output and the targets (``mse`` with class labels,
+            ``cross_entropy`` with one target per token). A Hugging Face ``ModelOutput`` is
+            checked by its ``logits``, as the metrics see it.
     """
     if criterion not in CRITERIA:
         raise PlanningError(f"unknown criterion {criterion!r}; choose from {sorted(CRITERIA)}")
@@ -273,6 +275,10 @@ def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> N
             f"the data's inputs (first batch: {shape}) do not fit the model ({type(exc).__name__}: "
             f"{_one_line(exc)})"
         ) from None
+    fn = CRITERIA[criterion]
+    if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor) \
+            and not getattr(fn, "accepts_model_output", False):
+        out = out.logits  # a Hugging Face ModelOutput: the criterion sees the logits (per_example_loss)
     if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor):
         return  # structured outputs: left to the metric
     if criterion == "mse" and (out.shape != y.shape or not y.is_floating_point()):
@@ -283,12 +289,11 @@ def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> N
         )
     try:
         with torch.no_grad():
-            CRITERIA[criterion](out, y)
+            fn(out, y)
     except Exception as exc:
-        raise PlanningError(
-            f"criterion {criterion!r} does not fit the model's output {list(out.shape)} and the "
-            f"targets {list(y.shape)} ({type(exc).__name__}: {_one_line(exc)})"
-        ) from None
+        from pruneplan.attributions.base import criterion_error
+
+        raise CriterionError(str(criterion_error(criterion, out, y, exc))) from exc
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -457,7 +462,8 @@ def score_groups(
 
     Raises:
         PlanningError: unknown metric or criterion, a data metric without ``data``, an option
-            the metric ignores (see `check_metric_options`).
+            the metric ignores (see `check_metric_options`); `CriterionError` when the
+            criterion raises on the model's outputs and the data's targets.
     """
     from pruneplan import attributions
 
@@ -503,7 +509,10 @@ def score_groups(
                     _hidden_outputs(model, rnn_sites):
                 sites = {**sites, **rnn_sites}
                 back = {site: name for name, site in sites.items()}
-                got = scorer.run_all([sites.get(m, m) for m in members])
+                try:
+                    got = scorer.run_all([sites.get(m, m) for m in members])
+                except attributions.CriterionMismatchError as exc:
+                    raise CriterionError(str(exc)) from exc.__cause__
                 return {back.get(k, k): v for k, v in got.items()}
 
         try:

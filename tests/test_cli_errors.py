@@ -67,6 +67,16 @@ def wrong_inputs():
     return [(torch.randn(2, 5), torch.tensor([0, 1]))]
 
 
+def lm():  # a toy language model: token ids (N, T) -> logits (N, T, 96)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(96, 8), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 96))
+
+
+def tokens():  # next-token data as (input_ids, input_ids)
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    return [(ids, ids)]
+
+
 def fails_later():
     def gen():
         yield torch.randn(2, 4), torch.tensor([0, 1])
@@ -165,6 +175,15 @@ def _cases(d: Path) -> list[tuple[str, list[str], int, str]]:
         ("mse with class labels", plan_with("--criterion", "mse", metric="taylor", data="good"), 1,
          "criterion 'mse' needs float targets shaped like the model's output [2, 3]; the data gives "
          "int64 targets of shape [2]"),
+        ("cross_entropy with token targets",
+         ["plan", "--model", f"{d / 'facs.py'}:lm", "--input-shape", "16", "--input-dtype", "long",
+          "--metric", "taylor", "--data", f"{d / 'facs.py'}:tokens", "--criterion", "cross_entropy",
+          "--ratio", "0.3", "-o", str(d / "new.json")], 1,
+         # outputs (4, 16, 96), targets (4, 16): F.cross_entropy reads axis 1 (16) as the classes
+         "error: criterion 'cross_entropy' needs outputs [N, classes] and targets [N] (here N = 4); the "
+         "model gives outputs [4, 16, 96] and the data int64 targets [4, 16], one per token "
+         "(cross_entropy would read axis 1, of size 16, as the classes: RuntimeError: Expected target "
+         "size [4, 96], got [4, 16]); for next-token targets use the causal_lm criterion"),
         ("plan output folder missing", replace(plan_args, "-o", str(d / "missing" / "dir" / "p.json")), 1,
          f"error: {d / 'missing' / 'dir' / 'p.json'}: folder '{d / 'missing' / 'dir'}' does not exist"),
         ("schema output folder missing", ["schema", "-o", str(d / "missing" / "s.json")], 1,

@@ -11,7 +11,7 @@ This package imports only torch, numpy, tqdm and the standard library.
 
 from .activation import ActivationMagnitudeAttributionMetric
 from .apoz import APoZAttributionMetric
-from .base import AttributionMetric, Reduction
+from .base import AttributionMetric, CriterionMismatchError, Reduction
 from .bn_scale import BNScaleAttributionMetric
 from .criteria import causal_lm_loss
 from .fpgm import FPGMAttributionMetric
@@ -28,6 +28,7 @@ __all__ = [
     "ActivationMagnitudeAttributionMetric",
     "AttributionMetric",
     "BNScaleAttributionMetric",
+    "CriterionMismatchError",
     "FPGMAttributionMetric",
     "LAMPAttributionMetric",
     "LpNormAttributionMetric",

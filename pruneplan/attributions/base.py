@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ._distributed import Collective, resolve_group
 
-__all__ = ["AttributionMetric", "Reduction"]
+__all__ = ["AttributionMetric", "CriterionMismatchError", "Reduction"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +154,20 @@ def per_example_loss(criterion: Callable[..., torch.Tensor], output: Any, target
     on a batch holding that example alone. A model output with a ``logits`` tensor (a Hugging
     Face ``ModelOutput``) is passed as its logits, unless the criterion has a true
     ``accepts_model_output`` attribute.
+
+    Raises:
+        CriterionMismatchError: the criterion raises on these outputs and targets
+            (`criterion_error`).
     """
     if not isinstance(output, torch.Tensor) and isinstance(getattr(output, "logits", None), torch.Tensor) \
             and not getattr(criterion, "accepts_model_output", False):
         output = output.logits  # a Hugging Face ModelOutput: the criterion sees the logits
-    loss = criterion(output, target, reduction="none")
+    try:
+        loss = criterion(output, target, reduction="none")
+    except CriterionMismatchError:
+        raise
+    except Exception as exc:
+        raise criterion_error(criterion, output, target, exc) from exc
     if not isinstance(loss, torch.Tensor) or loss.dim() == 0:
         raise ValueError(
             "criterion(output, target, reduction='none') must return one loss per example; "
@@ -167,6 +176,42 @@ def per_example_loss(criterion: Callable[..., torch.Tensor], output: Any, target
     if loss.dim() > 1:
         loss = loss.reshape(loss.shape[0], -1).mean(1)
     return loss
+
+
+class CriterionMismatchError(ValueError):
+    """The criterion raised on the model's outputs and the data's targets (``cross_entropy`` with
+    one target per token, a shape mismatch); the message names the criterion and the shapes,
+    ``__cause__`` is the criterion's own exception. `pruneplan.plan_from_metric` turns it into a
+    `pruneplan.CriterionError`."""
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    return type(value).__name__
+
+
+def criterion_error(criterion: Callable[..., Any] | str, output: Any, target: Any,
+                    exc: BaseException) -> CriterionMismatchError:
+    """The `CriterionMismatchError` for ``criterion(output, target)`` having raised ``exc``: the
+    criterion's name, the outputs' and targets' dtypes and shapes and the criterion's message;
+    ``cross_entropy`` on ``[N, T, V]`` outputs with integer ``[N, T]`` targets (one per token: it
+    would read axis 1 as the classes) says so and points to the ``causal_lm`` criterion."""
+    name = criterion if isinstance(criterion, str) else getattr(criterion, "__name__",
+                                                                 type(criterion).__name__)
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    why = f"{type(exc).__name__}: {text if len(text) <= 300 else text[:300] + '...'}"
+    if name == "cross_entropy" and isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor) \
+            and output.dim() == 3 and target.shape == output.shape[:2] and not target.is_floating_point():
+        dtype = str(target.dtype).removeprefix("torch.")
+        return CriterionMismatchError(
+            f"criterion 'cross_entropy' needs outputs [N, classes] and targets [N] (here N = "
+            f"{output.shape[0]}); the model gives outputs {list(output.shape)} and the data {dtype} "
+            f"targets {list(target.shape)}, one per token (cross_entropy would read axis 1, of size "
+            f"{output.shape[1]}, as the classes: {why}); for next-token targets use the causal_lm "
+            "criterion")
+    return CriterionMismatchError(f"criterion {name!r} does not fit the model's outputs "
+                                  f"({_described(output)}) and the targets ({_described(target)}): {why}")
 
 
 @contextlib.contextmanager
