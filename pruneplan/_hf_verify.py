@@ -138,12 +138,15 @@ def _verify(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None
     values: dict[str, Any] = {c.key: c.after for c in changes if c.after is not None}
     heads = _heads_left(plan, base)
     if heads is not None:
+        from pruneplan.hf_config import twin_keys
+
         key, before, after = heads
-        if values.get(key, before) != after:
-            # the tensors' shapes cannot tell 2 heads of 16 from 4 of 8: the head groups can
-            changes = [c for c in changes if c.key != key]
-            changes.append(ConfigChange(key=key, before=before, after=after))
-            values[key] = after
+        for k in (key, *twin_keys(base, key)):
+            if values.get(k, before) != after:
+                # the tensors' shapes cannot tell 2 heads of 16 from 4 of 8: the head groups can
+                changes = [c for c in changes if c.key != k]
+                changes.append(ConfigChange(key=k, before=before, after=after))
+                values[k] = after
     changed: set[tuple[str, int | None]] = {(k, None) for k in values}
     got = _shapes_of(model, config, values)
     if isinstance(got, str):

@@ -60,13 +60,15 @@ __all__ = [
     "layer_widths",
     "set_value",
     "split_key",
+    "twin_keys",
 ]
 
 log = logging.getLogger(__name__)
 
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "hidden_dim", "ffn_dim", "ffn_hidden_size")
-HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads",
+              "decoder_attention_heads")
 KV_KEYS = ("num_key_value_heads",)
 HEAD_DIM_KEYS = ("head_dim", "d_kv")
 
@@ -291,6 +293,13 @@ def config_edits(
             uniform(_FUSED_KV_KEY, "key/value heads", config.get(_FUSED_KV_KEY), fused_kv)
         _check_gqa(plan, shapes, q, k, head_dim)
 
+    if heads_key is not None and heads_after != heads_before and heads_after:
+        # the other head-count keys holding the same count (BART's encoder_attention_heads and
+        # decoder_attention_heads) change with it: a model built with the old count there
+        # would split the pruned projections into heads of another size
+        for twin in twin_keys(config, heads_key):
+            if not any(c.key == twin for c in changes):
+                changes.append(ConfigChange(key=twin, before=heads_before, after=heads_after))
     hidden_changed = hidden_after != hidden_before
     heads_changed = heads_after != heads_before
     if (hidden_changed or heads_changed) and hidden_after and heads_after and head_dim:
@@ -379,6 +388,12 @@ def _fused_heads(
             q[layer] = (nb // 3, na // 3)
             kv[layer] = (nb // 3, na // 3)
     return q, kv
+
+
+def twin_keys(config: Mapping[str, Any], key: str) -> list[str]:
+    """The other keys of `HEADS_KEYS` in ``config`` holding the same count as ``key``."""
+    v = _int(config.get(key))
+    return [k for k in HEADS_KEYS if k != key and v is not None and _int(config.get(k)) == v]
 
 
 def heads_left(plan: PrunePlan, heads: int) -> int | None:

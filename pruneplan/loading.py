@@ -656,6 +656,7 @@ def plan_from_metric(
     max_batches: int | None = None,
     progress: bool = False,
     same_count: Iterable[Iterable[str]] | str | None = "auto",
+    include_output: bool = False,
 ) -> PrunePlan:
     """Discover groups, score them, select units and plan: the whole ``pruneplan plan`` command.
 
@@ -711,6 +712,10 @@ def plan_from_metric(
     holds, with a warning, or stay as selected when none does), so that the pruned model stays
     expressible; ``same_count=None`` leaves per-layer counts free, explicit sets of group names
     equalise those sets.
+
+    ``include_output`` also plans the groups whose units reach the model output
+    (`prunable_groups`): the hidden size of an encoder-decoder, whose output holds the encoder's
+    last hidden state (T5, BART, Whisper); the output's shape changes with them.
 
     ``exclude`` (glob patterns over group and root names) leaves groups untouched. With
     ``n_steps > 1`` the model is pruned in steps, a copy is re-scored after each step and the
@@ -787,7 +792,7 @@ def plan_from_metric(
     unscored: list[str] = []
     original: dict[str, int] = {}  # group -> unit count before the first step
     for step in range(1, n_steps + 1):
-        found = prunable_groups(current, example_inputs)
+        found = prunable_groups(current, example_inputs, include_output=include_output)
         if step == 1:
             log.info("planning from %s: %s", metric, left_out_summary(found))
         swap = _query_heads_wanted(found, kind_ratios, layer_ratios)

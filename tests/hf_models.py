@@ -48,8 +48,10 @@ NORM_NAMES = ("LayerNorm", "RMSNorm", "RmsNorm", "GroupNorm")  # a norm over the
 @dataclass(frozen=True)
 class HFModel:
     """One architecture: the config class and its keyword arguments, the model class, the input
-    builder (``"ids"``, ``"seq2seq"``, ``"audio"``, ``"pixels"``, ``"clip"``), and, for one that
-    fails today, the reason (``xfail``: the exception class name and the reason)."""
+    builder (``"ids"``, ``"seq2seq"``, ``"audio"``, ``"pixels"``, ``"clip"``), for one that
+    fails today the reason (``xfail``: the exception class name and the reason), and whether
+    the hidden size reaches the model output (``include_output``: an encoder-decoder returns
+    the encoder's last hidden state beside the logits, which keep their shape)."""
 
     name: str
     config: str
@@ -58,6 +60,7 @@ class HFModel:
     inputs: str = "ids"
     family: str = ""
     xfail: tuple[str, str] | None = None
+    include_output: bool = False  # the output holds the hidden size (an encoder's last state)
 
     def build(self, seed: int = 0) -> nn.Module:
         import transformers
@@ -147,13 +150,14 @@ MODELS: list[HFModel] = [
     _enc("electra", "Electra", embedding_size=64),
     _enc("albert", "Albert", embedding_size=32),
     _enc("deberta_v2", "DebertaV2"),
-    HFModel("bart", "BartConfig", "BartForConditionalGeneration", _S2S, "seq2seq", "seq2seq"),
+    HFModel("bart", "BartConfig", "BartForConditionalGeneration", _S2S, "seq2seq", "seq2seq",
+            include_output=True),
     HFModel("whisper", "WhisperConfig", "WhisperForConditionalGeneration",
             {**{k: v for k, v in _S2S.items() if k != "max_position_embeddings"},
              "num_mel_bins": 16, "max_source_positions": 8, "max_target_positions": 16,
              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
              "decoder_start_token_id": 1},
-            "audio", "seq2seq"),
+            "audio", "seq2seq", include_output=True),
     HFModel("deit", "DeiTConfig", "DeiTForImageClassification", _VIT, "pixels", "vision"),
     HFModel("swin", "SwinConfig", "SwinForImageClassification",
             dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
@@ -188,10 +192,6 @@ XFAIL: dict[str, tuple[str, str]] = {
               "hidden_size (no config key), so it follows the hidden size: 0% fewer parameters"),
     "albert": ("AssertionError", "ALBERT derives the head size as hidden / heads; heads and hidden "
                "are not fitted together through the shared layer: " + _REFUSED),
-    "bart": ("AssertionError", "encoder_attention_heads / decoder_attention_heads are not in the "
-             "config table, and BART derives the head size as d_model / heads: " + _REFUSED),
-    "whisper": ("AssertionError", "as bart: encoder/decoder head counts; a model built from the "
-                "rewritten config fails"),
     "swin": ("AssertionError", "stage widths are embed_dim * 2**i, and the MLP mlp_ratio * width: "
              + _REFUSED),
     "clip": ("UnsupportedOperationError", "the text model pools by indexing the last hidden state "
@@ -202,7 +202,7 @@ MODELS = [replace(m, xfail=XFAIL.get(m.name)) for m in MODELS]
 #: second each (GQA + RoPE, scaled tied embedding, q/k norms, fused MLP, Conv1D-free fused
 #: qkv, learned positions, a sequence classifier, a derived head size, vision, a CNN)
 REAL = ("llama", "qwen3", "gemma2", "phi3", "olmo2", "starcoder2", "granite", "opt", "gpt_neox",
-        "gptj", "roberta", "deberta_v2", "deit", "convnext", "resnet")
+        "gptj", "roberta", "deberta_v2", "whisper", "deit", "convnext", "resnet")
 BY_NAME = {m.name: m for m in MODELS}
 
 
@@ -328,7 +328,7 @@ def check(spec: HFModel, workdir: Path | None = None,
     y0 = output(model, x)
     modules = dict(model.named_modules(remove_duplicate=False))
 
-    groups = pp.prunable_groups(model, x)
+    groups = pp.prunable_groups(model, x, include_output=spec.include_output)
     assert all(lo.reason.strip() for lo in groups.left_out), groups.left_out
     res.left_out = list(groups.left_out)
     res.roots = sum(len(g.roots) for g in groups) + len(groups.left_out)
@@ -339,7 +339,8 @@ def check(spec: HFModel, workdir: Path | None = None,
     # 2. zeroing: every group that spans no norm
     normed = [g.name for g in groups if spans_norm(g, modules)]
     if len(normed) < len(groups):
-        plan_z = pp.plan_from_metric(model, x, "weight_norm", RATIOS, exclude=normed)
+        plan_z = pp.plan_from_metric(model, x, "weight_norm", RATIOS, exclude=normed,
+                                     include_output=spec.include_output)
         pruned = copy.deepcopy(model)
         pp.apply_plan(pruned, plan_z)
         handles = zeroing_hooks(model, plan_z)
@@ -355,7 +356,7 @@ def check(spec: HFModel, workdir: Path | None = None,
         res.zeroing = "no group without a norm"
 
     # 3. full plan, config, folders
-    plan = pp.plan_from_metric(model, x, "weight_norm", RATIOS)
+    plan = pp.plan_from_metric(model, x, "weight_norm", RATIOS, include_output=spec.include_output)
     if plan.config is not None:
         problems = plan.config.problems()
         assert not problems, f"the config cannot hold the plan: {problems}"

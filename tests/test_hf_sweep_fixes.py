@@ -272,3 +272,65 @@ def test_heads_under_a_name_the_table_does_not_read_are_counted_by_their_kind(tm
         ("hidden_size", 64, 32), ("intermediate_size", 128, 90), ("num_attention_heads", 4, 2),
         ("pooler_hidden_size", 64, 32)]
     roundtrip_cli(tmp_path, model, plan, x)
+
+
+def test_bart_encoder_and_decoder_heads_and_hidden_size_through_plan_from_metric(tmp_path: Path) -> None:
+    model = bart()
+    x = (ids(), None, ids(5))
+    groups = pp.prunable_groups(model, x, include_output=True)
+    # the encoder's embedding is the hidden root: the getitem of inputs_embeds[:, :, -1] read
+    # only for its size does not block it, and `shared` (the same weight) is not reported as
+    # an unrecognised layer
+    assert [(lo.name, lo.reason.split(":")[0]) for lo in groups.left_out] == [
+        ("lm_head", "its units are the vocabulary rows of the tied embedding 'model.shared', which "
+                    "token ids index")]
+    hidden = next(g for g in groups if g.name == "model.encoder.embed_tokens")
+    assert hidden.size == 64 and {"model.shared.weight", "lm_head.weight"} <= {s.tensor for s in hidden.slices}
+    plan = pp.plan_from_metric(model, x, "weight_norm", {"channels": 0.3, "heads": 0.5},
+                               include_output=True)
+    # 2 heads of 16 remain in every attention: d_model 32 (the config derives the head size);
+    # both head counts change, or the decoder would be rebuilt with 4 heads of 8
+    assert sorted((c.key, c.before, c.after) for c in plan.config.changes) == [
+        ("d_model", 64, 32), ("decoder_attention_heads", 4, 2), ("decoder_ffn_dim", 128, 90),
+        ("encoder_attention_heads", 4, 2), ("encoder_ffn_dim", 128, 90)]
+    assert plan.config.problems() == []
+    roundtrip_cli(tmp_path, model, plan, x)
+
+
+def test_bart_heads_equal_zeroing_their_output_columns() -> None:
+    model = bart()
+    x = (ids(), None, ids(5))
+    heads = [g for g in pp.prunable_groups(model, x) if g.kind == "heads"]
+    assert sorted(g.name for g in heads) == ["model.decoder.layers.0.encoder_attn.q_proj",
+                                             "model.decoder.layers.0.self_attn.q_proj",
+                                             "model.encoder.layers.0.self_attn.q_proj"]
+    plan = build_plan(model, [(g, [1, 2]) for g in heads])
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for g in heads:
+            o = ref.get_submodule(g.name.rsplit(".", 1)[0] + ".out_proj")
+            o.weight[:, 16:48] = 0  # heads 1 and 2 of 16
+    pp.apply_plan(model, plan)
+    assert model.model.encoder.layers[0].self_attn.num_heads == 2
+    torch.testing.assert_close(logits(model, *x), logits(ref, *x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_embedding_that_indexes_its_own_weight_is_a_root() -> None:
+    # Whisper's decoder positions: WhisperPositionalEmbedding.forward returns weight[position_ids]
+    cfg = transformers.WhisperConfig(d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4,
+                                     encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=V,
+                                     num_mel_bins=16, max_source_positions=8, max_target_positions=16,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     decoder_start_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    x = (torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1)), None, ids(5))
+    groups = pp.prunable_groups(model, x, include_output=True)
+    hidden = next(g for g in groups if "model.decoder.embed_positions" in g.roots)
+    assert ("model.decoder.embed_positions", "embedding_dim") in {(e.module, e.attribute) for e in hidden.edits}
+    plan = build_plan(model, [(hidden, list(range(0, 64, 2)))])
+    pp.apply_plan(model, plan)  # was refused: embed_positions sliced with no embedding_dim edit
+    assert model.model.decoder.embed_positions.weight.shape == (16, 32)
+    assert model.model.decoder.embed_positions.embedding_dim == 32
+    assert logits(model, *x).shape == (2, 5, V)

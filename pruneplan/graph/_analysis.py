@@ -581,14 +581,18 @@ class Engine:
             per = int(np.count_nonzero((arr >> SHIFT == r) & (arr >= 0))) // self.roots[r].size
             self.heads[r] = max(self.heads.get(r, 1), per)
 
-    def used(self, idx: int, item: int | None) -> bool:
-        """Whether node ``idx``'s output (element ``item`` of it) is read by a later node."""
+    def users(self, idx: int) -> list[int]:
+        """The nodes that read node ``idx``'s output."""
         if self._users is None:
             self._users = {}
             for n in self.nodes:
                 for ref in iter_refs((n.args, n.kwargs)):
                     self._users.setdefault(ref.node, []).append(n.idx)
-        for u in self._users.get(idx, ()):
+        return self._users.get(idx, [])
+
+    def used(self, idx: int, item: int | None) -> bool:
+        """Whether node ``idx``'s output (element ``item`` of it) is read by a later node."""
+        for u in self.users(idx):
             n = self.nodes[u]
             if item is None or n.target != "getitem" or n.kind != "op":
                 return True

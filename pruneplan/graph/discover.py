@@ -244,6 +244,10 @@ def prunable_groups(
     # F.conv2d with the result), or read by code no rule describes; never dropped silently
     offered |= {lo.name for lo in groups.left_out}
     skipped = set(unreached)
+    # a module sharing its weight with one offered or left out (BART's ``shared`` and the
+    # encoder's ``embed_tokens``): that one's entry speaks for the weight
+    spoken = {id(getattr(modules[n], "weight", None)) for n in offered if n in modules}
+    spoken.discard(id(None))
     sliced = {s.tensor.rsplit(".", 1)[0] for g in groups for s in g.slices}
     groups.left_out += [
         LeftOut(n, f"this {type(m).__name__} ran, but no call discovery recognises used its "
@@ -252,7 +256,7 @@ def prunable_groups(
                    f"{type(m).__name__} (pruneplan.register_module_rule) to prune it")
         for n, m in modules.items()
         if n and n not in offered and n not in skipped and n not in sliced and _is_root_type(m)
-        and _owns_weight(m)]
+        and _owns_weight(m) and id(getattr(m, "weight", None)) not in spoken]
     groups.unexecuted = list(unreached)
     log.info("%d prunable groups, %d roots left out (%s graph of %d nodes)", len(groups),
              len(groups.left_out), graph.source, len(graph.nodes))

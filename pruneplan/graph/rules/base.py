@@ -334,6 +334,17 @@ class Call:
         ``item``, element ``item`` of its tuple output (reading the whole tuple counts)."""
         return self._engine.used(self.node.idx, item)
 
+    def shape_only(self) -> bool:
+        """Whether every later call that reads this call's output reads only its shape
+        (``size``, ``dim``, ``getattr(x, 'shape')``): its values, and so its labels, go
+        nowhere (BART's ``inputs_embeds[:, :, -1]`` passed along only for its size)."""
+        users = self._engine.users(self.node.idx)
+        nodes = self._engine.nodes
+        return bool(users) and all(
+            nodes[u].target in ("size", "dim")
+            or (nodes[u].target == "getattr" and len(nodes[u].args) > 1 and nodes[u].args[1] == "shape")
+            for u in users)
+
     def later(self, check: Callable[[], None]) -> None:
         """Run ``check`` once every call has been seen (before the widths are checked): for
         what depends on facts found further on (units that attention makes heads)."""

@@ -122,7 +122,7 @@ class FunctionalEmbeddingRule(FunctionRule):
     def propagate(self, call: Call) -> Lab | None:
         weight = call.read(call.arg(1, "weight"))
         if isinstance(weight, PView) and weight.dims == (0, 1):
-            owner = _embedding_owner(call.model, weight.key)
+            owner = _embedding_owner(call.model, weight.key, call.node.scope)
             if owner is not None:
                 path, m = owner
                 if isinstance(call.x, Lab):
@@ -131,14 +131,23 @@ class FunctionalEmbeddingRule(FunctionRule):
         return _BLOCK.propagate(call)
 
 
-def _embedding_owner(model: nn.Module, key: str) -> tuple[str, nn.Embedding] | None:
+def _embedding_owner(model: nn.Module, key: str, scope: str | None = None
+                     ) -> tuple[str, nn.Embedding] | None:
     """The ``nn.Embedding`` whose weight is the parameter at ``key`` (the graph names a tied
-    parameter by one of its keys, ``lm_head.weight`` for a tied embedding), first in model
-    order; ``None`` when no embedding owns it."""
+    parameter by one of its keys, ``lm_head.weight`` for a tied embedding): the module running
+    the call (``scope``) when it is one (BART's encoder and decoder embeddings share one
+    weight), else the first in model order; ``None`` when no embedding owns it."""
     try:
         p = model.get_parameter(key)
     except AttributeError:
         return None
+    if scope is not None:
+        try:
+            m = model.get_submodule(scope)
+        except AttributeError:
+            m = None
+        if isinstance(m, nn.Embedding) and m.weight is p:
+            return scope, m
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, nn.Embedding) and m.weight is p:
             return name, m

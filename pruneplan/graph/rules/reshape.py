@@ -13,6 +13,7 @@ from torch import nn
 from pruneplan.graph._ir import Ref
 from pruneplan.graph._labels import Dim, Lab, PView, Sizes, canon, reshape_groups
 from pruneplan.graph.rules.base import Call, FunctionRule, ModuleRule, builtin, tensorish
+from pruneplan.graph.rules.layers import root_slices
 
 __all__ = ["ExpandRule", "FlipRule", "GetitemRule", "PermuteRule", "ReshapeRule", "relabel"]
 
@@ -569,6 +570,10 @@ class GetitemRule(FunctionRule):
             return None
         if isinstance(call.xmeta, list):
             return x[idx] if isinstance(x, list) and isinstance(idx, int | slice) else None
+        owner = _embedding_lookup(call)
+        if owner is not None:  # weight[ids]: the embedding itself (Whisper's positions)
+            path, m = owner
+            return call.root(-1, lambda: root_slices(path, m), path, m)
         return super().propagate(call)
 
     def params(self, call: Call) -> PView | None:
@@ -624,6 +629,8 @@ class GetitemRule(FunctionRule):
                 continue
             if not isinstance(it, slice):  # an int (literal or computed): the axis goes
                 if i in x.axes:
+                    if call.shape_only():  # read for its shape alone: nothing follows
+                        return None
                     call.block(x, f"{call.where} picks single positions")
                     return None
                 i += 1
@@ -639,6 +646,18 @@ class GetitemRule(FunctionRule):
 
 
 _PICK = object()  # `GetitemRule`: an axis indexed by one list of positions
+
+
+def _embedding_lookup(call: Call) -> tuple[str, nn.Embedding] | None:
+    """``weight[ids]`` with the whole weight of an ``nn.Embedding`` and a tensor of ids: that
+    embedding's lookup (a subclass whose forward indexes its own weight, as Whisper's
+    positional embedding does), a root on the last axis; ``None`` otherwise."""
+    from pruneplan.graph.rules.linear_conv import _embedding_owner
+
+    x, idx = _param(call), call.node.args[1]
+    if x is None or x.dims != (0, 1) or not (isinstance(idx, Ref) and tensorish(call.meta(idx))):
+        return None
+    return _embedding_owner(call.model, x.key, call.node.scope)
 
 
 def _gathered(call: Call, x: Lab, items: list[Any]) -> Lab | None:
