@@ -8,17 +8,23 @@ discovery, the planner and the applier alike, so that they agree on what is tied
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 __all__ = ["tied_keys"]
 
 
-def tied_keys(model: nn.Module) -> dict[str, str]:
+def tied_keys(model: nn.Module, state: Mapping[str, Any] | None = None) -> dict[str, str]:
     """State-dict keys whose tensor is also held under an earlier key: alias -> that first key
-    (state-dict order; the same Python object in ``state_dict(keep_vars=True)``)."""
+    (state-dict order; the same Python object in ``state_dict(keep_vars=True)``, which may be
+    given as ``state`` when the caller has it already)."""
     first: dict[int, str] = {}
     out = {}
-    for key, t in model.state_dict(keep_vars=True).items():
+    if state is None:
+        state = model.state_dict(keep_vars=True)
+    for key, t in state.items():
         if id(t) in first:
             out[key] = first[id(t)]
         else:

@@ -221,6 +221,7 @@ class Engine:
         self.parted: set[int] = set()
         self._users: dict[int, list[int]] | None = None  # node -> nodes reading it (`used`)
         self.root_calls: dict[int, set[int]] = {}  # root -> calls that made it a root
+        self._state_cache: tuple[dict[str, str], dict[str, torch.Size]] | None = None
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -896,6 +897,14 @@ class Engine:
                 bad[gi] = why
         return bad
 
+    def _state(self) -> tuple[dict[str, str], dict[str, torch.Size]]:
+        """The model's tied keys (alias -> first key, `tied_keys`) and the shape of every
+        state-dict entry, read once."""
+        if self._state_cache is None:
+            state = self.model.state_dict(keep_vars=True)
+            self._state_cache = (tied_keys(self.model, state), {k: v.shape for k, v in state.items()})
+        return self._state_cache
+
     def couple_shared(self) -> None:
         """One tensor axis read with channels by several calls (a module called more than once,
         shared across branches or in depth; one parameter given to several functional calls; a
@@ -908,7 +917,7 @@ class Engine:
         positions), removing a position for the others would break it: every root involved is
         left out, with a reason naming the calls. A root's own output side (``("root", r)``)
         counts for each call that made it the root: those calls all bring its fresh units."""
-        alias = tied_keys(self.model)
+        alias, shapes = self._state()
         # (tensor, axis) -> source -> [(root, slice)]; a source is a call (node index) or a
         # root's output side
         found: dict[tuple[str, int], dict[Any, list[tuple[int, SliceSpec]]]] = {}
@@ -918,7 +927,6 @@ class Engine:
                     key = alias.get(item.tensor, item.tensor)
                     found.setdefault((key, item.axis), {}).setdefault(where, []).append((r, item))
         uses = self._uses({key for key, _ in found}, alias)
-        shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
         for (key, axis), by in sorted(found.items()):
             calls = uses.get(key, [])
             if len(by) == 1:
@@ -1003,15 +1011,18 @@ class Engine:
         their first key), in execution order: calls of a module holding it, and operations
         given it (or a view of it) as an argument, other than taking a view of it."""
         out: dict[str, list[int]] = {}
-        local: dict[int, list[str]] = {}
+        owned: dict[str, set[str]] = {}  # module path -> the wanted tensors it (or a child) holds
+        for k in self._state()[1]:
+            first = alias.get(k, k)
+            if first in keys:
+                path = k
+                while path:
+                    path = path.rpartition(".")[0]
+                    owned.setdefault(path, set()).add(first)
         for node in self.nodes:
             hit: set[str] = set()
             if node.kind == "module" and node.module is not None:
-                names = local.get(id(node.module))
-                if names is None:
-                    names = local[id(node.module)] = list(node.module.state_dict(keep_vars=True))
-                p = f"{node.target}." if node.target else ""
-                hit.update(alias.get(p + k, p + k) for k in names)
+                hit.update(owned.get(node.target, ()))
             elif node.kind != "op" or isinstance(self.info[node.idx], PView) \
                     or not tensorish(node.meta) or node.target in _READS_NO_VALUES:
                 continue
@@ -1029,7 +1040,7 @@ class Engine:
         it under any key are coupled position by position, and every key is sliced alike, so
         that the plan names all of them and a state dict holding them apart stays consistent."""
         aliases: dict[str, list[str]] = {}
-        for alias, first in tied_keys(self.model).items():
+        for alias, first in self._state()[0].items():
             aliases.setdefault(first, [first]).append(alias)
         alias_of = {k: ks for ks in aliases.values() for k in ks}
         if not alias_of:
@@ -1042,7 +1053,7 @@ class Engine:
                 if isinstance(item, SliceSpec) and item.tensor in alias_of and item.modulo is None:
                     found.setdefault((alias_of[item.tensor][0], item.axis), []).append(
                         (r, where, item))
-        shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
+        shapes = self._state()[1]
         added: set[tuple[int, Any, EditSpec, str]] = set()
         for (first, axis), items in sorted(found.items()):
             keys = alias_of[first]
@@ -1144,32 +1155,30 @@ class Engine:
         (tensor, axis) by contract (DESIGN), which `couple_shared` and the couplings ensure; a
         group that would still share a position with another is left out rather than offered,
         since removing its units would cut the other's tensors."""
-        alias = tied_keys(self.model)
-        shapes = {k: v.shape for k, v in self.model.state_dict(keep_vars=True).items()}
-        owner: dict[tuple[str, int], np.ndarray] = {}
-        bad: dict[int, str] = {}
+        alias, shapes = self._state()
+        spans: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
         for gi, g in enumerate(groups):
             seen: set[tuple[str, int]] = set()
             for sp in g.slices:
                 key = (alias.get(sp.tensor, sp.tensor), sp.axis)
-                if key in seen or key[0] not in shapes or sp.axis >= len(shapes[key[0]]):
+                if key in seen or key[0] not in shapes:
                     continue  # (another key of a tied tensor, sliced alike, by the same group)
                 seen.add(key)
-                length = int(shapes[key[0]][sp.axis])
-                pos, _ = _unit_positions(sp, g.size)
-                pos = pos % sp.modulo if sp.modulo is not None else pos
-                pos = pos[pos < length]
-                held = owner.setdefault(key, np.full(length, -1, dtype=np.int64))
-                clash = held[pos]
-                clash = clash[(clash >= 0) & (clash != gi)]
-                if clash.size:
-                    other = int(clash[0])
-                    p = int(pos[np.flatnonzero(held[pos] == other)[0]])
-                    for a, b in ((gi, other), (other, gi)):
-                        bad.setdefault(a, f"its units and those of group {groups[b].name!r} both "
-                                          f"own position {p} of tensor {key[0]!r} axis {key[1]}, "
+                spans.setdefault(key, []).extend((a, b, gi) for a, b in _slice_spans(sp, g.size))
+        bad: dict[int, str] = {}
+        for (tensor, axis), items in spans.items():
+            if len({gi for _, _, gi in items}) < 2:
+                continue
+            items.sort()
+            end, owner = -1, -1
+            for a, b, gi in items:
+                if a < end and gi != owner:
+                    for x, y in ((gi, owner), (owner, gi)):
+                        bad.setdefault(x, f"its units and those of group {groups[y].name!r} both "
+                                          f"own position {a} of tensor {tensor!r} axis {axis}, "
                                           "so removing either would cut the other's channels")
-                held[pos] = gi
+                if b > end:
+                    end, owner = b, gi
         return bad
 
     def _blocks(self, rep: int, members: list[int], notes: list[str]
@@ -1384,6 +1393,33 @@ def _block_sums(values: np.ndarray, blk: Any) -> np.ndarray:
     if isinstance(blk, np.ndarray):
         return values[blk].sum(axis=1).astype(np.int64)
     return np.array([int(values[b].sum()) for b in blk], dtype=np.int64)
+
+
+def _slice_spans(sp: SliceSpec, size: int) -> list[tuple[int, int]]:
+    """The positions the ``size`` units of ``sp`` own, as half-open ranges (``modulo`` applied)."""
+    if sp.positions is None:  # tile t: offset + t * tile_stride, size * repeat long
+        out = [(sp.offset + t * sp.tile_stride, sp.offset + t * sp.tile_stride + size * sp.repeat)
+               for t in range(sp.tiles)]
+    else:
+        pos = sorted({p for row in sp.positions for p in row})
+        out = []
+        for p in pos:
+            if out and out[-1][1] == p:
+                out[-1] = (out[-1][0], p + 1)
+            else:
+                out.append((p, p + 1))
+    m = sp.modulo
+    if m is None:
+        return out
+    wrapped: list[tuple[int, int]] = []
+    for a, b in out:
+        if b - a >= m:
+            wrapped.append((0, m))
+            continue
+        x = a % m
+        y = x + b - a
+        wrapped += [(x, y)] if y <= m else [(x, m), (0, y - m)]
+    return wrapped
 
 
 def _unit_positions(sp: SliceSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
