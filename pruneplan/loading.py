@@ -695,7 +695,9 @@ def plan_from_metric(
       the later steps of the other groups would need to, it is passed over for them (as a
       ratio's ranking passes over a step larger than what is left; up to 3 times), so that a
       coarse step does not set the overshoot where finer ones meet the target. The candidates
-      are planned with logging silenced: only the returned plan's warnings are logged. If even
+      are planned with logging silenced: only the returned plan's warnings are logged (a
+      parameter target counts them from the plans' shapes, `params_after`; MACs are measured
+      on a pruned copy). If even
       the whole ranking misses the target, the plan removes all of it and a warning says why
       (the floors each group keeps, and the parameters of tensors no group slices).
 
@@ -1245,6 +1247,9 @@ def _select_target(
                     plan = build_plan(model, [(by_name[n], v) for n, v in removed.items()], order=order)
                     if same_count == "auto" and plan.config is not None and plan.config.unsupported:
                         plan, _ = _fit_unheld(model, plan, by_name, table, removed, order)  # as returned
+                    if what == "params":  # from the plan's shapes: no copy to prune and count
+                        measured[key] = params_after(model, plan)
+                        return measured[key]
                     pruned = apply_plan_copy(model, plan)
                 else:
                     pruned = model
@@ -1315,6 +1320,18 @@ def _config_of_composed(model: nn.Module, plan: PrunePlan) -> PrunePlan:
 
 
 _PASSES = 3  # crossing steps a target search may pass over, each a bisection of its own
+
+
+def params_after(model: nn.Module, plan: PrunePlan) -> int:
+    """The parameter scalars ``model`` holds once ``plan`` is applied (shared parameters once,
+    as `pruneplan.count` counts them), from the plan's `PrunePlan.pruned_shapes`: no copy is
+    pruned. Raises nothing."""
+    shapes = plan.pruned_shapes()
+    by_id: dict[int, Sequence[int]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in shapes or id(p) not in by_id:
+            by_id[id(p)] = shapes.get(name, tuple(p.shape))
+    return sum(math.prod(s) for s in by_id.values())
 
 
 def apply_plan_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:

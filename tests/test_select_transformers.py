@@ -205,6 +205,10 @@ def test_params_target_is_met_with_the_config_fit(metric: str, caplog) -> None:
     h = 64 - len(plan.group("model.embed_tokens").removed)
     m = 128 - len(plan.group("model.layers.0.mlp.gate_proj").removed)
     assert h % 8 == 0 and left == 421 * h + 6 * m * h
+    # the search counts a candidate's parameters from the plan's shapes: the same number
+    from pruneplan.loading import params_after
+
+    assert params_after(model, plan) == left
     assert 421 * h + 6 * (m + 1) * h > 0.7 * TOTAL
     assert plan.provenance.selection["achieved"] == {"params": round(1 - left / TOTAL, 6)}
     # the config holds the result: equal MLP widths, hidden a multiple of the heads

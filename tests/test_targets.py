@@ -247,3 +247,13 @@ def test_an_unreachable_params_target_names_the_floors_and_what_no_group_slices(
         "of round_to=1: 2 of 20 units kept) misses it; 27 of the 2319 parameters (1.2%) are in "
         "tensors that no prunable group slices; lower min_keep/round_to, exclude fewer groups or set "
         "a smaller target"]
+
+
+def test_params_after_counts_the_pruned_shapes_as_count_does() -> None:
+    from pruneplan.loading import params_after
+
+    model, x = cnn(), torch.randn(1, 3, 4, 4)
+    plan = pp.plan_pruning(model, {"0": [1, 5], "3": [0, 2, 11], "7": [4]}, example_inputs=x)
+    # by hand: conv 0 6*3*9 + 6, BN 12, conv 3 9*6*9 + 9, BN 18, fc 7 5*(9*16) + 5, fc 9 3*5 + 3
+    expected = 168 + 12 + 495 + 18 + 725 + 18
+    assert params_after(model, plan) == expected == pp.count(pp.apply_plan(copy.deepcopy(model), plan), x).params
