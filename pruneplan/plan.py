@@ -1225,8 +1225,33 @@ def json_schema() -> str:
 def state_dict_digest(shapes: Mapping[str, Sequence[int]]) -> str:
     """sha256 of the sorted names and shapes of a whole state dict (no values; for the content,
     see `pruneplan.weights_digest`). Raises nothing."""
-    text = "\n".join(f"{k}:{','.join(str(int(d)) for d in shapes[k])}" for k in sorted(shapes))
+    text = "\n".join(_shape_lines(shapes))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _shape_lines(shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    return [f"{k}:{','.join(str(int(d)) for d in shapes[k])}" for k in sorted(shapes)]
+
+
+#: the most tensors `extra_tensor` searches (it hashes the whole list once per candidate)
+EXTRA_SEARCH_LIMIT = 2000
+
+
+def extra_tensor(shapes: Mapping[str, Sequence[int]], digest: str,
+                 candidates: Iterable[str] | None = None) -> str | None:
+    """The one name of ``shapes`` (among ``candidates``, default all) without which
+    `state_dict_digest` of ``shapes`` is ``digest``: a single extra tensor. ``None`` when there
+    is none, or ``shapes`` holds more than `EXTRA_SEARCH_LIMIT` tensors. Raises nothing."""
+    if len(shapes) > EXTRA_SEARCH_LIMIT:
+        return None
+    names = sorted(shapes)
+    lines = _shape_lines(shapes)
+    wanted = set(names if candidates is None else candidates)
+    for i, name in enumerate(names):
+        if name in wanted and hashlib.sha256(
+                "\n".join(lines[:i] + lines[i + 1:]).encode("utf-8")).hexdigest() == digest:
+            return name
+    return None
 
 
 def _describe(exc: ValidationError) -> str:

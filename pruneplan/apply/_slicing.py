@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from pruneplan.errors import PlanMismatchError, quote
-from pruneplan.plan import PrunePlan, state_dict_digest
+from pruneplan.plan import PrunePlan, extra_tensor, state_dict_digest
 
 if TYPE_CHECKING:  # the file appliers use this module without torch
     import torch
@@ -92,10 +92,26 @@ def check_fingerprint(
     if check_digest:
         digest = state_dict_digest(shapes)
         if digest != plan.model.digest:
-            raise PlanMismatchError(
-                f"{where}: the names and shapes of the weights differ from the model the plan "
-                f"was made for (digest {digest[:12]} vs {plan.model.digest[:12]})"
-            )
+            raise PlanMismatchError(_digest_mismatch(plan, shapes, where, digest))
+
+
+def _digest_mismatch(plan: PrunePlan, shapes: Mapping[str, Sequence[int]], where: str, digest: str) -> str:
+    """What a digest mismatch means, with the touched tensors already checked: an untouched
+    tensor is missing, extra or reshaped. The plan records only the digest of all names and
+    shapes, so only a single extra tensor can be named (the one without which the digest
+    matches)."""
+    touched = plan.model.tensors
+    extra = extra_tensor(shapes, plan.model.digest, [k for k in shapes if k not in touched])
+    if extra is not None:
+        return (f"{where}: tensor {quote(extra)} of shape {[int(d) for d in shapes[extra]]} is not in "
+                "the model the plan was made for (without it, the names and shapes of the weights "
+                "are the ones the plan records)")
+    return (f"{where}: the names and shapes of the weights differ from the model the plan was made "
+            f"for outside the {len(touched)} tensors the plan touches (those are present, with the "
+            "shapes the plan expects): a tensor the plan does not touch is missing, extra, or has "
+            f"another shape ({len(shapes)} tensors here, {len(shapes) - len(touched)} of them "
+            "untouched; the plan records only a digest of all names and shapes: "
+            f"{digest[:12]} here, {plan.model.digest[:12]} in the plan)")
 
 
 def keep_indices(plan: PrunePlan) -> KeepMap:
