@@ -580,6 +580,9 @@ def _requested_line(sel: dict) -> str:
         return (f"{head}: {sel['requested_fraction']:.1%} of the units of the groups considered, "
                 f"achieved {sel['achieved_fraction']:.1%}")
     units = sel["units"]
+    if units == 0:  # the warning says why (every root left out): shown here too, with the request
+        return (f"{head}: no prunable group was considered, so nothing is removed (the warning says "
+                f"why; `pruneplan groups` lists every root left out with its reason)")
     return (f"{head}: {sel['requested_units']:,} units after flooring per "
             f"{'group' if sel.get('scope', 'layer') == 'layer' else 'kind'} "
             f"({sel['requested_fraction']:.1%} of the {units:,} units of the groups considered); "

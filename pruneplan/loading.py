@@ -740,7 +740,8 @@ def plan_from_metric(
 
     Returns:
         the plan (its groups in execution order). A warning is logged when it removes nothing or
-        less than 90% of the requested units.
+        less than 90% of the requested units; when nothing is removed because discovery left out
+        every root, the warning gives their count and most frequent reasons.
 
     Raises:
         PlanningError: bad ratio, target, n_steps, scope or option combination, an option the
@@ -797,6 +798,7 @@ def plan_from_metric(
         found = prunable_groups(current, example_inputs, include_output=include_output)
         if step == 1:
             log.info("planning from %s: %s", metric, left_out_summary(found))
+            left_first = list(getattr(found, "left_out", []))
         swap = _query_heads_wanted(found, kind_ratios, layer_ratios)
         if swap:
             found = found.with_query_heads(swap)
@@ -853,6 +855,10 @@ def plan_from_metric(
             with quiet_logs():
                 apply_plan(current, made, check_content="off")
     plan = plans[0] if n_steps == 1 else _config_of_composed(model, compose(plans))
+    asked = goal_frac > 0 if what is not None else any(
+        r > 0 for r in [ratio or 0.0, *(layer_ratios or {}).values(), *(kind_ratios or {}).values()])
+    if units == 0 and asked:  # no group at all: every root left out (nothing silent)
+        log.warning("the plan removes nothing: %s", nothing_prunable(left_first))
 
     crit = criterion if isinstance(criterion, str) or criterion is None else getattr(
         criterion, "__name__", "callable")
@@ -878,7 +884,10 @@ def plan_from_metric(
         achieved = 1 - getattr(after, what) / max(getattr(base, what), 1)
         selection["target"] = {what: goal_frac}
         selection["achieved"] = {what: round(achieved, 6)}
-        if achieved + 1e-12 < goal_frac:
+        if achieved + 1e-12 < goal_frac and units == 0:
+            log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked: no prunable group",
+                        100 * achieved, _WHAT[what], 100 * goal_frac)
+        elif achieved + 1e-12 < goal_frac:
             cause = shortfall or ("the steps' re-scoring left less to remove" if n_steps > 1 else
                                   "the plan the search chose misses it")
             log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked: %s", 100 * achieved,
@@ -931,6 +940,28 @@ def plan_from_metric(
 
 
 _WHAT = {"macs": "MACs", "params": "parameters"}
+
+
+def nothing_prunable(left_out: Sequence[Any], shown: int = 2) -> str:
+    """Why a model offers no prunable group, in one line: how many roots discovery left out and
+    the ``shown`` most frequent reasons (with how many roots each and the first root's name), for
+    the warning of a plan that removes nothing. ``left_out``: `LeftOut` entries
+    (``prunable_groups(...).left_out``). Raises nothing."""
+    if not left_out:
+        return ("the model has no prunable group and discovery left out no root (no Linear, Conv "
+                "or Embedding ran on the example inputs)")
+    reasons: dict[str, list[str]] = {}
+    for lo in left_out:
+        reasons.setdefault(lo.reason, []).append(lo.name)
+    top = sorted(reasons.items(), key=lambda kv: -len(kv[1]))  # stable: first seen wins a tie
+    parts = [f"{len(names)} root{'s' if len(names) > 1 else ''} ({names[0]!r}"
+             f"{', ...' if len(names) > 1 else ''}): {reason}" for reason, names in top[:shown]]
+    rest = sum(len(names) for _, names in top[shown:])
+    others = len(top) - shown
+    more = f"; {rest} more for {others} other reason{'s' if others > 1 else ''}" if rest else ""
+    return (f"no prunable group: discovery left out all {len(left_out)} roots: " + "; ".join(parts)
+            + more + " (prunable_groups(...).left_out, or `pruneplan groups`, lists every root "
+            "with its reason)")
 
 
 def stats_before_after(model: nn.Module, plan: PrunePlan, example_inputs: Any) -> tuple[Any, Any]:

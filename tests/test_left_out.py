@@ -119,3 +119,77 @@ def test_a_layer_whose_weight_is_transformed_before_use_is_left_out_by_name() ->
         "(it is transformed first, e.g. by weight standardisation, or read by code no rule "
         "describes); register a rule for _StdConv (pruneplan.register_module_rule) to prune it")
     assert reasons["0"] == "they reach operation 'conv2d' in module '2'"
+
+
+# ---- a plan that removes nothing because every root is left out (trial finding F-empty-plan) ----
+
+STD = ("this _StdConv ran, but no call discovery recognises used its weight as the layer's own "
+       "(it is transformed first, e.g. by weight standardisation, or read by code no rule "
+       "describes); register a rule for _StdConv (pruneplan.register_module_rule) to prune it")
+# roots '2' and '4' (weight standardised: the most frequent reason, first), '0' (blocked at the
+# conv2d of '2'), '6' (the output): 4 roots, 3 reasons; the first 2 reasons are shown
+NOTHING = ("the plan removes nothing: no prunable group: discovery left out all 4 roots: "
+           f"2 roots ('2', ...): {STD}; 1 root ('0'): they reach operation 'conv2d' in module '2'; "
+           "1 more for 1 other reason (prunable_groups(...).left_out, or `pruneplan groups`, lists "
+           "every root with its reason)")
+
+
+def _all_left_out() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _StdConv(8, 8, 3), nn.ReLU(),
+                         _StdConv(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_plan_with_every_root_left_out_warns_with_the_count_and_the_top_reasons(
+        caplog: pytest.LogCaptureFixture) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    with caplog.at_level(logging.INFO, logger="pruneplan"):
+        plan = pp.plan_from_metric(_all_left_out(), x, "lp_norm", 0.3)
+    assert plan.groups == [] and _warnings(caplog) == [NOTHING]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pruneplan"):
+        plan = pp.plan_from_metric(_all_left_out(), x, "lp_norm", target={"params": 0.2})
+    assert plan.groups == [] and plan.provenance.selection["achieved"] == {"params": 0.0}
+    assert _warnings(caplog) == [
+        NOTHING, "target not met: removes 0.0% of the parameters, 20.0% asked: no prunable group"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pruneplan"):  # nothing asked: nothing to tell
+        pp.plan_from_metric(_all_left_out(), x, "lp_norm", 0.0)
+    assert _warnings(caplog) == []
+
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class _StdConv(nn.Conv2d):
+    def forward(self, x):
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None,
+                                           None, training=True, momentum=0.0, eps=1e-5)
+        return torch.nn.functional.conv2d(x, w.reshape_as(self.weight), self.bias)
+
+
+def make():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _StdConv(8, 8, 3), nn.ReLU(),
+                         _StdConv(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+'''
+
+
+def test_cli_plan_with_every_root_left_out_warns_and_says_nothing_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "stdnet.py").write_text(MODEL_FILE)
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(cli, ["plan", "--model", f"{tmp_path / 'stdnet.py'}:make",
+                                      "--input-shape", "3,16,16", "--metric", "lp_norm",
+                                      "--ratio", "0.3", "-o", str(out)])
+    # a warning, not an error (README "Reliability"): the plan is written, exit 0
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [f"warning: {NOTHING}"]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"wrote {out}: 0 groups, 0 units removed, digest {pp.PrunePlan.load(out).digest()[:12]}"
+    assert lines[1] == ("requested ratio 0.3 (scope layer): no prunable group was considered, so "
+                        "nothing is removed (the warning says why; `pruneplan groups` lists every "
+                        "root left out with its reason)")
