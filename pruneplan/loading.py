@@ -890,7 +890,7 @@ def plan_from_metric(
         elif achieved + 1e-12 < goal_frac:
             cause = shortfall or ("the steps' re-scoring left less to remove" if n_steps > 1 else
                                   "the plan the search chose misses it")
-            log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked: %s", 100 * achieved,
+            log.warning("target not met: removes %.2f%% of the %s, %.2f%% asked: %s", 100 * achieved,
                         _WHAT[what], 100 * goal_frac, cause)
         else:
             log.info("target met: removes %.2f%% of the %s (%.2f%% asked)", 100 * achieved, _WHAT[what],

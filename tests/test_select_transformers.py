@@ -244,7 +244,7 @@ def test_an_unreachable_target_names_its_cause(caplog) -> None:
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     achieved = plan.provenance.selection["achieved"]["params"]
     assert warnings == [
-        f"target not met: removes {100 * achieved:.1f}% of the parameters, 99.0% asked: even removing "
+        f"target not met: removes {100 * achieved:.2f}% of the parameters, 99.00% asked: even removing "
         "every unit the selection may take (each group keeps at least min_keep=1 unit(s), a multiple "
         "of round_to=1, and the config fit keeps equal counts per layer and a hidden size the heads "
         "divide: 8 of 324 units kept) misses it; lower min_keep/round_to, exclude fewer groups or set "

@@ -242,7 +242,7 @@ def test_an_unreachable_params_target_names_the_floors_and_what_no_group_slices(
     assert [g.size - len(g.removed) for g in plan.groups] == [1, 1]
     achieved = plan.provenance.selection["achieved"]["params"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"target not met: removes {100 * achieved:.1f}% of the parameters, 99.0% asked: even removing "
+        f"target not met: removes {100 * achieved:.2f}% of the parameters, 99.00% asked: even removing "
         "every unit the selection may take (each group keeps at least min_keep=1 unit(s), a multiple "
         "of round_to=1: 2 of 20 units kept) misses it; 27 of the 2319 parameters (1.2%) are in "
         "tensors that no prunable group slices; lower min_keep/round_to, exclude fewer groups or set "
