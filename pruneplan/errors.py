@@ -95,7 +95,10 @@ class UnsupportedOperationError(PlanningError):
 class ExamplePassError(PlanningError):
     """The model's own forward pass fails on the example inputs given (wrong shape or dtype): the
     message names the module where it failed and the inputs' shapes; the model's exception is
-    chained (``__cause__``)."""
+    chained (``__cause__``). ``module``: the path of that module (``None``: the model's own
+    forward, outside any submodule)."""
+
+    module: str | None = None
 
 
 class CriterionError(PlanningError):

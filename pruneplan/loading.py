@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneplan._io import check_regular
-from pruneplan.errors import CriterionError, PlanningError, quote
+from pruneplan.errors import CriterionError, ExamplePassError, PlanningError, quote
 from pruneplan.graph.discover import left_out_summary, prunable_groups
+from pruneplan.graph.probe import check_example_pass
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
@@ -245,13 +246,15 @@ def check_example(model: nn.Module, example: Any) -> None:
     """
     try:
         with torch.no_grad():
-            model(example)
-    except Exception as exc:
+            check_example_pass(model, (example,))
+    except ExamplePassError as exc:
         shape = list(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
-        raise PlanningError(
-            f"the model does not run on an example input of shape {shape} ({type(exc).__name__}: "
-            f"{_one_line(exc)})"
-        ) from None
+        cause = exc.__cause__
+        where = "" if exc.module is None else f", in module {quote(exc.module)}"
+        raise ExamplePassError(
+            f"the model does not run on an example input of shape {shape}{where} "
+            f"({type(cause).__name__}: {_one_line(cause)})"
+        ) from cause
 
 
 def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> None:
@@ -268,13 +271,15 @@ def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> N
     x, y = batch[0], batch[1]
     try:
         with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
+            out = check_example_pass(model, (x,), "data's inputs")
+    except ExamplePassError as exc:
         shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise PlanningError(
-            f"the data's inputs (first batch: {shape}) do not fit the model ({type(exc).__name__}: "
-            f"{_one_line(exc)})"
-        ) from None
+        cause = exc.__cause__
+        where = "" if exc.module is None else f", in module {quote(exc.module)}"
+        raise ExamplePassError(
+            f"the data's inputs (first batch: {shape}) do not fit the model{where} "
+            f"({type(cause).__name__}: {_one_line(cause)})"
+        ) from cause
     fn = CRITERIA[criterion]
     if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor) \
             and not getattr(fn, "accepts_model_output", False):

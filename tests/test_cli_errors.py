@@ -142,7 +142,9 @@ def _cases(d: Path) -> list[tuple[str, list[str], int, str]]:
     return [
         # bad input: exit 1, one error line
         ("input shape does not fit", replace(plan_args, "--input-shape", "5"), 1,
-         "error: --input-shape 5: the model does not run on an example input of shape [2, 5]"),
+         # the first Linear (4 -> 6) meets 5 features: it is named, with torch's own message
+         "error: --input-shape 5: the model does not run on an example input of shape [2, 5], in module "
+         "'0' (RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x5 and 4x6))"),
         ("groups input shape", ["groups", "--model", model, "--input-shape", "3,2"], 1,
          "error: --input-shape 3,2: the model does not run"),
         ("weights of another model", plan_with("--weights", str(d / "other.safetensors")), 1,
@@ -171,7 +173,8 @@ def _cases(d: Path) -> list[tuple[str, list[str], int, str]]:
         ("data empty", plan_with(metric="taylor", data="empty"), 1, "yields no batches"),
         ("data not iterable", plan_with(metric="taylor", data="number"), 1, "gave a int, not an iterable"),
         ("data of another input size", plan_with(metric="taylor", data="wrong_inputs"), 1,
-         "the data's inputs (first batch: [2, 5]) do not fit the model"),
+         "the data's inputs (first batch: [2, 5]) do not fit the model, in module '0' (RuntimeError: "
+         "mat1 and mat2 shapes cannot be multiplied (2x5 and 4x6))"),
         ("mse with class labels", plan_with("--criterion", "mse", metric="taylor", data="good"), 1,
          "criterion 'mse' needs float targets shaped like the model's output [2, 3]; the data gives "
          "int64 targets of shape [2]"),

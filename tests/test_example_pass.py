@@ -68,7 +68,7 @@ def test_wrong_channels_name_the_first_conv(call) -> None:
         call(model)
     check(err, "in module 'conv' (Conv2d) of Net", "[2, 4, 8, 8] float32",
           "expected input[2, 4, 8, 8] to have 3 channels")
-    assert isinstance(err.value, pp.PlanningError)
+    assert isinstance(err.value, pp.PlanningError) and err.value.module == "conv"
     after = state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not model.training
@@ -80,6 +80,7 @@ def test_the_innermost_running_module_is_named() -> None:
     with pytest.raises(pp.ExamplePassError) as err:
         pp.prunable_groups(model, torch.randn(2, 3, 8, 8))
     check(err, "in module 'block.fc' (Linear) of Net", "[2, 3, 8, 8] float32", "(2x7 and 6x5)")
+    assert err.value.module == "block.fc"
 
 
 def test_a_failure_outside_any_submodule_names_the_model() -> None:
@@ -87,6 +88,7 @@ def test_a_failure_outside_any_submodule_names_the_model() -> None:
     with pytest.raises(pp.ExamplePassError) as err:
         pp.prunable_groups(net(), (x, scale))
     check(err, "in Net", "[2, 3, 8, 8] float32, [2, 5] float64", "shape '[-1, 6]' is invalid")
+    assert err.value.module is None
 
 
 def test_a_tracer_failure_on_inputs_the_model_runs_stays_the_tracers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,11 +70,11 @@ def describe_inputs(args: tuple) -> str:
     return ", ".join(parts) or "no arguments"
 
 
-def check_example_pass(model: nn.Module, args: tuple, what: str = "example inputs") -> None:
+def check_example_pass(model: nn.Module, args: tuple, what: str = "example inputs") -> Any:
     """Run ``model(*args)`` once, plainly (the caller sets the mode and grad); when the model's
     own forward raises, raise an `ExamplePassError` naming the innermost module that was running
-    and the inputs, chained to the model's exception. Returns ``None`` when the pass succeeds
-    (then a failure seen elsewhere was not the model's).
+    and the inputs, chained to the model's exception. Returns the model's output when the pass
+    succeeds (then a failure seen elsewhere was not the model's).
 
     Raises:
         ExamplePassError: the model's forward raises on ``args``.
@@ -99,8 +99,7 @@ def check_example_pass(model: nn.Module, args: tuple, what: str = "example input
                 handles.append(m.register_forward_pre_hook(pre(name)))
                 handles.append(m.register_forward_hook(post))
         try:
-            model(*args)
-            return
+            return model(*args)
         except Exception as exc:
             failed = exc
     finally:
@@ -109,10 +108,12 @@ def check_example_pass(model: nn.Module, args: tuple, what: str = "example input
     where = f"in module {quote(running[-1][0])} ({type(running[-1][1]).__name__}) of " if running else "in "
     text = "; ".join(line.strip() for line in str(failed).splitlines() if line.strip())
     text = text if len(text) <= 300 else text[:300] + "..."
-    raise ExamplePassError(
+    error = ExamplePassError(
         f"the example pass failed {where}{type(model).__name__} on the {what} given "
         f"({describe_inputs(args)}): {type(failed).__name__}: {text}"
-    ) from failed
+    )
+    error.module = running[-1][0] if running else None
+    raise error from failed
 
 
 class frozen_mode:
