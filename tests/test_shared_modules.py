@@ -457,3 +457,42 @@ def test_a_module_held_under_two_names_couples_its_calls(tracer: str) -> None:
     plan = pp.plan_pruning(model, {"a": [1, 3], "c": [0]}, example_inputs=x)
     pruned = pp.apply_plan(copy.deepcopy(model), plan)
     assert pruned.d is pruned.c and pruned.c.weight.shape == (5, 6, 1, 1)
+
+
+# ---- a follower (BatchNorm) shared by two branches ----------------------------------------------
+
+
+class SharedNorm(nn.Module):
+    """``c(cat([bn(a(x)), bn(b(x))]))``: one BatchNorm normalising two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(16, 4, 1)
+        self.h = nn.Conv2d(4, 2, 1)
+        with torch.no_grad():  # statistics that are not the identity
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(F.relu(self.c(torch.cat([self.bn(self.a(x)), self.bn(self.b(x))], 1))))
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_norm_shared_by_two_branches_couples_them(tracer: str) -> None:
+    # bn's channel i (weight, bias, statistics) normalises a's channel i and b's channel i; c
+    # reads a's at columns 0-7 and b's at 8-15: a's unit i goes with b's unit i
+    model, x = SharedNorm().eval(), torch.randn(2, 3, 6, 6)
+    groups = pp.prunable_groups(model, x, tracer=tracer)
+    assert [(g.name, g.roots) for g in groups] == [("a", ("a", "b")), ("c", ("c",))]
+    assert _layout(groups[0]) == (
+        {("a.weight", 0), ("a.bias", 0), ("b.weight", 0), ("b.bias", 0), ("bn.weight", 0),
+         ("bn.bias", 0), ("bn.running_mean", 0), ("bn.running_var", 0), ("c.weight", 1)},
+        {("a", "out_channels", 8, 1), ("b", "out_channels", 8, 1), ("bn", "num_features", 8, 1),
+         ("c", "in_channels", 16, 2)})
+    c_cols = {(s.offset, s.repeat, s.tiles, s.tile_stride) for s in groups[0].slices
+              if s.tensor == "c.weight"}
+    assert c_cols == {(0, 1, 2, 8)}  # unit i: columns i and 8 + i
+    _random_subsets_apply(model, x, groups)

@@ -183,12 +183,16 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         comp = new
 
 
-#: operations that read only the dtype, device or shape of a tensor argument (``x.to(self.w)``,
-#: ``torch.zeros_like(self.w)``): not a call reading the values of a parameter (`couple_shared`)
+#: operations that read only the dtype, device or shape of their tensor arguments
+#: (``torch.zeros_like(self.w)``, ``self.w.new_zeros(n)``): no call reading a parameter's values
+#: (`couple_shared`)
 _READS_NO_VALUES = frozenset({
-    "to", "type_as", "expand_as", "view_as", "reshape_as", "zeros_like", "ones_like", "empty_like",
-    "full_like", "rand_like", "randn_like", "randint_like", "new_zeros", "new_ones", "new_empty",
-    "new_full", "new_tensor", "size", "dim", "numel"})
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+    "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "size", "dim",
+    "numel"})
+#: operations whose arguments after the first give only a dtype, device or shape
+#: (``x.to(self.w)``, ``x.expand_as(self.w)``)
+_READS_FIRST_ONLY = frozenset({"to", "type_as", "expand_as", "view_as", "reshape_as"})
 
 
 class Engine:
@@ -1026,7 +1030,8 @@ class Engine:
             elif node.kind != "op" or isinstance(self.info[node.idx], PView) \
                     or not tensorish(node.meta) or node.target in _READS_NO_VALUES:
                 continue
-            for ref in iter_refs((node.args, node.kwargs)):
+            read = node.args[:1] if node.target in _READS_FIRST_ONLY else (node.args, node.kwargs)
+            for ref in iter_refs(read):
                 v = self.info[ref.node]
                 if isinstance(v, PView):
                     hit.add(alias.get(v.key, v.key))
