@@ -13,6 +13,11 @@ later plan back to the original coordinates:
   with `PlanMismatchError` naming the tensor. The whole-state-dict digest is the first plan's;
   the digests of later plans cannot be checked (they cover tensors no plan lists).
 * edits and dropout changes keep the value before the first plan and sum the deltas.
+* the provenance keeps the first plan's ``library``, ``torch`` and ``weights_digest`` (the content
+  digest of the weights the composed plan starts from, so that applying it to other weights
+  warns as the first plan does); ``notes`` lists the plans' digests. Metric and selection, which
+  differ from step to step, are not carried over. A single plan composes to itself (``compose([p])
+  == p``, byte for byte).
 
 Index maps stay affine where the composed mapping allows it (unchanged maps are kept as they
 are); otherwise the slice lists explicit ``positions``. Pure Python: no torch.
@@ -73,6 +78,10 @@ class _Group:
 def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
     """One plan, relative to the original model, equivalent to applying ``plans`` in order.
 
+    The result records the first plan's fingerprint and ``provenance.weights_digest`` (both
+    describe the model the composed plan applies to). ``compose([p])`` returns a copy of ``p``
+    (the same digest): one plan is already relative to the model it applies to.
+
     Raises:
         PlanValidationError: ``plans`` is empty, or the composed plan breaks a format rule
             (e.g. two differently named groups slicing the same positions).
@@ -85,6 +94,8 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
     for i, p in enumerate(plans):
         if not isinstance(p, PrunePlan):
             raise PlanValidationError(f"plan {i} is a {type(p).__name__}, not a PrunePlan")
+    if len(plans) == 1:  # the identity: nothing to map, and its provenance stays whole
+        return plans[0].model_copy(deep=True)
 
     original: dict[str, list[int]] = {}  # composed fingerprint
     current: dict[str, list[int]] = {}  # shapes left by the plans so far
@@ -220,6 +231,7 @@ def compose(plans: Sequence[PrunePlan]) -> PrunePlan:
     provenance = Provenance(
         library=first.library,
         torch=first.torch,
+        weights_digest=first.weights_digest,  # the weights the composed plan starts from
         notes=f"composed of {len(plans)} plans: " + ", ".join(p.digest()[:12] for p in plans),
     )
     config = _compose_config(plans)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -123,9 +124,10 @@ def test_compose_round_trips_json_and_single_plan(three):
     _, _, plans, _ = three
     composed = compose(plans)
     assert PrunePlan.from_json(composed.to_json()) == composed
-    # a single plan composes to itself, apart from provenance
+    # a single plan composes to itself, byte for byte (provenance included)
     alone = compose(plans[:1])
-    assert alone.groups == plans[0].groups and alone.model == plans[0].model
+    assert alone.to_json() == plans[0].to_json() and alone.digest() == plans[0].digest()
+    assert alone is not plans[0]  # a copy: changing it leaves the caller's plan alone
     # composing is deterministic
     assert compose(plans).to_json() == composed.to_json()
 
@@ -263,3 +265,30 @@ def test_compose_differently_named_groups_on_same_positions_is_refused():
     p2 = _plan({"t": [3]}, [{"name": "b", "size": 3, "removed": [0], "slices": [{"tensor": "t", "axis": 0}]}])
     with pytest.raises(PlanValidationError, match=r"composed plan is invalid.*'a' and 'b'"):
         compose([p1, p2])
+
+
+def test_compose_keeps_the_first_plans_weights_digest_so_other_weights_warn() -> None:
+    # trial finding F-compose-provenance: the composed plan starts from plan 1's weights; it
+    # used to drop their content digest, so applying it to other weights was silent
+    from pruneplan import WeightsContentWarning, plan_from_metric, weights_digest
+
+    model, x = _net().eval(), torch.randn(2, 1, 8, 8)
+    original = copy.deepcopy(model)
+    p1 = plan_from_metric(model, x, "lp_norm", 0.25)
+    apply_plan(model, p1)
+    p2 = plan_from_metric(model, x, "random", 0.25, seed=3)
+    composed = compose([p1, p2])
+    assert p1.provenance.weights_digest == weights_digest(original)
+    assert composed.provenance.weights_digest == p1.provenance.weights_digest
+    assert composed.provenance.notes == f"composed of 2 plans: {p1.digest()[:12]}, {p2.digest()[:12]}"
+    assert composed.provenance.metric is None  # a step's metric is not the composed plan's
+    other = _net()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)  # same names and shapes, other content
+    with pytest.warns(WeightsContentWarning):
+        apply_plan(copy.deepcopy(other), composed)
+    with pytest.raises(PlanMismatchError):
+        apply_plan(copy.deepcopy(other), composed, check_content="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the weights it was made from: no warning
+        apply_plan(copy.deepcopy(original), composed)
