@@ -890,7 +890,7 @@ def plan_from_metric(
         selection["target"] = {what: goal_frac}
         selection["achieved"] = {what: round(achieved, 6)}
         if achieved + 1e-12 < goal_frac and units == 0:
-            log.warning("target not met: removes %.1f%% of the %s, %.1f%% asked: no prunable group",
+            log.warning("target not met: removes %.2f%% of the %s, %.2f%% asked: no prunable group",
                         100 * achieved, _WHAT[what], 100 * goal_frac)
         elif achieved + 1e-12 < goal_frac:
             cause = shortfall or ("the steps' re-scoring left less to remove" if n_steps > 1 else

@@ -154,7 +154,7 @@ def test_a_plan_with_every_root_left_out_warns_with_the_count_and_the_top_reason
         plan = pp.plan_from_metric(_all_left_out(), x, "lp_norm", target={"params": 0.2})
     assert plan.groups == [] and plan.provenance.selection["achieved"] == {"params": 0.0}
     assert _warnings(caplog) == [
-        NOTHING, "target not met: removes 0.0% of the parameters, 20.0% asked: no prunable group"]
+        NOTHING, "target not met: removes 0.00% of the parameters, 20.00% asked: no prunable group"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pruneplan"):  # nothing asked: nothing to tell
         pp.plan_from_metric(_all_left_out(), x, "lp_norm", 0.0)
