@@ -756,6 +756,10 @@ def plan_from_metric(
             everything excluded, or a model on the ``meta`` device (no data to score) with a
             metric other than ``"random"`` (its plan then records no content digest).
         UnsupportedOperationError: discovery meets an operation it does not understand.
+        ExamplePassError: the model's own forward pass fails on ``example_inputs`` (naming the
+            module where it failed and the inputs' shapes and dtypes).
+        CriterionError: the criterion raises on the model's outputs and the data's targets
+            (``cross_entropy`` with one target per token points to ``causal_lm``).
     """
     from pruneplan.apply import apply_plan, weights_digest
     from pruneplan.apply.content import no_data_message, tensors_without_data

@@ -117,6 +117,8 @@ def plan_pruning(
         CoupledGroupError: indices are given for one member of a coupled group with
             ``couple="error"``.
         UnsupportedOperationError: discovery meets an operation it does not understand.
+        ExamplePassError: the model's own forward pass fails on ``example_inputs`` (naming the
+            module where it failed and the inputs' shapes and dtypes).
     """
     if cascades is not None:
         groups = explicit_groups(model, list(removed), dict(cascades), example_inputs)

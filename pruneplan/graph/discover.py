@@ -218,6 +218,8 @@ def prunable_groups(
     Raises:
         UnsupportedOperationError: naming the operation and the module path it ran in.
         UnexecutedModuleError: with ``strict=True``, naming the modules no call reached.
+        ExamplePassError: the model's own forward pass fails on ``example_inputs`` (naming the
+            module where it failed and the inputs' shapes and dtypes).
     """
     if on_unsupported not in ("error", "skip"):
         raise PlanningError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
