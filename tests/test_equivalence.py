@@ -171,3 +171,40 @@ def test_explicit_cascade_with_a_norm_of_the_wrong_width_is_refused() -> None:
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6))
     with pytest.raises(pp.PlanningError, match=r"module '3' \(BatchNorm2d\) normalises 6 channels, but 4 reach it"):
         pp.plan_pruning(m, {"0": [1]}, cascades={"0": ["1", "2", "3"]})
+
+
+class SharedDropout(nn.Module):
+    """One Dropout module applied at two places, to the units of two different groups (as
+    RoBERTa's classification head applies ``dropout`` to the hidden size and to its dense
+    layer's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.drop(torch.relu(self.b(self.drop(torch.relu(self.a(x)))))))
+
+
+def test_a_dropout_shared_by_two_groups_keeps_its_rate(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(12)
+    m, x = SharedDropout().eval(), torch.randn(5, 4)
+    with caplog.at_level("INFO", logger="pruneplan.graph.discover"):
+        groups = pp.prunable_groups(m, x)
+    assert [(g.name, g.dropouts) for g in groups] == [("a", ()), ("b", ())]
+    assert ("dropout 'drop' is reached by the units of 2 groups ('a', 'b'); its rate stays as "
+            "it is") in caplog.messages
+    # one rate cannot follow both counts: summing the seed rule's changes, 0.2 * (1 - 6/8) and
+    # 0.2 * (1 - 4/6), would give 0.2 - 0.15 - 0.0667 < 0 (a plan the validator refuses)
+    plan = pp.plan_pruning(m, {"a": [0, 1, 2, 3, 4, 5], "b": [0, 1, 2, 3]}, example_inputs=x)
+    assert plan.dropout_changes() == {}
+    zeroed = zero_inputs(m, {"b": [0, 1, 2, 3, 4, 5], "c": [0, 1, 2, 3]})
+    with torch.no_grad():
+        want = m(x)
+    for h in zeroed:
+        h.remove()
+    pruned = pp.apply_plan(copy.deepcopy(m), plan)
+    assert pruned.drop.p == 0.2
+    assert tuple(pruned.b.weight.shape) == (2, 2) and tuple(pruned.c.weight.shape) == (2, 2)
+    torch.testing.assert_close(pruned(x), want)

@@ -11,6 +11,7 @@ axis, module attribute and dropout rate its units own, and which roots are coupl
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -260,9 +261,34 @@ def prunable_groups(
         if n and n not in offered and n not in skipped and n not in sliced and _is_root_type(m)
         and _owns_weight(m) and id(getattr(m, "weight", None)) not in spoken]
     groups.unexecuted = list(unreached)
+    _unshared_dropouts(groups)
     log.info("%d prunable groups, %d roots left out (%s graph of %d nodes)", len(groups),
              len(groups.left_out), graph.source, len(graph.nodes))
     return groups
+
+
+def _unshared_dropouts(groups: GroupList) -> None:
+    """A dropout module that several groups' units pass through (one module called at several
+    places, as RoBERTa's classification head applies ``dropout`` to the hidden size and to its
+    dense layer's output) keeps its rate: one rate cannot follow two unit counts, and summing
+    the groups' changes could leave it outside [0, 1). Logged at INFO, naming the module."""
+    seen: dict[str, list[str]] = {}
+    for g in groups:
+        for d in g.dropouts:
+            seen.setdefault(d.module, []).append(g.name)
+    shared = {m: names for m, names in seen.items() if len(names) > 1}
+    if not shared:
+        return
+    for m, names in sorted(shared.items()):
+        log.info("dropout %r is reached by the units of %d groups (%s); its rate stays as it is",
+                 m, len(names), ", ".join(repr(n) for n in names))
+    def keep(g: Group) -> Group:
+        if not any(d.module in shared for d in g.dropouts):
+            return g
+        return replace(g, dropouts=tuple(d for d in g.dropouts if d.module not in shared))
+
+    groups[:] = [keep(g) for g in groups]
+    groups.alternatives = [keep(g) for g in groups.alternatives]
 
 
 def _leave_out_vocabulary(model: nn.Module, modules: dict, groups: GroupList) -> None:
