@@ -21,6 +21,7 @@ be rebuilt from its own config is left to the table (logged at INFO).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruneplan.hf_config import get_value
 from pruneplan.plan import ConfigChange, ConfigEdits, PrunePlan
 
 log = logging.getLogger(__name__)
@@ -40,17 +42,114 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _shapes_of(model: nn.Module, config: Any, values: Mapping[str, Any]) -> dict[str, list[int]] | str:
-    """State-dict shapes of ``type(model)`` built on ``meta`` from ``config`` with ``values``
-    changed; the error text when that fails."""
-    data = {**config.to_dict(), **values}
+def _built(model: nn.Module, config: Any, values: Mapping[str, Any]) -> nn.Module | str:
+    """``type(model)`` built on ``meta`` from ``config`` with ``values`` changed (keys as
+    `pruneplan.hf_config.set_value` takes them); the error text when that fails."""
+    from pruneplan.hf_config import set_value
+
+    data = copy.deepcopy(config.to_dict())
     try:
+        for key, value in values.items():
+            set_value(data, key, value)
         cfg = type(config).from_dict(data)
         with torch.device("meta"):
-            built = type(model)(cfg)
+            return type(model)(cfg)
     except Exception as exc:  # the model's own code refuses the config
         return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def _shapes_of(model: nn.Module, config: Any, values: Mapping[str, Any]) -> dict[str, list[int]] | str:
+    """State-dict shapes of the model `_built` from the config; the error text when that fails."""
+    built = _built(model, config, values)
+    if isinstance(built, str):
+        return built
     return {k: list(v.shape) for k, v in built.state_dict().items()}
+
+
+#: attributes attention modules keep their head count in
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+
+
+def _head_counts(model: nn.Module, plan: PrunePlan) -> dict[str, tuple[str, int, int]]:
+    """Attention module -> (attribute, heads before, heads the plan leaves) for every head
+    group of the plan whose attention module keeps its head count in an attribute."""
+    out = {}
+    for g in plan.groups:
+        if g.kind not in ("heads", "query_groups"):
+            continue
+        attn = g.name.rpartition(".")[0]
+        try:
+            m = model.get_submodule(attn)
+        except AttributeError:
+            continue
+        attr = next((a for a in _HEAD_ATTRS if _int(getattr(m, a, None))), None)
+        if attr is None:
+            continue
+        n = getattr(m, attr)
+        if g.kind == "heads" and g.size == n:
+            out[attn] = (attr, n, n - len(g.removed))
+        elif g.kind == "query_groups" and n % g.size == 0:
+            out[attn] = (attr, n, (g.size - len(g.removed)) * (n // g.size))
+    return out
+
+
+def _heads_wrong(built: nn.Module, counts: Mapping[str, tuple[str, int, int]]) -> dict[str, int | None]:
+    """Attention module -> the head count the built model gives it, where that is not the
+    count the plan leaves (same shapes can hold 2 heads of 16 or 4 of 8)."""
+    out = {}
+    for attn, (attr, _, after) in counts.items():
+        try:
+            got = getattr(built.get_submodule(attn), attr, None)
+        except AttributeError:
+            got = None
+        if got != after:
+            out[attn] = got
+    return out
+
+
+def _fix_heads(model: nn.Module, config: Any, base: Mapping[str, Any], plan: PrunePlan,
+               values: dict[str, Any], changes: list[ConfigChange], expected: Mapping[str, list[int]]
+               ) -> str | None:
+    """Make the head counts of the model built from the config those the plan leaves, by
+    setting the head-count keys (`pruneplan.hf_config.HEADS_KEYS`, at the top or in a nested
+    config such as CLIP's ``text_config``) that hold the count before pruning; ``values`` and
+    ``changes`` are updated. Returns why it cannot (None: the counts agree)."""
+    from pruneplan.hf_config import HEADS_KEYS
+
+    counts = _head_counts(model, plan)
+    if not counts:
+        return None
+    built = _built(model, config, values)
+    if isinstance(built, str):
+        return None
+    wrong = _heads_wrong(built, counts)
+    if not wrong:
+        return None
+    keys = [k for k in HEADS_KEYS if k in base] + [
+        f"{top}.{k}" for top, v in base.items() if isinstance(v, Mapping) for k in HEADS_KEYS if k in v]
+    for key in keys:
+        if key in values or not wrong:
+            continue
+        before = _int(get_value(base, key))
+        afters = {counts[a][2] for a in wrong if counts[a][1] == before}
+        if before is None or len(afters) != 1:
+            continue
+        trial = {**values, key: afters.pop()}
+        built = _built(model, config, trial)
+        if isinstance(built, str):
+            continue
+        now = _heads_wrong(built, counts)
+        shapes = {k: list(v.shape) for k, v in built.state_dict().items()}
+        if len(now) < len(wrong) and not _wrong(expected, shapes):
+            values[key] = trial[key]
+            changes.append(ConfigChange(key=key, before=before, after=trial[key]))
+            wrong = now
+    if wrong:
+        attn = sorted(wrong)[0]
+        return (f"no config key holds the head count of {len(wrong)} attention modules (e.g. "
+                f"{attn!r} keeps {counts[attn][2]} of {counts[attn][1]} heads, a model built from "
+                f"the rewritten config has {wrong[attn]})")
+    return None
 
 
 def _wrong(expected: Mapping[str, list[int]], got: Mapping[str, list[int]]) -> dict[str, list[int] | None]:
@@ -74,6 +173,9 @@ def _candidates(config: Mapping[str, Any], original: Mapping[str, list[int]],
             ints.append((key, None, v))
         elif isinstance(v, list) and v and all(_int(e) for e in v):
             ints += [(key, i, e) for i, e in enumerate(v) if (key, i) not in changed]
+        elif isinstance(v, Mapping):  # a nested config (CLIP's text_config, vision_config)
+            ints += [(f"{key}.{k}", None, e) for k, e in v.items()
+                     if _int(e) and (f"{key}.{k}", None) not in changed]
     exact: list[_Cand] = []
     divided: list[_Cand] = []
     for tensor in sorted(wrong):
@@ -109,7 +211,7 @@ def _with(values: Mapping[str, Any], config: Mapping[str, Any], cands: Sequence[
         if i is None:
             out[key] = new
         else:
-            lst = list(out.get(key, config[key]))
+            lst = list(out.get(key, get_value(config, key)))
             lst[i] = new
             out[key] = lst
     return out
@@ -178,18 +280,21 @@ def _verify(model: nn.Module, plan: PrunePlan, edits: ConfigEdits | None
                 values = trial_values
                 for key, i, new in cands:
                     changed.add((key, i))
-                    before = _int(base.get(key)) if i is None else base[key][i]
+                    before = _int(get_value(base, key)) if i is None else base[key][i]
                     changes.append(ConfigChange(key=key if i is None else f"{key}[{i}]",
                                                 before=before, after=new))
                 wrong, progress = now, True
                 break
         if not progress:
             break
+    why = _fix_heads(model, config, base, plan, values, changes, expected) if not wrong else None
+    if why is not None:
+        kept.append(why)
     same = {(c.key, c.before, c.after) for c in changes} == {
         (c.key, c.before, c.after) for c in (edits.changes if edits is not None else [])}
-    if not wrong and edits is not None and not misread and same:
+    if not wrong and why is None and edits is not None and not misread and same:
         return edits, {}
-    if not wrong and edits is None and not changes:
+    if not wrong and why is None and edits is None and not changes:
         return None, {}
     if wrong:
         names = sorted(wrong)

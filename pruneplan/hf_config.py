@@ -460,27 +460,45 @@ def split_key(key: str) -> tuple[str, int | None]:
     return (m.group("name"), int(m.group("index"))) if m else (key, None)
 
 
+def _get(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def _parent(config: Any, key: str) -> tuple[Any, str]:
+    """(the mapping or object holding the last part of a dotted ``key``, that part):
+    ``"text_config.hidden_size"`` is ``hidden_size`` of the nested ``text_config``."""
+    *path, last = key.split(".")
+    obj = config
+    for part in path:
+        obj = _get(obj, part)
+    return obj, last
+
+
 def get_value(config: Any, key: str) -> Any:
-    """The value of ``key`` (``name`` or ``name[i]``) in a config mapping or object; ``None``
-    when absent."""
-    name, i = split_key(key)
-    v = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+    """The value of ``key`` (``name``, ``name[i]``, or a dotted path into a nested config,
+    ``text_config.hidden_size``) in a config mapping or object; ``None`` when absent."""
+    obj, last = _parent(config, key)
+    if obj is None:
+        return None
+    name, i = split_key(last)
+    v = _get(obj, name)
     if i is None:
         return v
     return v[i] if isinstance(v, list | tuple) and i < len(v) else None
 
 
 def set_value(config: Any, key: str, value: Any) -> None:
-    """Set ``key`` (``name`` or ``name[i]``: a new list with element ``i`` replaced) in a config
-    mapping or object."""
-    name, i = split_key(key)
+    """Set ``key`` (``name``; ``name[i]``: a new list with element ``i`` replaced; a dotted
+    path into a nested config) in a config mapping or object."""
+    obj, last = _parent(config, key)
+    name, i = split_key(last)
     if i is not None:
-        old = config.get(name) if isinstance(config, Mapping) else getattr(config, name)
+        old = _get(obj, name)
         value = [value if j == i else e for j, e in enumerate(old)]
-    if isinstance(config, Mapping):
-        config[name] = value  # type: ignore[index]
+    if isinstance(obj, Mapping):
+        obj[name] = value  # type: ignore[index]
     else:
-        setattr(config, name, value)
+        setattr(obj, name, value)
 
 
 def apply_config_edits(config: Mapping[str, Any], edits: ConfigEdits, where: str = "config") -> dict:

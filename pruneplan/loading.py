@@ -1150,8 +1150,12 @@ def _fit_unheld(
             break
         for n, k in fitted.items():
             removed[n] = sorted(int(u) for u in _lowest(table[n], k)) if k else []
-            log.warning("group %r loses %d units so that the model's config holds it (a model "
-                        "built from the rewritten config has that width)", n, k)
+            if k:
+                log.warning("group %r loses %d units so that the model's config holds it (a "
+                            "model built from the rewritten config has that width)", n, k)
+            else:
+                log.warning("group %r keeps all its units: a model built from the rewritten "
+                            "config has its full width (no config key holds it pruned)", n)
         for n in drop:
             removed.pop(n, None)
         if drop:
@@ -1493,6 +1497,34 @@ def config_count_sets(model: nn.Module, groups: Sequence[GroupSpec]) -> list[lis
     return [names for _, names in sorted(sets.items()) if len(names) > 1]
 
 
+def _fit_values(model: nn.Module, values: dict[str, Any]) -> dict[str, Any]:
+    """The config as `pruneplan.hf_config.hidden_fits` should read it: a config with
+    ``num_key_value_heads`` and no ``head_dim`` value is read as Llama's (the model reads a
+    ``head_dim`` when one is written, so the hidden size need only be a multiple of the heads),
+    unless the model ignores a written ``head_dim`` (StableLM derives the head size as hidden /
+    heads): then it is given without ``num_key_value_heads``, which `hidden_fits` reads as a
+    derived head size. Found by building the model on ``meta`` at twice the hidden size with
+    and without ``head_dim``: the same shapes mean it is ignored."""
+    from pruneplan._hf_verify import _shapes_of
+    from pruneplan.hf_config import HEAD_DIM_KEYS, HEADS_KEYS, HIDDEN_KEYS, KV_KEYS
+
+    kv = next((k for k in KV_KEYS if k in values), None)
+    hidden_key = next((k for k in HIDDEN_KEYS if isinstance(values.get(k), int)), None)
+    heads_key = next((k for k in HEADS_KEYS if isinstance(values.get(k), int)), None)
+    if kv is None or hidden_key is None or heads_key is None or any(
+            isinstance(values.get(k), int) for k in HEAD_DIM_KEYS):
+        return values
+    config = model.config
+    hidden, heads = values[hidden_key], values[heads_key]
+    if not heads or hidden % heads:
+        return values
+    wider = _shapes_of(model, config, {hidden_key: 2 * hidden})
+    written = _shapes_of(model, config, {hidden_key: 2 * hidden, "head_dim": hidden // heads})
+    if isinstance(wider, str) or isinstance(written, str) or wider != written:
+        return values
+    return {k: v for k, v in values.items() if k != kv}
+
+
 def _query_heads_group(g: GroupSpec, heads: int) -> bool:
     """Whether ``g`` is the query heads of an attention the config's head count describes: a
     group of kind ``"heads"`` or ``"query_groups"`` whose size divides it (by kind, whatever
@@ -1521,7 +1553,7 @@ def _heads_fit_hidden(
     config = getattr(model, "config", None)
     if not callable(getattr(config, "to_dict", None)):
         return removed
-    values = config.to_dict()
+    values = _fit_values(model, config.to_dict())
     heads = next((values[k] for k in HEADS_KEYS if isinstance(values.get(k), int)), None)
     hidden = next((values[k] for k in HIDDEN_KEYS if isinstance(values.get(k), int)), None)
     if not heads or not hidden:
@@ -1585,7 +1617,7 @@ def _hidden_multiple_of_heads(
     config = getattr(model, "config", None)
     if not callable(getattr(config, "to_dict", None)):
         return removed
-    values = config.to_dict()
+    values = _fit_values(model, config.to_dict())
     heads = next((values[k] for k in HEADS_KEYS if isinstance(values.get(k), int)), None)
     if not heads:
         return removed

@@ -173,15 +173,12 @@ MODELS: list[HFModel] = [
                                   max_position_embeddings=16),
                  vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, image_size=32, patch_size=8),
-                 projection_dim=32), "clip", "vision"),
+                 projection_dim=32), "clip", "vision", include_output=True),
 ]
 
 _REFUSED = "refused for a checkpoint, before anything is written (no config key holds the pruned widths)"
 #: architectures that fail today: (exception class name, the precise reason)
 XFAIL: dict[str, tuple[str, str]] = {
-    "stablelm": ("AssertionError", "StableLM derives the head size as hidden_size / "
-                 "num_attention_heads although its config has num_key_value_heads (read as Llama-"
-                 "style, so head_dim is written, which StableLM ignores): " + _REFUSED),
     "qwen2_moe": ("AssertionError", "transformers stores the experts converted (one 3-D tensor "
                   "live, one tensor per expert in the folder): `pruneplan apply` on the saved "
                   "folder is refused (names and shapes differ); apply_plan + save_pretrained works"),
@@ -194,15 +191,13 @@ XFAIL: dict[str, tuple[str, str]] = {
                "are not fitted together through the shared layer: " + _REFUSED),
     "swin": ("AssertionError", "stage widths are embed_dim * 2**i, and the MLP mlp_ratio * width: "
              + _REFUSED),
-    "clip": ("UnsupportedOperationError", "the text model pools by indexing the last hidden state "
-             "with the positions of the end token (a tensor index): discovery stops there"),
 }
 MODELS = [replace(m, xfail=XFAIL.get(m.name)) for m in MODELS]
 #: the real-suite subset (tests/test_hf_real.py): one of each construct that passes, about a
 #: second each (GQA + RoPE, scaled tied embedding, q/k norms, fused MLP, Conv1D-free fused
 #: qkv, learned positions, a sequence classifier, a derived head size, vision, a CNN)
 REAL = ("llama", "qwen3", "gemma2", "phi3", "olmo2", "starcoder2", "granite", "opt", "gpt_neox",
-        "gptj", "roberta", "deberta_v2", "whisper", "deit", "convnext", "resnet")
+        "gptj", "roberta", "deberta_v2", "whisper", "deit", "convnext", "resnet", "clip")
 BY_NAME = {m.name: m for m in MODELS}
 
 

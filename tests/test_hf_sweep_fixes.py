@@ -334,3 +334,82 @@ def test_an_embedding_that_indexes_its_own_weight_is_a_root() -> None:
     assert model.model.decoder.embed_positions.weight.shape == (16, 32)
     assert model.model.decoder.embed_positions.embedding_dim == 32
     assert logits(model, *x).shape == (2, 5, V)
+
+
+def test_stablelm_reads_no_head_dim_so_the_hidden_size_is_heads_times_head_size(tmp_path: Path) -> None:
+    # StableLM has num_key_value_heads (Llama-like) but computes head_dim = hidden / heads:
+    # 2 heads of 16 need hidden 32 exactly (46, a multiple of 2, was planned and refused)
+    cfg = transformers.StableLmConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+                                      max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.StableLmForCausalLM(cfg).eval()
+    x = (ids(),)
+    plan = pp.plan_from_metric(model, x[0], "weight_norm", {"channels": 0.3, "heads": 0.5})
+    changes = {c.key: (c.before, c.after) for c in plan.config.changes}
+    assert changes["hidden_size"] == (64, 32) and changes["num_attention_heads"] == (4, 2)
+    assert plan.config.problems() == []
+    roundtrip_cli(tmp_path, model, plan, x)
+
+
+class Pooled(torch.nn.Module):
+    """CLIP's text pooling: the features at one position per sequence, h[arange(B), pos]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h[torch.arange(h.shape[0]), pos])
+
+
+@pytest.mark.parametrize("tracer", ["fx", "record"])
+def test_advanced_indexing_on_other_axes_keeps_the_channels(tracer: str) -> None:
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    x = (torch.randn(3, 5, 8), torch.tensor([4, 0, 2]))
+    groups = pp.prunable_groups(model, x, tracer=tracer)  # was UnsupportedOperationError
+    assert [(g.name, g.size) for g in groups] == [("a", 16)]
+    plan = build_plan(model, [(groups[0], [1, 5, 6, 11])])
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.b.weight.shape == (4, 12)
+    # the reference: the removed channels zeroed where b reads them
+    handle = model.b.register_forward_pre_hook(
+        lambda m, a: (a[0].index_fill(-1, torch.tensor([1, 5, 6, 11]), 0.0),))
+    with torch.no_grad():
+        want = model(*x)
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_clip_text_and_vision_towers_through_nested_config_keys(tmp_path: Path) -> None:
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=V, max_position_embeddings=16),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=32)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    x = (ids(), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    plan = pp.plan_from_metric(model, x, "weight_norm", {"channels": 0.3, "heads": 0.5},
+                               include_output=True)
+    # both towers: 2 heads of 16 (hidden 32, the head size derived), MLP 90; the head counts
+    # are nested keys (with 32 rows a model built with 4 heads would have heads of 8)
+    assert sorted((c.key, c.before, c.after) for c in plan.config.changes) == [
+        (f"{t}_config.{k}", b, a) for t in ("text", "vision")
+        for k, b, a in (("hidden_size", 64, 32), ("intermediate_size", 128, 90),
+                        ("num_attention_heads", 4, 2))]
+    assert plan.config.problems() == []
+    result = cli_apply(tmp_path, model, plan)
+    assert result.exit_code == 0, result.output
+    pp.apply_plan(model, plan)
+    assert model.config.text_config.num_attention_heads == 2
+    loaded, info = transformers.CLIPModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(*x).logits_per_image, model(*x).logits_per_image,
+                                   rtol=0, atol=0)

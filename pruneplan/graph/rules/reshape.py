@@ -661,23 +661,41 @@ def _embedding_lookup(call: Call) -> tuple[str, nn.Embedding] | None:
 
 
 def _gathered(call: Call, x: Lab, items: list[Any]) -> Lab | None:
-    """``x[..., index, ...]`` with one integer tensor among whole slices, on an axis the labels
-    are not on (a relative position bias of one column per head gathered per pair of positions,
-    ``bias[index]``): the labelled axes stay, moved by the index's extra dims. Anything else
-    (several tensors, a boolean mask, the labelled axis indexed) is an error."""
+    """``x[..., index, ...]`` with integer tensors among whole slices, on axes the labels are
+    not on (a relative position bias of one column per head gathered per pair of positions,
+    ``bias[index]``; CLIP's pooled text features ``h[arange(B), eos_positions]``, the channel
+    axis taken whole): the labelled axes stay, moved as advanced indexing moves them (the
+    index dims, broadcast together, replace adjacent tensor-indexed axes in place, or lead
+    when those axes are apart). Anything else (a boolean mask, a labelled axis indexed) is an
+    error."""
     xmeta, out = call.xmeta, call.out
     tensors = [k for k, it in enumerate(items) if isinstance(it, Ref) and tensorish(call.meta(it))]
     plain = all(k in tensors or it == slice(None) for k, it in enumerate(items))
-    if len(tensors) != 1 or not plain or not isinstance(out, torch.Size):
+    metas = [call.meta(items[k]) for k in tensors]
+    # (a boolean mask gives another output shape than integer indices would: refused below)
+    if not tensors or not plain or not isinstance(out, torch.Size) or not all(
+            isinstance(mt, torch.Size) for mt in metas):
         call.error("indexes them with tensors", x)
         return None
-    p = tensors[0]
-    imeta = call.meta(items[p])
-    expected = (*xmeta[:p], *imeta, *xmeta[p + 1:])
-    if p in x.axes or tuple(out) != expected:
+    try:
+        bshape = tuple(torch.broadcast_shapes(*metas))
+    except RuntimeError:
         call.error("indexes them with tensors", x)
         return None
-    return Lab(tuple(a if a < p else a - 1 + len(imeta) for a in x.axes), x.arr)
+    rest = list(range(len(items), len(xmeta)))  # axes after the index items: whole
+    whole = [k for k in range(len(items)) if k not in tensors] + rest
+    adjacent = tensors == list(range(tensors[0], tensors[-1] + 1))
+    if adjacent:
+        p0, p1 = tensors[0], tensors[-1]
+        expected = (*xmeta[:p0], *bshape, *xmeta[p1 + 1:])
+        where = {a: (a if a < p0 else a - (p1 - p0 + 1) + len(bshape)) for a in whole}
+    else:
+        expected = (*bshape, *(xmeta[a] for a in whole))
+        where = {a: len(bshape) + i for i, a in enumerate(whole)}
+    if any(a in tensors for a in x.axes) or tuple(out) != expected:
+        call.error("indexes them with tensors", x)
+        return None
+    return Lab(tuple(where[a] for a in x.axes), x.arr)
 
 
 def _sliced_dims(x: PView, idx: Any, xmeta: Any, out: Any) -> PView | None:
