@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from pruneplan.errors import PlanMismatchError, quote
+from pruneplan.errors import AlreadyPrunedError, PlanMismatchError, quote
 from pruneplan.plan import PrunePlan, extra_tensor, state_dict_digest
 
 if TYPE_CHECKING:  # the file appliers use this module without torch
@@ -67,22 +67,43 @@ def check_fingerprint(
     shapes: Mapping[str, Sequence[int]],
     where: str,
     check_digest: bool = True,
+    pruned_check: bool = False,
 ) -> None:
     """Refuse weights whose tensors differ from the ones the plan was made for.
+
+    Weights that hold every tensor of the plan under one name prefix (``module.``, as
+    ``nn.DataParallel`` and ``DistributedDataParallel`` name them), or a plan whose names all
+    carry such a prefix, are refused with a message saying so and what to pass instead.
 
     Args:
         shapes: every tensor of the weights, name -> shape.
         where: how to name the weights in messages (a path, "model", "state dict").
         check_digest: also compare the digest of all names and shapes.
+        pruned_check: weights whose touched tensors all have the plan's pruned shapes (and the
+            plan changes some) raise `AlreadyPrunedError` instead of a shape mismatch (a live
+            model or a state dict: no metadata records the plan that pruned them).
     """
     missing = [k for k in plan.model.tensors if k not in shapes]
     if missing:
+        wrapped = _wrapper_hint(plan, shapes, where, missing[0])
+        if wrapped is not None:
+            raise PlanMismatchError(wrapped)
         more = ""
         if len(missing) > 1:
             # most of them: another naming (transformers renames some models' keys on saving)
             more = (f" ({len(missing)} of the plan's {len(plan.model.tensors)} tensors are; do "
                     "these weights name the tensors as the model's state_dict does?)")
         raise PlanMismatchError(f"{where}: tensor {quote(missing[0])} named by the plan is missing{more}")
+    pruned = plan.pruned_shapes()
+    changed = [k for k, v in plan.model.tensors.items() if pruned[k] != list(v)]
+    if pruned_check and changed and all([int(d) for d in shapes[k]] == pruned[k] for k in plan.model.tensors):
+        k = changed[0]
+        raise AlreadyPrunedError(
+            f"{where}: already pruned: every tensor this plan ({plan.digest()[:12]}) touches has "
+            f"the shape the plan leaves (e.g. {quote(k)}: {pruned[k]}, before pruning "
+            f"{list(plan.model.tensors[k])}); apply the plan to the unpruned "
+            f"{'model' if where == 'model' else 'weights'}"
+        )
     for key, expected in plan.model.tensors.items():
         actual = [int(d) for d in shapes[key]]
         if actual != list(expected):
@@ -93,6 +114,36 @@ def check_fingerprint(
         digest = state_dict_digest(shapes)
         if digest != plan.model.digest:
             raise PlanMismatchError(_digest_mismatch(plan, shapes, where, digest))
+
+
+def _wrapper_hint(plan: PrunePlan, shapes: Mapping[str, Sequence[int]], where: str,
+                  first_missing: str) -> str | None:
+    """The message for weights that hold every tensor of the plan under one name prefix
+    (``module.``: a model wrapped by ``nn.DataParallel`` or ``DistributedDataParallel``, or its
+    state dict), or a plan made on such a wrapper applied to the bare model; ``None`` otherwise."""
+    names = list(plan.model.tensors)
+    live = where == "model"
+    for name in shapes:  # weights = prefix + plan names
+        if name.endswith("." + first_missing):
+            prefix = name[: len(name) - len(first_missing)]
+            if all(prefix + k in shapes for k in names):
+                attr = prefix[:-1]
+                how = (f"apply the plan to model.{attr} (nn.DataParallel replicates it at every "
+                       "forward, so the wrapper then runs the pruned model)" if live else
+                       f"strip {prefix!r} from the names (save model.{attr}.state_dict())")
+                return (f"{where}: the plan's tensors are all here under the prefix {prefix!r} (e.g. "
+                        f"{quote(prefix + first_missing)} for {quote(first_missing)}): the "
+                        f"{'model is' if live else 'weights are from'} a wrapper such as "
+                        f"nn.DataParallel; {how}")
+    parts = first_missing.split(".")
+    for i in range(1, len(parts)):  # plan names = prefix + weights
+        prefix = ".".join(parts[:i]) + "."
+        if all(k.startswith(prefix) and k[len(prefix):] in shapes for k in names):
+            return (f"{where}: the plan names every tensor with the prefix {prefix!r} (e.g. "
+                    f"{quote(first_missing)}), the {'model names' if live else 'weights name'} them "
+                    f"without it: the plan was made on a wrapper such as nn.DataParallel; apply it "
+                    f"to the wrapped model, or make the plan on the unwrapped one")
+    return None
 
 
 def _digest_mismatch(plan: PrunePlan, shapes: Mapping[str, Sequence[int]], where: str, digest: str) -> str:

@@ -59,9 +59,12 @@ def apply_plan(
     every optimizer state tensor shaped like them are sliced the same way, in every param group;
     scalar state such as ``step`` is kept.
 
-    Under ``DistributedDataParallel``, apply the plan to ``ddp.module`` on every rank and wrap
-    the pruned module in a new ``DistributedDataParallel``: the old wrapper's gradient buckets
-    were built for the unpruned sizes.
+    A plan made on the bare model does not apply to its ``nn.DataParallel`` wrapper (its tensors
+    are named ``module.*``): pass ``model.module``, which the wrapper replicates at every forward
+    (the wrapper is not unwrapped silently). Under ``DistributedDataParallel``, apply the plan
+    to ``ddp.module`` on every rank and wrap the pruned module in a new
+    ``DistributedDataParallel``: the old wrapper's gradient buckets were built for the unpruned
+    sizes.
 
     ``check_digest`` also compares the digest of all state-dict names and shapes. When the plan
     records the content digest of the weights its metric scored, ``check_content`` says what
@@ -71,8 +74,12 @@ def apply_plan(
     the shapes, ``"error"`` refuses.
 
     Raises:
+        AlreadyPrunedError: every tensor the plan touches already has the shape the plan leaves
+            (the model was pruned by it: apply the plan once, to the unpruned model).
         PlanMismatchError: shapes, module types or attribute values differ from the plan's,
-            ``model`` is a ``DistributedDataParallel`` wrapper, or the weights' content differs
+            ``model`` is a ``DistributedDataParallel`` wrapper, ``model`` is another wrapper
+            (``nn.DataParallel``: the plan's tensors are its ``module.*`` tensors; the message says
+            to pass ``model.module``), or the weights' content differs
             (or, on the ``meta`` device, cannot be read) and ``check_content="error"``.
         PlanError: ``check_content`` is not ``"warn"``, ``"error"`` or ``"off"``.
         OptimizerStateError: the optimizer holds state for a pruned parameter that is not
@@ -123,7 +130,8 @@ def _stage(
     model: nn.Module, plan: PrunePlan, optimizer: torch.optim.Optimizer | None, check_digest: bool
 ) -> _Staged:
     sd = model.state_dict(keep_vars=True)
-    check_fingerprint(plan, {k: v.shape for k, v in sd.items()}, "model", check_digest)
+    check_fingerprint(plan, {k: v.shape for k, v in sd.items()}, "model", check_digest,
+                      pruned_check=True)
     modules = dict(model.named_modules(remove_duplicate=False))
     keeps = keep_indices(plan)
     staged = _Staged()

@@ -30,11 +30,13 @@ def apply_to_state_dict(
 
     Raises:
         PlanMismatchError: a tensor is missing or has another shape than the plan expects, or
-            the state dict mixes the two namings.
+            the state dict mixes the two namings (a ``module.`` prefix, as in the state dict of
+            ``nn.DataParallel``, is named as such).
+        AlreadyPrunedError: every tensor the plan touches already has its pruned shape.
     """
     saved = saved_names_in(plan, state_dict, "state dict")
     shapes = to_plan_names({k: v.shape for k, v in state_dict.items()}, saved)
-    check_fingerprint(plan, shapes, "state dict", check_digest)
+    check_fingerprint(plan, shapes, "state dict", check_digest, pruned_check=True)
     keeps = to_file_names(keep_indices(plan), saved)
     return {
         k: slice_tensor(v, keeps[k]) if k in keeps else v for k, v in state_dict.items()
