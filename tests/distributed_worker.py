@@ -123,12 +123,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.step()
 
 
-def worker(rank: int, world: int, init_file: str, out: str) -> None:
-    """Run every check on this rank and save what it computed."""
+def progress_file(out: str | Path, rank: int) -> Path:
+    """The file a rank rewrites after every step (its count of results): the parent's sign of
+    life, so that it tells a hung rank from a slow one without a limit on the whole run."""
+    return Path(out) / f"progress{rank}"
+
+
+def worker(rank: int, world: int, init_file: str, out: str, timeout_s: float) -> None:
+    """Run every check on this rank and save what it computed. ``timeout_s``: how long a
+    collective may wait for the other rank before it fails (a hang guard, scaled by the parent
+    to the machine's load: tests/timeouts.py)."""
     torch.set_num_threads(1)
-    # a short timeout: a collective left waiting fails the test instead of hanging it
+    beat = progress_file(out, rank)
+    beat.write_text("started")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     results: dict[str, Any] = {}
     try:
         data = make_data()
@@ -137,6 +146,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         for key, cls, kwargs, run in metric_runs():
             for name, s in score(model, loader, cls, kwargs, run).items():
                 results[f"{key}/{name}"] = torch.from_numpy(np.asarray(s))
+            beat.write_text(str(len(results)))
 
         # the user's DistributedSampler (shuffled, drop_last: 18 examples per rank)
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)

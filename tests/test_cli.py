@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from timeouts import scaled
 from torch import nn
 
 import pruneplan as pp
@@ -136,10 +137,10 @@ def test_installed_entry_point(files) -> None:
     assert exe is not None, "the `pruneplan` console script is not installed"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ok = subprocess.run([exe, "apply", str(plan_path), str(weights)], capture_output=True, text=True,
-                        env=env, timeout=120)
+                        env=env, timeout=scaled(120))
     assert ok.returncode == 0, ok.stderr
     assert Path(weights.with_name("net.pruned.safetensors")).stat().st_size > 0
-    bad = subprocess.run([exe, "show", str(weights)], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run([exe, "show", str(weights)], capture_output=True, text=True, env=env, timeout=scaled(120))
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr

@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from timeouts import scaled
 from torch import nn
 
 import pruneplan as pp
@@ -265,7 +266,7 @@ def test_an_unanticipated_error_is_one_line_and_a_hint(folder: Path) -> None:
     assert snapshot(folder) == before
     # --debug shows the traceback (a real process: what a user sees)
     proc = subprocess.run([sys.executable, "-m", "pruneplan.cli", "--debug", *args], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=scaled(300))
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
     assert 'raise ValueError("the second batch is corrupt")' in proc.stderr

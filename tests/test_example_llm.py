@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from timeouts import scaled
 
 pytest.importorskip("transformers")
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_llm_example_quick(tmp_path: Path) -> None:
     out = tmp_path / "llm"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "llm.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600,
+                            capture_output=True, text=True, timeout=scaled(600),
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from timeouts import scaled
 
 import pruneplan as pp
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_example(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args],
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, timeout=scaled(timeout))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

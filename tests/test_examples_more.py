@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from timeouts import scaled
 
 import pruneplan as pp
 
@@ -27,7 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def run_example(name: str, out: Path, env: dict | None = None) -> str:
     result = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, env=env or ENV)
+                            capture_output=True, text=True, timeout=scaled(300), env=env or ENV)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -260,7 +261,7 @@ def test_distributed_attribution_under_torchrun(tmp_path: Path) -> None:
     # two CPU processes (gloo) launched by torchrun, as the example's docstring says
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "examples" / "distributed_attribution.py"), "--quick", "--out", str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(300), env=ENV)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = result.stdout
     assert "2 ranks (gloo), 1348 training examples" in out

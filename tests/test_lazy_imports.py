@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from timeouts import scaled
 from torch import nn
 
 import pruneplan as pp
@@ -33,7 +34,7 @@ def _env() -> dict[str, str]:
 def imported(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``python -X importtime *args``; return the process and the top-level modules imported."""
     proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, timeout=120)
+                          env=_env(), cwd=ROOT, timeout=scaled(120))
     names = {line.rsplit("|", 1)[1].strip().split(".")[0]
              for line in proc.stderr.splitlines() if line.startswith("import time:") and "|" in line}
     proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
@@ -125,7 +126,7 @@ else:
 print(len(pruneplan.__all__))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{len(pp.__all__)}\n"
 
@@ -137,7 +138,7 @@ def test_subpackages_reachable_as_attributes_after_import_pruneplan() -> None:
             "print(pruneplan.attributions.TaylorAttributionMetric.__name__, "
             "pruneplan.apply.sharded.INDEX_SUFFIX, pruneplan.pruner.Pruner.__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "TaylorAttributionMetric .safetensors.index.json Pruner\n"
 

@@ -145,10 +145,12 @@ def test_validation_time_follows_bytes_not_declared_sizes() -> None:
     ]
     for text in cases:
         assert len(text) < 400
-        start = time.perf_counter()
+        # CPU time of this process, not wall time: a busy machine does not make it fail (the
+        # enumeration this guards against would take hours of CPU)
+        start = time.process_time()
         plan = PrunePlan.from_json(text)
         summary = plan.summary()  # counts, not positions
-        assert time.perf_counter() - start < 0.5
+        assert time.process_time() - start < 0.5
         assert summary[0]["size"] == n
     # the grouped case: 2 local positions (0 and 5) go from the axis of length n
     grouped = PrunePlan.from_json(cases[0])
@@ -163,11 +165,11 @@ def test_a_grouped_axis_whose_blocks_differ_is_refused_cheaply() -> None:
     n = 10**15
     # unit 0 is local position 0 of block 0; block 1 (units n/2..) holds units but loses none
     text = _lying_plan(n, {"modulo": n // 2}, [0], [4, n // 2], axis=1)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: see test_validation_time_follows_bytes_not_declared_sizes
     with pytest.raises(PlanValidationError, match="block 1 would lose local positions \\[\\] but block 0 "
                                                   "loses \\[0\\]; every block must lose the same"):
         PrunePlan.from_json(text)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5
 
 
 def test_too_many_tiles_are_refused_with_the_limit() -> None:
