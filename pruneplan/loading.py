@@ -1110,14 +1110,17 @@ def _fit_unheld(
     until the config holds the plan (or 4 rounds); every change is logged with a warning.
     """
     from pruneplan._hf_verify import misfits
-    from pruneplan.hf_config import config_role
 
     removed = dict(removed)
     before = sum(len(v) for v in removed.values())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # the hidden size is chosen with the heads (_hidden_multiple_of_heads): the other widths
-    # follow it, not the reverse
-    hidden = {n for n, g in by_name.items() if any(config_role(f"{r}.weight") == "hidden" for r in g.roots)}
+    from pruneplan.hf_config import HEADS_KEYS
+
+    values = model.config.to_dict()
+    # where the config holds one head count, the hidden size was chosen with the heads
+    # (_hidden_multiple_of_heads): the other widths follow it, not the reverse
+    hidden = _hidden_groups(list(by_name.values())) if any(
+        isinstance(values.get(k), int) for k in HEADS_KEYS) else set()
     owners: dict[tuple[str, int], list[str]] = {}
     for name, g in by_name.items():
         for s in g.slices:
@@ -1497,6 +1500,22 @@ def config_count_sets(model: nn.Module, groups: Sequence[GroupSpec]) -> list[lis
     return [names for _, names in sorted(sets.items()) if len(names) > 1]
 
 
+def _hidden_groups(groups: Sequence[GroupSpec]) -> set[str]:
+    """The groups that are a hidden size (the residual stream) the config holds: where head
+    groups exist, the channels groups slicing a tensor that a head group slices on the other
+    axis of a 2-D weight (the output projection's rows, the query projection's columns: by
+    kind, so ALBERT's encoder width counts and its smaller embedding width does not);
+    otherwise the groups whose roots' weights the config table reads as the hidden size."""
+    from pruneplan.hf_config import config_role
+
+    heads_axes = {(s.tensor, s.axis) for g in groups if getattr(g, "kind", "channels") != "channels"
+                  for s in g.slices}
+    if heads_axes:
+        return {g.name for g in groups if getattr(g, "kind", "channels") == "channels" and any(
+            (s.tensor, 1 - s.axis) in heads_axes for s in g.slices if s.axis in (0, 1))}
+    return {g.name for g in groups if any(config_role(f"{r}.weight") == "hidden" for r in g.roots)}
+
+
 def _fit_values(model: nn.Module, values: dict[str, Any]) -> dict[str, Any]:
     """The config as `pruneplan.hf_config.hidden_fits` should read it: a config with
     ``num_key_value_heads`` and no ``head_dim`` value is read as Llama's (the model reads a
@@ -1547,7 +1566,7 @@ def _heads_fit_hidden(
     hidden / heads fits none) or the layers lose different counts: the plan's config part then
     says why a checkpoint cannot hold it (the live model can still be pruned).
     """
-    from pruneplan.hf_config import HEADS_KEYS, HIDDEN_KEYS, config_role, hidden_fits
+    from pruneplan.hf_config import HEADS_KEYS, HIDDEN_KEYS, hidden_fits
     from pruneplan.select import _lowest_per_block
 
     config = getattr(model, "config", None)
@@ -1558,7 +1577,8 @@ def _heads_fit_hidden(
     hidden = next((values[k] for k in HIDDEN_KEYS if isinstance(values.get(k), int)), None)
     if not heads or not hidden:
         return removed
-    if any(g.name in removed and any(config_role(f"{r}.weight") == "hidden" for r in g.roots)
+    hidden_names = _hidden_groups(groups)
+    if any(g.name in removed and g.name in hidden_names
            for g in groups):
         return removed  # the hidden size changes: fitted to the heads by _hidden_multiple_of_heads
     head_groups = [g for g in groups if _query_heads_group(g, heads) and g.name in removed]
@@ -1611,7 +1631,7 @@ def _hidden_multiple_of_heads(
     than the hidden size), the nearest below, losing its lowest-scored kept units, with a
     warning. No valid count: left as selected, with a warning (the plan's config part says why).
     """
-    from pruneplan.hf_config import HEADS_KEYS, config_role, hidden_fits
+    from pruneplan.hf_config import HEADS_KEYS, hidden_fits
     from pruneplan.select import aggregate_scores
 
     config = getattr(model, "config", None)
@@ -1629,9 +1649,10 @@ def _hidden_multiple_of_heads(
         return removed
     remaining = heads - (lost.pop() if lost else 0)
     table = aggregate_scores(scores, groups)
+    hidden_names = _hidden_groups(groups)
     out = dict(removed)
     for g in groups:
-        if g.name not in out or not any(config_role(f"{r}.weight") == "hidden" for r in g.roots):
+        if g.name not in out or g.name not in hidden_names:
             continue
         rem = out[g.name]
         kept = g.size - len(rem)

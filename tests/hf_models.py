@@ -187,10 +187,10 @@ XFAIL: dict[str, tuple[str, str]] = {
               "ALiBi biases (slopes computed from the head count, so heads are left out); the head "
               "size is hidden_size / n_head, so the hidden size stays with the heads; the MLP is 4 * "
               "hidden_size (no config key), so it follows the hidden size: 0% fewer parameters"),
-    "albert": ("AssertionError", "ALBERT derives the head size as hidden / heads; heads and hidden "
-               "are not fitted together through the shared layer: " + _REFUSED),
-    "swin": ("AssertionError", "stage widths are embed_dim * 2**i, and the MLP mlp_ratio * width: "
-             + _REFUSED),
+    "swin": ("AssertionError", "its stage widths are embed_dim * 2**i (one key for every stage), "
+             "its MLPs mlp_ratio * width and its head size width / num_heads[i]: no config "
+             "change holds one stage pruned alone, so plan_from_metric keeps every group (0% fewer); "
+             "apply_plan prunes the live model"),
 }
 MODELS = [replace(m, xfail=XFAIL.get(m.name)) for m in MODELS]
 #: the real-suite subset (tests/test_hf_real.py): one of each construct that passes, about a

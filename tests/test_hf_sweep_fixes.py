@@ -413,3 +413,22 @@ def test_clip_text_and_vision_towers_through_nested_config_keys(tmp_path: Path) 
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(*x).logits_per_image, model(*x).logits_per_image,
                                    rtol=0, atol=0)
+
+
+def test_albert_hidden_size_is_the_width_the_heads_meet_not_the_embedding_width(tmp_path: Path) -> None:
+    # ALBERT embeds in embedding_size (32) and maps to hidden_size (64) for its shared layer:
+    # the hidden group fitted to the heads is the encoder's (it slices the rows of the output
+    # projection whose columns the heads slice), not the word embeddings' (named like a hidden
+    # size in the config table)
+    cfg = transformers.AlbertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, embedding_size=32, vocab_size=V,
+                                    max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.AlbertForSequenceClassification(cfg).eval()
+    x = (ids(),)
+    plan = pp.plan_from_metric(model, x[0], "weight_norm", {"channels": 0.3, "heads": 0.5})
+    changes = {c.key: (c.before, c.after) for c in plan.config.changes}
+    assert changes["hidden_size"] == (64, 32) and changes["num_attention_heads"] == (4, 2)
+    assert changes["embedding_size"] == (32, 23)  # 30% of the embedding width, its own key
+    assert plan.config.problems() == []
+    roundtrip_cli(tmp_path, model, plan, x)
