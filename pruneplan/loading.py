@@ -820,6 +820,7 @@ def plan_from_metric(
         if step == 1:
             units = sum(g.size for g in groups)
             original = {g.name: g.size for g in groups}
+            kinds_first = {g.kind for g in groups}
         scores = score_groups(current, groups, metric, data, criterion, device, seed,
                               metric_params=params, max_batches=max_batches, progress=progress,
                               example_inputs=example_inputs)
@@ -919,6 +920,14 @@ def plan_from_metric(
         if unscored:
             log.warning("%d groups have no scores from %s and keep their units: %s", len(unscored),
                         metric, ", ".join(unscored[:5]) + (", ..." if len(unscored) > 5 else ""))
+        floors = (ratio or 0.0) > 0 or any(r > 0 for r in (layer_ratios or {}).values()) or any(
+            r > 0 and k in kinds_first for k, r in (kind_ratios or {}).items())
+        if removed_units == 0 and requested == 0 and units > 0 and floors:  # nothing silent
+            largest = max(original.values())
+            where = (f"in each of the {len(original)} groups considered (the largest has {largest} "
+                     f"units: a ratio below 1/{largest} removes none of it)" if scope == "layer" else
+                     f"of each kind's units (scope 'global': {units} units in {len(original)} groups)")
+            log.warning("the plan removes nothing: the ratios asked floor to 0 units %s", where)
         if removed_units < 0.9 * requested:
             why = []
             if selected_units < requested:

@@ -193,3 +193,27 @@ def test_cli_plan_with_every_root_left_out_warns_and_says_nothing_is_removed(tmp
     assert lines[1] == ("requested ratio 0.3 (scope layer): no prunable group was considered, so "
                         "nothing is removed (the warning says why; `pruneplan groups` lists every "
                         "root left out with its reason)")
+
+
+def test_a_ratio_too_small_for_any_group_warns_that_it_floors_to_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # groups '0' (8 units) and '2' (4 units); '5' is the output. floor(0.05 * 8) = floor(0.05 * 4) = 0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.INFO, logger="pruneplan"):
+        plan = pp.plan_from_metric(model, x, "lp_norm", 0.05)
+    assert plan.groups == [] and _warnings(caplog) == [
+        "the plan removes nothing: the ratios asked floor to 0 units in each of the 2 groups "
+        "considered (the largest has 8 units: a ratio below 1/8 removes none of it)"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pruneplan"):  # globally: floor(0.05 * 12) = 0
+        pp.plan_from_metric(model, x, "lp_norm", 0.05, scope="global")
+    assert _warnings(caplog) == [
+        "the plan removes nothing: the ratios asked floor to 0 units of each kind's units (scope "
+        "'global': 12 units in 2 groups)"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pruneplan"):  # floor(0.125 * 8) = 1: no warning
+        assert [len(g.removed) for g in pp.plan_from_metric(model, x, "lp_norm", 0.125).groups] == [1]
+    assert _warnings(caplog) == []
