@@ -198,8 +198,13 @@ _READS_FIRST_ONLY = frozenset({"to", "type_as", "expand_as", "view_as", "reshape
 class Engine:
     """Label propagation, coupling and assembly over one traced graph (see the module doc)."""
 
-    def __init__(self, model: nn.Module, graph: Graph, include_output: bool) -> None:
+    def __init__(self, model: nn.Module, graph: Graph, include_output: bool,
+                 whole_groups: frozenset[str] = frozenset()) -> None:
         self.model = model
+        #: grouped convs whose units are whole conv groups in this pass (see `collapsed`)
+        self.whole_groups = whole_groups
+        #: (grouped conv, input labels whose local positions it tied, regroups done then)
+        self.grouped_inputs: list[tuple[str, np.ndarray, int]] = []
         self.nodes = graph.nodes
         self.include_output = include_output
         self.info: list[Any] = [None] * len(graph.nodes)
@@ -1099,6 +1104,33 @@ class Engine:
                             added.add((r, w, e, module))
                             self.effects[r].append((w, replace(e, module=module)))
 
+    def collapsed(self) -> set[str]:
+        """Grouped convs whose input channels all ended in one set of tied units: tying local
+        position ``j`` of every block, together with the other ties of the class (attention
+        heads reading 32-channel blocks of the same channels, in NextViT), left the channels
+        feeding them a single unit, which no selection can remove. Whole conv groups may still
+        be units there (`pruneplan.graph.rules.grouped`)."""
+        out: set[str] = set()
+        for name, arr, since in self.grouped_inputs:
+            if name in self.whole_groups:
+                continue
+            arr = self.refresh(arr, since)
+            if arr.size < 2 or (arr < 0).any():
+                continue
+            roots = arr >> SHIFT
+            units = arr & MASK
+            sets: set[tuple[int, int]] = set()
+            for r in np.unique(roots):
+                c = self.uf.find(int(r))
+                places = self.uf.places(int(r), units[roots == r])
+                part = self.uf.part.get(c)
+                ids = places if part is None else part[places]
+                sets.update((c, int(i)) for i in np.unique(ids))
+            # a class left out for another reason stays so: the conv stays a root of its own
+            if len(sets) == 1 and next(iter(sets))[0] not in self.uf.blocked:
+                out.add(name)
+        return out
+
     # ---- result --------------------------------------------------------------------------
 
     def groups(self) -> GroupList:
@@ -1549,13 +1581,27 @@ def _merge_slices(specs: list[SliceSpec], size: int) -> SliceSpec:
 
 
 
+#: most analyses of one graph: each further pass turns the grouped convs found collapsed in
+#: the previous one to whole conv groups (`Engine.collapsed`)
+_WHOLE_GROUP_PASSES = 4
+
+
 def analyze(model: nn.Module, graph: Graph, *, include_output: bool = False,
             strict: bool = True) -> GroupList:
     """Groups of the traced ``graph`` (with the roots left out and why); raise on unsupported
     operations when ``strict``."""
-    a = Engine(model, graph, include_output)
-    a.run()
-    a.finish()
+    whole: frozenset[str] = frozenset()
+    for _ in range(_WHOLE_GROUP_PASSES):
+        a = Engine(model, graph, include_output, whole)
+        a.run()
+        a.finish()
+        more = a.collapsed()
+        if not more:
+            break
+        log.info("grouped convs %s: their local positions tie every channel feeding them "
+                 "together; analysing again with whole conv groups as units there",
+                 ", ".join(sorted(more)))
+        whole = whole | more
     if a.errors:
         msg, _ = a.errors[0]
         more = f" (and {len(a.errors) - 1} more)" if len(a.errors) > 1 else ""

@@ -15,7 +15,7 @@ graph and asks, for every call, the rule registered for the module type or funct
 ``reduce``                reductions and softmax
 ``attention``             scaled_dot_product_attention, matmul/bmm: heads and query groups
 ``einsum``                einsum: units on an index the output keeps follow
-``grouped``               grouped convolutions: units are local positions in every conv group
+``grouped``               grouped convs: local positions in every conv group, or whole groups
 ``recurrent``             LSTM / GRU / RNN: input width and hidden units
 ``pixel``                 pixel shuffle / unshuffle (one unit is ``r * r`` channels before it)
 ``hf``                    Hugging Face ``Conv1D`` (by class name: transformers is optional)

@@ -345,6 +345,21 @@ class Call:
             or (nodes[u].target == "getattr" and len(nodes[u].args) > 1 and nodes[u].args[1] == "shape")
             for u in users)
 
+    def root_size(self, root: int) -> int:
+        """The number of units of ``root``."""
+        return self._engine.roots[root].size
+
+    def whole_conv_groups(self, name: str) -> bool:
+        """Whether the grouped conv at ``name`` offers whole conv groups as units in this
+        analysis (discovery re-runs so where local positions tied every block together, see
+        `pruneplan.graph.rules.grouped`)."""
+        return name in self._engine.whole_groups
+
+    def tied_conv_blocks(self, name: str, arr: np.ndarray) -> None:
+        """Record that the grouped conv at ``name`` tied local positions of the 1-D input labels
+        ``arr`` across its blocks (checked after the pass: see `Engine.collapsed`)."""
+        self._engine.grouped_inputs.append((name, arr, len(self._engine.regroups)))
+
     def later(self, check: Callable[[], None]) -> None:
         """Run ``check`` once every call has been seen (before the widths are checked): for
         what depends on facts found further on (units that attention makes heads)."""
@@ -356,11 +371,11 @@ class Call:
         return self._engine.sliced(tensor, axis)
 
     def edit_root(self, root: int, attribute: str, before: int, per_unit: int,
-                  module: str | None = None) -> None:
+                  module: str | None = None, amounts: tuple[int, ...] | None = None) -> None:
         """``module.attribute`` (default: the called module) shrinks by ``per_unit`` for each
-        removed unit of ``root``."""
+        removed unit of ``root``, or by ``amounts[u]`` for its unit ``u`` when given."""
         mod = self.name if module is None else module
-        self._engine.effect(root, self.node, EditSpec(mod, attribute, before, per_unit))
+        self._engine.effect(root, self.node, EditSpec(mod, attribute, before, per_unit, amounts))
 
     def check_widths(self, out: Any, args: tuple) -> None:
         """``args`` are sizes given to a shape-taking op: a labelled width used there must land

@@ -16,8 +16,20 @@ the convolution valid only when every block loses the same *local* positions. So
 
 This is the default because it keeps the conv's structure (``groups``) and lets the conv's
 inputs and outputs be pruned independently, at any rate. Pruning whole conv groups instead
-(``groups`` drops, the group width stays) would tie the producer, the conv and everything
-after it into units of one conv group, coarser than most of these layers need.
+(``groups`` drops, the group width stays) ties the producer, the conv and everything after it
+into units of one conv group, coarser than most of these layers need.
+
+**Whole conv groups, where local positions leave one unit.** The channels feeding a grouped
+conv may carry other ties too: in NextViT (timm ``nextvit_*``) the same channels feed an
+attention whose fixed ``head_dim`` ties each 32-channel block to one head, while the grouped
+conv (32 channels per group) ties position ``j`` of every block; together every channel is
+tied to every other, and the group's single unit cannot be removed. Discovery then analyses
+the graph again with such a conv's *whole conv groups* as units (`Engine.collapsed` finds
+them; `whole_groups` is the rule): the ``L`` channels of input block ``k`` are tied into one
+unit, the conv's output block ``k`` (``M`` channels) carries that unit on (the conv is no root
+of its own), its weight loses rows ``k M .. (k + 1) M - 1`` (and its bias those entries), and
+``in_channels``, ``out_channels`` and ``groups`` drop by ``L``, ``M`` and 1 per unit. Here a
+conv group of 32 channels is one attention head, and the stream loses whole heads.
 
 Any subset of the units offered this way is valid: what the engine assembles from the ties
 (`pruneplan.graph.rules.Call.couple` on positions holding different units) is a group whose
@@ -30,11 +42,11 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from pruneplan.graph._labels import Lab
+from pruneplan.graph._labels import MASK, SHIFT, Lab, roots_of
 from pruneplan.graph.rules.base import Call
 from pruneplan.graph.spec import EditSpec, SliceSpec
 
-__all__ = ["grouped_root", "is_grouped", "tie_blocks"]
+__all__ = ["grouped_root", "is_grouped", "tie_blocks", "whole_groups"]
 
 
 def is_grouped(m: nn.Module) -> bool:
@@ -68,3 +80,33 @@ def grouped_root(call: Call, m: nn.Module, name: str) -> Lab | None:
     if out is not None:
         tie_blocks(call, out.arr, m.groups)
     return out
+
+
+def whole_groups(call: Call, m: nn.Module, name: str, x: Lab) -> Lab:
+    """The grouped conv ``m`` at ``name`` reading the labels ``x`` (on its channel axis alone)
+    with whole conv groups as units (see the module doc): ties the channels of each input
+    block, owns the output rows of each block and shrinks ``in_channels``, ``out_channels`` and
+    ``groups``. Returns the output labels (block ``k`` carries the units of input block ``k``)."""
+    g = m.groups
+    width, out_width = m.in_channels // g, m.out_channels // g
+    rows = x.arr.reshape(g, width)
+    for j in range(1, width):
+        call.couple(rows[:, 0], rows[:, j], tie=True)
+    # output position i of block k carries input channel i mod L of block k (all of block k
+    # is one unit, so which channel label a position holds only sets how positions are shared)
+    out = rows[:, np.arange(out_width) % width].reshape(-1)
+    p = f"{name}." if name else ""
+    call.own(p + "weight", 0, out)
+    if getattr(m, "bias", None) is not None:
+        call.own(p + "bias", 0, out)
+    # the edits say per root unit how much it takes off (a unit is one channel of a block, the
+    # block is the set of tied units): in one call only one layout of positions per root can
+    # be partial, and ``groups`` counts one per block
+    for attribute, before, labels in (("in_channels", m.in_channels, x.arr),
+                                      ("out_channels", m.out_channels, out),
+                                      ("groups", g, rows[:, 0])):
+        for r in roots_of(labels):
+            units = labels[(labels >= 0) & ((labels >> SHIFT) == r)] & MASK
+            amounts = np.bincount(units, minlength=call.root_size(r))
+            call.edit_root(r, attribute, before, 1, name, tuple(int(a) for a in amounts))
+    return Lab((1,), out)

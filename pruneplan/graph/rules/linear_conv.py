@@ -22,7 +22,7 @@ from pruneplan.graph._labels import Lab, PView
 from pruneplan.graph.rules.attention import MatmulRule
 from pruneplan.graph.rules.base import Call, FunctionRule, Rule, builtin
 from pruneplan.graph.rules.blocking import BlockRule
-from pruneplan.graph.rules.grouped import grouped_root, is_grouped, tie_blocks
+from pruneplan.graph.rules.grouped import grouped_root, is_grouped, tie_blocks, whole_groups
 from pruneplan.graph.rules.layers import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
@@ -74,16 +74,21 @@ def _linear(call: Call, m: nn.Module, name: str, extra: tuple[SliceSpec, ...] = 
 
 
 def _conv(call: Call, m: nn.Module, name: str) -> Lab | None:
+    x = call.x
+    if (isinstance(x, Lab) and x.axes == (1,) and is_grouped(m)
+            and not getattr(m, "transposed", False) and call.whole_conv_groups(name)):
+        return whole_groups(call, m, name, x)
     if m.groups == 1:
         out = call.root(1, lambda: root_slices(name, m), name, m)
     else:
         out = grouped_root(call, m, name) if is_grouped(m) else None
-    if isinstance(call.x, Lab):
-        dw = consume(call, call.x, 1, m, name)
+    if isinstance(x, Lab):
+        dw = consume(call, x, 1, m, name)
         if is_depthwise(m):
             return dw
-        if is_grouped(m) and call.x.axes == (1,):
-            tie_blocks(call, call.x.arr, m.groups)
+        if is_grouped(m) and x.axes == (1,):
+            tie_blocks(call, x.arr, m.groups)
+            call.tied_conv_blocks(name, x.arr)
     return out
 
 
