@@ -262,7 +262,9 @@ CASES = [
     ("tensor missing", _missing_tensor, pp.PlanMismatchError, "tensor '1.running_var' named by the plan is missing"),
     ("shape mismatch", _shape_mismatch, pp.PlanMismatchError,
      "tensor '4.weight' has shape [3, 7], the plan expects [3, 6]"),
-    ("another model", _another_model, pp.PlanMismatchError, "differ from the model the plan was made for"),
+    # the one extra tensor is found and named (the digest matches without it)
+    ("another model", _another_model, pp.PlanMismatchError,
+     "tensor 'extra.weight' of shape [2] is not in the model the plan was made for"),
     ("not safetensors", _not_safetensors, pp.WeightsFileError, "notes.safetensors: not a valid safetensors file"),
     ("truncated", _truncated, pp.WeightsFileError, "cut.safetensors: not a valid safetensors file"),
     ("missing weights", _missing_weights, pp.WeightsFileError, "absent.safetensors: no such file"),

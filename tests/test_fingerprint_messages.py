@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from timeouts import scaled
 from torch import nn
 
 import pruneplan as pp
@@ -102,6 +103,6 @@ def test_cli_one_line_and_no_torch_for_files(tmp_path: Path) -> None:
             f"{str(plan_file)!r}, {str(tmp_path / 'extra.safetensors')!r}]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=scaled(120))
     assert proc.stdout == "1 False\n", proc.stderr
     assert "tensor 'extra.weight' of shape [3, 4] is not in the model" in proc.stderr
