@@ -32,7 +32,7 @@ from pruneplan.graph.probe import check_example_pass
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.modules import heads_projection, heads_sites
 from pruneplan.plan import PrunePlan
-from pruneplan.planner import build_plan, execution_order
+from pruneplan.planner import build_plan, check_runs, execution_order
 from pruneplan.select import _lowest, _normalize, aggregate_scores, keep_count, keep_parts, select_indices
 
 __all__ = [
@@ -865,6 +865,7 @@ def plan_from_metric(
             with quiet_logs():
                 apply_plan(current, made, check_content="off")
     plan = plans[0] if n_steps == 1 else _config_of_composed(model, compose(plans))
+    check_runs(model, plan, example_inputs)  # refused, never returned, if the model breaks
     asked = goal_frac > 0 if what is not None else any(
         r > 0 for r in [ratio or 0.0, *(layer_ratios or {}).values(), *(kind_ratios or {}).values()])
     if units == 0 and asked:  # no group at all: every root left out (nothing silent)

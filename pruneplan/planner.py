@@ -15,6 +15,7 @@ from pruneplan._tied import tied_keys
 from pruneplan.errors import CoupledGroupError, PlanningError
 from pruneplan.graph.discover import prunable_groups
 from pruneplan.graph.explicit import explicit_groups
+from pruneplan.graph.probe import dry_run
 from pruneplan.graph.spec import EditSpec
 from pruneplan.graph.spec import Group as GroupSpec
 from pruneplan.hf_config import config_edits
@@ -33,8 +34,8 @@ from pruneplan.plan import (
     state_dict_digest,
 )
 
-__all__ = ["build_plan", "check_blocks", "execution_order", "hf_config_edits", "normalize_indices",
-           "plan_pruning", "saved_names", "tied_keys"]
+__all__ = ["build_plan", "check_blocks", "check_runs", "execution_order", "hf_config_edits",
+           "normalize_indices", "plan_pruning", "saved_names", "tied_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,11 @@ def plan_pruning(
             is executed by no example call in eval or training mode (default: a warning).
         provenance: informative metadata stored in the plan.
 
+    With ``example_inputs``, the plan is applied to a copy of the model on the ``meta`` device
+    (module structure only: no data is copied, no arithmetic done) and the example calls are run
+    on it: a plan after which the model would not run is refused, never returned (a model whose
+    code needs data, such as ``.item()``, cannot run on ``meta``; it is not checked).
+
     Returns:
         The validated plan; nothing in ``model`` changes. Its groups are listed in the order the
         model executes them (discovery order; with ``cascades``, the order in which the model
@@ -114,6 +120,8 @@ def plan_pruning(
             no module (the message lists the valid names), a key that is not in ``removed``, a
             module the probe pass sees reading a root's channels that its cascade leaves out
             (checked when ``example_inputs`` is given), or a tied ``lm_head`` root.
+        PlanningError: the example inputs fail on the model with the plan applied (the
+            message names the groups and the error).
         CoupledGroupError: indices are given for one member of a coupled group with
             ``couple="error"``.
         UnsupportedOperationError: discovery meets an operation it does not understand.
@@ -127,7 +135,29 @@ def plan_pruning(
     else:
         chosen, order = _discovered(model, removed, example_inputs, couple, include_output,
                                     on_unsupported, strict)
-    return build_plan(model, chosen, provenance, order=order)
+    plan = build_plan(model, chosen, provenance, order=order)
+    if example_inputs is not None:
+        check_runs(model, plan, example_inputs)
+    return plan
+
+
+def check_runs(model: nn.Module, plan: PrunePlan, example_inputs: Any) -> None:
+    """Refuse a plan after which the model would no longer run the example inputs: the plan is
+    applied to a copy of the model on the ``meta`` device (no data, no arithmetic) and the
+    inputs are run (`pruneplan.graph.probe.dry_run`).
+
+    Raises:
+        PlanningError: naming the groups and the error the pruned copy raises.
+    """
+    from pruneplan.apply import apply_plan  # (the applier of the public API, on a copy)
+
+    problem = dry_run(model, example_inputs,
+                      lambda twin: apply_plan(twin, plan, check_content="off"))
+    if problem is not None:
+        names = ", ".join(repr(g.name) for g in plan.groups)
+        raise PlanningError(
+            f"the plan of groups {names} would break the model: with it applied (to a copy on "
+            f"the meta device), the example inputs fail with {problem}")
 
 
 def _discovered(

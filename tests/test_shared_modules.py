@@ -496,3 +496,60 @@ def test_a_norm_shared_by_two_branches_couples_them(tracer: str) -> None:
               if s.tensor == "c.weight"}
     assert c_cols == {(0, 1, 2, 8)}  # unit i: columns i and 8 + i
     _random_subsets_apply(model, x, groups)
+
+
+# ---- plan_pruning runs the plan on a meta copy before returning it --------------------------------
+
+
+def test_plan_pruning_refuses_a_plan_after_which_the_model_no_longer_runs(monkeypatch) -> None:
+    # with discovery's coupling and disjointness check switched off, group 'a' alone slices
+    # c.weight's columns that b's call still needs: planning applies the plan to a copy on the
+    # meta device, runs the example inputs, and refuses; the model is untouched
+    from pruneplan.graph._analysis import Engine
+
+    monkeypatch.setattr(Engine, "couple_shared", lambda self: None)
+    monkeypatch.setattr(Engine, "_overlapping", lambda self, groups: {})
+    model, x = Siamese().eval(), torch.randn(2, 3, 10, 10)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(PlanningError) as e:
+        pp.plan_pruning(model, {"a": [1, 4]}, example_inputs=x)
+    assert str(e.value).startswith(
+        "the plan of groups 'a' would break the model: with it applied (to a copy on the meta "
+        "device), the example inputs fail with RuntimeError: ")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+class NeedsData(nn.Module):
+    """Code that reads a value (``.item()``): it cannot run on the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.h = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        return self.h(h) * (2.0 if h.sum().item() > -1e9 else 1.0)
+
+
+def test_a_model_that_cannot_run_on_meta_still_plans() -> None:
+    from pruneplan.graph.probe import dry_run
+
+    model, x = NeedsData().eval(), torch.randn(3, 4)
+    assert dry_run(model, x, lambda twin: None) is None  # the unchanged copy fails: no verdict
+    plan = pp.plan_pruning(model, {"a": [0, 3]}, example_inputs=x)
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert_equals_zeroing(model, pruned, plan, x)
+
+
+def test_plan_from_metric_refuses_a_plan_after_which_the_model_no_longer_runs(monkeypatch) -> None:
+    from pruneplan.graph._analysis import Engine
+
+    monkeypatch.setattr(Engine, "couple_shared", lambda self: None)
+    monkeypatch.setattr(Engine, "_overlapping", lambda self, groups: {})
+    model, x = Siamese().eval(), torch.randn(2, 3, 10, 10)
+    # a and b each slice c.weight's columns: the validator refuses two overlapping groups, so
+    # give b's roots nothing to remove; a's plan alone breaks c's call on b
+    with pytest.raises(PlanningError, match=r"^the plan of groups 'a' would break the model"):
+        pp.plan_from_metric(model, x, "lp_norm", 0.25, exclude=["b"])

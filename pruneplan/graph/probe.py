@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
 import random
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ExampleInputs", "as_calls", "as_inputs", "check_example_pass", "describe_inputs", "frozen_mode",
-           "probe_shapes", "training_mode"]
+__all__ = [
+    "ExampleInputs",
+    "as_calls",
+    "as_inputs",
+    "check_example_pass",
+    "describe_inputs",
+    "dry_run",
+    "frozen_mode",
+    "meta_copy",
+    "probe_shapes",
+    "training_mode",
+]
 
 
 class ExampleInputs:
@@ -261,3 +275,87 @@ def probe_dataflow(model: nn.Module, example_inputs: Any) -> list[tuple[str, tup
         for h in handles:
             h.remove()
     return events
+
+
+def meta_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device (shapes, no
+    data: nothing is copied but the module structure); tied tensors stay tied. ``None`` when
+    the model cannot be copied."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in memo:
+            continue
+        m = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) \
+            if isinstance(t, nn.Parameter) else m
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # a module holding what cannot be copied, code that needs data
+        return None
+
+
+def _to_meta(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.empty_like(a, device="meta")
+    if isinstance(a, tuple):
+        return tuple(_to_meta(x) for x in a)
+    if isinstance(a, list):
+        return [_to_meta(x) for x in a]
+    if isinstance(a, dict):
+        return {k: _to_meta(v) for k, v in a.items()}
+    return a
+
+
+def dry_run(model: nn.Module, example_inputs: Any,
+            change: Callable[[nn.Module], Any]) -> str | None:
+    """Run the example calls on a ``meta`` copy of ``model`` (eval mode, no grad), then change
+    the copy with ``change`` (applying a plan) and run them again: the error the changed copy
+    raises, or ``None`` when it runs (and when the unchanged copy cannot be copied or run on
+    ``meta``, or ``change`` refuses: then nothing can be told). ``model`` is not touched, and
+    no arithmetic is done; the library's log records below ERROR and Python warnings raised
+    meanwhile are dropped (they are the copy's: what they say is said for the plan itself)."""
+    with _quiet():
+        twin = meta_copy(model)
+        if twin is None:
+            return None
+        calls = [_to_meta(c) for c in as_calls(example_inputs)]
+        try:
+            with frozen_mode(twin):
+                for c in calls:
+                    twin(*c)
+        except Exception:  # code that needs data: nothing to compare
+            return None
+        try:
+            change(twin)
+        except Exception:  # refused for the model as well: it is left as it was
+            return None
+        try:
+            with frozen_mode(twin):
+                for c in calls:
+                    twin(*c)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Drop the ``pruneplan`` loggers' records below ERROR and every Python warning."""
+    names = ["pruneplan", *(n for n in list(logging.Logger.manager.loggerDict)
+                            if n.startswith("pruneplan."))]
+    loggers = [logging.getLogger(n) for n in names]
+    quiet = _BelowError()
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
