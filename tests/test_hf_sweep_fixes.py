@@ -432,3 +432,17 @@ def test_albert_hidden_size_is_the_width_the_heads_meet_not_the_embedding_width(
     assert changes["embedding_size"] == (32, 23)  # 30% of the embedding width, its own key
     assert plan.config.problems() == []
     roundtrip_cli(tmp_path, model, plan, x)
+
+
+def test_bloom_heads_are_left_out_with_the_alibi_reason() -> None:
+    cfg = transformers.BloomConfig(hidden_size=64, n_layer=1, n_head=4, vocab_size=V)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(cfg).eval()
+    groups = pp.prunable_groups(model, ids())
+    reasons = {lo.name: lo.reason for lo in groups.left_out}
+    assert reasons["transformer.h.0.self_attention.query_key_value"] == (
+        "they reach operation 'baddbmm' in module 'transformer.h.0.self_attention': a batched "
+        "product added to a bias in one call; attention scores computed this way with ALiBi "
+        "biases (BLOOM) get biases built from the head count, so removing heads would change "
+        "those of the heads that remain")
+    assert not [g for g in groups if g.kind != "channels"]

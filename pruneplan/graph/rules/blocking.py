@@ -15,7 +15,7 @@ __all__ = ["BlockModuleRule", "BlockRule"]
 
 BLOCKING_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer,
                   nn.Bilinear, nn.Fold, nn.Unfold, nn.CosineSimilarity, nn.PairwiseDistance)
-BLOCK_OPS = ("mm", "baddbmm", "addmm", "addbmm",
+BLOCK_OPS = ("mm", "addmm", "addbmm",
              "bilinear", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d", "multi_head_attention_forward",
              "outer", "cross", "kron", "cosine_similarity")
@@ -50,3 +50,9 @@ class BlockRule(FunctionRule):
 
 builtin(BLOCKING_TYPES, rule=BlockModuleRule())
 builtin(names=BLOCK_OPS, rule=BlockRule())
+#: BLOOM computes its attention scores as baddbmm(alibi, q, k^T): the ALiBi slopes are built from
+#: the model's head count, so a pruned model would give the heads that remain other biases
+builtin(names=("baddbmm",), rule=BlockRule(
+    "a batched product added to a bias in one call; attention scores computed this way with "
+    "ALiBi biases (BLOOM) get biases built from the head count, so removing heads would change "
+    "those of the heads that remain"))
