@@ -308,34 +308,40 @@ def _to_meta(a: Any) -> Any:
 
 def dry_run(model: nn.Module, example_inputs: Any,
             change: Callable[[nn.Module], Any]) -> str | None:
-    """Run the example calls on a ``meta`` copy of ``model`` (eval mode, no grad), then change
-    the copy with ``change`` (applying a plan) and run them again: the error the changed copy
-    raises, or ``None`` when it runs (and when the unchanged copy cannot be copied or run on
-    ``meta``, or ``change`` refuses: then nothing can be told). ``model`` is not touched, and
-    no arithmetic is done; the library's log records below ERROR and Python warnings raised
-    meanwhile are dropped (they are the copy's: what they say is said for the plan itself)."""
+    """Change a copy of ``model`` on the ``meta`` device with ``change`` (applying a plan) and
+    run the example calls on it (eval mode, no grad): the error it raises, or ``None`` when it
+    runs (and when nothing can be told: the model cannot be copied, ``change`` refuses, or an
+    unchanged copy fails as well, as code that needs data does on ``meta``). ``model`` is not
+    touched, and no arithmetic is done; the library's log records below ERROR and Python
+    warnings raised meanwhile are dropped (they are the copy's: what they say is said for the
+    plan itself)."""
+    def run(twin: nn.Module) -> Exception | None:
+        try:
+            with frozen_mode(twin):
+                for c in calls:
+                    twin(*c)
+        except Exception as exc:
+            return exc
+        return None
+
     with _quiet():
         twin = meta_copy(model)
         if twin is None:
             return None
         calls = [_to_meta(c) for c in as_calls(example_inputs)]
         try:
-            with frozen_mode(twin):
-                for c in calls:
-                    twin(*c)
-        except Exception:  # code that needs data: nothing to compare
-            return None
-        try:
             change(twin)
         except Exception:  # refused for the model as well: it is left as it was
             return None
-        try:
-            with frozen_mode(twin):
-                for c in calls:
-                    twin(*c)
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
-    return None
+        failed = run(twin)
+        if failed is None:
+            return None
+        # the unchanged copy must run for the failure to be the change's (code that needs
+        # data cannot run on meta at all: nothing can be told)
+        plain = meta_copy(model)
+        if plain is None or run(plain) is not None:
+            return None
+        return f"{type(failed).__name__}: {failed}"
 
 
 class _BelowError(logging.Filter):
