@@ -27,6 +27,7 @@ from torch import nn
 import pruneplan as pp
 from pruneplan.errors import PlanningError
 from pruneplan.graph.spec import LeftOut
+from pruneplan.planner import build_plan
 
 TRACERS = ["fx", "record"]
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
@@ -360,6 +361,12 @@ def test_groups_sharing_a_position_are_left_out_not_offered(monkeypatch) -> None
                 "axis 1, so removing either would cut the other's channels")]
     with pytest.raises(PlanningError, match=r"^'a' is not prunable: its units and those of group 'b'"):
         pp.plan_pruning(model, {"a": [1]}, example_inputs=x)
+    # and should such groups reach the planner, one plan holding both is refused by validation
+    monkeypatch.setattr(Engine, "_overlapping", lambda self, groups: {})
+    ga, gb = pp.prunable_groups(model, x)
+    with pytest.raises(pp.PlanValidationError, match=r"^invalid plan: groups 'a' and 'b' both "
+                       r"slice tensor 'c.weight' axis 1 at position 0$"):
+        build_plan(model, [(ga, [1]), (gb, [2])])
 
 
 # ---- explicit cascades: the probe pass sees every call ---------------------------------------
@@ -553,3 +560,41 @@ def test_plan_from_metric_refuses_a_plan_after_which_the_model_no_longer_runs(mo
     # give b's roots nothing to remove; a's plan alone breaks c's call on b
     with pytest.raises(PlanningError, match=r"^the plan of groups 'a' would break the model"):
         pp.plan_from_metric(model, x, "lp_norm", 0.25, exclude=["b"])
+
+
+class AuxNet(nn.Module):
+    """Issue 11's example: ``aux`` runs only in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(32, 10))
+        self.aux = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor):
+        f = torch.relu(self.stem(x))
+        return (self.head(f), self.aux(f)) if self.training else self.head(f)
+
+
+def test_the_dry_run_also_runs_the_branches_of_training_mode(monkeypatch) -> None:
+    # discovery traced in eval mode only (its training pass switched off) misses aux, which
+    # reads stem's channels: the plan breaks the model in training mode, and the dry run's
+    # training-mode pass refuses it
+    import pruneplan.graph.discover as discover
+
+    build = discover.build_graphs
+    monkeypatch.setattr(discover, "build_graphs", lambda m, x, tracer="auto", training_pass="auto":
+                        build(m, x, tracer, "never"))
+    model, x = AuxNet().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(PlanningError) as e:
+        pp.plan_pruning(model, {"stem": [0, 1, 2]}, example_inputs=x)
+    assert str(e.value).startswith("the plan of groups 'stem' would break the model: with it "
+                                   "applied (to a copy on the meta device), the example inputs "
+                                   "fail with RuntimeError in training mode: ")
+    assert not model.training
+    monkeypatch.undo()  # discovery's own training pass finds aux: the plan runs in both modes
+    plan = pp.plan_pruning(model, {"stem": [0, 1, 2]}, example_inputs=x)
+    pruned = pp.apply_plan(copy.deepcopy(model), plan)
+    assert pruned.aux.weight.shape == (8, 13, 1, 1)
+    pruned.train()(x)

@@ -309,15 +309,17 @@ def _to_meta(a: Any) -> Any:
 def dry_run(model: nn.Module, example_inputs: Any,
             change: Callable[[nn.Module], Any]) -> str | None:
     """Change a copy of ``model`` on the ``meta`` device with ``change`` (applying a plan) and
-    run the example calls on it (eval mode, no grad): the error it raises, or ``None`` when it
-    runs (and when nothing can be told: the model cannot be copied, ``change`` refuses, or an
-    unchanged copy fails as well, as code that needs data does on ``meta``). ``model`` is not
+    run the example calls on it, in eval mode, then in training mode (`training_mode`: branches
+    that run only in training, such as auxiliary heads), without grad: the error it raises, or
+    ``None`` when it runs (and when nothing can be told: the model cannot be copied, ``change``
+    refuses, or an unchanged copy fails in that mode as well, as code that needs data does on
+    ``meta``). ``model`` is not
     touched, and no arithmetic is done; the library's log records below ERROR and Python
     warnings raised meanwhile are dropped (they are the copy's: what they say is said for the
     plan itself)."""
-    def run(twin: nn.Module) -> Exception | None:
+    def run(twin: nn.Module, mode: type) -> Exception | None:
         try:
-            with frozen_mode(twin):
+            with mode(twin):
                 for c in calls:
                     twin(*c)
         except Exception as exc:
@@ -333,15 +335,17 @@ def dry_run(model: nn.Module, example_inputs: Any,
             change(twin)
         except Exception:  # refused for the model as well: it is left as it was
             return None
-        failed = run(twin)
-        if failed is None:
-            return None
-        # the unchanged copy must run for the failure to be the change's (code that needs
-        # data cannot run on meta at all: nothing can be told)
-        plain = meta_copy(model)
-        if plain is None or run(plain) is not None:
-            return None
-        return f"{type(failed).__name__}: {failed}"
+        for mode, where in ((frozen_mode, ""), (training_mode, " in training mode")):
+            failed = run(twin, mode)
+            if failed is None:
+                continue
+            # the unchanged copy must run for the failure to be the change's (code that needs
+            # data cannot run on meta at all, a model may need targets in training mode)
+            plain = meta_copy(model)
+            if plain is None or run(plain, mode) is not None:
+                continue
+            return f"{type(failed).__name__}{where}: {failed}"
+    return None
 
 
 class _BelowError(logging.Filter):
