@@ -18,7 +18,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_zoo import assert_equals_zeroing
+from test_zoo import assert_equals_zeroing, random_valid_subsets
 from torch import nn
 
 import pruneplan as pp
@@ -29,20 +29,6 @@ from pruneplan.select import keep_parts
 
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
 
-
-def _random_subsets(groups, seed: int) -> dict[str, list[int]]:
-    """A seeded random subset (at least one unit, never all) of every group that leaves every
-    split part at least one unit (the planner refuses to empty one: see the test below)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for g in groups:
-        while True:
-            k = int(rng.integers(1, g.size))
-            pick = sorted(int(u) for u in rng.choice(g.size, k, replace=False))
-            if all(e.before - e.drop(pick) >= 1 for e in g.edits):
-                break
-        out[g.name] = pick
-    return out
 
 
 # ---- FasterNet's partial convolution: split(x, [self.dim_conv3, self.dim_untouched]) ---------
@@ -125,7 +111,7 @@ def test_partial_conv_split_edits_each_part_by_its_own_units(tracer: str) -> Non
                   if (s.tensor, s.axis) == ("blocks.0.spatial_mixing.partial_conv3.weight", 1))
     assert weight.positions == ((0,), (1,), (), (), (), (), (), ())
     for seed in range(4):
-        removed = _random_subsets(groups, seed)
+        removed = random_valid_subsets(groups, seed)
         plan = build_plan(model, [(g, removed[g.name]) for g in groups])
         pruned = pp.apply_plan(copy.deepcopy(model), plan)
         gone = set(removed["stem"])
@@ -337,7 +323,7 @@ def test_split_by_a_list_attribute_edits_each_element(tracer: str) -> None:
             assert edits[(f"crpe.conv_list.{i}", attr)] == (before, amounts)
     assert edits[("attn.0", "num_heads")] == (8, None)
     for seed in range(4):
-        removed = _random_subsets(groups, seed)
+        removed = random_valid_subsets(groups, seed)
         plan = build_plan(model, [(g, removed[g.name]) for g in groups])
         pruned = pp.apply_plan(copy.deepcopy(model), plan)
         heads = removed["embed"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_zoo import assert_equals_zeroing
+from test_zoo import assert_equals_zeroing, random_valid_subsets
 from torch import nn
 
 import pruneplan as pp
@@ -33,20 +33,6 @@ from pruneplan.select import aggregate_scores
 
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
 
-
-def _random_subsets(groups, seed: int) -> dict[str, list[int]]:
-    """A seeded random subset (at least one unit, never all) of every group that leaves every
-    branch at least one unit (the planner refuses to empty one)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for g in groups:
-        while True:
-            k = int(rng.integers(1, g.size))
-            pick = sorted(int(u) for u in rng.choice(g.size, k, replace=False))
-            if all(e.before - e.drop(pick) >= 1 for e in g.edits):
-                break
-        out[g.name] = pick
-    return out
 
 
 def _randomised(model: nn.Module) -> nn.Module:
@@ -102,7 +88,7 @@ def test_cat_of_two_convs_plus_a_conv_prunes_each_branch_by_its_own_units(tracer
     assert rows["c2.bias"] == ((), (), (), (0,), (1,))
     assert rows["c3.weight"] is None and rows["bn.running_var"] is None  # one row per unit
     for seed in range(6):
-        removed = _random_subsets(groups, seed)
+        removed = random_valid_subsets(groups, seed)
         plan = build_plan(model, [(gr, removed[gr.name]) for gr in groups])
         pruned = pp.apply_plan(copy.deepcopy(model), plan)
         gone = set(removed["c3"])
@@ -166,7 +152,7 @@ def test_concatenated_branches_times_a_gate_prune_each_branch_by_its_own_units(t
                      ("fc", "in_channels"): (6, None), ("fc", "out_channels"): (6, None),
                      ("final", "in_channels"): (6, None)}
     for seed in range(6):
-        removed = _random_subsets(groups, seed)
+        removed = random_valid_subsets(groups, seed)
         plan = build_plan(model, [(gr, removed[gr.name]) for gr in groups])
         pruned = pp.apply_plan(copy.deepcopy(model), plan)
         gone = set(removed["fc"])
@@ -246,7 +232,7 @@ def test_inception_resnet_stream_prunes_each_stem_branch_by_its_own_units(tracer
                   if (s.tensor, s.axis) == ("mixed.branches.2.1.running_mean", 0)]
     assert bn_rows == ((),) * 7 + ((0,), (1,))
     for seed in range(6):
-        removed = _random_subsets(groups, seed)
+        removed = random_valid_subsets(groups, seed)
         plan = build_plan(model, [(gr, removed[gr.name]) for gr in groups])
         pruned = pp.apply_plan(copy.deepcopy(model), plan)
         gone = set(removed["blocks.0.up"])

@@ -112,6 +112,22 @@ def _random_removal(groups, seed: int = 0) -> dict[str, list[int]]:
     return out
 
 
+def random_valid_subsets(groups, seed: int) -> dict[str, list[int]]:
+    """A seeded random subset (at least one unit, never all) of every group that leaves every
+    attribute the group edits at least 1 (the planner refuses to empty a split part or a
+    branch of an uneven tie, so a draw that would is drawn again)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for g in groups:
+        while True:
+            k = int(rng.integers(1, g.size))
+            pick = sorted(int(u) for u in rng.choice(g.size, k, replace=False))
+            if all(e.before - e.drop(pick) >= 1 for e in g.edits):
+                break
+        out[g.name] = pick
+    return out
+
+
 def _numel(sd: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in sd.values())
 

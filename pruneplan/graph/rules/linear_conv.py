@@ -177,13 +177,10 @@ class FunctionalLayerRule(FunctionRule):
         weight = call.read(call.arg(1, "weight"))
         if not isinstance(weight, PView) or weight.dims != tuple(range(len(weight.dims))):
             return None
-        path, _, leaf = weight.key.rpartition(".")
-        try:
-            m = call.model.get_submodule(path)
-        except AttributeError:
+        owner = _weight_owner(call, weight, _KINDS[call.name])
+        if owner is None:
             return None
-        if leaf != "weight" or not isinstance(m, _KINDS[call.name]):
-            return None
+        m, path = owner
         bias = call.arg(2, "bias")
         want = f"{path}.bias" if path else "bias"
         extra: tuple[SliceSpec, ...] = ()
@@ -267,13 +264,22 @@ def _matmul_owner(call: Call) -> tuple[nn.Module, str] | None:
     ma, weight = call.meta(args[0]), call.read(args[1])
     if not isinstance(weight, PView) or weight.dims != (1, 0) or ma is None or len(ma) < 1:
         return None
+    owner = _weight_owner(call, weight, nn.Linear)
+    if owner is None or owner[0].weight.dim() != 2 or int(ma[-1]) != owner[0].in_features:
+        return None
+    return owner
+
+
+def _weight_owner(call: Call, weight: PView, kinds: type | tuple[type, ...]
+                  ) -> tuple[nn.Module, str] | None:
+    """The module of type ``kinds`` whose own ``weight`` parameter ``weight`` views, and its
+    path; ``None`` for any other tensor."""
     path, _, leaf = weight.key.rpartition(".")
     try:
         m = call.model.get_submodule(path)
     except AttributeError:
         return None
-    if leaf != "weight" or not isinstance(m, nn.Linear) or m.weight.dim() != 2 \
-            or int(ma[-1]) != m.in_features:
+    if leaf != "weight" or not isinstance(m, kinds):
         return None
     return m, path
 
