@@ -105,8 +105,9 @@ def plan_pruning(
 
     With ``example_inputs``, the plan is applied to a copy of the model on the ``meta`` device
     (module structure only: no data is copied, no arithmetic done) and the example calls are run
-    on it: a plan after which the model would not run is refused, never returned (a model whose
-    code needs data, such as ``.item()``, cannot run on ``meta``; it is not checked).
+    on it, in eval and in training mode: a plan after which the model would not run is refused,
+    never returned (a model whose code needs data, such as ``.item()``, cannot run on ``meta``;
+    it is not checked). This costs about as much as discovery (ResNet-50: 0.3 s).
 
     Returns:
         The validated plan; nothing in ``model`` changes. Its groups are listed in the order the
