@@ -18,7 +18,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_zoo import assert_equals_zeroing, random_valid_subsets
+from test_zoo import assert_equals_zeroing, random_valid_subsets, randomised_batchnorm
 from torch import nn
 
 import pruneplan as pp
@@ -71,21 +71,11 @@ class FasterNetLike(nn.Module):
         return self.head(self.blocks(self.stem(x))).mean((2, 3))
 
 
-def _randomised(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that dropping a channel shows in the output."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
-
 
 @pytest.mark.parametrize("tracer", ["fx", "record"])
 def test_partial_conv_split_edits_each_part_by_its_own_units(tracer: str) -> None:
     torch.manual_seed(0)
-    model, x = _randomised(FasterNetLike()), torch.randn(2, 3, 6, 6)
+    model, x = randomised_batchnorm(FasterNetLike()), torch.randn(2, 3, 6, 6)
     groups = pp.prunable_groups(model, x, tracer=tracer)
     # the residual stream (stem + both blocks' last convs, 8 channels: the first 2 go through
     # each block's partial conv, the other 6 pass), each partial conv's own 2 outputs, each
@@ -128,7 +118,7 @@ def test_partial_conv_split_edits_each_part_by_its_own_units(tracer: str) -> Non
 
 def test_a_plan_with_units_owning_nothing_on_a_tensor_round_trips_and_replays() -> None:
     torch.manual_seed(0)
-    model, x = _randomised(FasterNetLike()), torch.randn(2, 3, 6, 6)
+    model, x = randomised_batchnorm(FasterNetLike()), torch.randn(2, 3, 6, 6)
     plan = pp.plan_pruning(model, {"stem": [1, 3, 6]}, example_inputs=x)
     text = plan.to_json()
     # the partial conv's input columns belong to units 0 and 1 only: the others list none
@@ -220,7 +210,7 @@ class NormedPart(nn.Module):
 @pytest.mark.parametrize("tracer", ["fx", "record"])
 def test_a_part_through_batchnorm_and_flatten_is_sliced_by_its_own_units(tracer: str) -> None:
     torch.manual_seed(0)
-    model, x = _randomised(NormedPart()), torch.randn(2, 3, 4, 4)
+    model, x = randomised_batchnorm(NormedPart()), torch.randn(2, 3, 4, 4)
     groups = pp.prunable_groups(model, x, tracer=tracer)
     assert [(g.name, g.size) for g in groups] == [("stem", 8)]
     for removed in ([0, 5], [1, 2, 3], [4, 6, 7], [0, 2, 3, 4, 5, 6]):
@@ -440,7 +430,7 @@ def test_splits_whose_sizes_cannot_follow_leave_the_root_out(holds: dict, sizes:
 def test_composed_plans_over_split_parts_equal_the_plans_applied_in_turn() -> None:
     # slices with units that own no position, and list-element edits, compose like the others
     for build, x, first, second, root in (
-            (lambda: _randomised(FasterNetLike()), torch.randn(2, 3, 6, 6), [1, 3], [2, 4], "stem"),
+            (lambda: randomised_batchnorm(FasterNetLike()), torch.randn(2, 3, 6, 6), [1, 3], [2, 4], "stem"),
             (lambda: CoaTLike().eval(), torch.randn(2, 3, 8, 8), [1], [2, 5], "embed")):
         torch.manual_seed(0)
         model = build()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_zoo import assert_equals_zeroing, random_valid_subsets
+from test_zoo import assert_equals_zeroing, random_valid_subsets, randomised_batchnorm
 from torch import nn
 
 import pruneplan as pp
@@ -34,16 +34,6 @@ from pruneplan.select import aggregate_scores
 OUTPUT = "its units reach the model output (include_output=True allows pruning it)"
 
 
-
-def _randomised(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that dropping a channel shows in the output."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 # ---- cat of two convs + a conv ---------------------------------------------------------------
@@ -70,7 +60,7 @@ class CatAdd(nn.Module):
 @pytest.mark.parametrize("tracer", ["fx", "record"])
 def test_cat_of_two_convs_plus_a_conv_prunes_each_branch_by_its_own_units(tracer: str) -> None:
     torch.manual_seed(0)
-    model, x = _randomised(CatAdd()), torch.randn(2, 3, 5, 5)
+    model, x = randomised_batchnorm(CatAdd()), torch.randn(2, 3, 5, 5)
     groups = pp.prunable_groups(model, x, tracer=tracer)
     # the group is named after c3, the root holding one channel of every unit: unit u is its
     # channel u, paired with c1's channel u (u < 3) or c2's channel u - 3
@@ -210,7 +200,7 @@ class InceptionResNetLike(nn.Module):
 @pytest.mark.parametrize("tracer", ["fx", "record"])
 def test_inception_resnet_stream_prunes_each_stem_branch_by_its_own_units(tracer: str) -> None:
     torch.manual_seed(0)
-    model, x = _randomised(InceptionResNetLike()), torch.randn(2, 3, 5, 5)
+    model, x = randomised_batchnorm(InceptionResNetLike()), torch.randn(2, 3, 5, 5)
     groups = pp.prunable_groups(model, x, tracer=tracer)
     stream = ("blocks.0.up", "mixed.branches.0.0", "mixed.branches.1.0", "mixed.branches.2.0",
               "blocks.1.up")
@@ -311,7 +301,7 @@ def test_a_branch_named_with_expand_removes_the_units_holding_its_channels() -> 
 
 def test_uneven_plans_replay_on_a_state_dict_and_files_and_compose(tmp_path) -> None:
     torch.manual_seed(0)
-    model, x = _randomised(InceptionResNetLike()), torch.randn(2, 3, 5, 5)
+    model, x = randomised_batchnorm(InceptionResNetLike()), torch.randn(2, 3, 5, 5)
     a = pp.plan_pruning(model, {"blocks.0.up": [1, 4, 8], "stem": [2]}, example_inputs=x)
     assert a.version == 3  # explicit positions with units owning none
     once = pp.apply_plan(copy.deepcopy(model), a)

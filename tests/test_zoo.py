@@ -112,6 +112,18 @@ def _random_removal(groups, seed: int = 0) -> dict[str, list[int]]:
     return out
 
 
+def randomised_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm2d statistics and scales (seeded), so
+    that a channel sliced wrongly shows in the output."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
 def random_valid_subsets(groups, seed: int) -> dict[str, list[int]]:
     """A seeded random subset (at least one unit, never all) of every group that leaves every
     attribute the group edits at least 1 (the planner refuses to empty a split part or a
