@@ -123,3 +123,65 @@ def test_a_grouped_conv_alone_keeps_local_positions() -> None:
 
     groups = {g.name: g.size for g in prunable_groups(Plain().eval(), torch.randn(1, 3, 4, 4))}
     assert groups == {"stem": 4, "gconv": 4}
+
+
+class TiedHeads(nn.Module):
+    """The stem's channels feed a grouped conv (``groups`` blocks) and, split into ``heads``
+    heads, are the values of an attention (q, k: linear roots with as many heads)."""
+
+    def __init__(self, c: int, groups: int, heads: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.gconv = nn.Conv2d(c, c, 3, padding=1, groups=groups)
+        self.num_heads, self.head_dim = heads, c // heads
+        self.q, self.k = nn.Linear(c, c), nn.Linear(c, c)
+        self.fc, self.fc2 = nn.Linear(c, 3), nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = self.gconv(s)
+        t = s.flatten(2).transpose(1, 2)
+        B, N, C = t.shape
+        q = self.q(t).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(t).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        v = t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.fc(a.mean(1)) + self.fc2(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("groups", "heads", "after"), [
+    # 2 conv blocks of 4, 4 heads of 2: position j of both blocks ties head h to head h + 2,
+    # so a unit is 2 heads (stem channels 0, 1, 4, 5 or 2, 3, 6, 7) = 2 local positions of
+    # each block: groups stays 2, in_channels 8 -> 4; gconv stays a root (its outputs)
+    (2, 4, {"groups": 2, "in": 4, "out": 8, "heads": 2}),
+    # 4 conv blocks of 2, 2 heads of 4: local positions tie both heads together; whole conv
+    # groups (2 blocks = 1 head) are the units: groups 4 -> 2, in and out channels 8 -> 4
+    (4, 2, {"groups": 2, "in": 4, "out": 4, "heads": 1}),
+])
+def test_units_tied_by_a_grouped_conv_and_gathered_into_heads(groups, heads, after) -> None:
+    torch.manual_seed(0)
+    model = TiedHeads(8, groups, heads).eval()
+    x = torch.randn(2, 3, 5, 5)
+    stem = {g.name: g for g in prunable_groups(model, x)}["stem"]
+    assert (stem.kind, stem.size, stem.roots) == ("heads", 2, ("stem", "q", "k"))
+    for u in (0, 1):
+        plan = build_plan(model, [(stem, [u])])
+        pruned = apply_plan(copy.deepcopy(model), plan)
+        gc = pruned.gconv
+        assert {"groups": gc.groups, "in": gc.in_channels, "out": gc.out_channels,
+                "heads": pruned.num_heads} == after
+        assert pruned.head_dim == 8 // heads
+        assert_equals_zeroing(model, pruned, plan, x, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_groups_that_do_not_help_fall_back_to_local_positions(caplog) -> None:
+    # 3 conv blocks of 4, 2 heads of 6: block 1 (channels 4..7) straddles both heads, so whole
+    # blocks tie everything too; the conv goes back to local positions and stays a root (4
+    # units: one output position of each block), the stream is left out with the reason
+    model = TiedHeads(12, 3, 2).eval()
+    with caplog.at_level(logging.INFO, logger="pruneplan.graph._analysis"):
+        groups = prunable_groups(model, torch.randn(1, 3, 5, 5))
+    assert "grouped convs gconv: whole conv groups leave their channels one unit too" in caplog.text
+    assert [(g.name, g.size) for g in groups] == [("gconv", 4)]
+    why = {lo.name: lo.reason for lo in groups.left_out}
+    assert why["stem"].startswith("all of its units are tied together (by gconv in gconv")

@@ -436,13 +436,22 @@ class Engine:
         order = np.argsort(mapping, kind="stable")
         members = frozenset(roots)
         c = self.uf.find(roots[0])
-        if c in self.uf.part:  # units tied into sets already: both at once are not supported
+        tied = self.uf.part.get(c)
+        if tied is not None and (c in self.uf.space or any(r in self.uf.emb for r in roots)
+                                 or any(r in roots for _, r in self.partial)):
+            # units tied into sets in a layout of their own (concatenated parts, partial
+            # streams): both at once are not supported
             self.block(list(roots), "their units are both tied into sets of channels and "
                        "gathered into heads, which pruneplan does not combine")
             self.uf.part.pop(c)
             self.uf.space.pop(c, None)
             for r in roots:
                 self.uf.emb.pop(r, None)
+        elif tied is not None:
+            # units tied into sets (a local position of every block of a grouped conv): the
+            # new units that gather tied units are tied in turn
+            self.uf.part[c] = _components(new, np.concatenate([np.arange(new), mapping]),
+                                          np.concatenate([np.arange(new), mapping[tied]]))
         for r in roots:
             self.uf.sizes[r] = new
         for r in roots:
@@ -1104,16 +1113,19 @@ class Engine:
                             added.add((r, w, e, module))
                             self.effects[r].append((w, replace(e, module=module)))
 
-    def collapsed(self) -> set[str]:
-        """Grouped convs whose input channels all ended in one set of tied units: tying local
-        position ``j`` of every block, together with the other ties of the class (attention
-        heads reading 32-channel blocks of the same channels, in NextViT), left the channels
-        feeding them a single unit, which no selection can remove. Whole conv groups may still
-        be units there (`pruneplan.graph.rules.grouped`)."""
-        out: set[str] = set()
+    def collapsed(self) -> tuple[set[str], set[str]]:
+        """Grouped convs whose input channels all ended in one set of tied units, and those of
+        this pass's whole-group convs (`whole_groups`) that did not help.
+
+        Tying local position ``j`` of every block, together with the other ties of the class
+        (attention heads reading blocks of the same channels, in NextViT), may leave the
+        channels feeding a grouped conv a single unit, which no selection can remove. Whole conv
+        groups may still be units there (`pruneplan.graph.rules.grouped`). Returns ``(convs to
+        analyse with whole conv groups, whole-group convs whose channels still form one unit
+        or are left out: back to local positions)``."""
+        more: set[str] = set()
+        failed: set[str] = set()
         for name, arr, since in self.grouped_inputs:
-            if name in self.whole_groups:
-                continue
             arr = self.refresh(arr, since)
             if arr.size < 2 or (arr < 0).any():
                 continue
@@ -1126,10 +1138,14 @@ class Engine:
                 part = self.uf.part.get(c)
                 ids = places if part is None else part[places]
                 sets.update((c, int(i)) for i in np.unique(ids))
-            # a class left out for another reason stays so: the conv stays a root of its own
-            if len(sets) == 1 and next(iter(sets))[0] not in self.uf.blocked:
-                out.add(name)
-        return out
+            blocked = any(c in self.uf.blocked for c, _ in sets)
+            if name in self.whole_groups:
+                if blocked or len(sets) == 1:
+                    failed.add(name)
+            elif len(sets) == 1 and not blocked:
+                # (a class left out for another reason stays so: the conv stays a root)
+                more.add(name)
+        return more, failed
 
     # ---- result --------------------------------------------------------------------------
 
@@ -1591,17 +1607,28 @@ def analyze(model: nn.Module, graph: Graph, *, include_output: bool = False,
     """Groups of the traced ``graph`` (with the roots left out and why); raise on unsupported
     operations when ``strict``."""
     whole: frozenset[str] = frozenset()
+    tried = {whole}
     for _ in range(_WHOLE_GROUP_PASSES):
         a = Engine(model, graph, include_output, whole)
         a.run()
         a.finish()
-        more = a.collapsed()
-        if not more:
+        more, failed = a.collapsed()
+        if failed:
+            log.info("grouped convs %s: whole conv groups leave their channels one unit too; "
+                     "back to local positions", ", ".join(sorted(failed)))
+        if more:
+            log.info("grouped convs %s: their local positions tie every channel feeding them "
+                     "together; analysing again with whole conv groups as units there",
+                     ", ".join(sorted(more)))
+        nxt = (whole | more) - failed
+        if nxt in tried:
+            if nxt != whole:  # back to the pass analysed with those convs before
+                a = Engine(model, graph, include_output, nxt)
+                a.run()
+                a.finish()
             break
-        log.info("grouped convs %s: their local positions tie every channel feeding them "
-                 "together; analysing again with whole conv groups as units there",
-                 ", ".join(sorted(more)))
-        whole = whole | more
+        tried.add(nxt)
+        whole = nxt
     if a.errors:
         msg, _ = a.errors[0]
         more = f" (and {len(a.errors) - 1} more)" if len(a.errors) > 1 else ""

@@ -356,8 +356,9 @@ class Call:
         return name in self._engine.whole_groups
 
     def tied_conv_blocks(self, name: str, arr: np.ndarray) -> None:
-        """Record that the grouped conv at ``name`` tied local positions of the 1-D input labels
-        ``arr`` across its blocks (checked after the pass: see `Engine.collapsed`)."""
+        """Record that the grouped conv at ``name`` tied the 1-D input labels ``arr``: local
+        positions across its blocks, or each whole block (checked after the pass: see
+        `Engine.collapsed`)."""
         self._engine.grouped_inputs.append((name, arr, len(self._engine.regroups)))
 
     def later(self, check: Callable[[], None]) -> None:

@@ -29,7 +29,14 @@ them; `whole_groups` is the rule): the ``L`` channels of input block ``k`` are t
 unit, the conv's output block ``k`` (``M`` channels) carries that unit on (the conv is no root
 of its own), its weight loses rows ``k M .. (k + 1) M - 1`` (and its bias those entries), and
 ``in_channels``, ``out_channels`` and ``groups`` drop by ``L``, ``M`` and 1 per unit. Here a
-conv group of 32 channels is one attention head, and the stream loses whole heads.
+conv group of 32 channels is one attention head, and the stream loses whole heads. Where whole
+groups leave the channels one unit too (a conv block straddling two heads), the conv goes
+back to local positions and stays a root of its own.
+
+Channels tied this way may also be gathered into heads afterwards (``view(B, N, heads,
+head_dim)`` of the same channels, as the values of an attention or EfficientViT's multi-scale
+attention): a head gathering tied channels is tied to the heads holding their fellows
+(`Engine.regroup`), so a unit may be several heads.
 
 Any subset of the units offered this way is valid: what the engine assembles from the ties
 (`pruneplan.graph.rules.Call.couple` on positions holding different units) is a group whose
@@ -89,6 +96,7 @@ def whole_groups(call: Call, m: nn.Module, name: str, x: Lab) -> Lab:
     ``groups``. Returns the output labels (block ``k`` carries the units of input block ``k``)."""
     g = m.groups
     width, out_width = m.in_channels // g, m.out_channels // g
+    call.tied_conv_blocks(name, x.arr)
     rows = x.arr.reshape(g, width)
     for j in range(1, width):
         call.couple(rows[:, 0], rows[:, j], tie=True)
