@@ -14,6 +14,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_zoo import assert_equals_zeroing
 from torch import nn
 
@@ -185,3 +187,36 @@ def test_whole_groups_that_do_not_help_fall_back_to_local_positions(caplog) -> N
     assert [(g.name, g.size) for g in groups] == [("gconv", 4)]
     why = {lo.name: lo.reason for lo in groups.left_out}
     assert why["stem"].startswith("all of its units are tied together (by gconv in gconv")
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_subsets_with_grouped_convs_and_heads_equal_zeroing(data) -> None:
+    # widths, conv groups and heads drawn at random: whatever groups discovery offers (local
+    # positions, whole conv groups, several heads per unit), every subset of their units
+    # plans, applies and equals zeroing, and every grouped conv keeps equal groups
+    c = data.draw(st.sampled_from([8, 12, 16, 24]), label="channels")
+    divisors = [d for d in range(2, c) if c % d == 0]
+    groups = data.draw(st.sampled_from(divisors), label="conv groups")
+    heads = data.draw(st.sampled_from([d for d in divisors if d * d != c]), label="heads")
+    torch.manual_seed(0)
+    model = TiedHeads(c, groups, heads).eval()
+    x = torch.randn(2, 3, 4, 4)
+    chosen = []
+    for g in prunable_groups(model, x):
+        if g.size < 2:
+            continue
+        k = data.draw(st.integers(0, g.size - 1), label=f"how many of {g.name}")
+        removed = sorted(data.draw(st.permutations(range(g.size)), label=g.name)[:k])
+        if removed:
+            chosen.append((g, removed))
+    if not chosen:
+        return
+    plan = build_plan(model, chosen)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    gc = pruned.gconv
+    assert gc.in_channels % gc.groups == 0 and gc.out_channels % gc.groups == 0
+    assert tuple(gc.weight.shape[:2]) == (gc.out_channels, gc.in_channels // gc.groups)
+    assert pruned.num_heads * pruned.head_dim == pruned.q.out_features
+    assert_equals_zeroing(model, pruned, plan, x, rtol=1e-4, atol=1e-5)
