@@ -217,3 +217,63 @@ def test_a_ratio_too_small_for_any_group_warns_that_it_floors_to_nothing(
     with caplog.at_level(logging.INFO, logger="pruneplan"):  # floor(0.125 * 8) = 1: no warning
         assert [len(g.removed) for g in pp.plan_from_metric(model, x, "lp_norm", 0.125).groups] == [1]
     assert _warnings(caplog) == []
+
+
+class StackedExperts(nn.Module):
+    """A mixture-of-experts MLP stored as transformers 5 stores one: a ``[experts, out, in]``
+    tensor per projection, applied with a batched matmul (every token through every expert,
+    averaged: the routing does not matter here)."""
+
+    def __init__(self, experts: int = 3, hidden: int = 4, width: int = 5) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(experts, width, hidden))
+        self.down = nn.Parameter(torch.randn(experts, hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.einsum("ewh,bh->ebw", self.up, x))
+        return torch.einsum("ehw,ebw->bh", self.down, h) / self.up.shape[0]
+
+
+class WithExperts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.experts, self.out = nn.Linear(3, 4), StackedExperts(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.experts(self.inp(x)))
+
+
+def test_stacked_expert_weights_no_rule_describes_are_named_with_the_remedy() -> None:
+    groups = pp.prunable_groups(WithExperts().eval(), torch.randn(2, 3), on_unsupported="skip")
+    # the experts' width (5) is no root, and they read inp's 4 channels on an einsum index it
+    # sums over, so inp is left out too; the experts themselves are named, not passed over
+    reasons = {lo.name: lo.reason for lo in groups.left_out}
+    assert reasons["experts"] == (
+        "this StackedExperts holds stacked weights (up [3, 5, 4], down [3, 4, 5]) that no rule "
+        "describes, so their widths are not offered; register a rule for StackedExperts "
+        "(pruneplan.register_module_rule) to prune them")
+    assert list(groups) == []
+
+
+def test_tables_and_per_head_scales_are_no_stacked_weights() -> None:
+    # a per-head (heads, 1, 1) temperature (edgenext's cross-covariance attention) is no stack:
+    # fewer than three axes longer than 1; no group slices it here, yet it is not named
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.temperature = nn.Parameter(torch.tensor([1.0, 2.0]).reshape(2, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (torch.stack([x, -x]) * self.temperature).sum(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.scale, self.out = nn.Linear(4, 4), Scale(), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.scale(self.fc(x)))
+
+    groups = pp.prunable_groups(Net().eval(), torch.randn(3, 4), on_unsupported="skip")
+    assert not any(s.tensor == "scale.temperature" for g in groups for s in g.slices)
+    assert "scale" not in {lo.name for lo in groups.left_out}

@@ -260,11 +260,37 @@ def prunable_groups(
         for n, m in modules.items()
         if n and n not in offered and n not in skipped and n not in sliced and _is_root_type(m)
         and _owns_weight(m) and id(getattr(m, "weight", None)) not in spoken]
+    groups.left_out += _stacked_weights(modules, groups, skipped)
     groups.unexecuted = list(unreached)
     _unshared_dropouts(groups)
     log.info("%d prunable groups, %d roots left out (%s graph of %d nodes)", len(groups),
              len(groups.left_out), graph.source, len(graph.nodes))
     return groups
+
+
+def _stacked_weights(modules: dict[str, nn.Module], groups: GroupList, skipped: set[str]
+                     ) -> list[LeftOut]:
+    """Modules of no layer type that hold stacked weights, parameters with three or more axes
+    longer than 1 (the experts of a mixture-of-experts layer, stored as one
+    ``[experts, out, in]`` tensor each in transformers 5's ``Qwen2MoeExperts``,
+    ``MixtralExperts``), none of which any group slices: their widths are not offered, and
+    they are named rather than passed over in silence."""
+    sliced = {s.tensor for g in groups for s in g.slices}
+    named = {lo.name for lo in groups.left_out}
+    out = []
+    for n, m in modules.items():
+        if not n or n in named or n in skipped or _is_root_type(m):
+            continue
+        params = [(k, p) for k, p in m.named_parameters(recurse=False)]
+        stacked = [(k, tuple(p.shape)) for k, p in params if sum(d > 1 for d in p.shape) >= 3]
+        if not stacked or any(f"{n}.{k}" in sliced for k, _ in params):
+            continue
+        shown = ", ".join(f"{k} {list(shape)}" for k, shape in stacked)
+        out.append(LeftOut(n, f"this {type(m).__name__} holds stacked weights ({shown}) that no "
+                              "rule describes, so their widths are not offered; register a rule "
+                              f"for {type(m).__name__} (pruneplan.register_module_rule) to prune "
+                              "them"))
+    return out
 
 
 def _unshared_dropouts(groups: GroupList) -> None:
