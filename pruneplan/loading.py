@@ -248,13 +248,19 @@ def check_example(model: nn.Module, example: Any) -> None:
         with torch.no_grad():
             check_example_pass(model, (example,))
     except ExamplePassError as exc:
-        shape = list(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
-        cause = exc.__cause__
-        where = "" if exc.module is None else f", in module {quote(exc.module)}"
-        raise ExamplePassError(
-            f"the model does not run on an example input of shape {shape}{where} "
-            f"({type(cause).__name__}: {_one_line(cause)})"
-        ) from cause
+        raise _pass_failed(exc, "the model does not run on an example input of shape "
+                           f"{_shape(example)}") from exc.__cause__
+
+
+def _shape(x: Any) -> Any:
+    return list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _pass_failed(exc: ExamplePassError, what: str) -> ExamplePassError:
+    """``what`` failed, with the module the example pass failed in and its cause."""
+    cause = exc.__cause__
+    where = "" if exc.module is None else f", in module {quote(exc.module)}"
+    return ExamplePassError(f"{what}{where} ({type(cause).__name__}: {_one_line(cause)})")
 
 
 def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> None:
@@ -273,13 +279,8 @@ def check_criterion(model: nn.Module, batch: Sequence[Any], criterion: str) -> N
         with torch.no_grad():
             out = check_example_pass(model, (x,), "data's inputs")
     except ExamplePassError as exc:
-        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        cause = exc.__cause__
-        where = "" if exc.module is None else f", in module {quote(exc.module)}"
-        raise ExamplePassError(
-            f"the data's inputs (first batch: {shape}) do not fit the model{where} "
-            f"({type(cause).__name__}: {_one_line(cause)})"
-        ) from cause
+        raise _pass_failed(exc, f"the data's inputs (first batch: {_shape(x)}) do not fit the "
+                           "model") from exc.__cause__
     fn = CRITERIA[criterion]
     if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor) \
             and not getattr(fn, "accepts_model_output", False):
