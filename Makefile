@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m real tests/test_real_models.py
+	$(PY) -m pytest -q -m real tests/test_real_models.py tests/test_hf_real.py
 
 # the core suite alone (no torchvision/timm models): what to run while developing
 test-core: $(STAMP)
