@@ -1,6 +1,6 @@
 """Hugging Face architectures built small from a config (random weights, nothing downloaded),
 and the check each one goes through. Shared by benchmarks/hf_coverage.py (the sweep, writing
-docs/hf_coverage.md) and tests/test_hf_sweep.py (a representative subset, marked ``real``).
+docs/hf_coverage.md) and tests/test_hf_real.py (a representative subset, marked ``real``).
 
 Every model: 2 layers, hidden 64, 4 query heads (2 key/value heads where the architecture has
 grouped-query attention), MLP 128, vocabulary 128. The check (`check`):
