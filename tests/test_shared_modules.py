@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_unexecuted import AuxNet
 from test_zoo import _zeroing_hooks, assert_equals_zeroing
 from torch import nn
 
@@ -560,21 +561,6 @@ def test_plan_from_metric_refuses_a_plan_after_which_the_model_no_longer_runs(mo
     # give b's roots nothing to remove; a's plan alone breaks c's call on b
     with pytest.raises(PlanningError, match=r"^the plan of groups 'a' would break the model"):
         pp.plan_from_metric(model, x, "lp_norm", 0.25, exclude=["b"])
-
-
-class AuxNet(nn.Module):
-    """Issue 11's example: ``aux`` runs only in training mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.head = nn.Sequential(nn.Conv2d(16, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(32, 10))
-        self.aux = nn.Conv2d(16, 8, 1)
-
-    def forward(self, x: torch.Tensor):
-        f = torch.relu(self.stem(x))
-        return (self.head(f), self.aux(f)) if self.training else self.head(f)
 
 
 def test_the_dry_run_also_runs_the_branches_of_training_mode(monkeypatch) -> None:

@@ -180,24 +180,15 @@ def load_checkpoint_state(plan: PrunePlan, src: str | Path) -> dict[str, torch.T
         WeightsFileError: the folder's weights are unreadable or inconsistent.
         PlanMismatchError: a weights file records the digest of another plan.
     """
-    from safetensors.torch import load_file
-
-    from pruneplan.apply.safetensors_io import check_recorded_digest
+    from pruneplan.apply.safetensors_io import load_pruned_file, to_state_dict_keys
     from pruneplan.apply.sharded import load_sharded_state
 
     src = Path(src)
     if sorted(src.glob(f"*{INDEX_SUFFIX}")):
         state = load_sharded_state(plan, src)
     else:
-        single = _single_file(src)
-        _, metadata, _ = read_header(single)
-        check_recorded_digest(single, metadata.get(DIGEST_KEY), plan)
-        state = load_file(str(single))
-    state = to_plan_names(state, saved_names_in(plan, state, str(src)))
-    for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
-        if alias not in state and stored in state:
-            state[alias] = state[stored]
-    return state
+        state = load_pruned_file(plan, _single_file(src))
+    return to_state_dict_keys(plan, state, str(src))
 
 
 def apply_to_checkpoint(

@@ -359,6 +359,32 @@ def check_recorded_digest(where: str | Path, recorded: object, plan: PrunePlan) 
         )
 
 
+def load_pruned_file(plan: PrunePlan, path: Path) -> dict[str, Any]:
+    """The tensors of one pruned safetensors file, after checking the plan digest it records.
+
+    Raises:
+        PlanMismatchError: the file records the digest of another plan.
+        WeightsFileError: the file is unreadable.
+    """
+    from safetensors.torch import load_file
+
+    _, metadata, _ = read_header(path)
+    check_recorded_digest(path, metadata.get(DIGEST_KEY), plan)
+    return load_file(str(path))
+
+
+def to_state_dict_keys(plan: PrunePlan, state: dict[str, Any], where: str) -> dict[str, Any]:
+    """``state`` as read from files, under the model's state-dict keys: tensors that
+    ``save_pretrained`` stores under other names (``plan.config.saved_names``) renamed back, and
+    the tied keys a Hugging Face folder stores once (``lm_head.weight`` = the embedding,
+    ``plan.config.tied``) restored as the stored tensor."""
+    state = to_plan_names(state, saved_names_in(plan, state, where))
+    for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
+        if alias not in state and stored in state:
+            state[alias] = state[stored]
+    return state
+
+
 def load_pruned(
     model: nn.Module,
     plan: PrunePlan,
@@ -389,20 +415,10 @@ def load_pruned(
         path = Path(weights)
         if path.is_dir():  # a folder apply_to_checkpoint or apply_to_sharded_safetensors wrote
             state = checkpoint.load_checkpoint_state(plan, path)
-        elif sharded.is_sharded_checkpoint(path):
-            state = sharded.load_sharded_state(plan, path)
         else:
-            _, metadata, _ = read_header(path)
-            check_recorded_digest(path, metadata.get(DIGEST_KEY), plan)
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        # tensors that save_pretrained stores under other names get their state-dict keys back
-        state = to_plan_names(state, saved_names_in(plan, state, str(path)))
-        # a Hugging Face folder stores a tied tensor once (``lm_head.weight`` = the embedding)
-        for alias, stored in (plan.config.tied if plan.config is not None else {}).items():
-            if alias not in state and stored in state:
-                state[alias] = state[stored]
+            state = sharded.load_sharded_state(plan, path) \
+                if sharded.is_sharded_checkpoint(path) else load_pruned_file(plan, path)
+            state = to_state_dict_keys(plan, state, str(path))
     else:
         state = to_plan_names(weights, saved_names_in(plan, weights, "weights"))
     from pruneplan.apply.model import apply_plan
